@@ -1,0 +1,381 @@
+"""Event-time tumbling windows over login events. Pure: no Kafka in here.
+
+Vocabulary (Kafka Streams'): a *tumbling window* of `window_seconds`, aligned to
+the epoch; *stream time* per input partition is the highest event time seen in
+it; the *watermark* is the lowest stream time over the partitions that still
+have input to read, minus the *grace period* (`allowed_lateness_seconds`). When
+every partition is caught up, the watermark follows the wall clock instead, so
+a quiet stream still closes its last window. A window is *closed* once the
+watermark is at or past its end; a record for a closed window is *late*.
+
+Two threads share one `Aggregator`: the poll loop calls `add_batch` once per
+partition run of a consumed batch (so the lock is taken per batch, never per
+record), and the timer thread calls `close_due_windows`. The clock is injected
+so that tests decide what "now" is.
+
+Offsets: every open window remembers, per partition, the lowest offset of a
+record it holds. `committable_offsets` gives, per partition, the lowest offset
+still needed by a window that is open or closed but not yet acknowledged by the
+broker; committing exactly that is what makes a crash lose nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+
+from parsing import STRING_FIELDS, LoginColumns
+
+SCHEMA_VERSION = 1
+UNKNOWN = "unknown"
+MISSING = ""  # how parsing marks a missing string field
+_encode = msgspec.json.Encoder().encode
+
+
+def iso_utc(epoch_seconds: int) -> str:
+    """`2026-11-25T19:00:00Z`: the window key format of the output topic."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _by_count(counts: Counter) -> dict:
+    """Counts ordered by count descending, then key ascending: deterministic bytes."""
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _with_unknown(counts: Counter) -> Counter:
+    """Missing values are counted under `"unknown"` (merging with a literal "unknown")."""
+    if MISSING not in counts:
+        return counts
+    renamed = Counter(counts)
+    renamed[UNKNOWN] += renamed.pop(MISSING)
+    return renamed
+
+
+@dataclass(slots=True, eq=False)
+class WindowAggregate:
+    """Everything one window has accumulated. Grows only through `add_columns`."""
+
+    start: int
+    message_count: int = 0
+    device_counts: Counter = field(default_factory=Counter)
+    locale_counts: Counter = field(default_factory=Counter)
+    app_versions: Counter = field(default_factory=Counter)  # (device_type, app_version) -> n
+    device_ids: set = field(default_factory=set)
+    ip_counts: Counter = field(default_factory=Counter)
+    missing_field_counts: Counter = field(default_factory=Counter)
+    invalid_message_count: int = 0
+    late_message_count: int = 0
+    # partition -> lowest offset of a record counted here (for commits)
+    min_offsets: dict[int, int] = field(default_factory=dict)
+
+    def hold_offset(self, partition: int, offset: int) -> None:
+        held = self.min_offsets.get(partition)
+        if held is None or offset < held:
+            self.min_offsets[partition] = offset
+
+    def add_columns(self, columns: LoginColumns) -> None:
+        """Fold a batch of valid records into the window, in bulk (C-level updates)."""
+        self.message_count += len(columns)
+        self.device_counts.update(columns.device_type)
+        self.locale_counts.update(columns.locale)
+        self.app_versions.update(zip(columns.device_type, columns.app_version, strict=True))
+        self.device_ids.update(columns.device_id)
+        self.ip_counts.update(columns.ip)
+        missing = self.missing_field_counts
+        for name in STRING_FIELDS:
+            count = getattr(columns, name).count(MISSING)
+            if count:
+                missing[name] += count
+        if columns.timestamp_fallbacks:
+            missing["timestamp"] += len(columns.timestamp_fallbacks)
+
+    def absorb_counters(self, other: WindowAggregate) -> None:
+        """Take over another window's late/invalid counts (the carried-over ones)."""
+        self.invalid_message_count += other.invalid_message_count
+        self.late_message_count += other.late_message_count
+        for partition, offset in other.min_offsets.items():
+            self.hold_offset(partition, offset)
+
+    def to_value(self, window_seconds: int, top_ips: int) -> bytes:
+        """The window's JSON value: a pure function of its records (same bytes every time)."""
+        ips = self.ip_counts.copy()
+        ips.pop(MISSING, None)
+        versions: dict[str, Counter] = {}
+        for (device, version), count in self.app_versions.items():
+            versions.setdefault(device or UNKNOWN, Counter())[version or UNKNOWN] += count
+        unique_devices = len(self.device_ids) - (MISSING in self.device_ids)
+        top = sorted(ips.items(), key=lambda item: (-item[1], item[0]))[:top_ips]
+        value = {
+            "schema_version": SCHEMA_VERSION,
+            "window_start": iso_utc(self.start),
+            "window_end": iso_utc(self.start + window_seconds),
+            "message_count": self.message_count,
+            "device_counts": _by_count(_with_unknown(self.device_counts)),
+            "locale_counts": _by_count(_with_unknown(self.locale_counts)),
+            "unique_device_count": unique_devices,
+            "app_version_by_device": {device: _by_count(versions[device]) for device in sorted(versions)},
+            "unique_ip_count": len(ips),
+            "top_ips": [{"ip": ip, "count": count} for ip, count in top],
+            "missing_field_counts": _by_count(+self.missing_field_counts),
+            "invalid_message_count": self.invalid_message_count,
+            "late_message_count": self.late_message_count,
+        }
+        return _encode(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedWindow:
+    """A window ready to publish: its key, its value, and what it holds of the input."""
+
+    start: int
+    key: bytes
+    value: bytes
+    message_count: int
+
+
+@dataclass(slots=True)
+class PartitionProgress:
+    """What the aggregator knows of one assigned input partition."""
+
+    stream_time: int | None = None  # highest event time seen
+    caught_up: bool = False  # read to its end and nothing newer since
+    next_offset: int | None = None  # offset after the last record handed to add_batch
+
+
+class Aggregator:
+    """Windows, watermark and commit bookkeeping, shared by the poll loop and the timer.
+
+    `clock` returns epoch seconds; tests inject a fake one.
+    """
+
+    def __init__(
+        self,
+        window_seconds: int,
+        allowed_lateness_seconds: int,
+        top_ips: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.window_seconds = window_seconds
+        self.allowed_lateness_seconds = allowed_lateness_seconds
+        self.top_ips = top_ips
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._windows: dict[int, WindowAggregate] = {}
+        # Late and invalid counts waiting for the next window published.
+        self._carry = WindowAggregate(start=-1)
+        # Closed, handed to the publisher, not yet acknowledged: still hold offsets.
+        self._unacknowledged: dict[int, WindowAggregate] = {}
+        self._partitions: dict[int, PartitionProgress] = {}
+        self._total_partitions = 0
+        # Every window ending at or before this is closed; records for them are late.
+        self._closed_until = 0
+        # Windows ending at or before this were published before this run (or before
+        # the last rebalance): their replayed records are skipped, not counted as late.
+        self._replayed_until = 0
+
+    # ---- partitions -------------------------------------------------------------
+
+    def assign(self, partitions: Iterable[int], total_partitions: int) -> None:
+        """The consumer now owns `partitions` of a topic that has `total_partitions`.
+
+        Until a processor owns every partition it cannot know that a window is
+        complete, so the watermark holds (see README: one processor per group).
+        """
+        with self._lock:
+            for partition in partitions:
+                self._partitions.setdefault(partition, PartitionProgress())
+            self._total_partitions = total_partitions
+
+    def revoke_all(self) -> None:
+        """Forget everything not yet closed; it will be replayed from the committed offsets.
+
+        Call only after the unacknowledged windows are acknowledged (or given up).
+        Windows closed so far count as published: their replayed records are skipped.
+        """
+        with self._lock:
+            self._windows.clear()
+            self._carry = WindowAggregate(start=-1)
+            self._partitions.clear()
+            self._replayed_until = self._closed_until
+
+    def restore_published_until(self, window_end: int) -> None:
+        """An earlier run already published every window ending at or before `window_end`."""
+        with self._lock:
+            self._closed_until = max(self._closed_until, window_end)
+            self._replayed_until = max(self._replayed_until, window_end)
+
+    def mark_caught_up(self, partition: int, next_offset: int) -> None:
+        """The consumer reached the end of `partition`: it no longer holds the watermark."""
+        with self._lock:
+            progress = self._partitions.get(partition)
+            if progress is not None:
+                progress.caught_up = True
+                progress.next_offset = next_offset
+
+    @property
+    def owns_all_partitions(self) -> bool:
+        with self._lock:
+            return self._owns_all()
+
+    def _owns_all(self) -> bool:
+        return self._total_partitions > 0 and len(self._partitions) >= self._total_partitions
+
+    # ---- input ------------------------------------------------------------------
+
+    def add_batch(
+        self,
+        partition: int,
+        first_offset: int,
+        next_offset: int,
+        columns: LoginColumns,
+        invalid_times: Iterable[int] = (),
+    ) -> int:
+        """Fold one partition's run of consecutive records into the windows.
+
+        `invalid_times` are the Kafka timestamps (epoch seconds) of the run's
+        invalid records. Offsets held are `first_offset` for every window the run
+        touches: lower than strictly needed at most by one batch, which replay
+        after a crash corrects (records of published windows are skipped).
+        Returns how many valid records were late.
+        """
+        width = self.window_seconds
+        with self._lock:
+            progress = self._partitions.get(partition)
+            if progress is None:  # revoked while the batch was in flight
+                return 0
+            progress.caught_up = False
+            progress.next_offset = next_offset
+            late = 0
+            if len(columns):
+                times = columns.event_time
+                newest = max(times)
+                if progress.stream_time is None or newest > progress.stream_time:
+                    progress.stream_time = newest
+                first_window = min(times) // width
+                if first_window == newest // width:
+                    late += self._add_to_window(first_window * width, partition, first_offset, columns)
+                else:
+                    rows_by_window: dict[int, list[int]] = {}
+                    for row, seconds in enumerate(times):
+                        start = seconds - seconds % width
+                        rows = rows_by_window.get(start)
+                        if rows is None:
+                            rows_by_window[start] = [row]
+                        else:
+                            rows.append(row)
+                    for start, rows in rows_by_window.items():
+                        late += self._add_to_window(start, partition, first_offset, columns.take(rows))
+            for seconds in invalid_times:
+                window = self._window_for(seconds - seconds % width, partition, first_offset)
+                if window is not None:
+                    window.invalid_message_count += 1
+                elif seconds - seconds % width + width > self._replayed_until:
+                    self._carry.invalid_message_count += 1
+                    self._carry.hold_offset(partition, first_offset)
+            return late
+
+    def _add_to_window(self, start: int, partition: int, first_offset: int, columns: LoginColumns) -> int:
+        window = self._window_for(start, partition, first_offset)
+        if window is not None:
+            window.add_columns(columns)
+            return 0
+        if start + self.window_seconds <= self._replayed_until:
+            return 0  # replay of a window published before: already counted
+        self._carry.late_message_count += len(columns)
+        self._carry.hold_offset(partition, first_offset)
+        return len(columns)
+
+    def _window_for(self, start: int, partition: int, first_offset: int) -> WindowAggregate | None:
+        """The open window starting at `start` (opened if need be), or None if it is closed."""
+        if start + self.window_seconds <= self._closed_until:
+            return None
+        window = self._windows.get(start)
+        if window is None:
+            window = self._windows[start] = WindowAggregate(start=start)
+        window.hold_offset(partition, first_offset)
+        return window
+
+    # ---- closing ------------------------------------------------------------------
+
+    def watermark(self) -> int | None:
+        """The stream's watermark now, or None while it cannot be known."""
+        with self._lock:
+            return self._watermark()
+
+    def _watermark(self) -> int | None:
+        if not self._owns_all():
+            return None
+        active = [p for p in self._partitions.values() if not p.caught_up]
+        if not active:
+            return int(self.clock()) - self.allowed_lateness_seconds
+        if any(p.stream_time is None for p in active):
+            return None  # a partition not read yet may hold anything
+        return min(p.stream_time for p in active) - self.allowed_lateness_seconds
+
+    def close_due_windows(self) -> list[ClosedWindow]:
+        """Close every window the watermark has passed, oldest first.
+
+        The returned windows hold their offsets until `acknowledge` is called with
+        them: until the broker has them, their records must stay uncommitted.
+        """
+        with self._lock:
+            watermark = self._watermark()
+            if watermark is None:
+                return []
+            width = self.window_seconds
+            closed_until = watermark - watermark % width
+            if closed_until > self._closed_until:
+                self._closed_until = closed_until
+            due = sorted(start for start in self._windows if start + width <= self._closed_until)
+            if not due:
+                return []
+            windows = [self._windows.pop(start) for start in due]
+            carry, self._carry = self._carry, WindowAggregate(start=-1)
+            windows[0].absorb_counters(carry)
+            for window in windows:
+                self._unacknowledged[window.start] = window
+        return [
+            ClosedWindow(
+                start=w.start,
+                key=iso_utc(w.start).encode(),
+                value=w.to_value(width, self.top_ips),
+                message_count=w.message_count,
+            )
+            for w in windows
+        ]
+
+    def acknowledge(self, starts: Iterable[int]) -> None:
+        """The broker has these windows: their records no longer need replaying."""
+        with self._lock:
+            for start in starts:
+                self._unacknowledged.pop(start, None)
+
+    def committable_offsets(self) -> dict[int, int]:
+        """Per partition, the offset to commit: the lowest one any unpublished state needs."""
+        with self._lock:
+            holders = [*self._windows.values(), *self._unacknowledged.values(), self._carry]
+            offsets: dict[int, int] = {}
+            for partition, progress in self._partitions.items():
+                if progress.next_offset is None:
+                    continue
+                held = [w.min_offsets[partition] for w in holders if partition in w.min_offsets]
+                offsets[partition] = min(held) if held else progress.next_offset
+            return offsets
+
+    # ---- introspection for logs and metrics ------------------------------------------
+
+    def open_window_count(self) -> int:
+        with self._lock:
+            return len(self._windows)
+
+    def partition_summary(self) -> dict[int, PartitionProgress]:
+        with self._lock:
+            return {
+                p: PartitionProgress(v.stream_time, v.caught_up, v.next_offset) for p, v in self._partitions.items()
+            }

@@ -1,0 +1,324 @@
+"""Settings: environment, `.env` file and command-line flags -> one frozen `Settings`.
+
+This is the only module that reads the environment. Everything else receives a
+`Settings` object built once at start-up, so behaviour never depends on when a
+module happened to be imported.
+
+Precedence, lowest first: built-in defaults, the `.env` file, the process
+environment, command-line flags.
+
+A bad value is a user mistake, not a bug: `load_settings_or_exit` prints exactly
+one line naming the setting and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from dotenv import dotenv_values
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+# librdkafka properties that only a consumer understands. Given as plain
+# `KAFKA_...` they are still kept away from producers, which would otherwise log
+# a warning about an unknown or inapplicable property at every start.
+_CONSUMER_ONLY_PREFIXES = ("group.", "fetch.", "queued.", "enable.partition.eof")
+_CONSUMER_ONLY = {
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "isolation.level",
+    "check.crcs",
+    "coordinator.query.interval.ms",
+}
+# And the mirror image, so consumers do not warn about producer tuning.
+_PRODUCER_ONLY_PREFIXES = ("batch.", "queue.buffering.", "transaction")
+_PRODUCER_ONLY = {
+    "acks",
+    "request.required.acks",
+    "linger.ms",
+    "compression.type",
+    "compression.codec",
+    "enable.idempotence",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "retries",
+    "message.send.max.retries",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "partitioner",
+    "sticky.partitioning.linger.ms",
+}
+# Fragments of property names whose values must never be printed.
+_SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
+
+
+class ConfigError(Exception):
+    """A setting has a value we cannot use. `setting` names it the way the user wrote it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the pipeline, validated. Defaults work with the local stack."""
+
+    bootstrap_servers: str = "localhost:29092"
+    input_topic: str = "user-login"
+    output_topic: str = "device-login-aggregates"
+    dlq_topic: str = "user-login-dlq"
+    consumer_group_id: str = "login-aggregator"
+    window_seconds: int = 30
+    allowed_lateness_seconds: int = 5
+    max_event_time_skew_seconds: int = 300
+    top_ips: int = 10
+    log_level: str = "INFO"
+    log_format: str = "text"
+    # Partition counts used only when the processor creates missing topics.
+    input_partitions: int = 4
+    # How often the timer thread looks for windows to close.
+    close_interval_seconds: float = 0.5
+    # Records handed over by one consume() call: big enough to amortise the call.
+    consume_batch_size: int = 5000
+    # Port of the Prometheus endpoint; 0 turns it off.
+    metrics_port: int = 0
+    # Pass-through librdkafka properties (already lower-cased and dotted).
+    kafka_common: Mapping[str, str] = field(default_factory=dict)
+    kafka_consumer: Mapping[str, str] = field(default_factory=dict)
+    kafka_producer: Mapping[str, str] = field(default_factory=dict)
+
+    def consumer_config(self) -> dict[str, str]:
+        """librdkafka settings a consumer should see: common + consumer-only."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common, **self.kafka_consumer}
+
+    def producer_config(self) -> dict[str, str]:
+        """librdkafka settings a producer should see: common + producer-only."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common, **self.kafka_producer}
+
+    def admin_config(self) -> dict[str, str]:
+        """The admin client only needs how to reach and authenticate to the cluster."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common}
+
+    def describe(self) -> str:
+        """One log line of the effective settings, with every secret masked."""
+        parts = [
+            f"bootstrap={self.bootstrap_servers}",
+            f"input={self.input_topic}",
+            f"output={self.output_topic}",
+            f"dlq={self.dlq_topic}",
+            f"group={self.consumer_group_id}",
+            f"window={self.window_seconds}s",
+            f"lateness={self.allowed_lateness_seconds}s",
+            f"skew={self.max_event_time_skew_seconds}s",
+            f"top_ips={self.top_ips}",
+        ]
+        passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
+        if passthrough:
+            shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))
+            parts.append(f"kafka[{shown}]")
+        return " ".join(parts)
+
+
+def redact(name: str, value: str) -> str:
+    """Mask values of properties that look secret (passwords, keys, tokens)."""
+    lowered = name.lower()
+    if any(marker in lowered for marker in _SECRET_MARKERS) and not lowered.endswith(".location"):
+        return "***"
+    return value
+
+
+# name in the environment -> (field, parser, flag help)
+def _positive_int(setting: str, raw: str) -> int:
+    value = _int(setting, raw)
+    if value <= 0:
+        raise ConfigError(setting, f"must be a whole number above 0, got {raw!r}")
+    return value
+
+
+def _non_negative_int(setting: str, raw: str) -> int:
+    value = _int(setting, raw)
+    if value < 0:
+        raise ConfigError(setting, f"must be a whole number of 0 or more, got {raw!r}")
+    return value
+
+
+def _port(setting: str, raw: str) -> int:
+    value = _int(setting, raw)
+    if not 0 <= value <= 65535:
+        raise ConfigError(setting, f"must be a port number from 0 (off) to 65535, got {raw!r}")
+    return value
+
+
+def _int(setting: str, raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ConfigError(setting, f"must be a whole number, got {raw!r}") from None
+
+
+def _positive_float(setting: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(setting, f"must be a number of seconds, got {raw!r}") from None
+    if not 0 < value < 3600:
+        raise ConfigError(setting, f"must be above 0 and below 3600 seconds, got {raw!r}")
+    return value
+
+
+def _choice(choices: Sequence[str]):
+    def parse(setting: str, raw: str) -> str:
+        value = raw.strip().upper() if choices is LOG_LEVELS else raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(setting, f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _non_empty(setting: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(setting, "must not be empty")
+    return value
+
+
+_SETTINGS = {
+    "KAFKA_BOOTSTRAP_SERVERS": ("bootstrap_servers", _non_empty, "Kafka brokers, host:port[,host:port]"),
+    "INPUT_TOPIC": ("input_topic", _non_empty, "topic of login events"),
+    "OUTPUT_TOPIC": ("output_topic", _non_empty, "topic of window aggregates"),
+    "DLQ_TOPIC": ("dlq_topic", _non_empty, "dead-letter topic for invalid records"),
+    "CONSUMER_GROUP_ID": ("consumer_group_id", _non_empty, "consumer group of the processor"),
+    "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),
+    "ALLOWED_LATENESS_SECONDS": ("allowed_lateness_seconds", _non_negative_int, "grace period"),
+    "MAX_EVENT_TIME_SKEW_SECONDS": (
+        "max_event_time_skew_seconds",
+        _positive_int,
+        "event times further ahead of the wall clock count as missing",
+    ),
+    "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
+    "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
+    "LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"),
+    "INPUT_PARTITIONS": ("input_partitions", _positive_int, "partitions when creating the input topic"),
+    "CLOSE_INTERVAL_SECONDS": ("close_interval_seconds", _positive_float, "how often windows are checked"),
+    "CONSUME_BATCH_SIZE": ("consume_batch_size", _positive_int, "records per consume() call"),
+    "METRICS_PORT": ("metrics_port", _port, "Prometheus endpoint port, 0 = off"),
+}
+
+
+def _flag(env_name: str) -> str:
+    return "--" + env_name.lower().replace("_", "-")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error; the contract wants one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting (e.g. `--window-seconds`) plus `--env-file`."""
+    group = parser.add_argument_group("settings (flags override environment and .env)")
+    for env_name, (_, _, help_text) in _SETTINGS.items():
+        flags = [_flag(env_name)]
+        if env_name == "KAFKA_BOOTSTRAP_SERVERS":
+            flags.insert(0, "--bootstrap-servers")
+        group.add_argument(*flags, dest=env_name, metavar="VALUE", help=f"{help_text} [{env_name}]")
+    group.add_argument("--env-file", default=".env", help="file of KEY=VALUE settings (default: .env)")
+
+
+def build_settings(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> Settings:
+    """Validate raw settings into `Settings`. Raises ConfigError naming the first bad one."""
+    flags = flags or {}
+    values: dict[str, object] = {}
+    for env_name, (field_name, parse, _) in _SETTINGS.items():
+        flag_value = flags.get(env_name)
+        if flag_value is not None:
+            values[field_name] = parse(_flag(env_name), flag_value)
+        elif env_name in environ:
+            values[field_name] = parse(env_name, environ[env_name])
+    common, consumer, producer = _kafka_passthrough(environ)
+    return Settings(**values, kafka_common=common, kafka_consumer=consumer, kafka_producer=producer)
+
+
+def _kafka_passthrough(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    common: dict[str, str] = {}
+    consumer: dict[str, str] = {}
+    producer: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith("KAFKA_") or name == "KAFKA_BOOTSTRAP_SERVERS":
+            continue
+        if name.startswith("KAFKA_CONSUMER_"):
+            consumer[_librdkafka_name(name, "KAFKA_CONSUMER_")] = value
+        elif name.startswith("KAFKA_PRODUCER_"):
+            producer[_librdkafka_name(name, "KAFKA_PRODUCER_")] = value
+        else:
+            prop = _librdkafka_name(name, "KAFKA_")
+            if prop in _CONSUMER_ONLY or prop.startswith(_CONSUMER_ONLY_PREFIXES):
+                consumer[prop] = value
+            elif prop in _PRODUCER_ONLY or prop.startswith(_PRODUCER_ONLY_PREFIXES):
+                producer[prop] = value
+            else:
+                common[prop] = value
+    return common, consumer, producer
+
+
+def _librdkafka_name(env_name: str, prefix: str) -> str:
+    return env_name[len(prefix) :].lower().replace("_", ".")
+
+
+def env_name_of(librdkafka_property: str, environ: Mapping[str, str]) -> str:
+    """The environment name the user wrote for a property, for error messages."""
+    for name in environ:
+        if name.startswith("KAFKA_"):
+            for prefix in ("KAFKA_CONSUMER_", "KAFKA_PRODUCER_", "KAFKA_"):
+                if name.startswith(prefix) and _librdkafka_name(name, prefix) == librdkafka_property:
+                    return name
+    return librdkafka_property
+
+
+def read_environment(env_file: str, process_environ: Mapping[str, str]) -> dict[str, str]:
+    """The `.env` file under the process environment (a variable that is set wins)."""
+    merged: dict[str, str] = {}
+    if env_file and os.path.isfile(env_file):
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(process_environ)
+    return merged
+
+
+def load_settings_or_exit(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> tuple[Settings, argparse.Namespace, dict[str, str]]:
+    """Parse flags, `.env` and the environment; on any mistake print one line and exit 2.
+
+    Returns the settings, the parsed flags (for the script's own options) and the
+    merged environment (to name `KAFKA_*` settings in later client errors).
+    """
+    args = parser.parse_args(argv)
+    environ = read_environment(args.env_file, os.environ)
+    flags = {env_name: getattr(args, env_name) for env_name in _SETTINGS}
+    try:
+        return build_settings(environ, flags), args, environ
+    except ConfigError as error:
+        exit_with_config_error(parser.prog, error)
+
+
+def exit_with_config_error(prog: str, error: ConfigError) -> NoReturn:
+    print(f"{prog}: bad setting {error.setting}: {error.problem}", file=sys.stderr)
+    raise SystemExit(2)

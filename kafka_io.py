@@ -1,0 +1,160 @@
+"""Small Kafka chores shared by the processor, the generator and the monitor.
+
+Kept apart from the poll loop so that each script reads as its own job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from config import Settings
+
+log = logging.getLogger("kafka")
+
+# librdkafka logs every failed reconnect (several a second while a broker is
+# down). Errors reach us through `error_cb` instead, which `BrokerHealth` turns
+# into one line per change of state; its own log keeps only critical lines.
+QUIET_CLIENT_LOGS = {"log_level": 2}
+
+
+class BrokerHealth:
+    """Turns librdkafka's error callbacks into one log line per change of state.
+
+    librdkafka retries on its own; what an operator needs is "the broker is gone"
+    once, and "it is back" once, not a line per retry.
+    """
+
+    _DOWN_CODES = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
+
+    def __init__(self, bootstrap_servers: str, logger: logging.Logger = log) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.log = logger
+        self._lock = threading.Lock()
+        self.down_since: float | None = None
+        self.fatal: KafkaError | None = None
+
+    def on_error(self, error: KafkaError) -> None:
+        """librdkafka `error_cb`."""
+        if error.fatal():
+            self.fatal = error
+            self.log.error("fatal client error: %s", error.str())
+            return
+        if error.code() in self._DOWN_CODES:
+            with self._lock:
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
+                    self.log.warning(
+                        "broker %s unreachable (%s); retrying until it is back", self.bootstrap_servers, error.str()
+                    )
+            return
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.log.error("authentication to %s failed: %s", self.bootstrap_servers, error.str())
+            return
+        self.log.warning("kafka client: %s", error.str())
+
+    def mark_reachable(self) -> None:
+        """Call when a broker request succeeded."""
+        with self._lock:
+            if self.down_since is not None:
+                self.log.info(
+                    "broker %s reachable again after %.0fs", self.bootstrap_servers, time.monotonic() - self.down_since
+                )
+                self.down_since = None
+
+
+def ensure_topics(
+    settings: Settings,
+    partitions: dict[str, int],
+    should_stop: Callable[[], bool],
+    health: BrokerHealth,
+    retry_seconds: float = 2.0,
+) -> bool:
+    """Create the topics that do not exist yet; wait (with one clear message) while the
+    broker is unreachable. Returns False when asked to stop first."""
+    admin = AdminClient({**QUIET_CLIENT_LOGS, **settings.admin_config(), "error_cb": health.on_error})
+    while not should_stop():
+        try:
+            existing = admin.list_topics(timeout=5).topics
+            health.mark_reachable()
+            missing = [NewTopic(name, count, 1) for name, count in partitions.items() if name not in existing]
+            for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
+                try:
+                    future.result()
+                    log.info("created topic %s", name)
+                except KafkaException as error:
+                    if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+            return True
+        except KafkaException as error:
+            kafka_error = error.args[0] if error.args else None
+            if isinstance(kafka_error, KafkaError) and kafka_error.code() in (
+                KafkaError.TOPIC_AUTHORIZATION_FAILED,
+                KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+                KafkaError.INVALID_PARTITIONS,
+                KafkaError.INVALID_REPLICATION_FACTOR,
+            ):
+                raise
+            health.on_error(KafkaError(KafkaError._TRANSPORT, str(kafka_error or error)))
+            deadline = time.monotonic() + retry_seconds
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(0.1)
+    return False
+
+
+def topic_partition_count(consumer: Consumer, topic: str) -> int:
+    metadata = consumer.list_topics(topic, timeout=10)
+    entry = metadata.topics.get(topic)
+    return len(entry.partitions) if entry is not None and entry.error is None else 0
+
+
+def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, timeout: float = 10.0) -> list:
+    """The last few records of every partition of `topic` (unordered across partitions).
+
+    Reads from `high - n` to the partition end reported by an EOF event, not to the
+    listed high watermark: some brokers (Tansu) list the last batch's base offset as
+    the high watermark, and the EOF is the only end marker every broker agrees on.
+    """
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            # A throwaway group: this reader assigns partitions itself and never commits.
+            "group.id": f"tail-reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        count = topic_partition_count(consumer, topic)
+        assignment = []
+        for partition in range(count):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+            if high > low:
+                assignment.append(TopicPartition(topic, partition, max(low, high - records_per_partition)))
+        if not assignment:
+            return []
+        consumer.assign(assignment)
+        waiting = {tp.partition for tp in assignment}
+        records = []
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                error = message.error()
+                if error is None:
+                    records.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+                else:
+                    raise KafkaException(error)
+        if waiting:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read the end of {topic}"))
+        return records
+    finally:
+        consumer.close()

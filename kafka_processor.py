@@ -1,0 +1,512 @@
+"""The long-running processor: user-login -> 30 s windows -> device-login-aggregates.
+
+Data flows one way: record -> parse -> window -> aggregate -> publish -> commit.
+
+* The main thread owns the consumer: it consumes batches, parses them
+  (`parsing`), copies invalid records to the dead-letter topic and hands each
+  partition's run of records to the `Aggregator` (one lock per run).
+* A timer thread closes the windows the watermark has passed, publishes them,
+  waits for the broker's acknowledgement, then works out which input offsets are
+  safe to commit. The main thread performs the commit on its next turn, so the
+  consumer is only ever touched by one thread.
+
+Why this order gives "nothing lost, nothing counted twice" is in README.md
+("Guarantees").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from aggregator import Aggregator, ClosedWindow, iso_utc
+from config import (
+    ConfigError,
+    OneLineArgumentParser,
+    Settings,
+    add_settings_arguments,
+    env_name_of,
+    exit_with_config_error,
+    load_settings_or_exit,
+)
+from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, ensure_topics, read_topic_tail, topic_partition_count
+from log_setup import configure_logging
+from parsing import decode_records, to_columns
+
+log = logging.getLogger("processor")
+
+# How many of the last output records to read at start-up to learn which windows
+# an earlier run already published. Windows are published in order, so the
+# newest is near the end; a few extra cover a broker that reports the last
+# batch's base offset as the end.
+_TAIL_RECORDS = 50
+# How long shutdown waits for the broker to acknowledge the last windows.
+_SHUTDOWN_ACK_SECONDS = 10.0
+_PROGRESS_LOG_SECONDS = 30.0
+_NO_ERRORS = {type(None)}
+
+
+def consumer_settings(settings: Settings) -> dict:
+    config = {
+        **QUIET_CLIENT_LOGS,
+        # Our defaults first; a KAFKA_* setting from the user overrides them...
+        # The default 1000 ms makes a busy consumer sit idle between fetches.
+        "fetch.queue.backoff.ms": 10,
+        # A new group reads the whole backlog: the windows of past events are wanted too.
+        "auto.offset.reset": "earliest",
+        **settings.consumer_config(),
+        # ...except these, which the guarantees depend on.
+        "group.id": settings.consumer_group_id,
+        # Offsets are committed by hand, only once their windows are acknowledged.
+        "enable.auto.commit": False,
+        # The EOF event is how a partition is known to be caught up (see aggregator).
+        "enable.partition.eof": True,
+    }
+    return config
+
+
+def producer_settings(settings: Settings) -> dict:
+    return {
+        **QUIET_CLIENT_LOGS,
+        # Keep the DLQ copies and windows flowing without waiting for big batches.
+        "linger.ms": 5,
+        **settings.producer_config(),
+        # Retries can neither duplicate nor reorder windows: a restart relies on the
+        # newest window on the output topic being the last one closed.
+        "enable.idempotence": True,
+        # Never give up on a window: while the broker is away, wait (offsets stay
+        # uncommitted) instead of dropping it after the default five minutes.
+        "message.timeout.ms": 0,
+    }
+
+
+class Processor:
+    """Owns the Kafka clients, the aggregator, the timer thread and the commit protocol."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.aggregator = Aggregator(
+            window_seconds=settings.window_seconds,
+            allowed_lateness_seconds=settings.allowed_lateness_seconds,
+            top_ips=settings.top_ips,
+        )
+        self.health = BrokerHealth(settings.bootstrap_servers, log)
+        self.stop_requested = threading.Event()
+        self.host = socket.gethostname()
+        self._publish_lock = threading.Lock()  # one publish (or revoke) at a time
+        self._commit_request: dict[int, int] | None = None
+        self._committed: dict[int, int] = {}
+        self._unpublished: list[ClosedWindow] = []  # closed, not yet acknowledged, in order
+        self._delivery_failures: dict[int, str] = {}
+        self._ownership_warned = False
+        # Counters for the periodic progress line.
+        self._consumed = 0
+        self._invalid = 0
+        self._late = 0
+        self._windows_published = 0
+        self._last_progress = time.monotonic()
+        self._producer = self._new_producer()
+        self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
+
+    # ---- start-up -------------------------------------------------------------------
+
+    def _new_producer(self) -> Producer:
+        return Producer({**producer_settings(self.settings), "error_cb": self.health.on_error})
+
+    def prepare(self) -> bool:
+        """Topics exist and we know what an earlier run published. False if stopped first."""
+        s = self.settings
+        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1}
+        if not ensure_topics(s, topics, self.stop_requested.is_set, self.health):
+            return False
+        while not self.stop_requested.is_set():
+            try:
+                published_until = self._published_until()
+                break
+            except KafkaException as error:
+                self.health.on_error(KafkaError(KafkaError._TRANSPORT, str(error)))
+                self.stop_requested.wait(2.0)
+        else:
+            return False
+        if published_until:
+            self.aggregator.restore_published_until(published_until)
+            log.info(
+                "resuming: windows up to %s were already published; their replayed records are skipped",
+                iso_utc(published_until),
+            )
+        return True
+
+    def _published_until(self) -> int:
+        """End (epoch seconds) of the newest window on the output topic, 0 if none."""
+        newest = 0
+        for message in read_topic_tail(self.settings, self.settings.output_topic, _TAIL_RECORDS):
+            try:
+                start = datetime.strptime(message.key().decode(), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            except (AttributeError, UnicodeDecodeError, ValueError):
+                continue  # not one of ours
+            newest = max(newest, int(start.timestamp()) + self.settings.window_seconds)
+        return newest
+
+    # ---- the poll loop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Consume until asked to stop; returns the exit code."""
+        if not self.prepare():
+            self._consumer.close()
+            return 0
+        self._consumer.subscribe(
+            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        timer = threading.Thread(target=self._timer_loop, name="window-closer", daemon=True)
+        timer.start()
+        log.info("consuming %s (%s)", self.settings.input_topic, self.settings.describe())
+        batch_size = self.settings.consume_batch_size
+        try:
+            while not self.stop_requested.is_set():
+                self._commit_if_requested()
+                messages = self._consumer.consume(batch_size, 0.5)
+                if messages:
+                    self._process(messages)
+        except Exception:
+            # A bug, not bad input (that goes to the DLQ). Stop without committing
+            # anything more: the next run replays from the last safe commit.
+            log.exception("processor crashed; nothing more is committed")
+            self.stop_requested.set()
+            timer.join()
+            self._consumer.close()
+            return 1
+        self.stop_requested.set()
+        timer.join()
+        return self._shutdown()
+
+    def _process(self, messages: list[Message]) -> None:
+        """Split a consumed batch into runs of one partition and hand each over."""
+        errors = list(map(Message.error, messages))
+        partitions = list(map(Message.partition, messages))
+        count = len(messages)
+        if set(map(type, errors)) != _NO_ERRORS:  # KafkaError.__eq__ cannot compare to None
+            self._process_with_events(messages, errors, partitions)
+            return
+        start = 0
+        current = partitions[0]
+        if partitions.count(current) == count:
+            self._process_run(messages, current)
+            return
+        for index in range(1, count):
+            if partitions[index] != current:
+                self._process_run(messages[start:index], current)
+                start, current = index, partitions[index]
+        self._process_run(messages[start:], current)
+
+    def _process_with_events(self, messages: list[Message], errors: list, partitions: list[int]) -> None:
+        run: list[Message] = []
+        for message, error, partition in zip(messages, errors, partitions, strict=True):
+            if error is None:
+                if run and run[-1].partition() != partition:
+                    self._process_run(run, run[-1].partition())
+                    run = []
+                run.append(message)
+                continue
+            if run:
+                self._process_run(run, run[-1].partition())
+                run = []
+            if error.code() == KafkaError._PARTITION_EOF:
+                self.aggregator.mark_caught_up(partition, message.offset())
+                self.health.mark_reachable()
+            else:
+                self.health.on_error(error)
+        if run:
+            self._process_run(run, run[-1].partition())
+
+    def _process_run(self, run: list[Message], partition: int) -> None:
+        now = time.time()
+        records, positions, invalid = decode_records(list(map(Message.value, run)))
+
+        def kafka_time(index: int) -> int:
+            message = run[index if positions is None else positions[index]]
+            kind, millis = message.timestamp()
+            return millis // 1000 if kind != 0 and millis > 0 else int(now)
+
+        columns = to_columns(records, now, self.settings.max_event_time_skew_seconds, kafka_time)
+        invalid_times = []
+        for item in invalid:
+            message = run[item.position]
+            kind, millis = message.timestamp()
+            invalid_times.append(millis // 1000 if kind != 0 and millis > 0 else int(now))
+            self._dead_letter(message, item.reason)
+        late = self.aggregator.add_batch(partition, run[0].offset(), run[-1].offset() + 1, columns, invalid_times)
+        self._consumed += len(run)
+        self._invalid += len(invalid)
+        self._late += late
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        """Copy an invalid record unchanged to the DLQ, with headers saying why and whence."""
+        kind, millis = message.timestamp()
+        headers = [
+            ("dlq.reason", reason.encode()),
+            ("dlq.source.topic", (message.topic() or "").encode()),
+            ("dlq.source.partition", str(message.partition()).encode()),
+            ("dlq.source.offset", str(message.offset()).encode()),
+            ("dlq.source.timestamp", str(millis).encode()),
+            ("dlq.processor.host", self.host.encode()),
+        ]
+        try:
+            self._producer.produce(self.settings.dlq_topic, value=message.value(), key=message.key(), headers=headers)
+        except BufferError:
+            self._producer.flush(5.0)
+            self._producer.produce(self.settings.dlq_topic, value=message.value(), key=message.key(), headers=headers)
+
+    # ---- closing and publishing (timer thread) ------------------------------------------------
+
+    def _timer_loop(self) -> None:
+        interval = self.settings.close_interval_seconds
+        while not self.stop_requested.wait(interval):
+            try:
+                self.close_and_publish(wait_seconds=None)
+                self._maybe_log_progress()
+            except Exception:  # never let the timer die silently: the pipeline would stall
+                log.exception("window closer failed; retrying at the next tick")
+
+    def close_and_publish(self, wait_seconds: float | None) -> bool:
+        """Close due windows, publish them in order, wait for acknowledgement, then
+        request a commit of the offsets no longer needed. `wait_seconds=None` waits
+        until acknowledged or stop is requested. Returns True if all are acknowledged."""
+        with self._publish_lock:
+            self._replace_producer_if_fatal()
+            closed = self.aggregator.close_due_windows()
+            self._unpublished.extend(closed)
+            if not self._unpublished:
+                self._producer.poll(0)  # serve DLQ delivery reports
+                self._request_commit()
+                return True
+            pending = self._unpublished
+            delivered: set[int] = set()
+            self._delivery_failures.clear()
+            published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+            for window in pending:
+                self._producer.produce(
+                    self.settings.output_topic,
+                    key=window.key,
+                    value=window.value,
+                    headers=[("processor.host", self.host.encode()), ("published.at", published_at)],
+                    on_delivery=self._on_window_delivery(window, delivered),
+                )
+            # flush() also covers the DLQ copies produced so far: they must be stored
+            # before the offsets of their records are committed.
+            deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+            while self._producer.flush(1.0) > 0:
+                if self.health.fatal is not None:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if deadline is None and self.stop_requested.is_set():
+                    break
+            self.aggregator.acknowledge(w.start for w in pending if w.start in delivered)
+            self._unpublished = [w for w in pending if w.start not in delivered]
+            for window in pending:
+                if window.start in delivered:
+                    self._windows_published += 1
+                    self._log_published(window)
+            if self._unpublished:
+                log.warning(
+                    "%d window(s) not acknowledged yet (%s); will publish again, offsets stay uncommitted",
+                    len(self._unpublished),
+                    next(iter(self._delivery_failures.values()), "broker not answering"),
+                )
+                return False
+            self._request_commit()
+            return True
+
+    def _on_window_delivery(self, window: ClosedWindow, delivered: set[int]):
+        def report(error: KafkaError | None, _message: Message) -> None:
+            if error is None:
+                delivered.add(window.start)
+                self.health.mark_reachable()
+            else:
+                self._delivery_failures[window.start] = error.str()
+
+        return report
+
+    def _replace_producer_if_fatal(self) -> None:
+        """An idempotent producer whose broker lost its state (a restarted in-memory
+        broker) fails fatally; a fresh producer starts a new idempotent session."""
+        fatal = self.health.fatal
+        if fatal is None:
+            return
+        log.warning("recreating the producer after a fatal error: %s", fatal.str())
+        self.health.fatal = None
+        old, self._producer = self._producer, self._new_producer()
+        old.purge()
+        old.flush(0)
+
+    def _log_published(self, window: ClosedWindow) -> None:
+        lag = time.time() - (window.start + self.settings.window_seconds)
+        value = msgspec.json.decode(window.value)  # one line per window: headline figures only
+        missing = value["missing_field_counts"]
+        log.info(
+            "published window %s: %d logins, %d unique devices, %d invalid, %d late%s (%.0fs after window end)",
+            value["window_start"],
+            value["message_count"],
+            value["unique_device_count"],
+            value["invalid_message_count"],
+            value["late_message_count"],
+            f", missing {missing}" if missing else "",
+            lag,
+        )
+
+    def _request_commit(self) -> None:
+        offsets = self.aggregator.committable_offsets()
+        if offsets and offsets != self._committed:
+            self._commit_request = offsets
+
+    # ---- commits (main thread) -----------------------------------------------------------------
+
+    def _commit_if_requested(self) -> None:
+        offsets, self._commit_request = self._commit_request, None
+        if offsets:
+            self._commit(offsets)
+
+    def _commit(self, offsets: dict[int, int]) -> bool:
+        topic = self.settings.input_topic
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(topic, p, o) for p, o in sorted(offsets.items())], asynchronous=False
+            )
+        except KafkaException as error:
+            if error.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("offset commit failed (%s); will commit again after the next window", error.args[0].str())
+            return False
+        self._committed = dict(offsets)
+        log.debug("committed %s", offsets)
+        return True
+
+    # ---- rebalances (called by the consumer inside consume(), main thread) ----------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        total = topic_partition_count(consumer, self.settings.input_topic)
+        owned = sorted(tp.partition for tp in partitions)
+        self.aggregator.assign(owned, total)
+        if len(owned) < total:
+            log.warning(
+                "assigned %d of %d partitions of %s: windows cannot close until this processor owns all of "
+                "them (run one processor per consumer group)",
+                len(owned),
+                total,
+                self.settings.input_topic,
+            )
+        else:
+            log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Wait for an in-flight publish, commit what is acknowledged, then forget the
+        # open windows: the next owner (maybe us) rebuilds them from the commit.
+        with self._publish_lock:
+            self._commit_request = None
+            offsets = self.aggregator.committable_offsets()
+            if offsets:
+                self._commit(offsets)
+            self.aggregator.revoke_all()
+            self._committed = {}
+        log.info("partitions revoked; open windows dropped, to be rebuilt from committed offsets")
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        with self._publish_lock:
+            self._commit_request = None
+            self.aggregator.revoke_all()
+            self._committed = {}
+        log.warning("partitions lost (session timed out); open windows dropped, to be rebuilt")
+
+    # ---- progress and shutdown ---------------------------------------------------------------
+
+    def _maybe_log_progress(self) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_progress
+        if elapsed < _PROGRESS_LOG_SECONDS:
+            return
+        consumed, invalid, late = self._consumed, self._invalid, self._late
+        self._consumed = self._invalid = self._late = 0
+        self._last_progress = now
+        watermark = self.aggregator.watermark()
+        level = logging.WARNING if invalid or late else logging.INFO
+        log.log(
+            level,
+            "last %.0fs: %d records (%.0f/s), %d invalid (to %s), %d late, %d windows open, watermark %s",
+            elapsed,
+            consumed,
+            consumed / elapsed,
+            invalid,
+            self.settings.dlq_topic,
+            late,
+            self.aggregator.open_window_count(),
+            "unknown" if watermark is None else iso_utc(watermark),
+        )
+
+    def _shutdown(self) -> int:
+        """Publish what the watermark has passed, wait for the acks, commit, close."""
+        started = time.monotonic()
+        acknowledged = self.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
+        self._commit_if_requested()
+        if not acknowledged:
+            log.warning("stopping with unacknowledged windows: their records stay uncommitted, replayed next run")
+        still_open = self.aggregator.open_window_count()  # before close() revokes and drops them
+        self._producer.flush(2.0)
+        self._consumer.close()
+        log.info(
+            "stopped in %.1fs; %d window(s) still open were not published (they are rebuilt next run)",
+            time.monotonic() - started,
+            still_open,
+        )
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="kafka_processor.py",
+        description="Aggregate user-login events into tumbling windows and publish one result per window.",
+    )
+    add_settings_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, _args, environ = load_settings_or_exit(build_parser(), argv)
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        processor = Processor(settings)
+    except KafkaException as error:  # librdkafka refused a KAFKA_* setting
+        text = error.args[0].str() if isinstance(error.args[0], KafkaError) else str(error)
+        exit_with_config_error("kafka_processor.py", ConfigError(_setting_in(text, environ), text))
+
+    def request_stop(signum: int, _frame: object) -> None:
+        if processor.stop_requested.is_set():
+            return
+        log.info("%s received: finishing up", signal.Signals(signum).name)
+        processor.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    return processor.run()
+
+
+def _setting_in(librdkafka_message: str, environ: dict[str, str]) -> str:
+    """Name the KAFKA_* variable a librdkafka complaint is about, if we can tell."""
+    for word in librdkafka_message.replace('"', " ").split():
+        if "." in word:
+            name = env_name_of(word.strip(":,"), environ)
+            if name != word.strip(":,"):
+                return name
+    return "KAFKA_* settings"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
