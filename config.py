@@ -193,7 +193,7 @@ def _choice(choices: Sequence[str]):
 def _non_empty(setting: str, raw: str) -> str:
     value = raw.strip()
     if not value:
-        raise ConfigError(setting, "must not be empty")
+        raise ConfigError(setting, f"must not be empty, got {raw!r}")
     return value
 
 

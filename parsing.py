@@ -70,8 +70,8 @@ def decode_records(values: Sequence[bytes | None]) -> tuple[list[LoginRecord], l
             # Valid JSON but not the shape msgspec maps: either not an object, or an
             # object with a number msgspec cannot hold (1e400). The slow decoder tells.
             record = _decode_generic_object(value)
-            if record is None:
-                invalid.append(InvalidRecord(position, "not a JSON object"))
+            if isinstance(record, str):
+                invalid.append(InvalidRecord(position, record))
             else:
                 append(record)
         except msgspec.DecodeError as error:
@@ -88,13 +88,20 @@ def decode_records(values: Sequence[bytes | None]) -> tuple[list[LoginRecord], l
     return records, [p for p in range(len(values)) if p not in bad], invalid
 
 
-def _decode_generic_object(value: bytes) -> LoginRecord | None:
-    try:
-        obj = json.loads(value)
-    except (ValueError, RecursionError):
-        return None
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _decode_generic_object(value: bytes) -> LoginRecord | str:
+    """The record, or the reason it is invalid."""
+    try:  # strict like msgspec: NaN / Infinity are not JSON
+        obj = json.loads(value, parse_constant=_reject_constant)
+    except RecursionError:
+        return "JSON nested too deeply"
+    except ValueError as error:
+        return f"not valid JSON: {error}"
     if type(obj) is not dict:
-        return None
+        return "not a JSON object"
     return LoginRecord(**{name: obj.get(name) for name in ALL_FIELDS})
 
 

@@ -1,0 +1,195 @@
+"""Fixtures that start real things: the embedded broker and the processor as a subprocess.
+
+One broker serves the whole session (it starts in well under a second); every
+test gets its own topics and consumer group, so tests cannot see each other.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from embedded_broker import EmbeddedBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory) -> Iterator[EmbeddedBroker]:
+    log_path = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker(log_path=log_path) as running:  # a free port, never 29092
+        yield running
+
+
+@dataclass
+class Topics:
+    """A test's own topic names and consumer group, plus the environment for the scripts."""
+
+    bootstrap: str
+    input: str
+    output: str
+    dlq: str
+    group: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "INPUT_TOPIC": self.input,
+            "OUTPUT_TOPIC": self.output,
+            "DLQ_TOPIC": self.dlq,
+            "CONSUMER_GROUP_ID": self.group,
+            # Tansu makes a joining member wait about half the session timeout.
+            "KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "CLOSE_INTERVAL_SECONDS": "0.2",
+            **self.extra_env,
+            **overrides,
+        }
+
+    def create(self, input_partitions: int = 4) -> None:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        futures = admin.create_topics(
+            [NewTopic(self.input, input_partitions, 1), NewTopic(self.output, 1, 1), NewTopic(self.dlq, 1, 1)]
+        )
+        for future in futures.values():
+            future.result(10)
+
+
+@pytest.fixture
+def topics(broker: EmbeddedBroker) -> Topics:
+    tag = uuid.uuid4().hex[:8]
+    return Topics(broker.bootstrap_servers, f"in-{tag}", f"out-{tag}", f"dlq-{tag}", f"group-{tag}")
+
+
+def produce(bootstrap: str, topic: str, records: list[tuple[int, bytes | None, int]], key: bytes | None = None) -> None:
+    """records: (partition, value, Kafka timestamp in ms)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, "log_level": 2})
+    for partition, value, timestamp_ms in records:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, partition=partition, timestamp=timestamp_ms)
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(30) == 0
+
+
+def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
+    """Every record of every partition of `topic`, read to the end."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "log_level": 2,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+        partitions = sorted(metadata.partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        waiting, records = set(partitions), []
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is None:
+                    records.append(message)
+                elif message.error().code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+        assert not waiting, f"could not read {topic} to its end"
+        return records
+    finally:
+        consumer.close()
+
+
+def latest_by_key(bootstrap: str, topic: str) -> dict[str, bytes]:
+    """What a compacting consumer sees: the latest value per key."""
+    return {m.key().decode(): m.value() for m in read_topic(bootstrap, topic)}
+
+
+class ProcessorProcess:
+    """kafka_processor.py as a real subprocess, its log kept for the test to read."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "kafka_processor.py")],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.process.poll() is None, f"processor exited early:\n{self.log()}"
+            assert time.monotonic() < deadline, f"no {text!r} in the processor log:\n{self.log()}"
+            time.sleep(0.1)
+
+    def terminate(self, timeout: float = 20.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds it took)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.wait(timeout)
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.wait(10)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop_quietly(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_processor(tmp_path) -> Iterator:
+    started: list[ProcessorProcess] = []
+
+    def start(env: dict[str, str]) -> ProcessorProcess:
+        processor = ProcessorProcess(env, tmp_path / f"processor-{len(started)}.log")
+        started.append(processor)
+        return processor
+
+    yield start
+    for processor in started:
+        processor.stop_quietly()
+
+
+def wait_until(condition, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
+        time.sleep(interval)

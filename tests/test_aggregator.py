@@ -1,0 +1,360 @@
+"""aggregator: windows, watermark, late records, offsets and the exact window value.
+
+A fake clock makes every closing decision deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aggregator import Aggregator, iso_utc
+from parsing import decode_records, to_columns
+from tests.oracle import expected_windows
+
+W = 30
+T0 = 1_800_000_000 - 1_800_000_000 % W  # a window start
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_aggregator(clock: FakeClock, partitions=(0,), lateness: int = 5, top_ips: int = 10) -> Aggregator:
+    aggregator = Aggregator(window_seconds=W, allowed_lateness_seconds=lateness, top_ips=top_ips, clock=clock)
+    aggregator.assign(partitions, total_partitions=len(partitions))
+    return aggregator
+
+
+def event(t: int, **fields) -> bytes:
+    record = {"user_id": "u1", "app_version": "2.3.0", "device_type": "android", "ip": "1.1.1.1"}
+    record |= {"locale": "RU", "device_id": "d1", "timestamp": t}
+    record.update(fields)
+    return json.dumps({k: v for k, v in record.items() if v is not ...}).encode()
+
+
+def feed(aggregator: Aggregator, partition: int, first_offset: int, raws: list[bytes], now: float, kafka_s=None):
+    """What the poll loop does for one partition run (parse, then add_batch)."""
+    records, positions, invalid = decode_records(raws)
+    kafka_s = kafka_s or [int(now)] * len(raws)
+    columns = to_columns(records, now, 300, lambda i: kafka_s[i if positions is None else positions[i]])
+    invalid_times = [kafka_s[item.position] for item in invalid]
+    return aggregator.add_batch(partition, first_offset, first_offset + len(raws), columns, invalid_times)
+
+
+def values(closed) -> dict[str, dict]:
+    return {w.key.decode(): json.loads(w.value) for w in closed}
+
+
+class TestWindowing:
+    def test_records_fall_in_epoch_aligned_windows(self):
+        clock = FakeClock(T0 + 1000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0), event(T0 + 29), event(T0 + 30), event(T0 + 61)], clock.now)
+        agg.mark_caught_up(0, 4)
+        closed = values(agg.close_due_windows())
+        assert [v["message_count"] for v in closed.values()] == [2, 1, 1]
+        assert list(closed) == [iso_utc(T0), iso_utc(T0 + 30), iso_utc(T0 + 60)]
+        assert closed[iso_utc(T0)]["window_end"] == iso_utc(T0 + 30)
+
+    def test_window_closes_only_when_watermark_reaches_its_end(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, lateness=5)
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 34)], clock.now)  # stream time end+4: not yet
+        assert agg.close_due_windows() == []
+        feed(agg, 0, 2, [event(T0 + 35)], clock.now)  # stream time - lateness == end
+        assert [w.key for w in agg.close_due_windows()] == [iso_utc(T0).encode()]
+
+    def test_lowest_active_partition_holds_the_watermark(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, partitions=(0, 1))
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 500)], clock.now)
+        feed(agg, 1, 0, [event(T0 + 2)], clock.now)  # partition 1 is behind
+        assert agg.close_due_windows() == []
+        feed(agg, 1, 1, [event(T0 + 40)], clock.now)
+        closed = values(agg.close_due_windows())
+        assert closed[iso_utc(T0)]["message_count"] == 2
+
+    def test_caught_up_partition_does_not_hold_the_watermark(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, partitions=(0, 1))
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 100)], clock.now)
+        feed(agg, 1, 0, [event(T0 + 2)], clock.now)
+        agg.mark_caught_up(1, 1)
+        assert iso_utc(T0) in values(agg.close_due_windows())
+
+    def test_partition_not_read_yet_holds_the_watermark(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, partitions=(0, 1))
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 100)], clock.now)
+        assert agg.close_due_windows() == []  # partition 1: no record, no EOF yet
+        agg.mark_caught_up(1, 0)
+        assert len(agg.close_due_windows()) == 1
+
+    def test_quiet_input_closes_by_wall_clock_minus_lateness(self):
+        clock = FakeClock(T0 + 10)
+        agg = make_aggregator(clock, lateness=5)
+        feed(agg, 0, 0, [event(T0 + 1)], clock.now)
+        agg.mark_caught_up(0, 1)
+        clock.now = T0 + 34
+        assert agg.close_due_windows() == []
+        clock.now = T0 + 35
+        assert len(agg.close_due_windows()) == 1
+
+    def test_no_window_closes_while_some_partitions_belong_to_another_consumer(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = Aggregator(W, 5, 10, clock=clock)
+        agg.assign([0], total_partitions=2)
+        feed(agg, 0, 0, [event(T0 + 1)], clock.now)
+        agg.mark_caught_up(0, 1)
+        assert not agg.owns_all_partitions
+        assert agg.close_due_windows() == []
+
+    def test_backlog_is_many_windows_not_one(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        raws = [event(T0 + i) for i in range(0, 600)]  # ten minutes, one per second
+        feed(agg, 0, 0, raws, clock.now)
+        agg.mark_caught_up(0, len(raws))
+        closed = values(agg.close_due_windows())
+        assert len(closed) == 20
+        assert all(v["message_count"] == 30 for v in closed.values())
+
+
+class TestLateAndInvalid:
+    def test_late_record_is_counted_in_the_next_window_published(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 40)], clock.now)
+        assert len(agg.close_due_windows()) == 1  # window T0 closed
+        late = feed(agg, 0, 2, [event(T0 + 2), event(T0 + 80)], clock.now)
+        assert late == 1
+        closed = values(agg.close_due_windows())
+        window = closed[iso_utc(T0 + 30)]
+        assert window["late_message_count"] == 1
+        assert window["message_count"] == 1  # the late record is not added anywhere
+
+    def test_invalid_record_counts_in_window_of_its_kafka_timestamp(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1), b"{oops", event(T0 + 61)], clock.now, kafka_s=[0, T0 + 31, 0])
+        agg.mark_caught_up(0, 3)
+        closed = values(agg.close_due_windows())
+        assert closed[iso_utc(T0 + 30)] | {} == closed[iso_utc(T0 + 30)]
+        assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 1
+        assert closed[iso_utc(T0 + 30)]["message_count"] == 0
+        assert closed[iso_utc(T0)]["invalid_message_count"] == 0
+
+    def test_invalid_record_for_a_closed_window_goes_to_the_next_one(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 40)], clock.now)
+        agg.close_due_windows()
+        feed(agg, 0, 2, [b"[]", event(T0 + 80)], clock.now, kafka_s=[T0 + 3, 0])
+        closed = values(agg.close_due_windows())
+        assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 1
+
+    def test_future_timestamp_does_not_close_windows_early(self):
+        clock = FakeClock(T0 + 10)
+        agg = make_aggregator(clock)
+        far_future = int(clock.now) + 10_000
+        feed(agg, 0, 0, [event(T0 + 1), event(far_future)], clock.now, kafka_s=[T0 + 2, T0 + 3])
+        assert agg.close_due_windows() == []
+        clock.now = T0 + 35
+        agg.mark_caught_up(0, 2)
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["message_count"] == 2
+        assert window["missing_field_counts"] == {"timestamp": 1}
+
+
+class TestRestartAndRebalance:
+    def test_replayed_records_of_published_windows_are_skipped_not_late(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        agg.restore_published_until(T0 + 30)
+        late = feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31), b"{bad"], clock.now, kafka_s=[0, 0, T0 + 5])
+        assert late == 0
+        agg.mark_caught_up(0, 3)
+        closed = values(agg.close_due_windows())
+        assert list(closed) == [iso_utc(T0 + 30)]
+        assert closed[iso_utc(T0 + 30)]["late_message_count"] == 0
+        assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 0
+
+    def test_revoke_drops_open_state_and_replay_rebuilds_the_same_window(self):
+        clock = FakeClock(T0 + 10_000)
+        raws = [event(T0 + 1), event(T0 + 40, ip="2.2.2.2"), event(T0 + 45)]
+        reference = make_aggregator(clock)
+        feed(reference, 0, 0, raws, clock.now)
+        reference.mark_caught_up(0, 3)
+        expected = values(reference.close_due_windows())
+
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, raws[:2], clock.now)
+        first = values(agg.close_due_windows())  # window T0 published
+        agg.revoke_all()
+        agg.assign([0], 1)
+        feed(agg, 0, 0, raws, clock.now)  # replay from the committed offset 0
+        agg.mark_caught_up(0, 3)
+        assert first | values(agg.close_due_windows()) == expected
+
+
+class TestOffsets:
+    def test_commit_holds_the_lowest_offset_of_open_and_unacknowledged_windows(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, partitions=(0, 1))
+        feed(agg, 0, 100, [event(T0 + 1), event(T0 + 2)], clock.now)
+        feed(agg, 0, 102, [event(T0 + 40)], clock.now)
+        feed(agg, 1, 7, [event(T0 + 50)], clock.now)
+        assert agg.committable_offsets() == {0: 100, 1: 7}
+        agg.mark_caught_up(1, 8)
+        closed = agg.close_due_windows()  # closes window T0 (partition 0 at T0+40)
+        assert [w.start for w in closed] == [T0]
+        assert agg.committable_offsets() == {0: 100, 1: 7}  # not acknowledged yet
+        agg.acknowledge([T0])
+        assert agg.committable_offsets() == {0: 102, 1: 7}
+
+    def test_partition_with_nothing_open_commits_its_next_offset(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1)], clock.now)
+        agg.mark_caught_up(0, 1)
+        agg.acknowledge([w.start for w in agg.close_due_windows()])
+        assert agg.committable_offsets() == {0: 1}
+
+    def test_carried_late_count_holds_its_offset_until_published(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1)], clock.now)
+        agg.mark_caught_up(0, 1)
+        agg.acknowledge([w.start for w in agg.close_due_windows()])
+        assert agg.committable_offsets() == {0: 1}
+        assert feed(agg, 0, 1, [event(T0 + 3)], clock.now) == 1  # late: carried, no window open
+        assert agg.committable_offsets() == {0: 1}  # the carry holds it, not next_offset 2
+
+
+class TestWindowValue:
+    def test_example_shape_and_ordering(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock, top_ips=2)
+        raws = [
+            event(T0 + 1, device_type="iOS", ip="9.9.9.9"),
+            event(T0 + 2, device_type="android", ip="1.1.1.1", device_id="d2"),
+            event(T0 + 3, device_type="android", ip="1.1.1.1", app_version="2.2.1", device_id="d2"),
+            event(T0 + 4, device_type=None, ip="  ", locale=7, device_id=...),
+            event(T0 + 5, device_type="android", ip="0.0.0.1", device_id="d3"),
+        ]
+        feed(agg, 0, 0, raws, clock.now)
+        agg.mark_caught_up(0, len(raws))
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert list(window) == [
+            "schema_version",
+            "window_start",
+            "window_end",
+            "message_count",
+            "device_counts",
+            "locale_counts",
+            "unique_device_count",
+            "app_version_by_device",
+            "unique_ip_count",
+            "top_ips",
+            "missing_field_counts",
+            "invalid_message_count",
+            "late_message_count",
+        ]
+        assert window["device_counts"] == {"android": 3, "iOS": 1, "unknown": 1}
+        assert list(window["device_counts"]) == ["android", "iOS", "unknown"]
+        assert window["locale_counts"] == {"RU": 4, "unknown": 1}
+        assert window["unique_device_count"] == 3  # d1, d2, d3; the missing one is not a device
+        assert window["app_version_by_device"] == {
+            "android": {"2.2.1": 1, "2.3.0": 2} | {"2.3.0": 2},
+            "iOS": {"2.3.0": 1},
+            "unknown": {"2.3.0": 1},
+        }
+        assert window["unique_ip_count"] == 3
+        assert window["top_ips"] == [{"ip": "1.1.1.1", "count": 2}, {"ip": "0.0.0.1", "count": 1}]
+        assert window["missing_field_counts"] == {"device_id": 1, "device_type": 1, "ip": 1, "locale": 1}
+
+    def test_literal_unknown_and_missing_merge(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1, device_type="unknown"), event(T0 + 2, device_type="")], clock.now)
+        agg.mark_caught_up(0, 2)
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["device_counts"] == {"unknown": 2}
+        assert window["missing_field_counts"] == {"device_type": 1}
+
+
+# Values of every type in every field: what the contract calls "missing".
+_junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)
+)
+_text = st.sampled_from(["android", "iOS", " iOS ", "", "  ", "unknown", "web", "1.1.1.1", "2.2.2.2", "é"])
+_field = st.one_of(_text, _text, _junk, st.just(...))
+_time = st.one_of(
+    st.integers(0, 119).map(lambda d: T0 + d),
+    st.integers(0, 119).map(lambda d: str(T0 + d)),
+    st.integers(0, 119).map(lambda d: (T0 + d) * 1000),
+    st.just("garbage"),
+    st.just(...),
+)
+
+
+@st.composite
+def workloads(draw):
+    rows = draw(
+        st.lists(
+            st.fixed_dictionaries(
+                {name: _field for name in ("user_id", "app_version", "device_type", "ip", "locale", "device_id")}
+                | {"timestamp": _time}
+            ),
+            min_size=1,
+            max_size=60,
+        )
+    )
+    raws = [json.dumps({k: v for k, v in row.items() if v is not ...}).encode() for row in rows]
+    raws += draw(st.lists(st.sampled_from([b"{nope", b"[1]", b"\xff"]), max_size=3))
+    return raws
+
+
+@settings(max_examples=150, deadline=None)
+@given(workloads(), st.integers(1, 3), st.randoms(use_true_random=False))
+def test_every_window_matches_the_oracle_whatever_the_batching(raws, partitions, rnd: random.Random):
+    """Any split into partitions and batches gives exactly the oracle's values."""
+    clock = FakeClock(T0 + 10_000)
+    kafka_ms = [(T0 + 60 + i % 50) * 1000 for i in range(len(raws))]
+    agg = make_aggregator(clock, partitions=tuple(range(partitions)), lateness=10_000)
+    offsets = [0] * partitions
+    order = list(range(len(raws)))
+    rnd.shuffle(order)
+    by_partition: dict[int, list[int]] = {p: [] for p in range(partitions)}
+    for index in order:
+        by_partition[index % partitions].append(index)
+    for partition, indices in by_partition.items():
+        while indices:
+            size = rnd.randint(1, 7)
+            batch, indices = indices[:size], indices[size:]
+            feed(
+                agg,
+                partition,
+                offsets[partition],
+                [raws[i] for i in batch],
+                clock.now,
+                [kafka_ms[i] // 1000 for i in batch],
+            )
+            offsets[partition] += len(batch)
+    for partition in range(partitions):
+        agg.mark_caught_up(partition, offsets[partition])
+    parsed_at = clock.now
+    clock.now += 100_000  # input quiet, wall clock far past every window and the huge lateness
+    closed = agg.close_due_windows()
+    expected = expected_windows(list(zip(raws, kafka_ms, strict=True)), window=W, now=parsed_at)
+    assert values(closed) == expected
+    for window in closed:  # same bytes as a canonical encoding of the oracle's value
+        assert json.loads(window.value) == expected[window.key.decode()]

@@ -1,0 +1,145 @@
+"""kafka_processor against a real broker: exact windows, dead letters, shutdown and restart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from tests.conftest import ROOT, latest_by_key, produce, read_topic, wait_until
+from tests.oracle import decode_object, expected_windows
+from tests.workloads import login_workload
+
+pytestmark = pytest.mark.broker
+
+
+def aligned_past(minutes_ago: int, window: int = 30) -> int:
+    now = int(time.time()) - minutes_ago * 60
+    return now - now % window
+
+
+def as_oracle_input(records):
+    return [(value, kafka_ms) for _, value, kafka_ms in records]
+
+
+def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor, tmp_path):
+    topics.create(input_partitions=4)
+    start = aligned_past(30)
+    records = login_workload(start, seconds=600, count=8000, partitions=4)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows(as_oracle_input(records))
+    assert len(expected) == 20
+
+    processor = start_processor(topics.env())
+    published = wait_until(
+        lambda: (got := latest_by_key(topics.bootstrap, topics.output)) and len(got) >= 20 and got,
+        timeout=60,
+        message="20 windows",
+    )
+    assert sorted(published) == sorted(expected)
+    for key, value in published.items():
+        assert json.loads(value) == expected[key], key
+        assert list(json.loads(value)) == list(expected[key])  # field order of the contract
+    assert sum(json.loads(v)["message_count"] for v in published.values()) == sum(
+        w["message_count"] for w in expected.values()
+    )
+    log = processor.log()
+    assert log.count("published window") == 20
+    assert "Traceback" not in log and "ERROR" not in log
+
+    # Every invalid record is in the DLQ, unchanged, with headers that say why and whence.
+    invalid = [(p, v) for p, v, _ in records if decode_object(v) is None]
+    dead = read_topic(topics.bootstrap, topics.dlq)
+    assert len(dead) == len(invalid) > 0
+    offsets_by_partition: dict[int, list[bytes | None]] = {}
+    for partition, value, _ in records:
+        offsets_by_partition.setdefault(partition, []).append(value)
+    for message in dead:
+        headers = {k: v.decode() for k, v in message.headers()}
+        assert headers["dlq.source.topic"] == topics.input
+        source = offsets_by_partition[int(headers["dlq.source.partition"])][int(headers["dlq.source.offset"])]
+        assert message.value() == source
+        assert headers["dlq.reason"]
+
+    # The monitor's --json output is the published windows, one object per line.
+    monitor = subprocess.run(
+        [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--json", "--from-beginning", "--exit-after", "20"],
+        env=topics.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert monitor.returncode == 0, monitor.stderr
+    lines = monitor.stdout.strip().splitlines()
+    assert len(lines) == 20
+    assert {json.loads(line)["window_start"]: json.loads(line) for line in lines} == expected
+
+
+def test_sigterm_publishes_what_is_complete_and_a_restart_continues_exactly(topics, start_processor):
+    """Short windows so that one is still open at the stop; it must come out once, complete, after restart."""
+    topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}
+    topics.create(input_partitions=3)
+    backlog_start = aligned_past(10, window=10)
+    backlog = login_workload(backlog_start, seconds=120, count=1500, partitions=3, seed=1)
+    # A window still open at the stop: event times in the next full window of the wall clock.
+    now = int(time.time())
+    open_start = now - now % 10 + 20
+    still_open = login_workload(open_start, seconds=10, count=300, partitions=3, seed=2)
+    produce(topics.bootstrap, topics.input, backlog + still_open)
+    expected = expected_windows(as_oracle_input(backlog + still_open), window=10)
+
+    first = start_processor(topics.env())
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 12, timeout=60, message="backlog")
+    code, seconds = first.terminate()
+    assert code == 0, first.log()
+    assert seconds < 5, f"shutdown took {seconds:.1f}s"
+    after_first = read_topic(topics.bootstrap, topics.output)
+    open_key = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(open_start))
+    assert open_key not in {m.key().decode() for m in after_first}, "an open window must not be published"
+
+    # More input while the processor is down, then a restart.
+    later = login_workload(open_start + 10, seconds=5, count=100, partitions=3, seed=3)
+    produce(topics.bootstrap, topics.input, later)
+    expected = expected_windows(as_oracle_input(backlog + still_open + later), window=10)
+    second = start_processor(topics.env())
+    wait_until(
+        lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected),
+        timeout=90,
+        message="windows after restart",
+    )
+    second.terminate()
+    everything = read_topic(topics.bootstrap, topics.output)
+    published = {m.key().decode(): json.loads(m.value()) for m in everything}
+    assert published == expected
+    # Nothing was published twice: a clean stop committed everything it published.
+    assert max(Counter(m.key() for m in everything).values()) == 1
+    assert "resuming: windows up to" in second.log()
+
+
+def test_waits_for_a_broker_that_is_not_there_yet(tmp_path, start_processor):
+    from embedded_broker import EmbeddedBroker, free_port
+    from tests.conftest import Topics
+
+    port = free_port()
+    topics = Topics(f"127.0.0.1:{port}", "in-late", "out-late", "dlq-late", "group-late")
+    processor = start_processor(topics.env())
+    processor.wait_for_log("unreachable", timeout=30)
+    time.sleep(2)
+    assert processor.process.poll() is None, "the processor must keep retrying"
+    with EmbeddedBroker(port=port, log_path=tmp_path / "late-broker.log"):
+        processor.wait_for_log("consuming in-late", timeout=60)
+        start = aligned_past(5)
+        records = login_workload(start, seconds=60, count=200, partitions=4, seed=5)
+        produce(topics.bootstrap, topics.input, records)
+        expected = expected_windows(as_oracle_input(records))
+        wait_until(
+            lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), timeout=60, message="windows"
+        )
+        assert {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected
+        code, _ = processor.terminate()
+        assert code == 0

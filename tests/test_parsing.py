@@ -1,0 +1,161 @@
+"""parsing: decoding, event times and column cleaning, held to the contract's input rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parsing import LoginRecord, clean_strings, decode_records, event_time_of, event_times, to_columns
+
+NOW = 1_800_000_000
+SKEW = 300
+
+
+class TestDecodeRecords:
+    def test_valid_objects_decode_and_unknown_keys_are_ignored(self):
+        records, positions, invalid = decode_records([b'{"ip": "1.2.3.4", "extra": [1]}', b"{}"])
+        assert [r.ip for r in records] == ["1.2.3.4", None]
+        assert positions is None  # all valid: no position list built
+        assert invalid == []
+
+    @pytest.mark.parametrize(
+        ("raw", "reason"),
+        [
+            (b"{not json", "not valid JSON"),
+            (b"[1, 2]", "not a JSON object"),
+            (b"null", "not a JSON object"),
+            (b'"text"', "not a JSON object"),
+            (b'{"ip": "\xff"}', "not valid UTF-8"),
+            (b"\xff\xfe", "not valid JSON"),
+            (None, "empty record"),
+            (b"", "not valid JSON"),
+            (b'{"ip": NaN}', "not valid JSON"),
+            (b'{"timestamp": 1e400, "ip": Infinity}', "not valid JSON"),
+            (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        ],
+    )
+    def test_invalid_records_are_reported_with_reason(self, raw, reason):
+        records, positions, invalid = decode_records([b"{}", raw, b"{}"])
+        assert len(records) == 2
+        assert positions == [0, 2]
+        assert len(invalid) == 1 and invalid[0].position == 1
+        assert reason in invalid[0].reason
+
+    def test_object_with_number_msgspec_cannot_hold_is_still_an_object(self):
+        records, _, invalid = decode_records([b'{"timestamp": 1e400, "ip": "9.9.9.9"}'])
+        assert invalid == []
+        assert records[0].ip == "9.9.9.9"
+        assert event_time_of(records[0].timestamp, NOW, SKEW) is None  # inf is not a time
+
+    def test_duplicate_keys_take_the_last_value_like_json_loads(self):
+        records, _, _ = decode_records([b'{"ip": 1, "ip": "x"}'])
+        assert records[0].ip == json.loads(b'{"ip": 1, "ip": "x"}')["ip"]
+
+
+class TestEventTime:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (1694479551, 1694479551),
+            (1694479551.9, 1694479551),  # whole seconds count
+            ("1694479551", 1694479551),
+            ("  1694479551.5 ", 1694479551),
+            ("1.694479551e9", 1694479551),
+            (1694479551123, 1694479551),  # above 10^12: milliseconds
+            ("1694479551123", 1694479551),
+            (1694479551123.7, 1694479551),
+            (NOW + SKEW, NOW + SKEW),  # at the skew limit: still a time
+        ],
+    )
+    def test_usable_times(self, value, expected):
+        assert event_time_of(value, NOW, SKEW) == expected
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            True,
+            False,
+            None,
+            0,
+            -5,
+            0.4,
+            "",
+            "  ",
+            "abc",
+            "1_000",
+            "٣",
+            "0x10",
+            "nan",
+            "inf",
+            float("nan"),
+            float("inf"),
+            [1694479551],
+            {"t": 1},
+            NOW + SKEW + 1,  # a device clock too far ahead
+            10**30,
+            "1e400",
+        ],
+    )
+    def test_not_times(self, value):
+        assert event_time_of(value, NOW, SKEW) is None
+
+    def test_column_fast_path_and_fallback_agree_with_per_value_rule(self):
+        column = [NOW - 10, "bad", NOW + 10_000, None, NOW - 1]
+        times, fell_back = event_times(column, NOW, SKEW, fallback_time=lambda i: 1000 + i)
+        assert times == [NOW - 10, 1001, 1002, 1003, NOW - 1]
+        assert fell_back == [1, 2, 3]
+
+    def test_all_int_column_uses_values_as_they_are(self):
+        column = [NOW - 3, NOW - 2, NOW - 1]
+        assert event_times(column, NOW, SKEW, fallback_time=lambda i: 0) == (column, [])
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none()), max_size=20))
+    def test_column_equals_per_value(self, column):
+        times, fell_back = event_times(list(column), NOW, SKEW, fallback_time=lambda i: -i)
+        for index, value in enumerate(column):
+            single = event_time_of(value, NOW, SKEW)
+            if single is None:
+                assert index in fell_back and times[index] == -index
+            else:
+                assert index not in fell_back and times[index] == single
+
+
+class TestCleanStrings:
+    def test_trims_and_marks_missing_as_empty(self):
+        assert clean_strings([" a ", "", "  ", None, 12, 1.5, True, ["x"], {"k": 1}, "b"]) == [
+            "a",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+            "b",
+        ]
+
+    def test_all_string_fast_path(self):
+        assert clean_strings(["android ", "iOS"]) == ["android", "iOS"]
+
+    def test_numbers_in_string_fields_are_missing_not_converted(self):
+        assert clean_strings([12, "12"]) == ["", "12"]
+
+
+def test_to_columns_builds_parallel_columns_with_fallbacks():
+    records = [
+        LoginRecord(
+            user_id="u", app_version="2.3.0", device_type="iOS", ip="1.1.1.1", locale="RU", device_id="d", timestamp=NOW
+        ),
+        LoginRecord(timestamp="soon"),
+    ]
+    columns = to_columns(records, NOW, SKEW, fallback_time=lambda i: 42)
+    assert columns.event_time == [NOW, 42]
+    assert columns.device_type == ["iOS", ""]
+    assert columns.timestamp_fallbacks == [1]
+    subset = columns.take([1])
+    assert subset.event_time == [42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
