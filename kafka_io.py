@@ -75,6 +75,7 @@ def ensure_topics(
     should_stop: Callable[[], bool],
     health: BrokerHealth,
     retry_seconds: float = 2.0,
+    configs: dict[str, dict[str, str]] | None = None,
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first."""
@@ -83,7 +84,11 @@ def ensure_topics(
         try:
             existing = admin.list_topics(timeout=5).topics
             health.mark_reachable()
-            missing = [NewTopic(name, count, 1) for name, count in partitions.items() if name not in existing]
+            missing = [
+                NewTopic(name, count, 1, config=(configs or {}).get(name, {}))
+                for name, count in partitions.items()
+                if name not in existing
+            ]
             for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
                 try:
                     future.result()

@@ -127,7 +127,10 @@ class Processor:
         """Topics exist and we know what an earlier run published. False if stopped first."""
         s = self.settings
         topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1}
-        if not ensure_topics(s, topics, self.stop_requested.is_set, self.health):
+        # The output is compacted: a consumer that keeps the latest record per key
+        # (what the topic is for) never needs older copies of a republished window.
+        configs = {s.output_topic: {"cleanup.policy": "compact"}}
+        if not ensure_topics(s, topics, self.stop_requested.is_set, self.health, configs=configs):
             return False
         while not self.stop_requested.is_set():
             try:

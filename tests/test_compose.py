@@ -1,0 +1,111 @@
+"""docker-compose.yml: valid for Compose, and in step with the code it runs.
+
+No Docker engine runs here, so the file is validated with `docker-compose config`
+(Debian's package; .ci/run installs it) and its contents are checked against
+the code: scripts, settings, topics, and the modules the image must contain.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config import _SETTINGS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_SERVICES = ("generator", "processor", "monitor")
+
+
+def _compose_binary() -> str:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("docker-compose is missing: .ci/run must install Debian's docker-compose")
+        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    binary = _compose_binary()
+    check = subprocess.run([binary, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    rendered = subprocess.run([binary, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return yaml.safe_load(rendered.stdout)
+
+
+def test_kafka_is_the_official_image_pinned_in_kraft_mode(compose):
+    services = compose["services"]
+    image = services["kafka"]["image"]
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", image), image
+    assert not any("zookeeper" in name or "zookeeper" in str(s.get("image", "")) for name, s in services.items())
+    env = services["kafka"]["environment"]
+    assert "controller" in env["KAFKA_PROCESS_ROLES"] and "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert "healthcheck" in services["kafka"]
+
+
+def test_app_services_run_scripts_that_exist_with_settings_that_exist(compose):
+    known = set(_SETTINGS)
+    for name in APP_SERVICES:
+        service = compose["services"][name]
+        command = service["command"]
+        assert command[0] == "python" and (ROOT / command[1]).is_file(), command
+        for variable in service["environment"]:
+            assert variable in known or variable.startswith("KAFKA_"), f"{name}: unknown setting {variable}"
+        assert service["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+
+
+def test_apps_reach_kafka_on_its_internal_listener(compose):
+    advertised = compose["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    internal = re.search(r"INTERNAL://([^,]+)", advertised).group(1)
+    for name in APP_SERVICES:
+        assert compose["services"][name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == internal
+    assert "EXTERNAL://localhost:29092" in advertised  # what host scripts use by default
+    assert Settings().bootstrap_servers == "localhost:29092"
+
+
+def test_topics_created_are_the_ones_the_code_uses(compose):
+    script = " ".join(compose["services"]["kafka-init"]["command"])
+    created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
+    defaults = Settings()
+    assert created == {
+        defaults.input_topic: str(defaults.input_partitions),
+        defaults.output_topic: "1",
+        defaults.dlq_topic: "1",
+    }
+    env = compose["services"]["processor"]["environment"]
+    assert (env["INPUT_TOPIC"], env["OUTPUT_TOPIC"], env["DLQ_TOPIC"]) == (
+        defaults.input_topic,
+        defaults.output_topic,
+        defaults.dlq_topic,
+    )
+
+
+def _local_imports(module: str, seen: set[str]) -> set[str]:
+    path = ROOT / f"{module}.py"
+    if module in seen or not path.is_file():
+        return seen
+    seen.add(module)
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            _local_imports(name.split(".")[0], seen)
+    return seen
+
+
+def test_image_contains_every_module_the_scripts_import(compose):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = set(re.findall(r"(\w+)\.py", dockerfile))
+    needed: set[str] = set()
+    for name in APP_SERVICES:
+        _local_imports(compose["services"][name]["command"][1].removesuffix(".py"), needed)
+    assert needed <= copied, f"missing from the image: {sorted(needed - copied)}"
