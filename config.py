@@ -86,6 +86,8 @@ class Settings:
     allowed_lateness_seconds: int = 5
     max_event_time_skew_seconds: int = 300
     top_ips: int = 10
+    # A longer string field counts as missing (keeps windows a publishable size).
+    max_field_length: int = 256
     log_level: str = "INFO"
     log_format: str = "text"
     # Partition counts used only when the processor creates missing topics.
@@ -211,6 +213,7 @@ _SETTINGS = {
         "event times further ahead of the wall clock count as missing",
     ),
     "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
+    "MAX_FIELD_LENGTH": ("max_field_length", _positive_int, "longer string values count as missing"),
     "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
     "LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"),
     "INPUT_PARTITIONS": ("input_partitions", _positive_int, "partitions when creating the input topic"),

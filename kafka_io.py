@@ -38,12 +38,10 @@ class BrokerHealth:
         self.log = logger
         self._lock = threading.Lock()
         self.down_since: float | None = None
-        self.fatal: KafkaError | None = None
 
     def on_error(self, error: KafkaError) -> None:
         """librdkafka `error_cb`."""
         if error.fatal():
-            self.fatal = error
             self.log.error("fatal client error: %s", error.str())
             return
         if error.code() in self._DOWN_CODES:

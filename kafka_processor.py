@@ -52,6 +52,9 @@ log = logging.getLogger("processor")
 _TAIL_RECORDS = 50
 # How long shutdown waits for the broker to acknowledge the last windows.
 _SHUTDOWN_ACK_SECONDS = 10.0
+# How long one publish attempt of the timer waits for acknowledgements.
+_PUBLISH_ATTEMPT_SECONDS = 5.0
+OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
 _PROGRESS_LOG_SECONDS = 30.0
 _NO_ERRORS = {type(None)}
 
@@ -64,6 +67,9 @@ def consumer_settings(settings: Settings) -> dict:
         "fetch.queue.backoff.ms": 10,
         # A new group reads the whole backlog: the windows of past events are wanted too.
         "auto.offset.reset": "earliest",
+        # Notice a (re)created input topic or added partitions within seconds, not the
+        # default five minutes: until then the processor would sit on no partitions.
+        "topic.metadata.refresh.interval.ms": 5000,
         **settings.consumer_config(),
         # ...except these, which the guarantees depend on.
         "group.id": settings.consumer_group_id,
@@ -81,9 +87,16 @@ def producer_settings(settings: Settings) -> dict:
         # Keep the DLQ copies and windows flowing without waiting for big batches.
         "linger.ms": 5,
         **settings.producer_config(),
-        # Retries can neither duplicate nor reorder windows: a restart relies on the
-        # newest window on the output topic being the last one closed.
-        "enable.idempotence": True,
+        # Windows must reach the topic in the order they closed (a restart reads the
+        # newest one to learn what is published): one request in flight at a time keeps
+        # retries in order. Not idempotence: a retried duplicate is harmless (same key,
+        # same bytes), while an idempotent producer wedges when a broker loses its
+        # producer state (an in-memory broker restarted).
+        "acks": "all",
+        "max.in.flight.requests.per.connection": 1,
+        # A window with many distinct values can pass the 1 MB default; the output
+        # topic is created to accept the same size.
+        "message.max.bytes": OUTPUT_MESSAGE_MAX_BYTES,
         # Never give up on a window: while the broker is away, wait (offsets stay
         # uncommitted) instead of dropping it after the default five minutes.
         "message.timeout.ms": 0,
@@ -107,30 +120,25 @@ class Processor:
         self._commit_request: dict[int, int] | None = None
         self._committed: dict[int, int] = {}
         self._unpublished: list[ClosedWindow] = []  # closed, not yet acknowledged, in order
+        self._in_flight: set[int] = set()  # window starts handed to the producer
+        self._delivered: set[int] = set()  # ... and acknowledged (set by delivery reports)
         self._delivery_failures: dict[int, str] = {}
-        self._ownership_warned = False
+        self._last_unacknowledged_warning = 0.0
+        self._topics_missing_since: float | None = None
         # Counters for the periodic progress line.
         self._consumed = 0
         self._invalid = 0
         self._late = 0
         self._windows_published = 0
         self._last_progress = time.monotonic()
-        self._producer = self._new_producer()
+        self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
 
     # ---- start-up -------------------------------------------------------------------
 
-    def _new_producer(self) -> Producer:
-        return Producer({**producer_settings(self.settings), "error_cb": self.health.on_error})
-
     def prepare(self) -> bool:
         """Topics exist and we know what an earlier run published. False if stopped first."""
-        s = self.settings
-        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1}
-        # The output is compacted: a consumer that keeps the latest record per key
-        # (what the topic is for) never needs older copies of a republished window.
-        configs = {s.output_topic: {"cleanup.policy": "compact"}}
-        if not ensure_topics(s, topics, self.stop_requested.is_set, self.health, configs=configs):
+        if not self._ensure_topics():
             return False
         while not self.stop_requested.is_set():
             try:
@@ -148,6 +156,24 @@ class Processor:
                 iso_utc(published_until),
             )
         return True
+
+    def _ensure_topics(self) -> bool:
+        s = self.settings
+        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1}
+        # The output is compacted: a consumer that keeps the latest record per key
+        # (what the topic is for) never needs older copies of a republished window.
+        configs = {s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}}
+        return ensure_topics(s, topics, self.stop_requested.is_set, self.health, configs=configs)
+
+    def _recreate_missing_topics(self) -> None:
+        """A broker that lost its topics (an in-memory one, restarted) gets them back,
+        so producers and this processor can carry on without an operator."""
+        since = self._topics_missing_since
+        if since is None or time.monotonic() - since < 5.0:
+            return
+        log.warning("input topic %s is missing; creating the pipeline's topics again", self.settings.input_topic)
+        self._topics_missing_since = None
+        self._ensure_topics()
 
     def _published_until(self) -> int:
         """End (epoch seconds) of the newest window on the output topic, 0 if none."""
@@ -177,6 +203,7 @@ class Processor:
         try:
             while not self.stop_requested.is_set():
                 self._commit_if_requested()
+                self._recreate_missing_topics()
                 messages = self._consumer.consume(batch_size, 0.5)
                 if messages:
                     self._process(messages)
@@ -226,6 +253,9 @@ class Processor:
             if error.code() == KafkaError._PARTITION_EOF:
                 self.aggregator.mark_caught_up(partition, message.offset())
                 self.health.mark_reachable()
+            elif error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                if self._topics_missing_since is None:
+                    self._topics_missing_since = time.monotonic()
             else:
                 self.health.on_error(error)
         if run:
@@ -240,7 +270,9 @@ class Processor:
             kind, millis = message.timestamp()
             return millis // 1000 if kind != 0 and millis > 0 else int(now)
 
-        columns = to_columns(records, now, self.settings.max_event_time_skew_seconds, kafka_time)
+        columns = to_columns(
+            records, now, self.settings.max_event_time_skew_seconds, kafka_time, self.settings.max_field_length
+        )
         invalid_times = []
         for item in invalid:
             message = run[item.position]
@@ -275,82 +307,83 @@ class Processor:
         interval = self.settings.close_interval_seconds
         while not self.stop_requested.wait(interval):
             try:
-                self.close_and_publish(wait_seconds=None)
+                self.close_and_publish(wait_seconds=_PUBLISH_ATTEMPT_SECONDS)
                 self._maybe_log_progress()
             except Exception:  # never let the timer die silently: the pipeline would stall
                 log.exception("window closer failed; retrying at the next tick")
 
-    def close_and_publish(self, wait_seconds: float | None) -> bool:
-        """Close due windows, publish them in order, wait for acknowledgement, then
-        request a commit of the offsets no longer needed. `wait_seconds=None` waits
-        until acknowledged or stop is requested. Returns True if all are acknowledged."""
+    def close_and_publish(self, wait_seconds: float) -> bool:
+        """Close due windows, publish them in order, wait up to `wait_seconds` for the
+        broker's acknowledgement, then request a commit of the offsets no longer needed.
+
+        Never holds the publish lock longer than one attempt, so a rebalance or a
+        shutdown is not blocked by a broker that is away; windows already handed to
+        the producer are not produced again (librdkafka retries them itself).
+        Returns True when everything closed so far is acknowledged.
+        """
         with self._publish_lock:
-            self._replace_producer_if_fatal()
-            closed = self.aggregator.close_due_windows()
-            self._unpublished.extend(closed)
-            if not self._unpublished:
-                self._producer.poll(0)  # serve DLQ delivery reports
-                self._request_commit()
-                return True
-            pending = self._unpublished
-            delivered: set[int] = set()
-            self._delivery_failures.clear()
+            self._unpublished.extend(self.aggregator.close_due_windows())
             published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-            for window in pending:
-                self._producer.produce(
-                    self.settings.output_topic,
-                    key=window.key,
-                    value=window.value,
-                    headers=[("processor.host", self.host.encode()), ("published.at", published_at)],
-                    on_delivery=self._on_window_delivery(window, delivered),
-                )
+            for window in self._unpublished:
+                if window.start in self._in_flight:
+                    continue
+                try:
+                    self._producer.produce(
+                        self.settings.output_topic,
+                        key=window.key,
+                        value=window.value,
+                        headers=[("processor.host", self.host.encode()), ("published.at", published_at)],
+                        on_delivery=self._on_window_delivery(window.start),
+                    )
+                except (KafkaException, BufferError) as error:
+                    # Windows go out in order, so a refused one holds back the rest:
+                    # loud, but nothing is skipped and nothing is committed past it.
+                    self._delivery_failures[window.start] = f"{error} ({len(window.value):,} bytes)"
+                    break
+                self._in_flight.add(window.start)
             # flush() also covers the DLQ copies produced so far: they must be stored
             # before the offsets of their records are committed.
-            deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
-            while self._producer.flush(1.0) > 0:
-                if self.health.fatal is not None:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                if deadline is None and self.stop_requested.is_set():
-                    break
-            self.aggregator.acknowledge(w.start for w in pending if w.start in delivered)
-            self._unpublished = [w for w in pending if w.start not in delivered]
-            for window in pending:
-                if window.start in delivered:
-                    self._windows_published += 1
-                    self._log_published(window)
-            if self._unpublished:
-                log.warning(
-                    "%d window(s) not acknowledged yet (%s); will publish again, offsets stay uncommitted",
-                    len(self._unpublished),
-                    next(iter(self._delivery_failures.values()), "broker not answering"),
-                )
+            still_queued = self._producer.flush(wait_seconds)
+            acknowledged = [w for w in self._unpublished if w.start in self._delivered]
+            done = {w.start for w in acknowledged}
+            self.aggregator.acknowledge(done)
+            for window in acknowledged:
+                self._delivered.discard(window.start)
+                self._in_flight.discard(window.start)
+                self._windows_published += 1
+                self._log_published(window)
+            self._unpublished = [w for w in self._unpublished if w.start not in done]
+            for start, reason in list(self._delivery_failures.items()):
+                log.error("window %s was refused (%s); trying it again", iso_utc(start), reason)
+                self._in_flight.discard(start)  # produce it again at the next turn
+                del self._delivery_failures[start]
+            if self._unpublished or still_queued:
+                self._warn_unacknowledged()
                 return False
             self._request_commit()
             return True
 
-    def _on_window_delivery(self, window: ClosedWindow, delivered: set[int]):
+    def _on_window_delivery(self, start: int):
         def report(error: KafkaError | None, _message: Message) -> None:
             if error is None:
-                delivered.add(window.start)
+                self._delivered.add(start)
                 self.health.mark_reachable()
             else:
-                self._delivery_failures[window.start] = error.str()
+                self._delivery_failures[start] = error.str()
 
         return report
 
-    def _replace_producer_if_fatal(self) -> None:
-        """An idempotent producer whose broker lost its state (a restarted in-memory
-        broker) fails fatally; a fresh producer starts a new idempotent session."""
-        fatal = self.health.fatal
-        if fatal is None:
+    def _warn_unacknowledged(self) -> None:
+        now = time.monotonic()
+        if now - self._last_unacknowledged_warning < _PROGRESS_LOG_SECONDS:
             return
-        log.warning("recreating the producer after a fatal error: %s", fatal.str())
-        self.health.fatal = None
-        old, self._producer = self._producer, self._new_producer()
-        old.purge()
-        old.flush(0)
+        self._last_unacknowledged_warning = now
+        log.warning(
+            "%d window(s) and %d record(s) in all waiting for the broker's acknowledgement; "
+            "their input offsets stay uncommitted until then",
+            len(self._unpublished),
+            len(self._producer),
+        )
 
     def _log_published(self, window: ClosedWindow) -> None:
         lag = time.time() - (window.start + self.settings.window_seconds)
@@ -399,7 +432,11 @@ class Processor:
         total = topic_partition_count(consumer, self.settings.input_topic)
         owned = sorted(tp.partition for tp in partitions)
         self.aggregator.assign(owned, total)
-        if len(owned) < total:
+        self.health.mark_reachable()
+        if total == 0:
+            log.warning("input topic %s does not exist (broker lost it?)", self.settings.input_topic)
+            self._topics_missing_since = time.monotonic() - 5.0  # recreate at the next turn
+        elif len(owned) < total:
             log.warning(
                 "assigned %d of %d partitions of %s: windows cannot close until this processor owns all of "
                 "them (run one processor per consumer group)",

@@ -166,11 +166,19 @@ def event_times(
     return times, fell_back
 
 
-def clean_strings(column: list[object]) -> list[str]:
-    """Trim each string; anything else (or an empty string) becomes `""` (missing)."""
+def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
+    """Trim each string; anything else, an empty string, or one longer than
+    `max_length` after trimming becomes `""` (missing).
+
+    The length bound keeps one client sending megabyte-long values from making a
+    window's JSON too big to publish (see README, "Design choices").
+    """
     if column and set(map(type, column)) == {str}:
-        return list(map(str.strip, column))
-    return [value.strip() if type(value) is str else "" for value in column]
+        cleaned = list(map(str.strip, column))
+        if max(map(len, cleaned)) <= max_length:
+            return cleaned
+        return [value if len(value) <= max_length else "" for value in cleaned]
+    return [value.strip() if type(value) is str and len(value.strip()) <= max_length else "" for value in column]
 
 
 @dataclass(slots=True)
@@ -213,16 +221,18 @@ def to_columns(
     now: float,
     max_skew_seconds: int,
     fallback_time: Callable[[int], int],
+    max_field_length: int = 256,
 ) -> LoginColumns:
     """Validate decoded records column by column (see the module docstring)."""
     times, fell_back = event_times([r.timestamp for r in records], now, max_skew_seconds, fallback_time)
+    n = max_field_length
     return LoginColumns(
         event_time=times,
-        user_id=clean_strings([r.user_id for r in records]),
-        app_version=clean_strings([r.app_version for r in records]),
-        device_type=clean_strings([r.device_type for r in records]),
-        ip=clean_strings([r.ip for r in records]),
-        locale=clean_strings([r.locale for r in records]),
-        device_id=clean_strings([r.device_id for r in records]),
+        user_id=clean_strings([r.user_id for r in records], n),
+        app_version=clean_strings([r.app_version for r in records], n),
+        device_type=clean_strings([r.device_type for r in records], n),
+        ip=clean_strings([r.ip for r in records], n),
+        locale=clean_strings([r.locale for r in records], n),
+        device_id=clean_strings([r.device_id for r in records], n),
         timestamp_fallbacks=fell_back,
     )

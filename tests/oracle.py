@@ -21,9 +21,9 @@ def _iso(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _string(record: dict, name: str) -> str | None:
+def _string(record: dict, name: str, max_length: int = 256) -> str | None:
     value = record.get(name)
-    if isinstance(value, str) and value.strip():
+    if isinstance(value, str) and 0 < len(value.strip()) <= max_length:
         return value.strip()
     return None
 

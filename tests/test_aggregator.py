@@ -295,7 +295,7 @@ class TestWindowValue:
 _junk = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)
 )
-_text = st.sampled_from(["android", "iOS", " iOS ", "", "  ", "unknown", "web", "1.1.1.1", "2.2.2.2", "é"])
+_text = st.sampled_from(["android", "iOS", " iOS ", "", "  ", "unknown", "web", "1.1.1.1", "2.2.2.2", "é", "x" * 300])
 _field = st.one_of(_text, _text, _junk, st.just(...))
 _time = st.one_of(
     st.integers(0, 119).map(lambda d: T0 + d),

@@ -142,6 +142,14 @@ class TestCleanStrings:
     def test_all_string_fast_path(self):
         assert clean_strings(["android ", "iOS"]) == ["android", "iOS"]
 
+    def test_over_long_values_are_missing(self):
+        assert clean_strings(["a" * 256, "b" * 257, " " + "c" * 256 + " "], max_length=256) == [
+            "a" * 256,
+            "",
+            "c" * 256,
+        ]
+        assert clean_strings(["ok", 5, "d" * 300], max_length=256) == ["ok", "", ""]
+
     def test_numbers_in_string_fields_are_missing_not_converted(self):
         assert clean_strings([12, "12"]) == ["", "12"]
 
