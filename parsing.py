@@ -151,19 +151,47 @@ def event_times(
     A value that is not a usable time falls back to `fallback_time(index)` (the
     Kafka record's timestamp). Returns the times and the indices that fell back,
     which count as a missing `timestamp`.
+
+    Common case, in C: every value an int within range. Otherwise only the values
+    that are not ints (string timestamps, nulls) are looked at one by one, unless
+    an int is out of range, which sends the whole column to the per-value rule.
     """
-    all_ints = bool(timestamps) and set(map(type, timestamps)) == {int}
-    if all_ints and min(timestamps) > 0 and max(timestamps) <= now + max_skew_seconds:
-        return timestamps, []
-    times: list[int] = []
+    if not timestamps:
+        return [], []
+    limit = now + max_skew_seconds
+    kinds = list(map(type, timestamps))
+    odd = _positions_not_of(kinds, int)
+    times = timestamps if not odd else timestamps.copy()
+    for index in odd:
+        times[index] = 1  # a placeholder in range, replaced below
+    if min(times) <= 0 or max(times) > limit:
+        odd = range(len(timestamps))  # an int out of range somewhere: the exact rule for all
+        times = timestamps.copy()
     fell_back: list[int] = []
-    for index, value in enumerate(timestamps):
-        seconds = event_time_of(value, now, max_skew_seconds)
+    for index in odd:
+        seconds = event_time_of(timestamps[index], now, max_skew_seconds)
         if seconds is None:
             seconds = fallback_time(index)
             fell_back.append(index)
-        times.append(seconds)
+        times[index] = seconds
     return times, fell_back
+
+
+def _positions_not_of(kinds: list[type], wanted: type) -> list[int]:
+    """Indices whose type is not `wanted`, found with list.index (C) per other type."""
+    other_kinds = set(kinds)
+    other_kinds.discard(wanted)
+    positions: list[int] = []
+    for kind in other_kinds:
+        index = -1
+        try:
+            while True:
+                index = kinds.index(kind, index + 1)
+                positions.append(index)
+        except ValueError:
+            pass
+    positions.sort()
+    return positions
 
 
 def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
@@ -171,14 +199,20 @@ def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
     `max_length` after trimming becomes `""` (missing).
 
     The length bound keeps one client sending megabyte-long values from making a
-    window's JSON too big to publish (see README, "Design choices").
+    window's JSON too big to publish (see README, "Design choices"). Non-strings
+    are found with list.index (C), so a few nulls do not cost a per-value loop.
     """
-    if column and set(map(type, column)) == {str}:
-        cleaned = list(map(str.strip, column))
-        if max(map(len, cleaned)) <= max_length:
-            return cleaned
-        return [value if len(value) <= max_length else "" for value in cleaned]
-    return [value.strip() if type(value) is str and len(value.strip()) <= max_length else "" for value in column]
+    if not column:
+        return []
+    odd = _positions_not_of(list(map(type, column)), str)
+    if odd:
+        column = column.copy()
+        for index in odd:
+            column[index] = ""
+    cleaned = list(map(str.strip, column))
+    if max(map(len, cleaned)) > max_length:
+        cleaned = [value if len(value) <= max_length else "" for value in cleaned]
+    return cleaned
 
 
 @dataclass(slots=True)
@@ -200,6 +234,19 @@ class LoginColumns:
 
     def __len__(self) -> int:
         return len(self.event_time)
+
+    def slice(self, start: int, end: int) -> LoginColumns:
+        """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""
+        return LoginColumns(
+            event_time=self.event_time[start:end],
+            user_id=self.user_id[start:end],
+            app_version=self.app_version[start:end],
+            device_type=self.device_type[start:end],
+            ip=self.ip[start:end],
+            locale=self.locale[start:end],
+            device_id=self.device_id[start:end],
+            timestamp_fallbacks=[row - start for row in self.timestamp_fallbacks if start <= row < end],
+        )
 
     def take(self, rows: list[int]) -> LoginColumns:
         """The subset of rows (in order), used when a batch spans several windows."""
@@ -224,6 +271,7 @@ def to_columns(
     max_field_length: int = 256,
 ) -> LoginColumns:
     """Validate decoded records column by column (see the module docstring)."""
+    # List comprehensions, not map(attrgetter): on 3.11 they are twice as fast here.
     times, fell_back = event_times([r.timestamp for r in records], now, max_skew_seconds, fallback_time)
     n = max_field_length
     return LoginColumns(

@@ -358,3 +358,30 @@ def test_every_window_matches_the_oracle_whatever_the_batching(raws, partitions,
     assert values(closed) == expected
     for window in closed:  # same bytes as a canonical encoding of the oracle's value
         assert json.loads(window.value) == expected[window.key.decode()]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 200), min_size=1, max_size=80), st.booleans())
+def test_time_ordered_and_shuffled_batches_split_at_window_edges_alike(offsets, shuffle):
+    """One batch crossing several windows (edges, gaps, repeats), in order or not."""
+    clock = FakeClock(T0 + 10_000)
+    seconds = sorted(offsets)
+    if shuffle:
+        random.Random(len(seconds)).shuffle(seconds)
+    raws = [event(T0 + d, ip=f"10.0.0.{d % 7}") for d in seconds]
+    agg = make_aggregator(clock)
+    feed(agg, 0, 0, raws, clock.now, kafka_s=[T0] * len(raws))
+    agg.mark_caught_up(0, len(raws))
+    expected = expected_windows([(raw, T0 * 1000) for raw in raws], window=W, now=clock.now)
+    assert values(agg.close_due_windows()) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), st.integers(1, 5), max_size=60), st.integers(1, 12))
+def test_top_by_count_equals_a_full_sort(counts, n):
+    from collections import Counter
+
+    from aggregator import _top_by_count
+
+    expected = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
+    assert _top_by_count(Counter(counts), n) == expected

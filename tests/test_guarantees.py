@@ -45,12 +45,12 @@ def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
     produce(topics.bootstrap, topics.input, records)
     expected = expected_windows(oracle_input(records))
     assert len(expected) == 16
-    # Small batches make the run long enough for kills to land mid-stream.
-    env = topics.env(CONSUME_BATCH_SIZE="20")
+    # Tiny batches make a run last seconds, so that kills land mid-stream.
+    env = topics.env(CONSUME_BATCH_SIZE="5")
 
     # An uninterrupted run, into its own output topic and group, as the yardstick.
     reference_topics = Topics(topics.bootstrap, topics.input, f"{topics.output}-ref", topics.dlq, f"{topics.group}-ref")
-    reference = start_processor(reference_topics.env(CONSUME_BATCH_SIZE="20"))
+    reference = start_processor(reference_topics.env(CONSUME_BATCH_SIZE="5"))
     wait_until(
         lambda: len(latest_by_key(topics.bootstrap, reference_topics.output)) >= len(expected),
         timeout=180,
@@ -63,16 +63,22 @@ def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
     # Kill moments are tied to progress, not to the clock: a run gets through the
     # whole backlog in about a second.
     kills = []
-    for moment in ("consuming", "right after a publish", "during publishing", "consuming"):
+
+    def output_complete() -> bool:
+        return len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected)
+
+    for moment in ("right after a publish", "during publishing", "consuming", "consuming"):
+        if output_complete():
+            break
         processor = start_processor(env)
         processor.wait_for_log("assigned all", timeout=60)
-        if moment == "right after a publish":
-            wait_until(lambda p=processor: "published window" in p.log(), 60, 0.002, "a publish")
-        elif moment == "during publishing":
-            wait_until(lambda p=processor: "published window" in p.log(), 60, 0.002, "publishing")
-            time.sleep(rng.uniform(0.0, 0.05))
+        if moment == "consuming":
+            time.sleep(rng.uniform(0.0, 0.5))
         else:
-            time.sleep(rng.uniform(0.0, 0.3))
+            seen = processor.log().count("published window")
+            wait_until(lambda p=processor, s=seen: p.log().count("published window") > s, 120, 0.002, "a publish")
+            if moment == "during publishing":
+                time.sleep(rng.uniform(0.0, 0.05))
         processor.kill()
         kills.append((moment, len(latest_by_key(topics.bootstrap, topics.output))))
     final = start_processor(env)

@@ -167,3 +167,5 @@ def test_to_columns_builds_parallel_columns_with_fallbacks():
     assert columns.timestamp_fallbacks == [1]
     subset = columns.take([1])
     assert subset.event_time == [42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
+    assert columns.slice(1, 2) == subset
+    assert columns.slice(0, 1).timestamp_fallbacks == []

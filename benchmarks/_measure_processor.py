@@ -1,0 +1,69 @@
+"""Child process of throughput.py: the real Processor, timed from its first record to
+its last record aggregated, then until the last windows are published.
+
+Settings come from the environment like any run; the only addition is a few
+timestamps taken around the processor's own batch handling.
+"""
+
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import build_settings  # noqa: E402
+from kafka_processor import Processor  # noqa: E402
+from log_setup import configure_logging  # noqa: E402
+
+
+class MeasuredProcessor(Processor):
+    def __init__(self, settings, expected_records: int) -> None:
+        super().__init__(settings)
+        self.expected_records = expected_records
+        self.first_batch_at: float | None = None
+        self.all_aggregated_at: float | None = None
+
+    def _process(self, messages) -> None:
+        if self.first_batch_at is None:
+            self.first_batch_at = time.perf_counter()
+        super()._process(messages)
+        if self.all_aggregated_at is None and self.stats.records >= self.expected_records:
+            self.all_aggregated_at = time.perf_counter()
+
+
+def main() -> None:
+    expected_records, expected_windows = int(sys.argv[1]), int(sys.argv[2])
+    configure_logging("WARNING")
+    processor = MeasuredProcessor(build_settings(os.environ), expected_records)
+    published_at: list[float] = []
+
+    def watch() -> None:
+        while processor.stats.windows_published < expected_windows:
+            time.sleep(0.001)
+        published_at.append(time.perf_counter())
+        processor.stop_requested.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    processor.run()
+    aggregate_seconds = processor.all_aggregated_at - processor.first_batch_at
+    print(
+        json.dumps(
+            {
+                "records": processor.stats.records,
+                "seconds": aggregate_seconds,
+                "close_tail_seconds": published_at[0] - processor.all_aggregated_at,
+                "windows": processor.stats.windows_published,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "stages": asdict(processor.stats),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
