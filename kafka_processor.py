@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -43,6 +44,7 @@ from config import (
 )
 from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, ensure_topics, read_topic_tail, topic_partition_count
 from log_setup import configure_logging
+from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import decode_records, to_columns
 
 log = logging.getLogger("processor")
@@ -92,6 +94,10 @@ def _tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
+
+
+def _epoch(iso: str) -> int:
+    return int(datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
 
 
 def _kafka_seconds(message: Message, now: float) -> int:
@@ -164,13 +170,17 @@ class Processor:
         self._committed: dict[int, int] = {}
         self._unpublished: list[ClosedWindow] = []  # closed, not yet acknowledged, in order
         self._in_flight: set[int] = set()  # window starts handed to the producer
-        self._delivered: set[int] = set()  # ... and acknowledged (set by delivery reports)
+        self._delivered: dict[int, float] = {}  # ... and acknowledged: start -> when (delivery reports)
         self._delivery_failures: dict[int, str] = {}
         self._last_unacknowledged_warning = 0.0
         self._topics_missing_since: float | None = None
         reset = str(consumer_settings(settings).get("auto.offset.reset", "earliest")).lower()
         self._reads_from_earliest = reset in ("earliest", "smallest", "beginning")
         self.stats = ProcessorStats()
+        self._missing_fields: Counter[str] = Counter()  # over published windows
+        self._consumer_lag: dict[int, int] = {}
+        self._last_window: dict | None = None
+        self.metrics = ProcessorMetrics(self.metrics_snapshot)
         self._progress_mark = (time.monotonic(), ProcessorStats())
         self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
@@ -221,10 +231,10 @@ class Processor:
         newest = 0
         for message in read_topic_tail(self.settings, self.settings.output_topic, _TAIL_RECORDS):
             try:
-                start = datetime.strptime(message.key().decode(), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+                start = _epoch(message.key().decode())
             except (AttributeError, UnicodeDecodeError, ValueError):
                 continue  # not one of ours
-            newest = max(newest, int(start.timestamp()) + self.settings.window_seconds)
+            newest = max(newest, start + self.settings.window_seconds)
         return newest
 
     # ---- the poll loop -----------------------------------------------------------------
@@ -237,6 +247,9 @@ class Processor:
         self._consumer.subscribe(
             [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        if self.settings.metrics_port:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
         _tune_garbage_collector()
         timer = threading.Thread(target=self._timer_loop, name="window-closer", daemon=True)
         timer.start()
@@ -288,6 +301,7 @@ class Processor:
         fetch has been handed to the aggregator; records fetched but not yet consumed
         make it active again. One local (cached) look-up per partition, per batch."""
         topic = self.settings.input_topic
+        lag = {}
         for partition, progress in self.aggregator.partition_summary().items():
             low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
             if high < 0:
@@ -295,12 +309,14 @@ class Processor:
             start = progress.next_offset
             if start is None:  # nothing read and nothing committed: where the reset policy starts
                 start = low if self._reads_from_earliest else high
+            lag[partition] = max(0, high - start)
             if start >= high:
                 if not progress.caught_up or progress.next_offset != start:
                     self.aggregator.mark_caught_up(partition, start)
                     self.health.mark_reachable()
             elif progress.caught_up:
                 self.aggregator.mark_active(partition)
+        self._consumer_lag = lag
 
     def _process_with_events(self, messages: list[Message], errors: list, partitions: list[int]) -> None:
         run: list[Message] = []
@@ -413,10 +429,8 @@ class Processor:
             done = {w.start for w in acknowledged}
             self.aggregator.acknowledge(done)
             for window in acknowledged:
-                self._delivered.discard(window.start)
                 self._in_flight.discard(window.start)
-                self.stats.windows_published += 1
-                self._log_published(window)
+                self._window_published(window, self._delivered.pop(window.start))
             self._unpublished = [w for w in self._unpublished if w.start not in done]
             for start, reason in list(self._delivery_failures.items()):
                 log.error("window %s was refused (%s); trying it again", iso_utc(start), reason)
@@ -432,7 +446,7 @@ class Processor:
     def _on_window_delivery(self, start: int):
         def report(error: KafkaError | None, _message: Message) -> None:
             if error is None:
-                self._delivered.add(start)
+                self._delivered[start] = time.time()
                 self.health.mark_reachable()
             else:
                 self._delivery_failures[start] = error.str()
@@ -451,9 +465,14 @@ class Processor:
             len(self._producer),
         )
 
-    def _log_published(self, window: ClosedWindow) -> None:
-        lag = time.time() - (window.start + self.settings.window_seconds)
-        value = msgspec.json.decode(window.value)  # one line per window: headline figures only
+    def _window_published(self, window: ClosedWindow, acknowledged_at: float) -> None:
+        """Count it, feed the metrics, and log one line with its headline figures."""
+        end = window.start + self.settings.window_seconds
+        value = msgspec.json.decode(window.value)
+        self.stats.windows_published += 1
+        self._missing_fields.update(value["missing_field_counts"])
+        self._last_window = value
+        self.metrics.publish_latency.observe(max(0.0, acknowledged_at - end))
         missing = value["missing_field_counts"]
         log.info(
             "published window %s: %d logins, %d unique devices, %d invalid, %d late%s (%.0fs after window end)",
@@ -463,7 +482,31 @@ class Processor:
             value["invalid_message_count"],
             value["late_message_count"],
             f", missing {missing}" if missing else "",
-            lag,
+            acknowledged_at - end,
+        )
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Read by the metrics endpoint when scraped (another thread): copies only."""
+        stats = replace(self.stats)
+        last = self._last_window
+        return MetricsSnapshot(
+            records=stats.records,
+            invalid=stats.invalid,
+            late=stats.late,
+            windows_published=stats.windows_published,
+            stage_seconds={
+                "consume": stats.consume_seconds,
+                "parse": stats.parse_seconds,
+                "dead_letter": stats.dead_letter_seconds,
+                "aggregate": stats.aggregate_seconds,
+                "publish": stats.publish_seconds,
+            },
+            missing_fields=dict(self._missing_fields),
+            consumer_lag=dict(self._consumer_lag),
+            open_windows=self.aggregator.open_window_count(),
+            watermark=self.aggregator.watermark(),
+            last_window=last,
+            last_window_end=None if last is None else _epoch(last["window_end"]),
         )
 
     def _request_commit(self) -> None:

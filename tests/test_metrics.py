@@ -1,0 +1,128 @@
+"""The processor's Prometheus endpoint, scraped directly and by a real Prometheus server;
+and its JSON log format, from the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embedded_broker import free_port
+from tests.conftest import latest_by_key, produce, wait_until
+from tests.oracle import decode_object, expected_windows
+from tests.workloads import login_workload
+
+pytestmark = pytest.mark.broker
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+@pytest.fixture
+def processor_with_metrics(topics, start_processor):
+    topics.create(input_partitions=4)
+    now = int(time.time()) - 900
+    start = now - now % 30
+    records = login_workload(start, seconds=180, count=3000, partitions=4, seed=21)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows([(v, ms) for _, v, ms in records])
+    port = free_port()
+    processor = start_processor(topics.env(METRICS_PORT=str(port), LOG_FORMAT="json"))
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+    return processor, port, records, expected
+
+
+def test_metrics_report_what_was_processed(processor_with_metrics):
+    processor, port, records, expected = processor_with_metrics
+    invalid = sum(1 for _, v, _ in records if decode_object(v) is None)
+    samples = wait_until(
+        lambda: (s := scrape(port)) and s.get(("login_processor_windows_published_total", ())) == len(expected) and s,
+        20,
+        message="metrics of every window",
+    )
+    assert samples[("login_processor_records_total", ())] == len(records)
+    assert samples[("login_processor_invalid_records_total", ())] == invalid
+    assert samples[("login_processor_late_records_total", ())] == 0
+    missing = Counter()
+    for window in expected.values():
+        missing.update(window["missing_field_counts"])
+    for name, count in missing.items():
+        assert samples[("login_processor_missing_fields_total", (("field", name),))] == count
+    lags = {labels: value for (name, labels), value in samples.items() if name == "login_processor_consumer_lag"}
+    assert len(lags) == 4 and set(lags.values()) == {0}
+    newest = expected[max(expected)]
+    assert samples[("login_window", (("measure", "message_count"),))] == newest["message_count"]
+    assert samples[("login_window", (("measure", "unique_device_count"),))] == newest["unique_device_count"]
+    for device, count in newest["device_counts"].items():
+        assert samples[("login_window_device_logins", (("device_type", device),))] == count
+    assert samples[("login_processor_publish_latency_seconds_count", ())] == len(expected)
+    assert samples[("login_processor_stage_seconds_total", (("stage", "parse"),))] > 0
+
+    # The same run logged JSON: one object per line, with a level and a message.
+    processor.terminate()
+    lines = [line for line in processor.log().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    assert sum("published window" in entry["message"] for entry in entries) == len(expected)
+
+
+def _prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("prometheus is missing: .ci/run must install Debian's prometheus")
+        pytest.skip("Debian's prometheus is not installed (apt-get install prometheus)")
+    return binary
+
+
+def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_path):
+    binary = _prometheus_binary()
+    _processor, port, records, _expected = processor_with_metrics
+    web_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: processor, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
+    )
+    server = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        query = urllib.parse.urlencode({"query": "login_processor_records_total"})
+
+        def answer():
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
+            except OSError:
+                return None
+            result = json.loads(body)["data"]["result"]
+            return result[0] if result else None
+
+        found = wait_until(answer, 60, 0.5, "Prometheus to scrape the processor")
+        print(f"PromQL login_processor_records_total -> {found}")
+        assert found["metric"]["job"] == "processor"
+        assert float(found["value"][1]) == len(records)
+    finally:
+        server.terminate()
+        server.wait(10)
