@@ -1,8 +1,11 @@
 """Tail `device-login-aggregates` and show each window the way an operator reads it.
 
-Default: one compact panel per window (headline figures, then device split,
-top locales, top IPs and app versions as small tables with bars). `--json`
-prints each window's value as one JSON object per line, for machines.
+On a terminal: a live dashboard that redraws as windows arrive: the latest
+window's headline figures with trend lines (sparklines) over the last windows,
+its device split, top locales, top IPs and app versions as tables with bars, and
+how long ago the last window came (so a stalled pipeline is obvious).
+Not on a terminal (a pipe, a log file): one plain line per window. `--json`:
+each window's value as one JSON object per line, for machines.
 
 The monitor keeps the latest record per window key: a window republished after a
 processor restart carries the same bytes and is not shown twice. It never joins a
@@ -23,9 +26,8 @@ from collections.abc import Sequence
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from rich import box
 from rich.bar import Bar
-from rich.columns import Columns
 from rich.console import Console, Group
-from rich.panel import Panel
+from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
@@ -33,8 +35,10 @@ from config import OneLineArgumentParser, Settings, add_settings_arguments, load
 from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, topic_partition_count
 from log_setup import configure_logging
 
-_BAR_WIDTH = 16
+_BAR_WIDTH = 10
 _ROWS = 5
+# From this width the dashboard puts tables side by side.
+_WIDE = 110
 
 
 def _share_table(title: str, name: str, counts: dict[str, int], total: int, rows: int = _ROWS) -> Table:
@@ -54,11 +58,11 @@ def _share_table(title: str, name: str, counts: dict[str, int], total: int, rows
     return table
 
 
-def _top_ips_table(top_ips: list[dict]) -> Table:
+def _top_ips_table(top_ips: list[dict], rows: int = _ROWS) -> Table:
     table = Table(title="top IPs", box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     table.add_column("ip", no_wrap=True)
     table.add_column("logins", justify="right")
-    for entry in top_ips[:_ROWS]:
+    for entry in top_ips[:rows]:
         table.add_row(entry["ip"], f"{entry['count']:,}")
     return table
 
@@ -84,32 +88,6 @@ def headline(window: dict) -> str:
         f"logins {window['message_count']:,}  unique devices {window['unique_device_count']:,}  "
         f"unique IPs {window['unique_ip_count']:,}  invalid {window['invalid_message_count']:,}  "
         f"late {window['late_message_count']:,}  missing fields: {missing_text}"
-    )
-
-
-def render_window(window: dict) -> Panel:
-    """One window as a panel of small tables."""
-    total = window["message_count"]
-    tables = Columns(
-        [
-            _share_table("by device type", "device", window["device_counts"], total),
-            _share_table("top locales", "locale", window["locale_counts"], total),
-            _top_ips_table(window["top_ips"]),
-            _versions_table(window["app_version_by_device"]),
-        ],
-        padding=(0, 3),
-    )
-    problems = (
-        window["invalid_message_count"]
-        + window["late_message_count"]
-        + sum((window.get("missing_field_counts") or {}).values())
-    )
-    title = Text(f"window {window['window_start']} → {window['window_end']}", style="bold")
-    return Panel(
-        Group(Text(headline(window).split("  ", 1)[1], style="yellow" if problems else "green"), tables),
-        title=title,
-        title_align="left",
-        box=box.ROUNDED,
     )
 
 
@@ -179,6 +157,89 @@ class WindowTail:
         self.consumer.close()
 
 
+SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
+TREND_WINDOWS = 20
+HEADLINES = (
+    ("logins", "message_count"),
+    ("unique devices", "unique_device_count"),
+    ("unique IPs", "unique_ip_count"),
+    ("invalid", "invalid_message_count"),
+    ("late", "late_message_count"),
+)
+
+
+def sparkline(values: list[int]) -> str:
+    """A trend in one line of block characters, scaled between the smallest and largest value."""
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    if high == low:
+        return SPARK_BLOCKS[0 if high == 0 else 3] * len(values)
+    steps = len(SPARK_BLOCKS) - 1
+    return "".join(SPARK_BLOCKS[round((v - low) * steps / (high - low))] for v in values)
+
+
+def render_dashboard(
+    windows: list[dict],
+    seconds_since_last: float | None,
+    source: str,
+    window_seconds: int = 30,
+    size: tuple[int, int] = (160, 50),
+):
+    """The whole screen for a terminal of `size` (columns, lines), most important first:
+    status line, headline figures with trends, then the latest window's tables (side by
+    side when the terminal is wide, with fewer rows when it is short).
+
+    `windows` are the windows seen, oldest first (latest per key).
+    """
+    width, height = size
+    if seconds_since_last is None:
+        status = Text(f"{source} | waiting for the first window…", style="yellow")
+    else:
+        # A window should arrive every window_seconds; well past that, say so loudly.
+        stalled = seconds_since_last > 2 * window_seconds + 10
+        status = Text(
+            f"{source} | {len(windows)} windows | last one {seconds_since_last:.0f}s ago"
+            + ("  ⚠ no new window: is the processor running?" if stalled else ""),
+            style="bold red" if stalled else "green",
+        )
+    if not windows:
+        return Group(status)
+    latest = windows[-1]
+    recent = windows[-TREND_WINDOWS:]
+    trends = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"latest window {latest['window_start']} ({window_seconds}s)",
+        title_justify="left",
+        pad_edge=False,
+    )
+    trends.add_column("measure", no_wrap=True)
+    trends.add_column("latest", justify="right")
+    trends.add_column(f"trend, last {len(recent)} windows", no_wrap=True)
+    for label, key in HEADLINES:
+        trends.add_row(label, f"{latest[key]:,}", sparkline([w[key] for w in recent]))
+    missing = latest.get("missing_field_counts") or {}
+    trends.add_row(
+        "missing fields",
+        f"{sum(missing.values()):,}",
+        sparkline([sum(w["missing_field_counts"].values()) for w in recent]),
+    )
+    # Rows for the locale and IP tables: what the height leaves (at least 3).
+    rows = max(3, min(8, (height - 24) // 2 if width >= _WIDE else (height - 40) // 3))
+    total = latest["message_count"]
+    devices = _share_table("by device type", "device", latest["device_counts"], total, rows=4)
+    locales = _share_table("top locales", "locale", latest["locale_counts"], total, rows=rows)
+    ips = _top_ips_table(latest["top_ips"], rows=rows)
+    versions = _versions_table(latest["app_version_by_device"])
+    missing_line = Text("missing fields: " + (", ".join(f"{k} {v:,}" for k, v in missing.items()) or "none"))
+    if width < _WIDE:
+        return Group(status, trends, missing_line, devices, locales, ips, versions)
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(trends, devices)
+    grid.add_row(locales, ips)
+    return Group(status, grid, missing_line, versions)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="monitor_aggregated_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per window per line (for machines)")
@@ -191,6 +252,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _live_dashboard(
+    console: Console, tail: WindowTail, stop: threading.Event, source: str, window_seconds: int, args
+) -> int:
+    """Redraw the dashboard as windows arrive, and every second for the "last one Ns ago"."""
+    seen: dict[str, dict] = {}
+    last_arrival: float | None = None
+    started = time.monotonic()
+
+    def screen():
+        since = None if last_arrival is None else time.monotonic() - last_arrival
+        ordered = [seen[key] for key in sorted(seen)]
+        return render_dashboard(ordered, since, source, window_seconds, tuple(console.size))
+
+    with Live(screen(), console=console, refresh_per_second=2, screen=False) as live:
+        while not stop.is_set():
+            fresh = tail.poll(1.0)
+            for window in fresh:
+                seen[window["window_start"]] = window
+                last_arrival = time.monotonic()
+            live.update(screen())
+            if args.exit_after and len(seen) >= args.exit_after:
+                return 0
+            idle_since = last_arrival or started
+            if args.idle_timeout and time.monotonic() - idle_since > args.idle_timeout:
+                return 0
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings, args, _ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
@@ -198,23 +287,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     console = Console(highlight=False)
-    if not console.is_terminal:  # a log file or pipe: wide enough for the tables side by side
-        console = Console(highlight=False, width=140)
+    source = f"{settings.output_topic} on {settings.bootstrap_servers}"
     tail = WindowTail(settings, args.from_beginning)
     shown = 0
     try:
-        if not args.json:
-            console.print(f"watching {settings.output_topic} on {settings.bootstrap_servers} (Ctrl-C to stop)")
         if not tail.start(stop):
             return 0
+        if not args.json and console.is_terminal:
+            return _live_dashboard(console, tail, stop, source, settings.window_seconds, args)
         last_window = time.monotonic()
         while not stop.is_set():
             for window in tail.poll(0.5):
-                if args.json:
-                    sys.stdout.write(json.dumps(window, ensure_ascii=False) + "\n")
-                    sys.stdout.flush()
-                else:
-                    console.print(render_window(window))
+                line = json.dumps(window, ensure_ascii=False) if args.json else headline(window)
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
                 shown += 1
                 last_window = time.monotonic()
                 if args.exit_after and shown >= args.exit_after:

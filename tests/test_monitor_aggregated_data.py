@@ -1,0 +1,153 @@
+"""monitor_aggregated_data: rendering (pure), plain lines off a terminal, and the live
+dashboard driven in a real terminal (tmux) against a real broker."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from rich.console import Console
+
+from monitor_aggregated_data import headline, render_dashboard, sparkline
+from tests.conftest import ROOT, latest_by_key, produce, wait_until
+from tests.oracle import expected_windows
+from tests.workloads import login_workload
+
+WINDOW = {
+    "schema_version": 1,
+    "window_start": "2026-11-25T19:00:00Z",
+    "window_end": "2026-11-25T19:00:30Z",
+    "message_count": 1234,
+    "device_counts": {"android": 700, "iOS": 500, "unknown": 34},
+    "locale_counts": {"TX": 100, "RU": 90, "unknown": 2},
+    "unique_device_count": 1190,
+    "app_version_by_device": {"android": {"2.3.0": 650}, "iOS": {"2.3.0": 500}, "unknown": {"2.3.0": 34}},
+    "unique_ip_count": 1100,
+    "top_ips": [{"ip": "199.172.111.135", "count": 12}],
+    "missing_field_counts": {"device_type": 34, "locale": 2},
+    "invalid_message_count": 1,
+    "late_message_count": 0,
+}
+
+
+def rendered(renderable) -> str:
+    with open(os.devnull, "w") as sink:
+        console = Console(width=140, record=True, color_system=None, file=sink)
+        console.print(renderable)
+        return console.export_text()
+
+
+def test_sparkline_scales_between_smallest_and_largest():
+    assert sparkline([1, 8]) == "▁█"
+    assert sparkline([0, 0, 0]) == "▁▁▁"
+    assert len(sparkline(list(range(20)))) == 20
+    assert sparkline([]) == ""
+
+
+def test_headline_is_one_plain_line():
+    line = headline(WINDOW)
+    assert "\n" not in line
+    assert line.startswith("2026-11-25T19:00:00Z → 2026-11-25T19:00:30Z")
+    assert "logins 1,234" in line and "missing fields: device_type 34, locale 2" in line
+
+
+def test_dashboard_shows_latest_window_trends_and_age():
+    history = [dict(WINDOW, message_count=n, window_start=f"2026-11-25T19:0{i}:00Z") for i, n in enumerate([5, 9, 7])]
+    text = rendered(render_dashboard(history, 4.0, "out on broker:1"))
+    assert "3 windows | last one 4s ago" in text
+    assert "latest window 2026-11-25T19:02:00Z" in text
+    assert "▁█▅" in text  # logins 5, 9, 7
+    assert "android" in text and "199.172.111.135" in text and "TX" in text
+
+
+def test_dashboard_fits_a_standard_terminal_most_important_first():
+    history = [dict(WINDOW, window_start=f"2026-11-25T19:{i:02d}:00Z") for i in range(30)]
+    text = rendered(render_dashboard(history, 4.0, "out on broker:1", size=(80, 24)))
+    lines = text.splitlines()
+    assert "last one 4s ago" in lines[0]
+    assert any("trend, last 20 windows" in line for line in lines[:4])
+    assert max(len(line) for line in lines) <= 80
+
+
+def test_dashboard_says_so_when_windows_stop_coming():
+    text = rendered(render_dashboard([WINDOW], 300.0, "out on broker:1", window_seconds=30))
+    assert "no new window" in text
+    assert "waiting for the first window" in rendered(render_dashboard([], None, "out on broker:1"))
+
+
+@pytest.mark.broker
+def test_plain_lines_when_not_on_a_terminal(topics, start_processor, tmp_path):
+    topics.create()
+    now = int(time.time()) - 600
+    records = login_workload(now - now % 30, 90, 600, 4, seed=4)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows([(v, ms) for _, v, ms in records])
+    start_processor(topics.env())
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+    monitor = [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--from-beginning"]
+    result = subprocess.run(
+        [*monitor, "--exit-after", str(len(expected))],
+        env=topics.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split(" → ")[0] for line in lines] == sorted(expected)
+    assert all("logins" in line for line in lines)
+    assert not any("\x1b[" in line for line in lines)  # no terminal escapes in a pipe
+
+
+@pytest.mark.broker
+def test_live_dashboard_in_a_real_terminal(topics, start_processor, tmp_path):
+    if shutil.which("tmux") is None:
+        if os.environ.get("CI"):
+            pytest.fail("tmux is missing: .ci/run must install it")
+        pytest.skip("tmux is not installed (apt-get install tmux)")
+    topics.create()
+    now = int(time.time()) - 600
+    records = login_workload(now - now % 30, 120, 1200, 4, seed=6)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows([(v, ms) for _, v, ms in records])
+    start_processor(topics.env())
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+
+    session = f"monitor-{uuid.uuid4().hex[:8]}"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in topics.env().items())
+    script = ROOT / "monitor_aggregated_data.py"
+    # -u: the tmux server inherits COLUMNS/LINES from whoever started it; the pane's size must win.
+    run = f"env -u COLUMNS -u LINES {env} {sys.executable} {script} --from-beginning"
+    command = f"cd {shlex.quote(str(tmp_path))} && {run}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "70", command], check=True)
+    try:
+        newest = max(expected)
+
+        def screen() -> str:
+            capture = ["tmux", "capture-pane", "-p", "-t", session]
+            return subprocess.run(capture, capture_output=True, text=True, check=True).stdout
+
+        shown = wait_until(
+            lambda: (text := screen()) and f"latest window {newest}" in text and text, 30, message="the dashboard"
+        )
+        print(shown)
+        assert f"{len(expected)} windows | last one" in shown
+        assert f"trend, last {len(expected)} windows" in shown
+        assert "by device type" in shown and "top locales" in shown and "top IPs" in shown
+        assert any(block in shown for block in "▁▂▃▄▅▆▇█")
+        assert f"{expected[newest]['message_count']:,}" in shown
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        wait_until(
+            lambda: subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0,
+            15,
+            message="the monitor to exit on Ctrl-C",
+        )
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
