@@ -109,3 +109,92 @@ def test_image_contains_every_module_the_scripts_import(compose):
     for name in APP_SERVICES:
         _local_imports(compose["services"][name]["command"][1].removesuffix(".py"), needed)
     assert needed <= copied, f"missing from the image: {sorted(needed - copied)}"
+
+
+# ---- the monitoring profile -------------------------------------------------------------------
+
+MONITORING = ROOT / "monitoring"
+
+
+def _exported_metric_names() -> set[str]:
+    """Every metric name the processor exposes, from the real collector with a full snapshot."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from metrics import MetricsSnapshot, ProcessorMetrics
+
+    window = {
+        "message_count": 1,
+        "unique_device_count": 1,
+        "unique_ip_count": 1,
+        "invalid_message_count": 0,
+        "late_message_count": 0,
+        "device_counts": {"iOS": 1},
+        "locale_counts": {"TX": 1},
+    }
+    snapshot = MetricsSnapshot(
+        stage_seconds={"parse": 1.0},
+        missing_fields={"ip": 1},
+        consumer_lag={0: 0},
+        watermark=1,
+        last_window=window,
+        last_window_end=1,
+    )
+    registry = ProcessorMetrics(lambda: snapshot).registry
+    text = generate_latest(registry).decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_monitoring_services_are_pinned_and_only_in_their_profile():
+    binary = _compose_binary()
+    rendered = subprocess.run(
+        [binary, "--profile", "monitoring", "config"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    services = yaml.safe_load(rendered.stdout)["services"]
+    for name, image in (
+        ("prometheus", r"prom/prometheus:v\d+\.\d+\.\d+"),
+        ("grafana", r"grafana/grafana:\d+\.\d+\.\d+"),
+    ):
+        assert re.fullmatch(image, services[name]["image"]), services[name]["image"]
+        assert services[name]["profiles"] == ["monitoring"]  # started only with --profile monitoring
+    for name in ("kafka", "kafka-init", *APP_SERVICES):
+        assert "profiles" not in services[name]  # the core stack starts with a plain `up`
+    # Prometheus scrapes the port the processor serves metrics on.
+    port = str(services["processor"]["environment"]["METRICS_PORT"])
+    scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"processor:{port}"]
+    mounts = " ".join(services["grafana"]["volumes"] if isinstance(services["grafana"]["volumes"], list) else [])
+    assert "monitoring/grafana/dashboards" in mounts and "monitoring/grafana/provisioning" in mounts
+
+
+def test_prometheus_config_is_valid_for_prometheus_itself():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run must install Debian's prometheus")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    result = subprocess.run(
+        [promtool, "check", "config", str(MONITORING / "prometheus.yml")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_queries_only_metrics_the_processor_exports():
+    import json
+
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "login-analytics.json").read_text())
+    exported = _exported_metric_names()
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "prometheus"
+            queried |= set(re.findall(r"\b(login_[a-z_]+)\b", target["expr"]))
+    assert queried, "the dashboard queries nothing"
+    assert queried <= exported, f"not exported: {sorted(queried - exported)}"
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for subject in ("device type", "locale", "unique", "lag", "invalid", "late"):
+        assert subject in titles
+    datasource = yaml.safe_load(
+        (MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert datasource["datasources"][0]["uid"] == "prometheus"
