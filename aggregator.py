@@ -143,12 +143,11 @@ class WindowAggregate:
 
 @dataclass(frozen=True, slots=True)
 class ClosedWindow:
-    """A window ready to publish: its key, its value, and what it holds of the input."""
+    """A window ready to publish: its start, key and value."""
 
     start: int
     key: bytes
     value: bytes
-    message_count: int
 
 
 @dataclass(slots=True)
@@ -240,11 +239,6 @@ class Aggregator:
             progress = self._partitions.get(partition)
             if progress is not None:
                 progress.caught_up = False
-
-    @property
-    def owns_all_partitions(self) -> bool:
-        with self._lock:
-            return self._owns_all()
 
     def _owns_all(self) -> bool:
         return self._total_partitions > 0 and len(self._partitions) >= self._total_partitions
@@ -378,7 +372,6 @@ class Aggregator:
                 start=w.start,
                 key=iso_utc(w.start).encode(),
                 value=w.to_value(width, self.top_ips),
-                message_count=w.message_count,
             )
             for w in windows
         ]

@@ -7,6 +7,7 @@ test gets its own topics and consumer group, so tests cannot see each other.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,3 +194,33 @@ def wait_until(condition, timeout: float, interval: float = 0.2, message: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
         time.sleep(interval)
+
+
+def require_tool(binary: str, package: str) -> str:
+    """A Debian tool a test needs: in CI its absence is a failure (.ci/run installs it), locally a skip."""
+    path = shutil.which(binary)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{binary} is missing: .ci/run must install Debian's {package}")
+        pytest.skip(f"{binary} is not installed (apt-get install {package})")
+    return path
+
+
+def aligned_past(minutes_ago: int, window: int = 30) -> int:
+    """A window start `minutes_ago` minutes back: event times the wall clock has passed."""
+    now = int(time.time()) - minutes_ago * 60
+    return now - now % window
+
+
+def published_backlog(topics: Topics, start_processor, seconds: int, count: int, seed: int, **env: str):
+    """Produce `count` records over `seconds` of past event time, run the processor, and
+    wait until every window is on the output topic. Returns (records, expected windows)."""
+    from tests.oracle import expected_windows
+    from tests.workloads import login_workload
+
+    records = login_workload(aligned_past(15), seconds, count, 4, seed=seed)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows([(value, ms) for _, value, ms in records])
+    processor = start_processor(topics.env(**env))
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="every window")
+    return records, expected, processor

@@ -8,9 +8,7 @@ the code: scripts, settings, topics, and the modules the image must contain.
 from __future__ import annotations
 
 import ast
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,18 +16,14 @@ import pytest
 import yaml
 
 from config import _SETTINGS, Settings
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ("generator", "processor", "monitor")
 
 
 def _compose_binary() -> str:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("docker-compose is missing: .ci/run must install Debian's docker-compose")
-        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose)")
-    return binary
+    return require_tool("docker-compose", "docker-compose")
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +162,7 @@ def test_monitoring_services_are_pinned_and_only_in_their_profile():
 
 
 def test_prometheus_config_is_valid_for_prometheus_itself():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run must install Debian's prometheus")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    promtool = require_tool("promtool", "prometheus")
     result = subprocess.run(
         [promtool, "check", "config", str(MONITORING / "prometheus.yml")], capture_output=True, text=True
     )

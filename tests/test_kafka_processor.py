@@ -10,16 +10,11 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import ROOT, latest_by_key, produce, read_topic, wait_until
+from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
 from tests.oracle import decode_object, expected_windows
 from tests.workloads import login_workload
 
 pytestmark = pytest.mark.broker
-
-
-def aligned_past(minutes_ago: int, window: int = 30) -> int:
-    now = int(time.time()) - minutes_ago * 60
-    return now - now % window
 
 
 def as_oracle_input(records):

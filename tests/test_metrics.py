@@ -4,10 +4,7 @@ and its JSON log format, from the same run."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -16,9 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_broker import free_port
-from tests.conftest import latest_by_key, produce, wait_until
-from tests.oracle import decode_object, expected_windows
-from tests.workloads import login_workload
+from tests.conftest import published_backlog, require_tool, wait_until
+from tests.oracle import decode_object
 
 pytestmark = pytest.mark.broker
 
@@ -35,14 +31,10 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 @pytest.fixture
 def processor_with_metrics(topics, start_processor):
     topics.create(input_partitions=4)
-    now = int(time.time()) - 900
-    start = now - now % 30
-    records = login_workload(start, seconds=180, count=3000, partitions=4, seed=21)
-    produce(topics.bootstrap, topics.input, records)
-    expected = expected_windows([(v, ms) for _, v, ms in records])
     port = free_port()
-    processor = start_processor(topics.env(METRICS_PORT=str(port), LOG_FORMAT="json"))
-    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+    records, expected, processor = published_backlog(
+        topics, start_processor, 180, 3000, seed=21, METRICS_PORT=str(port), LOG_FORMAT="json"
+    )
     return processor, port, records, expected
 
 
@@ -80,17 +72,8 @@ def test_metrics_report_what_was_processed(processor_with_metrics):
     assert sum("published window" in entry["message"] for entry in entries) == len(expected)
 
 
-def _prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is missing: .ci/run must install Debian's prometheus")
-        pytest.skip("Debian's prometheus is not installed (apt-get install prometheus)")
-    return binary
-
-
 def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_path):
-    binary = _prometheus_binary()
+    binary = require_tool("prometheus", "prometheus")
     _processor, port, records, _expected = processor_with_metrics
     web_port = free_port()
     config = tmp_path / "prometheus.yml"

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 from rich.console import Console
 
 from monitor_aggregated_data import headline, render_dashboard, sparkline
-from tests.conftest import ROOT, latest_by_key, produce, wait_until
-from tests.oracle import expected_windows
-from tests.workloads import login_workload
+from tests.conftest import ROOT, published_backlog, require_tool, wait_until
 
 WINDOW = {
     "schema_version": 1,
@@ -84,12 +80,7 @@ def test_dashboard_says_so_when_windows_stop_coming():
 @pytest.mark.broker
 def test_plain_lines_when_not_on_a_terminal(topics, start_processor, tmp_path):
     topics.create()
-    now = int(time.time()) - 600
-    records = login_workload(now - now % 30, 90, 600, 4, seed=4)
-    produce(topics.bootstrap, topics.input, records)
-    expected = expected_windows([(v, ms) for _, v, ms in records])
-    start_processor(topics.env())
-    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+    _, expected, _ = published_backlog(topics, start_processor, 90, 600, seed=4)
     monitor = [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--from-beginning"]
     result = subprocess.run(
         [*monitor, "--exit-after", str(len(expected))],
@@ -108,17 +99,9 @@ def test_plain_lines_when_not_on_a_terminal(topics, start_processor, tmp_path):
 
 @pytest.mark.broker
 def test_live_dashboard_in_a_real_terminal(topics, start_processor, tmp_path):
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux is missing: .ci/run must install it")
-        pytest.skip("tmux is not installed (apt-get install tmux)")
+    require_tool("tmux", "tmux")
     topics.create()
-    now = int(time.time()) - 600
-    records = login_workload(now - now % 30, 120, 1200, 4, seed=6)
-    produce(topics.bootstrap, topics.input, records)
-    expected = expected_windows([(v, ms) for _, v, ms in records])
-    start_processor(topics.env())
-    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="windows")
+    _, expected, _ = published_backlog(topics, start_processor, 120, 1200, seed=6)
 
     session = f"monitor-{uuid.uuid4().hex[:8]}"
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in topics.env().items())
