@@ -43,7 +43,11 @@ def main() -> None:
     published_at: list[float] = []
 
     def watch() -> None:
+        deadline = time.monotonic() + 600  # never hang a benchmark run
         while processor.stats.windows_published < expected_windows:
+            if time.monotonic() > deadline:
+                print(f"gave up: {processor.stats.windows_published} of {expected_windows} windows", file=sys.stderr)
+                os._exit(1)
             time.sleep(0.001)
         published_at.append(time.perf_counter())
         processor.stop_requested.set()
