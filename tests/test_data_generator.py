@@ -1,0 +1,73 @@
+"""data_generator: the reference profile's shape, the realistic profile's mix, a real run."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import uuid
+from collections import Counter
+
+import pytest
+
+from data_generator import US_STATES, RealisticProfile, event_times, reference_event
+from tests.conftest import ROOT, read_topic
+
+
+def test_reference_profile_matches_the_original_generator():
+    rng = random.Random(1)
+    events = [json.loads(reference_event(rng, 1_700_000_000 + i)) for i in range(4000)]
+    assert len(US_STATES) == 50
+    assert all(e["app_version"] == "2.3.0" and e["locale"] in US_STATES for e in events)
+    assert all(uuid.UUID(e["user_id"]).version == 4 and uuid.UUID(e["device_id"]).version == 4 for e in events)
+    assert len({e["device_id"] for e in events}) == len(events)  # every device id is fresh
+    assert all(type(e["timestamp"]) is int for e in events)
+    assert all(len(e["ip"].split(".")) == 4 for e in events)
+    without_device_type = sum("device_type" not in e for e in events) / len(events)
+    assert 0.03 < without_device_type < 0.07
+    assert {e["device_type"] for e in events if "device_type" in e} == {"android", "iOS"}
+
+
+def test_realistic_profile_has_returning_devices_heavy_ips_and_some_bad_data():
+    rng = random.Random(2)
+    profile = RealisticProfile(rng, devices=500)
+    raws = [profile.event(rng, 1_700_000_000) for _ in range(20_000)]
+    parsed = []
+    invalid = 0
+    for raw in raws:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            invalid += 1
+            continue
+        if isinstance(value, dict):
+            parsed.append(value)
+        else:
+            invalid += 1
+    assert 0 < invalid < 200  # a small rate of malformed records
+    assert len({e["device_id"] for e in parsed}) <= 500  # devices come back
+    top_ip_share = Counter(e.get("ip") for e in parsed).most_common(10)
+    assert sum(count for _, count in top_ip_share) / len(parsed) > 0.1  # a few heavy hitters
+    assert any(isinstance(e["timestamp"], str) for e in parsed)  # some string timestamps
+    assert len({e.get("app_version") for e in parsed if e.get("device_type") == "android"}) >= 2
+
+
+def test_backlog_times_are_spread_over_the_past_in_order():
+    time_of = event_times(count=100, backlog_seconds=600, now=10_000)
+    times = [time_of(i) for i in range(100)]
+    assert times == sorted(times) and times[0] == 9_400 and times[-1] < 10_000
+
+
+@pytest.mark.broker
+def test_generator_produces_its_count_to_a_real_broker(topics, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "data_generator.py"), "--count", "500", "--backlog-seconds", "60", "--seed", "3"],
+        env=topics.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(read_topic(topics.bootstrap, topics.input)) == 500
