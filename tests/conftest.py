@@ -224,3 +224,15 @@ def published_backlog(topics: Topics, start_processor, seconds: int, count: int,
     processor = start_processor(topics.env(**env))
     wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="every window")
     return records, expected, processor
+
+
+def run_script(script: str, *args: str, env: dict[str, str], cwd: Path, timeout: float = 60):
+    """Run one of the project's scripts to completion, as a user would (no .env in `cwd`)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+    )

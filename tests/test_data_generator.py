@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import uuid
 from collections import Counter
 
 import pytest
 
 from data_generator import US_STATES, RealisticProfile, event_times, reference_event
-from tests.conftest import ROOT, read_topic
+from tests.conftest import read_topic, run_script
 
 
 def test_reference_profile_matches_the_original_generator():
@@ -61,13 +59,7 @@ def test_backlog_times_are_spread_over_the_past_in_order():
 
 @pytest.mark.broker
 def test_generator_produces_its_count_to_a_real_broker(topics, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "data_generator.py"), "--count", "500", "--backlog-seconds", "60", "--seed", "3"],
-        env=topics.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    generator_args = ("--count", "500", "--backlog-seconds", "60", "--seed", "3")
+    result = run_script("data_generator.py", *generator_args, env=topics.env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_topic(topics.bootstrap, topics.input)) == 500

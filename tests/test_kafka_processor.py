@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 
 import pytest
 
-from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
+from tests.conftest import aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
 from tests.oracle import decode_object, expected_windows
 from tests.workloads import login_workload
 
@@ -61,13 +59,8 @@ def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor
         assert headers["dlq.reason"]
 
     # The monitor's --json output is the published windows, one object per line.
-    monitor = subprocess.run(
-        [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--json", "--from-beginning", "--exit-after", "20"],
-        env=topics.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
+    monitor = run_script(
+        "monitor_aggregated_data.py", "--json", "--from-beginning", "--exit-after", "20", env=topics.env(), cwd=tmp_path
     )
     assert monitor.returncode == 0, monitor.stderr
     lines = monitor.stdout.strip().splitlines()

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from monitor_aggregated_data import headline, render_dashboard, sparkline
-from tests.conftest import ROOT, published_backlog, require_tool, wait_until
+from tests.conftest import ROOT, published_backlog, require_tool, run_script, wait_until
 
 WINDOW = {
     "schema_version": 1,
@@ -81,13 +81,12 @@ def test_dashboard_says_so_when_windows_stop_coming():
 def test_plain_lines_when_not_on_a_terminal(topics, start_processor, tmp_path):
     topics.create()
     _, expected, _ = published_backlog(topics, start_processor, 90, 600, seed=4)
-    monitor = [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--from-beginning"]
-    result = subprocess.run(
-        [*monitor, "--exit-after", str(len(expected))],
+    result = run_script(
+        "monitor_aggregated_data.py",
+        "--from-beginning",
+        "--exit-after",
+        str(len(expected)),
         env=topics.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
