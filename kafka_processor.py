@@ -283,13 +283,18 @@ class Processor:
         partitions = list(map(Message.partition, messages))
         count = len(messages)
         if set(map(type, errors)) != _NO_ERRORS:  # KafkaError.__eq__ cannot compare to None
-            self._process_with_events(messages, errors, partitions)
+            self._process_with_errors(messages, errors, partitions)
             return
-        start = 0
-        current = partitions[0]
-        if partitions.count(current) == count:
-            self._process_run(messages, current)
+        # Partition runs found in C (index/count per distinct partition, a handful),
+        # not by a per-record loop: librdkafka hands each partition over in one piece.
+        order = list(dict.fromkeys(partitions))
+        starts = [partitions.index(partition) for partition in order]
+        lengths = [partitions.count(partition) for partition in order]
+        if all(starts[i] + lengths[i] == (starts[i + 1] if i + 1 < len(order) else count) for i in range(len(order))):
+            for partition, start, length in zip(order, starts, lengths, strict=True):
+                self._process_run(messages[start : start + length], partition)
             return
+        start, current = 0, partitions[0]  # interleaved partitions: split where they change
         for index in range(1, count):
             if partitions[index] != current:
                 self._process_run(messages[start:index], current)
@@ -318,7 +323,7 @@ class Processor:
                 self.aggregator.mark_active(partition)
         self._consumer_lag = lag
 
-    def _process_with_events(self, messages: list[Message], errors: list, partitions: list[int]) -> None:
+    def _process_with_errors(self, messages: list[Message], errors: list, partitions: list[int]) -> None:
         run: list[Message] = []
         for message, error, partition in zip(messages, errors, partitions, strict=True):
             if error is None:
