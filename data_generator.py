@@ -29,8 +29,14 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaException, Producer
 
-from config import OneLineArgumentParser, Settings, add_settings_arguments, load_settings_or_exit
-from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, ensure_topics
+from config import (
+    OneLineArgumentParser,
+    Settings,
+    add_settings_arguments,
+    exit_with_config_error,
+    load_settings_or_exit,
+)
+from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics
 from log_setup import configure_logging
 
 log = logging.getLogger("generator")
@@ -198,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ensure_topics(settings, {settings.input_topic: settings.input_partitions}, stop.is_set, health):
             return 0
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
+    except AuthenticationFailed as refused:
+        exit_with_config_error("data_generator.py", refused.as_config_error())
     except KafkaException as error:
         print(f"data_generator.py: {error}", file=sys.stderr)
         return 1

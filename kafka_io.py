@@ -6,17 +6,45 @@ Kept apart from the poll loop so that each script reads as its own job.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from config import Settings
+from config import ConfigError, Settings
 
 log = logging.getLogger("kafka")
+
+# librdkafka's error codes for "the broker refused who we are", as opposed to "the
+# broker is not there": retrying cannot fix the first, so it is reported as a setting.
+AUTHENTICATION_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
+# The settings a refused login is about, named the way the user writes them.
+CREDENTIAL_SETTINGS = "KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD"
+
+
+class AuthenticationFailed(Exception):
+    """The broker refused the client's credentials. Not retried: a wrong password
+    stays wrong, and a processor that retries it forever looks merely "waiting"."""
+
+    def __init__(self, bootstrap_servers: str, reason: str) -> None:
+        super().__init__(reason)
+        self.bootstrap_servers = bootstrap_servers
+        self.reason = reason
+
+    def as_config_error(self) -> ConfigError:
+        return ConfigError(CREDENTIAL_SETTINGS, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
+
+
+def _without_client_noise(text: str) -> str:
+    """librdkafka's message without its connection prefix and timing suffix:
+    "sasl_plaintext://h:p/bootstrap: SASL authentication error: X (after 24ms in state AUTH_REQ)" -> the middle."""
+    text = re.sub(r"^\S+://\S+: ", "", text)
+    return re.sub(r" \(after \d+ms in state \w+\)$", "", text)
+
 
 # librdkafka logs every failed reconnect (several a second while a broker is
 # down). Errors reach us through `error_cb` instead, which `BrokerHealth` turns
@@ -31,18 +59,25 @@ class BrokerHealth:
     once, and "it is back" once, not a line per retry.
     """
 
-    _DOWN_CODES = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
+    # Not _ALL_BROKERS_DOWN: it only sums up per-broker errors reported on their own,
+    # and it also follows a refused login, where the broker is there and says no.
+    _DOWN_CODES = {KafkaError._TRANSPORT, KafkaError._RESOLVE}
 
     def __init__(self, bootstrap_servers: str, logger: logging.Logger = log) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.log = logger
         self._lock = threading.Lock()
         self.down_since: float | None = None
+        # The broker's last refusal of our credentials, if it refused them.
+        self.authentication_error: str | None = None
+        self._reached = False  # a request has succeeded since start-up
 
     def on_error(self, error: KafkaError) -> None:
         """librdkafka `error_cb`."""
         if error.fatal():
             self.log.error("fatal client error: %s", error.str())
+            return
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             return
         if error.code() in self._DOWN_CODES:
             with self._lock:
@@ -52,14 +87,29 @@ class BrokerHealth:
                         "broker %s unreachable (%s); retrying until it is back", self.bootstrap_servers, error.str()
                     )
             return
-        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
-            self.log.error("authentication to %s failed: %s", self.bootstrap_servers, error.str())
+        if error.code() in AUTHENTICATION_CODES:
+            # librdkafka retries a refused login several times a second: one line, once.
+            # At start-up the caller turns it into the exit (see `raise_if_refused`).
+            with self._lock:
+                first = self.authentication_error is None
+                self.authentication_error = _without_client_noise(error.str())
+            if first and self._reached:  # before that, start-up exits with one line instead
+                self.log.error("broker %s refused the credentials: %s", self.bootstrap_servers, error.str())
             return
         self.log.warning("kafka client: %s", error.str())
+
+    def raise_if_refused(self, client: Consumer | Producer | AdminClient) -> None:
+        """Serve `client`'s pending callbacks; raise AuthenticationFailed if the broker
+        refused our credentials. Call after a request failed, before calling it "unreachable"."""
+        client.poll(0)
+        if self.authentication_error is not None:
+            raise AuthenticationFailed(self.bootstrap_servers, self.authentication_error)
 
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded."""
         with self._lock:
+            self.authentication_error = None
+            self._reached = True
             if self.down_since is not None:
                 self.log.info(
                     "broker %s reachable again after %.0fs", self.bootstrap_servers, time.monotonic() - self.down_since
@@ -76,7 +126,8 @@ def ensure_topics(
     configs: dict[str, dict[str, str]] | None = None,
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
-    broker is unreachable. Returns False when asked to stop first."""
+    broker is unreachable. Returns False when asked to stop first; raises
+    AuthenticationFailed when the broker refuses the credentials."""
     admin = AdminClient({**QUIET_CLIENT_LOGS, **settings.admin_config(), "error_cb": health.on_error})
     while not should_stop():
         try:
@@ -104,6 +155,7 @@ def ensure_topics(
                 KafkaError.INVALID_REPLICATION_FACTOR,
             ):
                 raise
+            health.raise_if_refused(admin)
             health.on_error(KafkaError(KafkaError._TRANSPORT, str(kafka_error or error)))
             deadline = time.monotonic() + retry_seconds
             while time.monotonic() < deadline and not should_stop():

@@ -42,7 +42,14 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, ensure_topics, read_topic_tail, topic_partition_count
+from kafka_io import (
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    ensure_topics,
+    read_topic_tail,
+    topic_partition_count,
+)
 from log_setup import configure_logging
 from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import decode_records, to_columns
@@ -658,7 +665,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    return processor.run()
+    try:
+        return processor.run()
+    except AuthenticationFailed as refused:
+        exit_with_config_error("kafka_processor.py", refused.as_config_error())
 
 
 def _setting_in(librdkafka_message: str, environ: dict[str, str]) -> str:

@@ -31,8 +31,14 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from config import OneLineArgumentParser, Settings, add_settings_arguments, load_settings_or_exit
-from kafka_io import QUIET_CLIENT_LOGS, BrokerHealth, topic_partition_count
+from config import (
+    OneLineArgumentParser,
+    Settings,
+    add_settings_arguments,
+    exit_with_config_error,
+    load_settings_or_exit,
+)
+from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, topic_partition_count
 from log_setup import configure_logging
 
 _BAR_WIDTH = 10
@@ -114,7 +120,11 @@ class WindowTail:
         """Assign every partition of the output topic (waiting for it to exist)."""
         topic = self.settings.output_topic
         while not stop.is_set():
-            count = topic_partition_count(self.consumer, topic)
+            try:
+                count = topic_partition_count(self.consumer, topic)
+            except KafkaException:
+                self.health.raise_if_refused(self.consumer)
+                raise
             if count:
                 break
             stop.wait(1.0)
@@ -307,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 0
             if args.idle_timeout and time.monotonic() - last_window > args.idle_timeout:
                 return 0
+    except AuthenticationFailed as refused:
+        exit_with_config_error("monitor_aggregated_data.py", refused.as_config_error())
     except KafkaException as error:
         print(f"monitor_aggregated_data.py: {error}", file=sys.stderr)
         return 1

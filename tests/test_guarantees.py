@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from embedded_broker import EmbeddedBroker, free_port
-from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, wait_until
+from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
 from tests.oracle import decode_object, expected_windows
 from tests.workloads import login_workload
 
@@ -294,3 +294,44 @@ def test_ten_thousand_arbitrary_records_never_stop_it(broker, tmp_path_factory):
     assert len(dead) == invalid
     assert all(dict(m.headers()).get("dlq.reason") for m in dead)
     assert "Traceback" not in processor.log()
+
+
+@pytest.fixture(scope="module")
+def authenticating_broker(tmp_path_factory):
+    """A broker started with `--authentication`. Tansu 0.6.0 acknowledges `tansu user
+    create` but its memory and S3 storage keep no SCRAM credentials (the login is
+    answered `e=unknown-user`; README, "Guarantees"), so it refuses every login: for this
+    test, any password is the wrong one."""
+    log_path = tmp_path_factory.mktemp("auth-broker") / "broker.log"
+    with EmbeddedBroker(log_path=log_path, authentication=True) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [("kafka_processor.py", ()), ("data_generator.py", ("--count", "10")), ("monitor_aggregated_data.py", ())],
+)
+def test_refused_credentials_fail_fast_with_one_line_and_no_secret(authenticating_broker, tmp_path, script, args):
+    password = f"pw-{uuid.uuid4()}"
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KAFKA_BOOTSTRAP_SERVERS": authenticating_broker.bootstrap_servers,
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "alice",
+        "KAFKA_SASL_PASSWORD": password,
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "LOG_LEVEL": "DEBUG",  # even the most talkative level must not show the secret
+    }
+    started = time.monotonic()
+    result = run_script(script, *args, env=env, cwd=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+    print(script, result.returncode, f"{elapsed:.1f}s", result.stderr.strip())
+    assert result.returncode == 2
+    assert elapsed < 20, "a refused login must not be retried like an absent broker"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"{script}: bad setting KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD: ")
+    assert f"the broker at {authenticating_broker.bootstrap_servers} refused them" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert password not in result.stdout + result.stderr
