@@ -354,7 +354,7 @@ class Processor:
         stats = self.stats
         started = time.perf_counter()
         now = time.time()
-        records, positions, invalid = decode_records(list(map(Message.value, run)))
+        records, positions, invalid = decode_records(list(map(Message.value, run)), self.settings.max_field_length)
 
         def kafka_time(index: int) -> int:
             return _kafka_seconds(run[index if positions is None else positions[index]], now)

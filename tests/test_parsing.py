@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parsing import LoginRecord, clean_strings, decode_records, event_time_of, event_times, to_columns
+from parsing import (
+    LoginRecord,
+    clean_strings,
+    decode_records,
+    event_time_of,
+    event_times,
+    regular_record_type,
+    to_columns,
+)
 
 NOW = 1_800_000_000
 SKEW = 300
@@ -17,7 +25,7 @@ SKEW = 300
 class TestDecodeRecords:
     def test_valid_objects_decode_and_unknown_keys_are_ignored(self):
         records, positions, invalid = decode_records([b'{"ip": "1.2.3.4", "extra": [1]}', b"{}"])
-        assert [r.ip for r in records] == ["1.2.3.4", None]
+        assert [r.ip for r in records] == ["1.2.3.4", ""]  # absent: "", the missing marker
         assert positions is None  # all valid: no position list built
         assert invalid == []
 
@@ -169,3 +177,80 @@ def test_to_columns_builds_parallel_columns_with_fallbacks():
     assert subset.event_time == [42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
     assert columns.slice(1, 2) == subset
     assert columns.slice(0, 1).timestamp_fallbacks == []
+
+
+class TestRegularAndIrregularRecords:
+    """Most records take the typed decoder; anything else takes the exact per-value path,
+    and both must give the same columns."""
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"ip": "1.2.3.4", "timestamp": 1800000000}',
+            b'{"ip": " 1.2.3.4 "}',  # trimming is done on the column
+            b'{"timestamp": null}',
+            b"{}",
+        ],
+    )
+    def test_usual_shapes_are_regular(self, raw):
+        records, _, _ = decode_records([raw], max_field_length=16)
+        assert type(records[0]) is regular_record_type(16)
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"ip": null}',
+            b'{"ip": 12}',
+            b'{"ip": ["x"]}',
+            b'{"ip": "' + b"9" * 17 + b'"}',  # longer than the bound
+            b'{"timestamp": "1800000000"}',
+            b'{"timestamp": 1800000000.5}',
+            b'{"timestamp": true}',
+            b'{"timestamp": 1e400}',
+        ],
+    )
+    def test_other_shapes_are_irregular(self, raw):
+        records, _, _ = decode_records([raw], max_field_length=16)
+        assert type(records[0]) is LoginRecord
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    name: st.one_of(
+                        st.sampled_from(["", " ", "a", " a ", "android", "x" * 16, " " + "y" * 16 + " ", "z" * 17]),
+                        st.none(),
+                        st.integers(-5, 5),
+                        st.floats(allow_nan=False, allow_infinity=False),
+                        st.booleans(),
+                        st.lists(st.integers(), max_size=2),
+                    )
+                    for name in ("user_id", "app_version", "device_type", "ip", "locale", "device_id")
+                }
+                | {
+                    "timestamp": st.one_of(
+                        st.integers(-10, NOW + 2 * SKEW),
+                        st.integers(NOW - 100, NOW),
+                        st.just(str(NOW)),
+                        st.floats(NOW - 100, NOW),
+                        st.none(),
+                        st.booleans(),
+                    )
+                },
+            ),
+            max_size=40,
+        )
+    )
+    def test_columns_equal_the_exact_per_value_rules(self, objects):
+        # Enough regular records around them that the few irregular ones take the
+        # per-value branch of to_columns, as in real traffic.
+        objects = [{"ip": "1.1.1.1", "timestamp": NOW}] * (8 * len(objects)) + objects
+        raws = [json.dumps(obj).encode() for obj in objects]
+        records, _, invalid = decode_records(raws, max_field_length=16)
+        assert invalid == []
+        fast = to_columns(records, NOW, SKEW, fallback_time=lambda i: 7, max_field_length=16)
+        exact_records = [LoginRecord(**{k: obj.get(k) for k in LoginRecord.__struct_fields__}) for obj in objects]
+        exact = to_columns(exact_records, NOW, SKEW, fallback_time=lambda i: 7, max_field_length=16)
+        assert fast == exact
