@@ -100,9 +100,14 @@ class BrokerHealth:
 
     def raise_if_refused(self, client: Consumer | Producer | AdminClient) -> None:
         """Serve `client`'s pending callbacks; raise AuthenticationFailed if the broker
-        refused our credentials. Call after a request failed, before calling it "unreachable"."""
+        refused our credentials before ever accepting them. Call after a request
+        failed, before calling it "unreachable".
+
+        Only at start-up: a refusal after the broker once accepted us (a password
+        rotated under a running processor) is logged by `on_error` and retried like
+        an outage, so the open windows are not thrown away."""
         client.poll(0)
-        if self.authentication_error is not None:
+        if self.authentication_error is not None and not self._reached:
             raise AuthenticationFailed(self.bootstrap_servers, self.authentication_error)
 
     def mark_reachable(self) -> None:
