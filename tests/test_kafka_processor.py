@@ -131,3 +131,39 @@ def test_waits_for_a_broker_that_is_not_there_yet(tmp_path, start_processor):
         assert {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected
         code, _ = processor.terminate()
         assert code == 0
+
+
+def test_offset_reset_latest_skips_the_old_input_and_still_closes_windows(topics, start_processor):
+    """A new group told to start at the end (KAFKA_AUTO_OFFSET_RESET=latest) has nothing
+    read and nothing committed: its partitions count as caught up from the fetch's high
+    watermark, so the watermark follows the clock and the new records' windows close.
+
+    Tansu answers ListOffsets "latest" with the base offset of a partition's last
+    batch plus one, not its end (a single 200-record batch: the consumer started at
+    offset 1). So the old input ends with a batch of one record per partition, which
+    makes that answer the true end, as Apache Kafka's would be."""
+    topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2", "KAFKA_AUTO_OFFSET_RESET": "latest"}
+    topics.create(input_partitions=4)
+    old_start = aligned_past(3, window=10)
+    old = login_workload(old_start, seconds=60, count=800, partitions=4, seed=21)
+    produce(topics.bootstrap, topics.input, old)
+    produce(topics.bootstrap, topics.input, login_workload(old_start + 60, seconds=4, count=4, partitions=4, seed=23))
+
+    processor = start_processor(topics.env())
+    processor.wait_for_log("assigned all 4 partitions", timeout=60)
+    time.sleep(2)  # the first fetches settle each partition at its end
+    now = int(time.time())
+    new_start = now - now % 10 + 10  # the next window of the wall clock: not late on arrival
+    # New records in partitions 0 and 1 only: 2 and 3 are never read, so only the
+    # high watermark of their fetches can tell that they hold nothing new.
+    new = login_workload(new_start, seconds=10, count=400, partitions=2, seed=22)
+    produce(topics.bootstrap, topics.input, new)
+    expected = expected_windows(as_oracle_input(new), window=10)
+
+    def published() -> dict[str, dict]:
+        return {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()}
+
+    wait_until(lambda: expected.keys() <= published().keys(), 60, message="the new records' windows")
+    code, _ = processor.terminate()
+    assert code == 0, processor.log()
+    assert published() == expected  # no window of the old input: none of it was read
