@@ -122,16 +122,18 @@ class WindowAggregate:
         ips.pop(MISSING, None)
         device_counts: Counter = Counter()
         locale_counts: Counter = Counter()
+        version_counts: Counter = Counter()
         versions: dict[str, Counter] = {}
         for (device, version, locale), count in self.profile_counts.items():
             device_counts[device] += count
             locale_counts[locale] += count
+            version_counts[version] += count
             versions.setdefault(device or UNKNOWN, Counter())[version or UNKNOWN] += count
         missing = self.missing_field_counts + Counter(
             device_type=device_counts[MISSING],
             locale=locale_counts[MISSING],
+            app_version=version_counts[MISSING],
             ip=self.ip_counts[MISSING],
-            app_version=sum(count for (_, version, _), count in self.profile_counts.items() if version == MISSING),
         )
         unique_devices = len(self.device_ids) - (MISSING in self.device_ids)
         top = _top_by_count(ips, top_ips)
