@@ -14,12 +14,14 @@ Ctrl-C stops everything, processor first so it commits cleanly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from embedded_broker import BrokerError, EmbeddedBroker, port_is_open
 
@@ -46,6 +48,13 @@ def _spawn(name: str, args: list[str], env: dict[str, str], to_log: bool = True)
     )
 
 
+def _say(text: str, stream: TextIO | None = None) -> None:
+    """Print, unless the terminal or pipe is gone (`| tee` killed by the same Ctrl-C, a
+    closed window): the shutdown must still stop the children and the broker."""
+    with contextlib.suppress(OSError):
+        print(text, file=stream or sys.stdout, flush=True)
+
+
 def _stop(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
     if process is None or process.poll() is not None:
         return
@@ -68,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, **LOCAL_ENV}
     broker = None
     if port_is_open(PORT):
-        print(f"a broker is already listening on localhost:{PORT}; using it")
+        _say(f"a broker is already listening on localhost:{PORT}; using it")
     else:
         try:
             broker = EmbeddedBroker(PORT, log_path=LOG_DIR / "broker.log").start()
         except BrokerError as error:
-            print(f"local_stack.py: {error}", file=sys.stderr)
+            _say(f"local_stack.py: {error}", sys.stderr)
             return 1
-        print(f"broker: Tansu on localhost:{PORT} (in memory; log {LOG_DIR / 'broker.log'})")
+        _say(f"broker: Tansu on localhost:{PORT} (in memory; log {LOG_DIR / 'broker.log'})")
 
     children: list[subprocess.Popen] = []
     stopping = False
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGHUP, request_stop)  # the terminal closed: stop the stack, leave nothing behind
     try:
         # Two minutes of past events first, so closed windows show up at once...
         backlog = ["data_generator.py", "--profile", args.profile, "--count", "2400", "--backlog-seconds", "120"]
@@ -101,33 +111,30 @@ def main(argv: list[str] | None = None) -> int:
         # ...then a live stream.
         live = ["data_generator.py", "--profile", args.profile, "--rate", str(args.rate)]
         children.append(_spawn("generator", live, env))
-        print(f"generator: {args.profile} profile, {args.rate:g} events/s (log {LOG_DIR / 'generator.log'})")
+        _say(f"generator: {args.profile} profile, {args.rate:g} events/s (log {LOG_DIR / 'generator.log'})")
         if args.broker_only:
-            print("ready: run `python kafka_processor.py` and `python monitor_aggregated_data.py` in two terminals")
-            print("Ctrl-C stops the broker and the generator")
+            _say("ready: run `python kafka_processor.py` and `python monitor_aggregated_data.py` in two terminals")
+            _say("Ctrl-C stops the broker and the generator")
             while not stopping and all(child.poll() is None for child in children):
                 time.sleep(0.5)
             return 0
         processor = _spawn("processor", ["kafka_processor.py"], env)
         children.insert(0, processor)
-        print(f"processor: running (log {LOG_DIR / 'processor.log'})")
-        print("monitor: windows appear below as they close (Ctrl-C stops everything)\n")
+        _say(f"processor: running (log {LOG_DIR / 'processor.log'})")
+        _say("monitor: windows appear below as they close (Ctrl-C stops everything)\n")
         monitor = _spawn("monitor", ["monitor_aggregated_data.py", "--from-beginning"], env, to_log=False)
         children.append(monitor)
         while not stopping and all(child.poll() is None for child in children):
             time.sleep(0.5)
         failed = [child for child in children if child.poll() not in (None, 0)]
         for child in failed:
-            print(f"{child.args[1]} exited with status {child.returncode}; see {LOG_DIR}", file=sys.stderr)
+            _say(f"{child.args[1]} exited with status {child.returncode}; see {LOG_DIR}", sys.stderr)
         return 1 if failed else 0
     except subprocess.CalledProcessError:
-        print(
-            f"local_stack.py: the generator could not fill the backlog; see {LOG_DIR / 'generator.log'}",
-            file=sys.stderr,
-        )
+        _say(f"local_stack.py: the generator could not fill the backlog; see {LOG_DIR / 'generator.log'}", sys.stderr)
         return 1
     finally:
-        print("\nstopping: processor, generator, monitor, broker")
+        _say("\nstopping: processor, generator, monitor, broker")
         for child in children:  # processor first: it publishes and commits what is complete
             _stop(child)
         if broker:
