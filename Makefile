@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test lint bench clean
+.PHONY: run broker test lint bench clean native
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,19 +12,27 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-run: $(BIN)/.installed  ## broker + generator + processor + monitor; Ctrl-C stops all
+# The native parser (native/login_columns.c), built next to the modules that import it.
+NATIVE := .native-built
+$(NATIVE): native/login_columns.c setup.py $(BIN)/.installed
+	$(BIN)/python setup.py --quiet build_ext --inplace
+	touch $@
+
+native: $(NATIVE)  ## build the native parser (needs a C compiler and the Python headers)
+
+run: $(BIN)/.installed $(NATIVE)  ## broker + generator + processor + monitor; Ctrl-C stops all
 	$(BIN)/python local_stack.py
 
-broker: $(BIN)/.installed  ## broker + generator only (two-terminal flow)
+broker: $(BIN)/.installed $(NATIVE)  ## broker + generator only (two-terminal flow)
 	$(BIN)/python local_stack.py --broker-only
 
-test: $(BIN)/.installed  ## lint, then every test (unit and real-broker integration)
+test: $(BIN)/.installed $(NATIVE)  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/.installed  ## throughput and memory figures (see README, Performance)
+bench: $(BIN)/.installed $(NATIVE)  ## throughput and memory figures (see README, Performance)
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache
+	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build $(NATIVE) _login_columns*.so

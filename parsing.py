@@ -1,13 +1,21 @@
 """Turn raw `user-login` record values into validated columns. Pure: no Kafka, no clock.
 
-The processor's cost is Python's per-record work, so this module does as little
-per record as it can: one msgspec decode per record (the only per-record Python
-call on the common path) into a typed struct, so that msgspec checks in C that
-each string field is a string within the length bound and `timestamp` an
-integer; then whole-column work that runs in C (`map`, `min`, `max`,
-`list.index`). A record of any other shape is decoded again, generically, and
-gets the exact per-value rules of the contract; both paths give the same
-answer, and the tests hold them to it.
+`parse_values` is the entry point. The processor's cost is per-record work, so
+it has two implementations that give the same answer:
+
+- native (`_login_columns`, built from native/login_columns.c): parses, in C, the
+  strict JSON subset that nearly every record is written in (flat object,
+  printable-ASCII strings without escapes, integers, literals) and applies the
+  contract's field rules there; every other record is *deferred* to the exact
+  path below, one record at a time. It never judges a record invalid itself.
+- pure Python: one msgspec decode per record into a typed struct, so that
+  msgspec checks in C that each string field is a string within the length
+  bound and `timestamp` an integer; then whole-column work that runs in C
+  (`map`, `min`, `max`, `list.index`). A record of any other shape is decoded
+  again, generically, and gets the exact per-value rules of the contract.
+
+The tests hold the native path, the typed path and the exact per-value rules to
+the same columns on generated input.
 
 Conventions of the returned columns: a string field that is missing (absent,
 null, empty after trimming, or not a string) is the empty string `""`. The
@@ -26,6 +34,13 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
+
+try:  # built by `python setup.py build_ext --inplace` (make does it); optional
+    import _login_columns as _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+
+NATIVE_PARSER_AVAILABLE = _native is not None
 
 # Fields of a login event, in the order the reference generator writes them.
 STRING_FIELDS = ("user_id", "app_version", "device_type", "ip", "locale", "device_id")
@@ -104,24 +119,29 @@ def _decode_irregular(
     value: bytes | None, position: int, append: Callable[[LoginRecord], None], invalid: list[InvalidRecord]
 ) -> None:
     """One record that is not of the regular shape: a `LoginRecord`, or the reason it is invalid."""
+    record = decode_exact(value)
+    if isinstance(record, str):
+        invalid.append(InvalidRecord(position, record))
+    else:
+        append(record)
+
+
+def decode_exact(value: bytes | None) -> LoginRecord | str:
+    """One record with whatever JSON values it holds, or the reason it is invalid."""
     try:
-        append(_decode(value))
+        return _decode(value)
     except msgspec.ValidationError:
         # Valid JSON but not the shape msgspec maps: either not an object, or an
         # object with a number msgspec cannot hold (1e400). The slow decoder tells.
-        record = _decode_generic_object(value)
-        if isinstance(record, str):
-            invalid.append(InvalidRecord(position, record))
-        else:
-            append(record)
+        return _decode_generic_object(value)
     except msgspec.DecodeError as error:
-        invalid.append(InvalidRecord(position, f"not valid JSON: {error}"))
+        return f"not valid JSON: {error}"
     except UnicodeDecodeError:
-        invalid.append(InvalidRecord(position, "not valid UTF-8"))
+        return "not valid UTF-8"
     except TypeError:
-        invalid.append(InvalidRecord(position, "empty record (no value)"))
+        return "empty record (no value)"
     except RecursionError:
-        invalid.append(InvalidRecord(position, "JSON nested too deeply"))
+        return "JSON nested too deeply"
 
 
 def _reject_constant(name: str) -> None:
@@ -344,3 +364,62 @@ def _clean_string(value: object, max_length: int) -> str:
         return ""
     value = value.strip()
     return value if len(value) <= max_length else ""
+
+
+def parse_values(
+    values: list[bytes | None],
+    now: float,
+    max_skew_seconds: int,
+    fallback_time: Callable[[int], int],
+    max_field_length: int = 256,
+    native: bool = True,
+) -> tuple[LoginColumns, list[InvalidRecord]]:
+    """Columns of the valid records among `values` (in order), and the invalid ones.
+
+    `fallback_time(position)` is the Kafka timestamp of `values[position]`, used when
+    a record has no usable event time. `native=False` forces the pure-Python path
+    (tests compare the two); without the native module it is always taken.
+    """
+    if native and _native is not None:
+        return _parse_values_native(values, now, max_skew_seconds, fallback_time, max_field_length)
+    records, positions, invalid = decode_records(values, max_field_length)
+
+    def valid_fallback_time(index: int) -> int:
+        return fallback_time(index if positions is None else positions[index])
+
+    return to_columns(records, now, max_skew_seconds, valid_fallback_time, max_field_length), invalid
+
+
+def _parse_values_native(
+    values: list[bytes | None],
+    now: float,
+    max_skew_seconds: int,
+    fallback_time: Callable[[int], int],
+    max_field_length: int,
+) -> tuple[LoginColumns, list[InvalidRecord]]:
+    string_columns_and_times, deferred = _native.parse_values(values, max_field_length)
+    *string_columns, timestamps = string_columns_and_times
+    invalid: list[InvalidRecord] = []
+    for position in deferred:  # the few records outside the native subset: exact rules
+        record = decode_exact(values[position])
+        if isinstance(record, str):
+            invalid.append(InvalidRecord(position, record))
+            continue
+        for column, name in zip(string_columns, STRING_FIELDS, strict=True):
+            column[position] = _clean_string(getattr(record, name), max_field_length)
+        timestamps[position] = record.timestamp
+    for item in reversed(invalid):
+        for column in (*string_columns, timestamps):
+            del column[item.position]
+    invalid_positions = [item.position for item in invalid]
+
+    def valid_fallback_time(index: int) -> int:
+        position = index  # back from an index among the valid rows to a position in `values`
+        for bad in invalid_positions:
+            if bad > position:
+                break
+            position += 1
+        return fallback_time(position)
+
+    times, fell_back = event_times(timestamps, now, max_skew_seconds, valid_fallback_time)
+    return LoginColumns(times, *string_columns, timestamp_fallbacks=fell_back), invalid

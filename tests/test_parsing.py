@@ -9,11 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsing import (
+    ALL_FIELDS,
+    NATIVE_PARSER_AVAILABLE,
     LoginRecord,
     clean_strings,
     decode_records,
     event_time_of,
     event_times,
+    parse_values,
     regular_record_type,
     to_columns,
 )
@@ -254,3 +257,119 @@ class TestRegularAndIrregularRecords:
         exact_records = [LoginRecord(**{k: obj.get(k) for k in LoginRecord.__struct_fields__}) for obj in objects]
         exact = to_columns(exact_records, NOW, SKEW, fallback_time=lambda i: 7, max_field_length=16)
         assert fast == exact
+
+
+# ---- the native parser (native/login_columns.c) -------------------------------------------
+
+# Values inside the native parser's subset (printable ASCII strings without escapes,
+# integers, literals) are most of what is generated, so that most records are parsed
+# natively; odd values (anything else) send their record to the exact path.
+_plain_values = st.one_of(
+    st.text(alphabet=st.sampled_from(list(" aZ09.-:")), max_size=8),
+    st.sampled_from(["android", " iOS ", "1.2.3.4", "x" * 16, "y" * 17, str(NOW), f" {NOW} ", "12a"]),
+    st.integers(NOW - 100, NOW + 2 * SKEW),
+    st.integers(NOW * 1000 - 100, NOW * 1000),
+    st.integers(-5, 5),
+    st.booleans(),
+    st.none(),
+)
+_odd_text = st.text(alphabet=st.sampled_from(list(' a"\\\t\né\u00a0\u2028\x1c\x00')), min_size=1, max_size=4)
+_odd_values = st.one_of(
+    _odd_text,
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=False),
+    st.recursive(
+        _plain_values, lambda inner: st.lists(inner, max_size=2) | st.dictionaries(_odd_text, inner, max_size=2)
+    ),
+)
+# Texts json.dumps never writes: numbers and literals on the edge of the grammar.
+_RAW_TOKENS = ["-0", "01", "1.", "-", "1e5", ".5", "tru", "nul", "truex", "1,", "9999999999999999999", "-9223372036"]
+_keys = st.sampled_from([*ALL_FIELDS, *ALL_FIELDS, "other", "IP", "ip ", "time\\u0073tamp"])
+_spaces = st.sampled_from(["", "", " ", "\n", "\t ", "\r\n", "\x0b"])
+
+
+@st.composite
+def login_record_values(draw) -> bytes:
+    """One record value: mostly objects like real ones (repeated keys included), with
+    everything the contract allows or refuses mixed in, and sometimes broken on purpose."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.sampled_from([b"", b" ", b"[1]", b"null", b'"s"', b"12", b"\xff{}", b"{}{}", b"{} x"]))
+    parts = []
+    for key in draw(st.lists(_keys, max_size=9)):
+        odd = draw(st.integers(0, 15))
+        if odd == 0:
+            rendered = json.dumps(draw(_odd_values), ensure_ascii=draw(st.booleans()))
+        elif odd == 1:
+            rendered = draw(st.sampled_from(_RAW_TOKENS))
+        else:
+            rendered = json.dumps(draw(_plain_values))
+        parts.append(f'{draw(_spaces)}"{key}"{draw(_spaces)}:{draw(_spaces)}{rendered}{draw(_spaces)}')
+    data = (draw(_spaces) + "{" + ",".join(parts) + "}" + draw(_spaces)).encode()
+    if draw(st.integers(0, 9)) == 0:  # broken on purpose: cut short, or a byte changed
+        cut = draw(st.integers(0, len(data)))
+        data = data[:cut] if draw(st.booleans()) else data[:cut] + bytes([draw(st.integers(0, 255))]) + data[cut + 1 :]
+    return data
+
+
+class TestNativeParser:
+    """The native parser must give exactly the pure-Python path's answer, or defer to it."""
+
+    def test_the_native_module_is_built(self):
+        # CI and `make test` build it; without it the processor runs at a third of the speed.
+        assert NATIVE_PARSER_AVAILABLE, "build it: python setup.py build_ext --inplace"
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.lists(login_record_values(), max_size=25), st.integers(1, 40))
+    def test_native_and_pure_paths_agree(self, raws, max_field_length):
+        def kafka_time(position: int) -> int:
+            return NOW - 1000 + position  # different per position: checks the position mapping
+
+        native = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=True)
+        pure = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=False)
+        assert native == pure
+
+    def test_usual_records_are_parsed_natively(self):
+        import _login_columns
+
+        raws = [
+            b'{"user_id": "u", "app_version": "2.3.0", "device_type": " android ", "ip": "1.2.3.4",'
+            b' "locale": "RU", "device_id": "d", "timestamp": 1800000000}',
+            b'{"ip": 12, "locale": null, "device_type": true, "timestamp": "1800000000"}',
+            b" { } ",
+        ]
+        columns, deferred = _login_columns.parse_values(raws, 16)
+        assert deferred == []
+        assert [column[0] for column in columns] == ["u", "2.3.0", "android", "1.2.3.4", "RU", "d", 1800000000]
+        assert [column[1] for column in columns] == ["", "", "", "", "", "", "1800000000"]
+        assert [column[2] for column in columns] == ["", "", "", "", "", "", None]
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"ip": "1.2.3.\\u0034"}',  # an escape
+            '{"locale": "é"}'.encode(),  # non-ASCII
+            b'{"ip": "a\tb"}',  # a raw control character (invalid JSON)
+            b'{"timestamp": 1800000000.0}',  # a float
+            b'{"extra": {"nested": 1}}',
+            b'{"ip": "a",}',  # malformed
+            b"[1]",
+            b"",
+            None,
+        ],
+    )
+    def test_anything_else_is_deferred(self, raw):
+        import _login_columns
+
+        columns, deferred = _login_columns.parse_values([b"{}", raw], 16)
+        assert deferred == [1]
+        assert [column[1] for column in columns] == [None] * 7
+
+    def test_more_distinct_values_than_an_intern_table_holds(self):
+        # The low-cardinality tables keep 1,024 values; older ones are replaced, never confused.
+        objects = [{"locale": f"L{i % 5000}", "ip": f"10.0.{i // 256}.{i % 256}"} for i in range(20_000)]
+        raws = [json.dumps(obj).encode() for obj in objects]
+        for _ in range(2):
+            columns, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, 256)
+            assert invalid == []
+            assert columns.ip == [obj["ip"] for obj in objects]
+            assert columns.locale == [obj["locale"] for obj in objects]
