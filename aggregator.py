@@ -96,7 +96,7 @@ class WindowAggregate:
     def add_columns(self, columns: LoginColumns) -> None:
         """Fold a batch of valid records into the window, in bulk (C-level updates)."""
         self.message_count += len(columns)
-        self.profile_counts.update(zip(columns.device_type, columns.app_version, columns.locale, strict=True))
+        self.profile_counts.update(columns.profile)
         self.device_ids.update(columns.device_id)
         self.ip_counts.update(columns.ip)
         # Missing device types, locales, app versions and IPs are in the counters

@@ -275,31 +275,42 @@ def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
 class LoginColumns:
     """One partition's valid records of one batch, as parallel columns.
 
-    `""` marks a missing string field; `timestamp_fallbacks` lists the rows whose
-    event time came from the Kafka record timestamp.
+    `profile` holds each record's (device_type, app_version, locale): the key the
+    aggregator counts by, so it is built once here (natively: one shared tuple per
+    distinct key) instead of once per window update. `""` marks a missing string
+    field; `timestamp_fallbacks` lists the rows whose event time came from the
+    Kafka record timestamp.
     """
 
     event_time: list[int]
     user_id: list[str]
-    app_version: list[str]
-    device_type: list[str]
+    profile: list[tuple[str, str, str]]
     ip: list[str]
-    locale: list[str]
     device_id: list[str]
     timestamp_fallbacks: list[int]
 
     def __len__(self) -> int:
         return len(self.event_time)
 
+    @property
+    def device_type(self) -> list[str]:
+        return [profile[0] for profile in self.profile]
+
+    @property
+    def app_version(self) -> list[str]:
+        return [profile[1] for profile in self.profile]
+
+    @property
+    def locale(self) -> list[str]:
+        return [profile[2] for profile in self.profile]
+
     def slice(self, start: int, end: int) -> LoginColumns:
         """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""
         return LoginColumns(
             event_time=self.event_time[start:end],
             user_id=self.user_id[start:end],
-            app_version=self.app_version[start:end],
-            device_type=self.device_type[start:end],
+            profile=self.profile[start:end],
             ip=self.ip[start:end],
-            locale=self.locale[start:end],
             device_id=self.device_id[start:end],
             timestamp_fallbacks=[row - start for row in self.timestamp_fallbacks if start <= row < end],
         )
@@ -310,10 +321,8 @@ class LoginColumns:
         return LoginColumns(
             event_time=[self.event_time[r] for r in rows],
             user_id=[self.user_id[r] for r in rows],
-            app_version=[self.app_version[r] for r in rows],
-            device_type=[self.device_type[r] for r in rows],
+            profile=[self.profile[r] for r in rows],
             ip=[self.ip[r] for r in rows],
-            locale=[self.locale[r] for r in rows],
             device_id=[self.device_id[r] for r in rows],
             timestamp_fallbacks=[position[r] for r in self.timestamp_fallbacks if r in position],
         )
@@ -346,13 +355,14 @@ def to_columns(
                 column[index] = _clean_string(column[index], max_field_length)
             return list(map(str.strip, column))
 
+    device_type = clean([r.device_type for r in records])
+    app_version = clean([r.app_version for r in records])
+    locale = clean([r.locale for r in records])
     return LoginColumns(
         event_time=times,
         user_id=clean([r.user_id for r in records]),
-        app_version=clean([r.app_version for r in records]),
-        device_type=clean([r.device_type for r in records]),
+        profile=list(zip(device_type, app_version, locale, strict=True)),
         ip=clean([r.ip for r in records]),
-        locale=clean([r.locale for r in records]),
         device_id=clean([r.device_id for r in records]),
         timestamp_fallbacks=fell_back,
     )
@@ -397,19 +407,24 @@ def _parse_values_native(
     fallback_time: Callable[[int], int],
     max_field_length: int,
 ) -> tuple[LoginColumns, list[InvalidRecord]]:
-    string_columns_and_times, deferred = _native.parse_values(values, max_field_length)
-    *string_columns, timestamps = string_columns_and_times
+    (user_id, profile, ip, device_id, timestamps), deferred = _native.parse_values(values, max_field_length)
     invalid: list[InvalidRecord] = []
     for position in deferred:  # the few records outside the native subset: exact rules
         record = decode_exact(values[position])
         if isinstance(record, str):
             invalid.append(InvalidRecord(position, record))
             continue
-        for column, name in zip(string_columns, STRING_FIELDS, strict=True):
-            column[position] = _clean_string(getattr(record, name), max_field_length)
+        user_id[position] = _clean_string(record.user_id, max_field_length)
+        profile[position] = (
+            _clean_string(record.device_type, max_field_length),
+            _clean_string(record.app_version, max_field_length),
+            _clean_string(record.locale, max_field_length),
+        )
+        ip[position] = _clean_string(record.ip, max_field_length)
+        device_id[position] = _clean_string(record.device_id, max_field_length)
         timestamps[position] = record.timestamp
     for item in reversed(invalid):
-        for column in (*string_columns, timestamps):
+        for column in (user_id, profile, ip, device_id, timestamps):
             del column[item.position]
     invalid_positions = [item.position for item in invalid]
 
@@ -422,4 +437,4 @@ def _parse_values_native(
         return fallback_time(position)
 
     times, fell_back = event_times(timestamps, now, max_skew_seconds, valid_fallback_time)
-    return LoginColumns(times, *string_columns, timestamp_fallbacks=fell_back), invalid
+    return LoginColumns(times, user_id, profile, ip, device_id, timestamp_fallbacks=fell_back), invalid

@@ -218,6 +218,30 @@ static int make_intern_table(InternTable *table, size_t slots) {
     return table->slots == NULL ? -1 : 0;
 }
 
+/* One (device_type, app_version, locale) tuple per distinct combination, kept like
+ * the strs above. The three items are interned strs, so a slot matches when its
+ * tuple holds the very same objects (the tuple keeps them alive, so no other str
+ * can take their address). The aggregator counts these tuples: one shared object
+ * per key means its hash is computed once and comparisons are by identity. */
+#define PROFILE_SLOTS 1024
+static PyObject *PROFILES[PROFILE_SLOTS];
+
+static PyObject *interned_profile(PyObject *device_type, PyObject *app_version, PyObject *locale) {
+    size_t hash = ((size_t)device_type >> 4) * 31u * 31u + ((size_t)app_version >> 4) * 31u + ((size_t)locale >> 4);
+    PyObject **slot = &PROFILES[hash % PROFILE_SLOTS];
+    PyObject *profile = *slot;
+    if (profile != NULL && PyTuple_GET_ITEM(profile, 0) == device_type && PyTuple_GET_ITEM(profile, 1) == app_version &&
+        PyTuple_GET_ITEM(profile, 2) == locale) {
+        Py_INCREF(profile);
+        return profile;
+    }
+    profile = PyTuple_Pack(3, device_type, app_version, locale);
+    if (profile == NULL) return NULL;
+    Py_INCREF(profile);
+    Py_XSETREF(*slot, profile);
+    return profile;
+}
+
 static PyObject *EMPTY; /* "" : a missing string field */
 
 static PyObject *string_column_value(const FieldValue *value, Py_ssize_t max_length, InternTable *table) {
@@ -260,9 +284,11 @@ static PyObject *timestamp_column_value(const FieldValue *value, PyObject **prev
 
 PyDoc_STRVAR(parse_values_doc,
              "parse_values(values, max_field_length) -> (columns, deferred)\n\n"
-             "columns: 7 lists in the order user_id, app_version, device_type, ip, locale,\n"
-             "device_id, timestamp, one item per value. deferred: positions this parser\n"
-             "left to the exact Python path; their items are None in every column.");
+             "columns: 5 lists, one item per value: user_id, profile (a (device_type,\n"
+             "app_version, locale) tuple), ip, device_id, timestamp. deferred: positions\n"
+             "this parser left to the exact Python path; their items are None.");
+
+enum { C_USER_ID, C_PROFILE, C_IP, C_DEVICE_ID, C_TIMESTAMP, N_COLUMNS };
 
 static PyObject *parse_values(PyObject *self, PyObject *args) {
     (void)self;
@@ -271,15 +297,15 @@ static PyObject *parse_values(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!n:parse_values", &PyList_Type, &values, &max_length)) return NULL;
     Py_ssize_t count = PyList_GET_SIZE(values);
 
-    PyObject *columns[N_FIELDS] = {NULL};
+    PyObject *columns[N_COLUMNS] = {NULL};
     PyObject *deferred = PyList_New(0);
     PyObject *result = NULL;
     PyObject *previous_timestamp = NULL;
     long long previous_timestamp_value = 0;
     if (deferred == NULL) goto done;
-    for (int f = 0; f < N_FIELDS; f++) {
-        columns[f] = PyList_New(count);
-        if (columns[f] == NULL) goto done;
+    for (int c = 0; c < N_COLUMNS; c++) {
+        columns[c] = PyList_New(count);
+        if (columns[c] == NULL) goto done;
     }
 
     FieldValue fields[N_FIELDS];
@@ -296,36 +322,48 @@ static PyObject *parse_values(PyObject *self, PyObject *args) {
             int failed = PyList_Append(deferred, position);
             Py_DECREF(position);
             if (failed) goto done;
-            for (int f = 0; f < N_FIELDS; f++) {
+            for (int c = 0; c < N_COLUMNS; c++) {
                 Py_INCREF(Py_None);
-                PyList_SET_ITEM(columns[f], row, Py_None);
+                PyList_SET_ITEM(columns[c], row, Py_None);
             }
             continue;
         }
+        PyObject *strings[N_STRING_FIELDS];
         for (int f = 0; f < N_STRING_FIELDS; f++) {
-            PyObject *str = string_column_value(&fields[f], max_length, &INTERNED[f]);
-            if (str == NULL) goto done;
-            PyList_SET_ITEM(columns[f], row, str);
+            strings[f] = string_column_value(&fields[f], max_length, &INTERNED[f]);
+            if (strings[f] == NULL) {
+                for (int g = 0; g < f; g++) Py_DECREF(strings[g]);
+                goto done;
+            }
         }
+        PyObject *profile = interned_profile(strings[F_DEVICE_TYPE], strings[F_APP_VERSION], strings[F_LOCALE]);
+        Py_DECREF(strings[F_DEVICE_TYPE]);
+        Py_DECREF(strings[F_APP_VERSION]);
+        Py_DECREF(strings[F_LOCALE]);
+        PyList_SET_ITEM(columns[C_USER_ID], row, strings[F_USER_ID]);
+        PyList_SET_ITEM(columns[C_IP], row, strings[F_IP]);
+        PyList_SET_ITEM(columns[C_DEVICE_ID], row, strings[F_DEVICE_ID]);
+        if (profile == NULL) goto done;
+        PyList_SET_ITEM(columns[C_PROFILE], row, profile);
         PyObject *timestamp =
             timestamp_column_value(&fields[F_TIMESTAMP], &previous_timestamp, &previous_timestamp_value);
         if (timestamp == NULL) goto done;
-        PyList_SET_ITEM(columns[F_TIMESTAMP], row, timestamp);
+        PyList_SET_ITEM(columns[C_TIMESTAMP], row, timestamp);
     }
 
     {
-        PyObject *column_tuple = PyTuple_New(N_FIELDS);
+        PyObject *column_tuple = PyTuple_New(N_COLUMNS);
         if (column_tuple == NULL) goto done;
-        for (int f = 0; f < N_FIELDS; f++) {
-            PyTuple_SET_ITEM(column_tuple, f, columns[f]);
-            columns[f] = NULL;
+        for (int c = 0; c < N_COLUMNS; c++) {
+            PyTuple_SET_ITEM(column_tuple, c, columns[c]);
+            columns[c] = NULL;
         }
         result = Py_BuildValue("(NO)", column_tuple, deferred);
     }
 
 done:
     /* On an error, lists may hold NULL items: PyList's dealloc skips them. */
-    for (int f = 0; f < N_FIELDS; f++) Py_XDECREF(columns[f]);
+    for (int c = 0; c < N_COLUMNS; c++) Py_XDECREF(columns[c]);
     Py_XDECREF(deferred);
     Py_XDECREF(previous_timestamp);
     return result;

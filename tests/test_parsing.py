@@ -339,9 +339,17 @@ class TestNativeParser:
         ]
         columns, deferred = _login_columns.parse_values(raws, 16)
         assert deferred == []
-        assert [column[0] for column in columns] == ["u", "2.3.0", "android", "1.2.3.4", "RU", "d", 1800000000]
-        assert [column[1] for column in columns] == ["", "", "", "", "", "", "1800000000"]
-        assert [column[2] for column in columns] == ["", "", "", "", "", "", None]
+        user_id, profile, ip, device_id, timestamp = columns
+        assert [user_id[0], profile[0], ip[0], device_id[0], timestamp[0]] == [
+            "u",
+            ("android", "2.3.0", "RU"),
+            "1.2.3.4",
+            "d",
+            1800000000,
+        ]
+        assert [user_id[1], profile[1], ip[1], device_id[1], timestamp[1]] == ["", ("", "", ""), "", "", "1800000000"]
+        assert [user_id[2], profile[2], ip[2], device_id[2], timestamp[2]] == ["", ("", "", ""), "", "", None]
+        assert profile[1] is profile[2]  # one shared tuple per distinct profile
 
     @pytest.mark.parametrize(
         "raw",
@@ -362,7 +370,7 @@ class TestNativeParser:
 
         columns, deferred = _login_columns.parse_values([b"{}", raw], 16)
         assert deferred == [1]
-        assert [column[1] for column in columns] == [None] * 7
+        assert [column[1] for column in columns] == [None] * 5
 
     def test_more_distinct_values_than_an_intern_table_holds(self):
         # The low-cardinality tables keep 1,024 values; older ones are replaced, never confused.
