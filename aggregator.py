@@ -35,6 +35,7 @@ import msgspec
 from parsing import LoginColumns
 
 SCHEMA_VERSION = 1
+DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)
 # String fields whose missing count `add_columns` must count itself: no counter holds them.
 _MISSING_NOT_IN_COUNTERS = ("user_id", "device_id")
 UNKNOWN = "unknown"
@@ -62,6 +63,31 @@ def _top_by_count(counts: Counter, n: int) -> list[tuple[str, int]]:
     return heapq.nsmallest(n, items, key=lambda item: (-item[1], item[0]))
 
 
+def _add_bounded(keys: set, values: list[str], bound: int) -> bool:
+    """Add values to `keys` while it holds fewer than `bound`; True if any was left out."""
+    left_out = False
+    for value in values:
+        if value in keys:
+            continue
+        if len(keys) >= bound:
+            left_out = True
+            continue
+        keys.add(value)
+    return left_out
+
+
+def _count_bounded(counts: Counter, values: list[str], bound: int) -> bool:
+    """Count values already in `counts`, and new ones while it holds fewer than `bound`;
+    True if any was left out."""
+    left_out = False
+    for value in values:
+        if value not in counts and len(counts) >= bound:
+            left_out = True
+            continue
+        counts[value] += 1
+    return left_out
+
+
 def _with_unknown(counts: Counter) -> Counter:
     """Missing values are counted under `"unknown"` (merging with a literal "unknown")."""
     if MISSING not in counts:
@@ -85,6 +111,8 @@ class WindowAggregate:
     missing_field_counts: Counter = field(default_factory=Counter)
     invalid_message_count: int = 0
     late_message_count: int = 0
+    # Output fields whose distinct values went past the bound (see add_columns).
+    capped: set = field(default_factory=set)
     # partition -> lowest offset of a record counted here (for commits)
     min_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -93,12 +121,24 @@ class WindowAggregate:
         if held is None or offset < held:
             self.min_offsets[partition] = offset
 
-    def add_columns(self, columns: LoginColumns) -> None:
-        """Fold a batch of valid records into the window, in bulk (C-level updates)."""
+    def add_columns(self, columns: LoginColumns, max_distinct: int = DEFAULT_MAX_DISTINCT) -> None:
+        """Fold a batch of valid records into the window, in bulk (C-level updates).
+
+        At most `max_distinct` device ids and IPs are kept: one window flooded with
+        new values (a botnet, a bug upstream) must not exhaust memory, and a crash
+        there would repeat on every replay. Past the bound, new values are left out
+        and the window's value says which counts are lower bounds (`capped_counts`).
+        """
         self.message_count += len(columns)
         self.profile_counts.update(columns.profile)
-        self.device_ids.update(columns.device_id)
-        self.ip_counts.update(columns.ip)
+        if len(self.device_ids) + len(columns) <= max_distinct:
+            self.device_ids.update(columns.device_id)
+        elif _add_bounded(self.device_ids, columns.device_id, max_distinct):
+            self.capped.add("unique_device_count")
+        if len(self.ip_counts) + len(columns) <= max_distinct:
+            self.ip_counts.update(columns.ip)
+        elif _count_bounded(self.ip_counts, columns.ip, max_distinct):
+            self.capped.update(("unique_ip_count", "top_ips"))
         # Missing device types, locales, app versions and IPs are in the counters
         # above already (under ""); `to_value` reads them from there.
         missing = self.missing_field_counts
@@ -152,6 +192,8 @@ class WindowAggregate:
             "invalid_message_count": self.invalid_message_count,
             "late_message_count": self.late_message_count,
         }
+        if self.capped:  # only past MAX_DISTINCT_PER_WINDOW: normal windows keep the contract's shape
+            value["capped_counts"] = sorted(self.capped)
         return _encode(value)
 
 
@@ -185,10 +227,12 @@ class Aggregator:
         allowed_lateness_seconds: int,
         top_ips: int,
         clock: Callable[[], float] = time.time,
+        max_distinct_per_window: int = DEFAULT_MAX_DISTINCT,
     ) -> None:
         self.window_seconds = window_seconds
         self.allowed_lateness_seconds = allowed_lateness_seconds
         self.top_ips = top_ips
+        self.max_distinct_per_window = max_distinct_per_window
         self.clock = clock
         self._lock = threading.Lock()
         self._windows: dict[int, WindowAggregate] = {}
@@ -324,7 +368,7 @@ class Aggregator:
     def _add_to_window(self, start: int, partition: int, first_offset: int, columns: LoginColumns) -> int:
         window = self._window_for(start, partition, first_offset)
         if window is not None:
-            window.add_columns(columns)
+            window.add_columns(columns, self.max_distinct_per_window)
             return 0
         if start + self.window_seconds <= self._replayed_until:
             return 0  # replay of a window published before: already counted

@@ -88,6 +88,8 @@ class Settings:
     top_ips: int = 10
     # A longer string field counts as missing (keeps windows a publishable size).
     max_field_length: int = 256
+    # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
+    max_distinct_per_window: int = 1_000_000
     log_level: str = "INFO"
     log_format: str = "text"
     # Partition counts used only when the processor creates missing topics.
@@ -214,6 +216,11 @@ _SETTINGS = {
     ),
     "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
     "MAX_FIELD_LENGTH": ("max_field_length", _positive_int, "longer string values count as missing"),
+    "MAX_DISTINCT_PER_WINDOW": (
+        "max_distinct_per_window",
+        _positive_int,
+        "device ids / IPs kept per window (memory bound); past it unique counts are lower bounds",
+    ),
     "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
     "LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"),
     "INPUT_PARTITIONS": ("input_partitions", _positive_int, "partitions when creating the input topic"),

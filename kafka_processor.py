@@ -168,6 +168,7 @@ class Processor:
             window_seconds=settings.window_seconds,
             allowed_lateness_seconds=settings.allowed_lateness_seconds,
             top_ips=settings.top_ips,
+            max_distinct_per_window=settings.max_distinct_per_window,
         )
         self.health = BrokerHealth(settings.bootstrap_servers, log)
         self.stop_requested = threading.Event()
@@ -500,6 +501,13 @@ class Processor:
             f", missing {missing}" if missing else "",
             acknowledged_at - end,
         )
+        if "capped_counts" in value:
+            log.warning(
+                "window %s had more than %d distinct device ids or IPs; lower bounds: %s (MAX_DISTINCT_PER_WINDOW)",
+                value["window_start"],
+                self.settings.max_distinct_per_window,
+                ", ".join(value["capped_counts"]),
+            )
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Read by the metrics endpoint when scraped (another thread): copies only."""

@@ -89,10 +89,17 @@ def headline(window: dict) -> str:
     """The one-line summary of a window (also the plain, non-terminal output)."""
     missing = window.get("missing_field_counts") or {}
     missing_text = ", ".join(f"{name} {count}" for name, count in missing.items()) or "none"
+    capped = window.get("capped_counts") or ()  # past MAX_DISTINCT_PER_WINDOW: lower bounds
+
+    def at_least(name: str) -> str:
+        return "≥" if name in capped else ""
+
     return (
         f"{window['window_start']} → {window['window_end']}  "
-        f"logins {window['message_count']:,}  unique devices {window['unique_device_count']:,}  "
-        f"unique IPs {window['unique_ip_count']:,}  invalid {window['invalid_message_count']:,}  "
+        f"logins {window['message_count']:,}  "
+        f"unique devices {at_least('unique_device_count')}{window['unique_device_count']:,}  "
+        f"unique IPs {at_least('unique_ip_count')}{window['unique_ip_count']:,}  "
+        f"invalid {window['invalid_message_count']:,}  "
         f"late {window['late_message_count']:,}  missing fields: {missing_text}"
     )
 

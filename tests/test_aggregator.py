@@ -282,6 +282,41 @@ class TestWindowValue:
         assert window["missing_field_counts"] == {"device_type": 1}
 
 
+class TestDistinctBound:
+    """MAX_DISTINCT_PER_WINDOW: memory stays bounded, and the value says which counts are lower bounds."""
+
+    def bounded(self, clock: FakeClock, bound: int) -> Aggregator:
+        aggregator = Aggregator(W, 5, 10, clock=clock, max_distinct_per_window=bound)
+        aggregator.assign([0], total_partitions=1)
+        return aggregator
+
+    def test_at_the_bound_counts_are_exact_and_unflagged(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = self.bounded(clock, 3)
+        raws = [event(T0 + i, device_id=f"d{i % 3}", ip=f"10.0.0.{i % 3}") for i in range(6)]
+        feed(agg, 0, 0, raws[:2], clock.now)
+        feed(agg, 0, 2, raws[2:], clock.now)  # more records than room left: the per-value path, nothing left out
+        agg.mark_caught_up(0, len(raws))
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert (window["unique_device_count"], window["unique_ip_count"]) == (3, 3)
+        assert "capped_counts" not in window
+
+    def test_past_the_bound_new_values_are_left_out_and_flagged(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = self.bounded(clock, 2)
+        first = [event(T0 + 1, device_id="d1", ip="a"), event(T0 + 2, device_id="d2", ip="b")]
+        later = [event(T0 + 3, device_id="d3", ip="c"), event(T0 + 4, device_id="d1", ip="a")]
+        feed(agg, 0, 0, first, clock.now)
+        feed(agg, 0, 2, later, clock.now)
+        agg.mark_caught_up(0, 4)
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["message_count"] == 4  # every record still counts
+        assert window["device_counts"] == {"android": 4}
+        assert (window["unique_device_count"], window["unique_ip_count"]) == (2, 2)
+        assert window["top_ips"] == [{"ip": "a", "count": 2}, {"ip": "b", "count": 1}]  # "a" kept counting
+        assert window["capped_counts"] == ["top_ips", "unique_device_count", "unique_ip_count"]
+
+
 # Values of every type in every field: what the contract calls "missing".
 _junk = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)

@@ -80,6 +80,7 @@ def test_secrets_are_masked_in_the_settings_line():
         ("ALLOWED_LATENESS_SECONDS", "-1"),
         ("MAX_EVENT_TIME_SKEW_SECONDS", "1.5"),
         ("TOP_IPS", "0"),
+        ("MAX_DISTINCT_PER_WINDOW", "0"),
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("INPUT_TOPIC", "  "),

@@ -167,3 +167,22 @@ def test_offset_reset_latest_skips_the_old_input_and_still_closes_windows(topics
     code, _ = processor.terminate()
     assert code == 0, processor.log()
     assert published() == expected  # no window of the old input: none of it was read
+
+
+def test_a_window_past_the_distinct_bound_is_flagged_and_logged(topics, start_processor):
+    topics.create(input_partitions=1)
+    start = aligned_past(5)
+    records = []
+    for i in range(12):
+        event = {"user_id": "u", "device_type": "iOS", "device_id": f"d{i}", "ip": f"10.0.0.{i % 3}"}
+        records.append((0, json.dumps(event | {"timestamp": start + i}).encode(), (start + i) * 1000))
+    produce(topics.bootstrap, topics.input, records)
+
+    processor = start_processor(topics.env(MAX_DISTINCT_PER_WINDOW="5"))
+    published = wait_until(lambda: latest_by_key(topics.bootstrap, topics.output), timeout=60, message="a window")
+    window = json.loads(next(iter(published.values())))
+    assert window["message_count"] == 12
+    assert window["unique_device_count"] == 5  # a lower bound, and said to be one
+    assert window["unique_ip_count"] == 3  # under the bound: exact
+    assert window["capped_counts"] == ["unique_device_count"]
+    processor.wait_for_log("more than 5 distinct device ids or IPs; lower bounds: unique_device_count")

@@ -51,6 +51,13 @@ def test_headline_is_one_plain_line():
     assert "\n" not in line
     assert line.startswith("2026-11-25T19:00:00Z → 2026-11-25T19:00:30Z")
     assert "logins 1,234" in line and "missing fields: device_type 34, locale 2" in line
+    assert "≥" not in line
+
+
+def test_headline_marks_capped_unique_counts_as_lower_bounds():
+    line = headline(dict(WINDOW, capped_counts=["top_ips", "unique_ip_count"]))
+    assert f"unique IPs ≥{WINDOW['unique_ip_count']:,}" in line
+    assert f"unique devices {WINDOW['unique_device_count']:,}" in line
 
 
 def test_dashboard_shows_latest_window_trends_and_age():
