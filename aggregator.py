@@ -36,8 +36,6 @@ from parsing import LoginColumns
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)
-# String fields whose missing count `add_columns` must count itself: no counter holds them.
-_MISSING_NOT_IN_COUNTERS = ("user_id", "device_id")
 UNKNOWN = "unknown"
 MISSING = ""  # how parsing marks a missing string field
 _encode = msgspec.json.Encoder().encode
@@ -141,11 +139,13 @@ class WindowAggregate:
             self.capped.update(("unique_ip_count", "top_ips"))
         # Missing device types, locales, app versions and IPs are in the counters
         # above already (under ""); `to_value` reads them from there.
+        # The others: no counter holds them.
         missing = self.missing_field_counts
-        for name in _MISSING_NOT_IN_COUNTERS:
-            count = getattr(columns, name).count(MISSING)
-            if count:
-                missing[name] += count
+        if columns.user_id_missing:
+            missing["user_id"] += len(columns.user_id_missing)
+        missing_device_ids = columns.device_id.count(MISSING)
+        if missing_device_ids:
+            missing["device_id"] += missing_device_ids
         if columns.timestamp_fallbacks:
             missing["timestamp"] += len(columns.timestamp_fallbacks)
 

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -250,6 +251,18 @@ def _positions_not_of(kinds: list[type], wanted: type) -> list[int]:
     return positions
 
 
+def _positions_of(column: list[str], wanted: str) -> list[int]:
+    """Indices holding `wanted`, found with list.index (C)."""
+    positions: list[int] = []
+    index = -1
+    try:
+        while True:
+            index = column.index(wanted, index + 1)
+            positions.append(index)
+    except ValueError:
+        return positions
+
+
 def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
     """Trim each string; anything else, an empty string, or one longer than
     `max_length` after trimming becomes `""` (missing).
@@ -278,12 +291,14 @@ class LoginColumns:
     `profile` holds each record's (device_type, app_version, locale): the key the
     aggregator counts by, so it is built once here (natively: one shared tuple per
     distinct key) instead of once per window update. `""` marks a missing string
-    field; `timestamp_fallbacks` lists the rows whose event time came from the
-    Kafka record timestamp.
+    field. No aggregate reads `user_id` beyond whether it is missing, so only the
+    rows where it is are kept (`user_id_missing`), not the values. Row lists
+    (`user_id_missing`, `timestamp_fallbacks`, the rows whose event time came from
+    the Kafka record timestamp) are in ascending order.
     """
 
     event_time: list[int]
-    user_id: list[str]
+    user_id_missing: list[int]
     profile: list[tuple[str, str, str]]
     ip: list[str]
     device_id: list[str]
@@ -308,7 +323,7 @@ class LoginColumns:
         """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""
         return LoginColumns(
             event_time=self.event_time[start:end],
-            user_id=self.user_id[start:end],
+            user_id_missing=[row - start for row in self.user_id_missing if start <= row < end],
             profile=self.profile[start:end],
             ip=self.ip[start:end],
             device_id=self.device_id[start:end],
@@ -320,7 +335,7 @@ class LoginColumns:
         position = {row: i for i, row in enumerate(rows)}
         return LoginColumns(
             event_time=[self.event_time[r] for r in rows],
-            user_id=[self.user_id[r] for r in rows],
+            user_id_missing=[position[r] for r in self.user_id_missing if r in position],
             profile=[self.profile[r] for r in rows],
             ip=[self.ip[r] for r in rows],
             device_id=[self.device_id[r] for r in rows],
@@ -360,7 +375,7 @@ def to_columns(
     locale = clean([r.locale for r in records])
     return LoginColumns(
         event_time=times,
-        user_id=clean([r.user_id for r in records]),
+        user_id_missing=_positions_of(clean([r.user_id for r in records]), ""),
         profile=list(zip(device_type, app_version, locale, strict=True)),
         ip=clean([r.ip for r in records]),
         device_id=clean([r.device_id for r in records]),
@@ -407,14 +422,16 @@ def _parse_values_native(
     fallback_time: Callable[[int], int],
     max_field_length: int,
 ) -> tuple[LoginColumns, list[InvalidRecord]]:
-    (user_id, profile, ip, device_id, timestamps), deferred = _native.parse_values(values, max_field_length)
+    (user_id_missing, profile, ip, device_id, timestamps), deferred = _native.parse_values(values, max_field_length)
     invalid: list[InvalidRecord] = []
+    missing_in_deferred: list[int] = []
     for position in deferred:  # the few records outside the native subset: exact rules
         record = decode_exact(values[position])
         if isinstance(record, str):
             invalid.append(InvalidRecord(position, record))
             continue
-        user_id[position] = _clean_string(record.user_id, max_field_length)
+        if not _clean_string(record.user_id, max_field_length):
+            missing_in_deferred.append(position)
         profile[position] = (
             _clean_string(record.device_type, max_field_length),
             _clean_string(record.app_version, max_field_length),
@@ -423,9 +440,14 @@ def _parse_values_native(
         ip[position] = _clean_string(record.ip, max_field_length)
         device_id[position] = _clean_string(record.device_id, max_field_length)
         timestamps[position] = record.timestamp
+    if missing_in_deferred:
+        user_id_missing = sorted(user_id_missing + missing_in_deferred)
     for item in reversed(invalid):
-        for column in (user_id, profile, ip, device_id, timestamps):
+        for column in (profile, ip, device_id, timestamps):
             del column[item.position]
+    if invalid:  # rows after a removed one move up (an invalid row is never in the list)
+        removed = [item.position for item in invalid]
+        user_id_missing = [row - bisect_left(removed, row) for row in user_id_missing]
     invalid_positions = [item.position for item in invalid]
 
     def valid_fallback_time(index: int) -> int:
@@ -437,4 +459,4 @@ def _parse_values_native(
         return fallback_time(position)
 
     times, fell_back = event_times(timestamps, now, max_skew_seconds, valid_fallback_time)
-    return LoginColumns(times, user_id, profile, ip, device_id, timestamp_fallbacks=fell_back), invalid
+    return LoginColumns(times, user_id_missing, profile, ip, device_id, timestamp_fallbacks=fell_back), invalid

@@ -244,11 +244,10 @@ static PyObject *interned_profile(PyObject *device_type, PyObject *app_version, 
 
 static PyObject *EMPTY; /* "" : a missing string field */
 
-static PyObject *string_column_value(const FieldValue *value, Py_ssize_t max_length, InternTable *table) {
-    if (value->kind != V_STRING) {
-        Py_INCREF(EMPTY);
-        return EMPTY;
-    }
+/* The value as the contract uses it: trimmed (only ' ' can surround printable
+   ASCII); NULL when it is missing (not a string, empty, or too long). */
+static const char *trimmed_string(const FieldValue *value, Py_ssize_t max_length, Py_ssize_t *length_out) {
+    if (value->kind != V_STRING) return NULL;
     const char *text = value->text;
     Py_ssize_t length = value->length;
     while (length > 0 && text[0] == ' ') {
@@ -256,7 +255,20 @@ static PyObject *string_column_value(const FieldValue *value, Py_ssize_t max_len
         length--;
     }
     while (length > 0 && text[length - 1] == ' ') length--;
-    if (length == 0 || length > max_length) {
+    if (length == 0 || length > max_length) return NULL;
+    *length_out = length;
+    return text;
+}
+
+static int string_is_missing(const FieldValue *value, Py_ssize_t max_length) {
+    Py_ssize_t length;
+    return trimmed_string(value, max_length, &length) == NULL;
+}
+
+static PyObject *string_column_value(const FieldValue *value, Py_ssize_t max_length, InternTable *table) {
+    Py_ssize_t length;
+    const char *text = trimmed_string(value, max_length, &length);
+    if (text == NULL) {
         Py_INCREF(EMPTY);
         return EMPTY;
     }
@@ -284,11 +296,13 @@ static PyObject *timestamp_column_value(const FieldValue *value, PyObject **prev
 
 PyDoc_STRVAR(parse_values_doc,
              "parse_values(values, max_field_length) -> (columns, deferred)\n\n"
-             "columns: 5 lists, one item per value: user_id, profile (a (device_type,\n"
-             "app_version, locale) tuple), ip, device_id, timestamp. deferred: positions\n"
-             "this parser left to the exact Python path; their items are None.");
+             "columns: user_id_missing (the rows whose user_id is missing: no aggregate\n"
+             "reads its value), then 4 lists with one item per value: profile (a\n"
+             "(device_type, app_version, locale) tuple), ip, device_id, timestamp.\n"
+             "deferred: positions this parser left to the exact Python path; their items\n"
+             "are None and they are not in user_id_missing.");
 
-enum { C_USER_ID, C_PROFILE, C_IP, C_DEVICE_ID, C_TIMESTAMP, N_COLUMNS };
+enum { C_USER_ID_MISSING, C_PROFILE, C_IP, C_DEVICE_ID, C_TIMESTAMP, N_COLUMNS };
 
 static PyObject *parse_values(PyObject *self, PyObject *args) {
     (void)self;
@@ -304,7 +318,7 @@ static PyObject *parse_values(PyObject *self, PyObject *args) {
     long long previous_timestamp_value = 0;
     if (deferred == NULL) goto done;
     for (int c = 0; c < N_COLUMNS; c++) {
-        columns[c] = PyList_New(count);
+        columns[c] = PyList_New(c == C_USER_ID_MISSING ? 0 : count);
         if (columns[c] == NULL) goto done;
     }
 
@@ -323,16 +337,27 @@ static PyObject *parse_values(PyObject *self, PyObject *args) {
             Py_DECREF(position);
             if (failed) goto done;
             for (int c = 0; c < N_COLUMNS; c++) {
+                if (c == C_USER_ID_MISSING) continue;
                 Py_INCREF(Py_None);
                 PyList_SET_ITEM(columns[c], row, Py_None);
             }
             continue;
         }
-        PyObject *strings[N_STRING_FIELDS];
+        PyObject *strings[N_STRING_FIELDS] = {NULL};
         for (int f = 0; f < N_STRING_FIELDS; f++) {
+            if (f == F_USER_ID) continue; /* only whether it is missing: see below */
             strings[f] = string_column_value(&fields[f], max_length, &INTERNED[f]);
             if (strings[f] == NULL) {
-                for (int g = 0; g < f; g++) Py_DECREF(strings[g]);
+                for (int g = 0; g < f; g++) Py_XDECREF(strings[g]);
+                goto done;
+            }
+        }
+        if (string_is_missing(&fields[F_USER_ID], max_length)) {
+            PyObject *position = PyLong_FromSsize_t(row);
+            int failed = position == NULL || PyList_Append(columns[C_USER_ID_MISSING], position) < 0;
+            Py_XDECREF(position);
+            if (failed) {
+                for (int f = 0; f < N_STRING_FIELDS; f++) Py_XDECREF(strings[f]);
                 goto done;
             }
         }
@@ -340,7 +365,6 @@ static PyObject *parse_values(PyObject *self, PyObject *args) {
         Py_DECREF(strings[F_DEVICE_TYPE]);
         Py_DECREF(strings[F_APP_VERSION]);
         Py_DECREF(strings[F_LOCALE]);
-        PyList_SET_ITEM(columns[C_USER_ID], row, strings[F_USER_ID]);
         PyList_SET_ITEM(columns[C_IP], row, strings[F_IP]);
         PyList_SET_ITEM(columns[C_DEVICE_ID], row, strings[F_DEVICE_ID]);
         if (profile == NULL) goto done;

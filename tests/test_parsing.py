@@ -339,16 +339,16 @@ class TestNativeParser:
         ]
         columns, deferred = _login_columns.parse_values(raws, 16)
         assert deferred == []
-        user_id, profile, ip, device_id, timestamp = columns
-        assert [user_id[0], profile[0], ip[0], device_id[0], timestamp[0]] == [
-            "u",
+        user_id_missing, profile, ip, device_id, timestamp = columns
+        assert user_id_missing == [1, 2]  # the rows, not the values: no aggregate reads user ids
+        assert [profile[0], ip[0], device_id[0], timestamp[0]] == [
             ("android", "2.3.0", "RU"),
             "1.2.3.4",
             "d",
             1800000000,
         ]
-        assert [user_id[1], profile[1], ip[1], device_id[1], timestamp[1]] == ["", ("", "", ""), "", "", "1800000000"]
-        assert [user_id[2], profile[2], ip[2], device_id[2], timestamp[2]] == ["", ("", "", ""), "", "", None]
+        assert [profile[1], ip[1], device_id[1], timestamp[1]] == [("", "", ""), "", "", "1800000000"]
+        assert [profile[2], ip[2], device_id[2], timestamp[2]] == [("", "", ""), "", "", None]
         assert profile[1] is profile[2]  # one shared tuple per distinct profile
 
     @pytest.mark.parametrize(
@@ -368,9 +368,10 @@ class TestNativeParser:
     def test_anything_else_is_deferred(self, raw):
         import _login_columns
 
-        columns, deferred = _login_columns.parse_values([b"{}", raw], 16)
+        (user_id_missing, *columns), deferred = _login_columns.parse_values([b"{}", raw], 16)
         assert deferred == [1]
-        assert [column[1] for column in columns] == [None] * 5
+        assert user_id_missing == [0]  # the deferred row is left to the exact path
+        assert [column[1] for column in columns] == [None] * 4
 
     def test_more_distinct_values_than_an_intern_table_holds(self):
         # The low-cardinality tables keep 1,024 values; older ones are replaced, never confused.
