@@ -67,7 +67,6 @@ _SHUTDOWN_ACK_SECONDS = 10.0
 _PUBLISH_ATTEMPT_SECONDS = 5.0
 OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
 _PROGRESS_LOG_SECONDS = 30.0
-_NO_ERRORS = {type(None)}
 
 
 @dataclass
@@ -295,7 +294,9 @@ class Processor:
         errors = list(map(Message.error, messages))
         partitions = list(map(Message.partition, messages))
         count = len(messages)
-        if set(map(type, errors)) != _NO_ERRORS:  # KafkaError.__eq__ cannot compare to None
+        # any() in C: None is false, a KafkaError true. (Not errors.count(None):
+        # KafkaError.__eq__ fails on None.)
+        if any(errors):
             self._process_with_errors(messages, errors, partitions)
             return
         # Partition runs found in C (index/count per distinct partition, a handful),
