@@ -108,23 +108,16 @@ def decode_records(
     for position, value in enumerate(values):
         try:
             append(decode_regular(value))
-        except Exception:  # anything unusual, invalid records included: the exact path below
-            _decode_irregular(value, position, append, invalid)
+        except Exception:  # anything unusual, invalid records included: the exact path
+            record = decode_exact(value)
+            if isinstance(record, str):
+                invalid.append(InvalidRecord(position, record))
+            else:
+                append(record)
     if not invalid:
         return records, None, invalid
     bad = {item.position for item in invalid}
     return records, [p for p in range(len(values)) if p not in bad], invalid
-
-
-def _decode_irregular(
-    value: bytes | None, position: int, append: Callable[[LoginRecord], None], invalid: list[InvalidRecord]
-) -> None:
-    """One record that is not of the regular shape: a `LoginRecord`, or the reason it is invalid."""
-    record = decode_exact(value)
-    if isinstance(record, str):
-        invalid.append(InvalidRecord(position, record))
-    else:
-        append(record)
 
 
 def decode_exact(value: bytes | None) -> LoginRecord | str:
@@ -306,18 +299,6 @@ class LoginColumns:
 
     def __len__(self) -> int:
         return len(self.event_time)
-
-    @property
-    def device_type(self) -> list[str]:
-        return [profile[0] for profile in self.profile]
-
-    @property
-    def app_version(self) -> list[str]:
-        return [profile[1] for profile in self.profile]
-
-    @property
-    def locale(self) -> list[str]:
-        return [profile[2] for profile in self.profile]
 
     def slice(self, start: int, end: int) -> LoginColumns:
         """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""

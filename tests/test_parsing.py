@@ -174,7 +174,7 @@ def test_to_columns_builds_parallel_columns_with_fallbacks():
     ]
     columns = to_columns(records, NOW, SKEW, fallback_time=lambda i: 42)
     assert columns.event_time == [NOW, 42]
-    assert columns.device_type == ["iOS", ""]
+    assert columns.profile == [("iOS", "2.3.0", "RU"), ("", "", "")]
     assert columns.timestamp_fallbacks == [1]
     subset = columns.take([1])
     assert subset.event_time == [42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
@@ -381,4 +381,4 @@ class TestNativeParser:
             columns, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, 256)
             assert invalid == []
             assert columns.ip == [obj["ip"] for obj in objects]
-            assert columns.locale == [obj["locale"] for obj in objects]
+            assert [locale for _, _, locale in columns.profile] == [obj["locale"] for obj in objects]
