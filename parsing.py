@@ -231,20 +231,10 @@ def _positions_not_of(kinds: list[type], wanted: type) -> list[int]:
     """Indices whose type is not `wanted`, found with list.index (C) per other type."""
     other_kinds = set(kinds)
     other_kinds.discard(wanted)
-    positions: list[int] = []
-    for kind in other_kinds:
-        index = -1
-        try:
-            while True:
-                index = kinds.index(kind, index + 1)
-                positions.append(index)
-        except ValueError:
-            pass
-    positions.sort()
-    return positions
+    return sorted(position for kind in other_kinds for position in _positions_of(kinds, kind))
 
 
-def _positions_of(column: list[str], wanted: str) -> list[int]:
+def _positions_of(column: list, wanted: object) -> list[int]:
     """Indices holding `wanted`, found with list.index (C)."""
     positions: list[int] = []
     index = -1
