@@ -25,13 +25,15 @@
  * For accepted records the contract's rules are applied here:
  *   - string fields: trimmed (only ' ' can surround a printable-ASCII value);
  *     empty after trimming, longer than max_field_length, or not a string
- *     -> "" (missing);
+ *     -> "" (missing); user_id only as "missing or not" (no aggregate reads
+ *     its value), so no str is made for it;
  *   - timestamp: an integer -> that int; a string -> the str as sent (Python
  *     applies the numeric-string rule); null/true/false/absent -> None;
  *   - a key given twice: the last one counts (as msgspec and json.loads do).
  *
- * Low-cardinality fields (device_type, app_version, locale) are interned (see
- * interned_ascii), so counting them hashes each value once, not once per record.
+ * Low-cardinality fields (device_type, app_version, locale) are interned, and
+ * so is their (device_type, app_version, locale) tuple (see interned_ascii and
+ * interned_profile): counting them hashes each key once, not once per record.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
