@@ -24,7 +24,6 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from parsing import LoginColumns
+from parsing import LoginColumns, NativeBatch, NativeWindowTallies
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)
@@ -62,10 +61,11 @@ def _top_by_count(counts: Counter, n: int) -> list[tuple[str, int]]:
 
 
 def _add_bounded(keys: set, values: list[str], bound: int) -> bool:
-    """Add values to `keys` while it holds fewer than `bound`; True if any was left out."""
+    """Add values (but not MISSING) to `keys` while it holds fewer than `bound`;
+    True if any was left out."""
     left_out = False
     for value in values:
-        if value in keys:
+        if value in keys or value == MISSING:
             continue
         if len(keys) >= bound:
             left_out = True
@@ -75,10 +75,12 @@ def _add_bounded(keys: set, values: list[str], bound: int) -> bool:
 
 
 def _count_bounded(counts: Counter, values: list[str], bound: int) -> bool:
-    """Count values already in `counts`, and new ones while it holds fewer than `bound`;
-    True if any was left out."""
+    """Count values (but not MISSING) already in `counts`, and new ones while it holds
+    fewer than `bound`; True if any was left out."""
     left_out = False
     for value in values:
+        if value == MISSING:
+            continue
         if value not in counts and len(counts) >= bound:
             left_out = True
             continue
@@ -95,22 +97,100 @@ def _with_unknown(counts: Counter) -> Counter:
     return renamed
 
 
+class WindowTallies:
+    """One window's counts from `LoginColumns`: the pure-Python twin of the native
+    `_login_columns.WindowTallies` (which counts a `NativeBatch` without the GIL).
+    Same methods, same answers; the tests hold the two to the same window values.
+
+    At most `max_distinct` device ids and IPs are kept: one window flooded with new
+    values (a botnet, a bug upstream) must not exhaust memory, and a crash there
+    would repeat on every replay. Past the bound, new values are left out and
+    `capped()` names the output fields that are lower bounds.
+    """
+
+    __slots__ = ("message_count", "_profiles", "_device_ids", "_ips", "_missing", "_capped", "_max_distinct")
+
+    def __init__(self, max_distinct: int) -> None:
+        self.message_count = 0
+        # (device_type, app_version, locale) -> n: one counter update per batch instead
+        # of three; the per-field counts are summed from it when the window closes.
+        self._profiles: Counter = Counter()
+        self._device_ids: set[str] = set()
+        self._ips: Counter = Counter()
+        self._missing: Counter = Counter()
+        self._capped: set[str] = set()
+        self._max_distinct = max_distinct
+
+    def add(self, batch: LoginColumns, low: int, high: int) -> int:
+        """Count the rows with low <= event time < high, in bulk (C-level updates)."""
+        columns = batch.between(low, high)
+        count = len(columns)
+        self.message_count += count
+        self._profiles.update(columns.profile)
+        bound = self._max_distinct
+        if len(self._device_ids) + count <= bound:
+            self._device_ids.update(columns.device_id)
+            self._device_ids.discard(MISSING)
+        elif _add_bounded(self._device_ids, columns.device_id, bound):
+            self._capped.add("unique_device_count")
+        if len(self._ips) + count <= bound:
+            self._ips.update(columns.ip)
+            self._ips.pop(MISSING, None)
+        elif _count_bounded(self._ips, columns.ip, bound):
+            self._capped.update(("unique_ip_count", "top_ips"))
+        # Missing device types, locales and app versions are in the profiles (as "");
+        # `to_value` reads them from there. The others:
+        missing = self._missing
+        missing["ip"] += columns.ip.count(MISSING)
+        missing["device_id"] += columns.device_id.count(MISSING)
+        missing["user_id"] += len(columns.user_id_missing)
+        missing["timestamp"] += len(columns.timestamp_fallbacks)
+        return count
+
+    def profile_counts(self) -> dict[tuple[str, str, str], int]:
+        return dict(self._profiles)
+
+    def unique_device_count(self) -> int:
+        return len(self._device_ids)
+
+    def unique_ip_count(self) -> int:
+        return len(self._ips)
+
+    def top_ips(self, n: int) -> list[tuple[str, int]]:
+        return _top_by_count(self._ips, n)
+
+    def missing_counts(self) -> dict[str, int]:
+        return dict(self._missing)
+
+    def capped(self) -> set[str]:
+        return set(self._capped)
+
+    def device_ids(self) -> set[str]:
+        return set(self._device_ids)
+
+    def ip_counts(self) -> dict[str, int]:
+        return dict(self._ips)
+
+
+def _tallies_for(batch: LoginColumns | NativeBatch, max_distinct: int) -> WindowTallies:
+    """The tallies that count this kind of batch."""
+    if type(batch) is LoginColumns:
+        return WindowTallies(max_distinct)
+    return NativeWindowTallies(max_distinct)
+
+
+_EMPTY = WindowTallies(0)
+
+
 @dataclass(slots=True, eq=False)
 class WindowAggregate:
-    """Everything one window has accumulated. Grows only through `add_columns`."""
+    """Everything one window has accumulated: its tallies (made on its first record),
+    the invalid and late records carried into it, and the offsets it holds."""
 
     start: int
-    message_count: int = 0
-    # (device_type, app_version, locale) -> n: one counter update per batch instead of
-    # three; the per-field counts are summed from it when the window closes.
-    profile_counts: Counter = field(default_factory=Counter)
-    device_ids: set = field(default_factory=set)
-    ip_counts: Counter = field(default_factory=Counter)
-    missing_field_counts: Counter = field(default_factory=Counter)
+    tallies: WindowTallies | None = None
     invalid_message_count: int = 0
     late_message_count: int = 0
-    # Output fields whose distinct values went past the bound (see add_columns).
-    capped: set = field(default_factory=set)
     # partition -> lowest offset of a record counted here (for commits)
     min_offsets: dict[int, int] = field(default_factory=dict)
 
@@ -119,35 +199,11 @@ class WindowAggregate:
         if held is None or offset < held:
             self.min_offsets[partition] = offset
 
-    def add_columns(self, columns: LoginColumns, max_distinct: int = DEFAULT_MAX_DISTINCT) -> None:
-        """Fold a batch of valid records into the window, in bulk (C-level updates).
-
-        At most `max_distinct` device ids and IPs are kept: one window flooded with
-        new values (a botnet, a bug upstream) must not exhaust memory, and a crash
-        there would repeat on every replay. Past the bound, new values are left out
-        and the window's value says which counts are lower bounds (`capped_counts`).
-        """
-        self.message_count += len(columns)
-        self.profile_counts.update(columns.profile)
-        if len(self.device_ids) + len(columns) <= max_distinct:
-            self.device_ids.update(columns.device_id)
-        elif _add_bounded(self.device_ids, columns.device_id, max_distinct):
-            self.capped.add("unique_device_count")
-        if len(self.ip_counts) + len(columns) <= max_distinct:
-            self.ip_counts.update(columns.ip)
-        elif _count_bounded(self.ip_counts, columns.ip, max_distinct):
-            self.capped.update(("unique_ip_count", "top_ips"))
-        # Missing device types, locales, app versions and IPs are in the counters
-        # above already (under ""); `to_value` reads them from there.
-        # The others: no counter holds them.
-        missing = self.missing_field_counts
-        if columns.user_id_missing:
-            missing["user_id"] += len(columns.user_id_missing)
-        missing_device_ids = columns.device_id.count(MISSING)
-        if missing_device_ids:
-            missing["device_id"] += missing_device_ids
-        if columns.timestamp_fallbacks:
-            missing["timestamp"] += len(columns.timestamp_fallbacks)
+    def add_rows(self, batch: LoginColumns | NativeBatch, low: int, high: int, max_distinct: int) -> None:
+        """Count the batch's rows with low <= event time < high."""
+        if self.tallies is None:
+            self.tallies = _tallies_for(batch, max_distinct)
+        self.tallies.add(batch, low, high)
 
     def absorb_counters(self, other: WindowAggregate) -> None:
         """Take over another window's late/invalid counts (the carried-over ones)."""
@@ -158,42 +214,39 @@ class WindowAggregate:
 
     def to_value(self, window_seconds: int, top_ips: int) -> bytes:
         """The window's JSON value: a pure function of its records (same bytes every time)."""
-        ips = self.ip_counts.copy()
-        ips.pop(MISSING, None)
+        tallies = self.tallies or _EMPTY
         device_counts: Counter = Counter()
         locale_counts: Counter = Counter()
         version_counts: Counter = Counter()
         versions: dict[str, Counter] = {}
-        for (device, version, locale), count in self.profile_counts.items():
+        for (device, version, locale), count in tallies.profile_counts().items():
             device_counts[device] += count
             locale_counts[locale] += count
             version_counts[version] += count
             versions.setdefault(device or UNKNOWN, Counter())[version or UNKNOWN] += count
-        missing = self.missing_field_counts + Counter(
+        missing = Counter(tallies.missing_counts()) + Counter(
             device_type=device_counts[MISSING],
             locale=locale_counts[MISSING],
             app_version=version_counts[MISSING],
-            ip=self.ip_counts[MISSING],
         )
-        unique_devices = len(self.device_ids) - (MISSING in self.device_ids)
-        top = _top_by_count(ips, top_ips)
         value = {
             "schema_version": SCHEMA_VERSION,
             "window_start": iso_utc(self.start),
             "window_end": iso_utc(self.start + window_seconds),
-            "message_count": self.message_count,
+            "message_count": tallies.message_count,
             "device_counts": _by_count(_with_unknown(device_counts)),
             "locale_counts": _by_count(_with_unknown(locale_counts)),
-            "unique_device_count": unique_devices,
+            "unique_device_count": tallies.unique_device_count(),
             "app_version_by_device": {device: _by_count(versions[device]) for device in sorted(versions)},
-            "unique_ip_count": len(ips),
-            "top_ips": [{"ip": ip, "count": count} for ip, count in top],
+            "unique_ip_count": tallies.unique_ip_count(),
+            "top_ips": [{"ip": ip, "count": count} for ip, count in tallies.top_ips(top_ips)],
             "missing_field_counts": _by_count(missing),
             "invalid_message_count": self.invalid_message_count,
             "late_message_count": self.late_message_count,
         }
-        if self.capped:  # only past MAX_DISTINCT_PER_WINDOW: normal windows keep the contract's shape
-            value["capped_counts"] = sorted(self.capped)
+        capped = tallies.capped()
+        if capped:  # only past MAX_DISTINCT_PER_WINDOW: normal windows keep the contract's shape
+            value["capped_counts"] = sorted(capped)
         return _encode(value)
 
 
@@ -308,7 +361,7 @@ class Aggregator:
         partition: int,
         first_offset: int,
         next_offset: int,
-        columns: LoginColumns,
+        batch: LoginColumns | NativeBatch,
         invalid_times: Iterable[int] = (),
     ) -> int:
         """Fold one partition's run of consecutive records into the windows.
@@ -327,35 +380,19 @@ class Aggregator:
             progress.caught_up = False
             progress.next_offset = next_offset
             late = 0
-            if len(columns):
-                times = columns.event_time
-                newest = max(times)
+            if len(batch):
+                newest = batch.newest_time()
                 if progress.stream_time is None or newest > progress.stream_time:
                     progress.stream_time = newest
-                first_window = min(times) // width
-                if first_window == newest // width:
-                    late += self._add_to_window(first_window * width, partition, first_offset, columns)
-                elif times == sorted(times):  # the usual case: one partition's run in time order
-                    cut = 0
-                    for boundary in range((first_window + 1) * width, newest + 1, width):
-                        end = bisect_left(times, boundary, cut)
-                        if end > cut:
-                            part = columns.slice(cut, end)
-                            late += self._add_to_window(boundary - width, partition, first_offset, part)
-                        cut = end
-                    start = newest - newest % width
-                    late += self._add_to_window(start, partition, first_offset, columns.slice(cut, len(times)))
-                else:
-                    rows_by_window: dict[int, list[int]] = {}
-                    for row, seconds in enumerate(times):
-                        start = seconds - seconds % width
-                        rows = rows_by_window.get(start)
-                        if rows is None:
-                            rows_by_window[start] = [row]
-                        else:
-                            rows.append(row)
-                    for start, rows in rows_by_window.items():
-                        late += self._add_to_window(start, partition, first_offset, columns.take(rows))
+                # Per window the batch touches (one or two, usually), not per record.
+                for start, count in sorted(batch.window_counts(width).items()):
+                    window = self._window_for(start, partition, first_offset)
+                    if window is not None:
+                        window.add_rows(batch, start, start + width, self.max_distinct_per_window)
+                    elif start + width > self._replayed_until:  # else a replay of a published window
+                        self._carry.late_message_count += count
+                        self._carry.hold_offset(partition, first_offset)
+                        late += count
             for seconds in invalid_times:
                 window = self._window_for(seconds - seconds % width, partition, first_offset)
                 if window is not None:
@@ -364,17 +401,6 @@ class Aggregator:
                     self._carry.invalid_message_count += 1
                     self._carry.hold_offset(partition, first_offset)
             return late
-
-    def _add_to_window(self, start: int, partition: int, first_offset: int, columns: LoginColumns) -> int:
-        window = self._window_for(start, partition, first_offset)
-        if window is not None:
-            window.add_columns(columns, self.max_distinct_per_window)
-            return 0
-        if start + self.window_seconds <= self._replayed_until:
-            return 0  # replay of a window published before: already counted
-        self._carry.late_message_count += len(columns)
-        self._carry.hold_offset(partition, first_offset)
-        return len(columns)
 
     def _window_for(self, start: int, partition: int, first_offset: int) -> WindowAggregate | None:
         """The open window starting at `start` (opened if need be), or None if it is closed."""

@@ -264,7 +264,7 @@ class Processor:
         if not NATIVE_PARSER_AVAILABLE:
             log.warning(
                 "native parser not built (python setup.py build_ext --inplace): parsing in pure Python,"
-                " at about a third of the speed"
+                " at about a quarter of the speed"
             )
         batch_size = self.settings.consume_batch_size
         try:
@@ -361,7 +361,7 @@ class Processor:
         stats = self.stats
         started = time.perf_counter()
         now = time.time()
-        columns, invalid = parse_values(
+        batch, invalid = parse_values(
             list(map(Message.value, run)),
             now,
             self.settings.max_event_time_skew_seconds,
@@ -374,7 +374,7 @@ class Processor:
             invalid_times.append(_kafka_seconds(run[item.position], now))
             self._dead_letter(run[item.position], item.reason)
         dead_lettered = time.perf_counter()
-        late = self.aggregator.add_batch(partition, run[0].offset(), run[-1].offset() + 1, columns, invalid_times)
+        late = self.aggregator.add_batch(partition, run[0].offset(), run[-1].offset() + 1, batch, invalid_times)
         stats.aggregate_seconds += time.perf_counter() - dead_lettered
         stats.dead_letter_seconds += dead_lettered - parsed
         stats.parse_seconds += parsed - started

@@ -3,11 +3,12 @@
 `parse_values` is the entry point. The processor's cost is per-record work, so
 it has two implementations that give the same answer:
 
-- native (`_login_columns`, built from native/login_columns.c): parses, in C, the
-  strict JSON subset that nearly every record is written in (flat object,
-  printable-ASCII strings without escapes, integers, literals) and applies the
-  contract's field rules there; every other record is *deferred* to the exact
-  path below, one record at a time. It never judges a record invalid itself.
+- native (`_login_columns`, built from native/login_columns.c): parses, in C and
+  without the GIL, the strict JSON subset that nearly every record is written in
+  (flat object, printable-ASCII strings without escapes, integers, literals) into
+  C rows (`NativeBatch`), applying the contract's field rules there; every other
+  record is *deferred* to the exact path below, one record at a time, and its
+  values are set back into the batch. It never judges a record invalid itself.
 - pure Python: one msgspec decode per record into a typed struct, so that
   msgspec checks in C that each string field is a string within the length
   bound and `timestamp` an integer; then whole-column work that runs in C
@@ -30,6 +31,7 @@ import json
 import math
 import re
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
@@ -38,8 +40,12 @@ import msgspec
 
 try:  # built by `python setup.py build_ext --inplace` (make does it); optional
     import _login_columns as _native
+
+    NativeBatch = _native.LoginBatch
+    NativeWindowTallies = _native.WindowTallies  # counts a NativeBatch (see aggregator.py)
 except ImportError:  # pragma: no cover - depends on the build
     _native = None
+    NativeBatch = NativeWindowTallies = None
 
 NATIVE_PARSER_AVAILABLE = _native is not None
 
@@ -290,6 +296,28 @@ class LoginColumns:
     def __len__(self) -> int:
         return len(self.event_time)
 
+    def window_counts(self, width: int) -> dict[int, int]:
+        """{window start: rows in it}, like `NativeBatch.window_counts`."""
+        times = self.event_time
+        if not times:
+            return {}
+        first = min(times)
+        if first // width == max(times) // width:
+            return {first - first % width: len(times)}
+        return dict(Counter(seconds - seconds % width for seconds in times))
+
+    def newest_time(self) -> int | None:
+        return max(self.event_time) if self.event_time else None
+
+    def between(self, low: int, high: int) -> LoginColumns:
+        """The rows with low <= event time < high (all of them, usually: no copy)."""
+        times = self.event_time
+        if not times or (min(times) >= low and max(times) < high):
+            return self
+        if times == sorted(times):  # one partition's run in time order: two cuts
+            return self.slice(bisect_left(times, low), bisect_left(times, high))
+        return self.take([row for row, seconds in enumerate(times) if low <= seconds < high])
+
     def slice(self, start: int, end: int) -> LoginColumns:
         """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""
         return LoginColumns(
@@ -369,12 +397,15 @@ def parse_values(
     fallback_time: Callable[[int], int],
     max_field_length: int = 256,
     native: bool = True,
-) -> tuple[LoginColumns, list[InvalidRecord]]:
-    """Columns of the valid records among `values` (in order), and the invalid ones.
+) -> tuple[LoginColumns | NativeBatch, list[InvalidRecord]]:
+    """The valid records among `values` (in order), and the invalid ones.
 
-    `fallback_time(position)` is the Kafka timestamp of `values[position]`, used when
-    a record has no usable event time. `native=False` forces the pure-Python path
-    (tests compare the two); without the native module it is always taken.
+    The batch is a `NativeBatch` (C rows, no Python object per record) when the
+    native module is built, else `LoginColumns`; the aggregator counts either into
+    the matching `WindowTallies`. `fallback_time(position)` is the Kafka timestamp
+    of `values[position]`, used when a record has no usable event time.
+    `native=False` forces the pure-Python path (tests compare the two); without
+    the native module it is always taken.
     """
     if native and _native is not None:
         return _parse_values_native(values, now, max_skew_seconds, fallback_time, max_field_length)
@@ -392,42 +423,25 @@ def _parse_values_native(
     max_skew_seconds: int,
     fallback_time: Callable[[int], int],
     max_field_length: int,
-) -> tuple[LoginColumns, list[InvalidRecord]]:
-    (user_id_missing, profile, ip, device_id, timestamps), deferred = _native.parse_values(values, max_field_length)
+) -> tuple[NativeBatch, list[InvalidRecord]]:
+    batch = _native.parse_batch(values, max_field_length, now, max_skew_seconds)
     invalid: list[InvalidRecord] = []
-    missing_in_deferred: list[int] = []
-    for position in deferred:  # the few records outside the native subset: exact rules
+    for position in batch.deferred():  # the few records outside the native subset: exact rules
         record = decode_exact(values[position])
         if isinstance(record, str):
             invalid.append(InvalidRecord(position, record))
+            batch.set_invalid(position)
             continue
-        if not _clean_string(record.user_id, max_field_length):
-            missing_in_deferred.append(position)
-        profile[position] = (
+        batch.set_record(
+            position,
+            not _clean_string(record.user_id, max_field_length),
             _clean_string(record.device_type, max_field_length),
             _clean_string(record.app_version, max_field_length),
             _clean_string(record.locale, max_field_length),
+            _clean_string(record.ip, max_field_length),
+            _clean_string(record.device_id, max_field_length),
+            event_time_of(record.timestamp, now, max_skew_seconds),
         )
-        ip[position] = _clean_string(record.ip, max_field_length)
-        device_id[position] = _clean_string(record.device_id, max_field_length)
-        timestamps[position] = record.timestamp
-    if missing_in_deferred:
-        user_id_missing = sorted(user_id_missing + missing_in_deferred)
-    for item in reversed(invalid):
-        for column in (profile, ip, device_id, timestamps):
-            del column[item.position]
-    if invalid:  # rows after a removed one move up (an invalid row is never in the list)
-        removed = [item.position for item in invalid]
-        user_id_missing = [row - bisect_left(removed, row) for row in user_id_missing]
-    invalid_positions = [item.position for item in invalid]
-
-    def valid_fallback_time(index: int) -> int:
-        position = index  # back from an index among the valid rows to a position in `values`
-        for bad in invalid_positions:
-            if bad > position:
-                break
-            position += 1
-        return fallback_time(position)
-
-    times, fell_back = event_times(timestamps, now, max_skew_seconds, valid_fallback_time)
-    return LoginColumns(times, user_id_missing, profile, ip, device_id, timestamp_fallbacks=fell_back), invalid
+    for position in batch.fallback_rows():
+        batch.set_fallback_time(position, fallback_time(position))
+    return batch, invalid

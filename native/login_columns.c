@@ -1,11 +1,16 @@
 /*
- * _login_columns: the processor's hot path, the step "record values -> columns".
+ * _login_columns: the processor's hot path, "record values -> window counts",
+ * in C and without the GIL.
  *
  * Why this exists: per record, Python's work (decode, take fields out, trim,
- * count) cost several microseconds, five times the raw consume rate's budget
- * (README, Performance). This module does the decode-and-trim part in C for the
- * shape nearly every record has, and leaves everything else to the exact
- * Python path in parsing.py.
+ * one str per device id and IP, a set and a Counter update) cost several times
+ * the raw consume rate's budget (README, Performance). Here a partition run of
+ * values is parsed into plain C rows (parse_batch -> LoginBatch) and folded
+ * into a window's hash tables keyed by the values' bytes (WindowTallies.add):
+ * no Python object per record, and the GIL is released for both loops, so the
+ * poll loop's next consume() and the window closer can run meanwhile.
+ * Which window, lateness, watermarks and offsets stay in Python
+ * (aggregator.py), decided once per batch.
  *
  * The rule that keeps it safe: this parser never decides that a record is
  * invalid, and never guesses. It accepts only a strict subset of JSON that it
@@ -18,25 +23,31 @@
  *     false or null.
  *
  * Anything else (nested values, floats, escapes, non-ASCII, control bytes,
- * malformed JSON, a value that is not an object) is *deferred*: its position
- * is returned and parsing.py decodes it with the exact rules. The tests hold
- * both paths to the same columns on generated input (tests/test_parsing.py).
+ * malformed JSON, a value that is not an object, a timestamp string that is
+ * not plain digits) is *deferred*: parsing.py decodes it with the exact rules
+ * and sets the row's values (LoginBatch.set_record) or marks it invalid.
  *
  * For accepted records the contract's rules are applied here:
  *   - string fields: trimmed (only ' ' can surround a printable-ASCII value);
  *     empty after trimming, longer than max_field_length, or not a string
- *     -> "" (missing); user_id only as "missing or not" (no aggregate reads
- *     its value), so no str is made for it;
- *   - timestamp: an integer -> that int; a string -> the str as sent (Python
- *     applies the numeric-string rule); null/true/false/absent -> None;
+ *     -> missing; user_id only as "missing or not" (no aggregate reads it);
+ *   - timestamp: an integer, or a string of plain digits -> seconds
+ *     (milliseconds above 10^12); not a time (absent, null, true, false, <= 0,
+ *     beyond the allowed skew) -> the Kafka timestamp, which Python supplies
+ *     (LoginBatch.set_fallback_time);
  *   - a key given twice: the last one counts (as msgspec and json.loads do).
  *
- * Low-cardinality fields (device_type, app_version, locale) are interned, and
- * so is their (device_type, app_version, locale) tuple (see interned_ascii and
- * interned_profile): counting them hashes each key once, not once per record.
+ * aggregator.WindowTallies is the pure-Python twin of WindowTallies; the tests
+ * hold the two paths to the same window values on generated input
+ * (tests/test_parsing.py, tests/test_aggregator.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "scan_plain_string reads words little-endian"
+#endif
+#include <stdlib.h>
 #include <string.h>
 
 enum {
@@ -54,7 +65,6 @@ enum {
 static const char *const FIELD_NAMES[N_FIELDS] = {
     "user_id", "app_version", "device_type", "ip", "locale", "device_id", "timestamp",
 };
-static Py_ssize_t FIELD_NAME_LENGTHS[N_FIELDS];
 
 enum { V_ABSENT, V_STRING, V_INTEGER, V_LITERAL };
 
@@ -75,17 +85,48 @@ static inline const char *skip_space(const char *p, const char *end) {
 /* PLAIN[c]: c may appear in a string body of the subset (printable ASCII, not '"' or '\\'). */
 static unsigned char PLAIN[256];
 
-/* A string's body after its opening quote. Returns the closing quote, or NULL to defer. */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* Nonzero when some byte of w is zero (exact as a yes/no answer). */
+static inline uint64_t has_zero_byte(uint64_t w) { return (w - ONES) & ~w & HIGHS; }
+
+/* Nonzero when some byte of w is not PLAIN: below 0x20, 0x7F or above, '"' or '\\'. */
+static inline uint64_t has_special_byte(uint64_t w) {
+    return ((w - ONES * 0x20) & ~w & HIGHS) | (w & HIGHS) | has_zero_byte(w ^ (ONES * 0x7F)) |
+           has_zero_byte(w ^ (ONES * '"')) | has_zero_byte(w ^ (ONES * '\\'));
+}
+
+/* A string's body after its opening quote. Returns the closing quote, or NULL to defer.
+   Eight bytes at a time: the lowest flagged byte of has_special_byte is always a
+   truly special one (borrows only run upwards), so the first byte that is not
+   PLAIN is found exactly; within 8 bytes of the end, byte by byte. */
 static inline const char *scan_plain_string(const char *p, const char *end) {
+    while (end - p >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8); /* little-endian: the lowest byte is the first in memory */
+        uint64_t special = has_special_byte(w);
+        if (special) {
+            p += __builtin_ctzll(special) >> 3;
+            return *p == '"' ? p : NULL;
+        }
+        p += 8;
+    }
     while (p < end && PLAIN[(unsigned char)*p]) p++;
     return p < end && *p == '"' ? p : NULL;
 }
 
 static inline int field_of_key(const char *key, Py_ssize_t length) {
-    for (int f = 0; f < N_FIELDS; f++) {
-        if (FIELD_NAME_LENGTHS[f] == length && memcmp(FIELD_NAMES[f], key, (size_t)length) == 0) return f;
+    int f;
+    switch (length) { /* at most one candidate per length and first letter */
+    case 2: f = F_IP; break;
+    case 6: f = F_LOCALE; break;
+    case 7: f = F_USER_ID; break;
+    case 9: f = key[0] == 'd' ? F_DEVICE_ID : F_TIMESTAMP; break;
+    case 11: f = key[0] == 'a' ? F_APP_VERSION : F_DEVICE_TYPE; break;
+    default: return -1;
     }
-    return -1;
+    return memcmp(FIELD_NAMES[f], key, (size_t)length) == 0 ? f : -1;
 }
 
 /* Parse one record into fields[]. Returns 1 when the record is in the subset, 0 to defer. */
@@ -165,86 +206,7 @@ after_object:
     return p == end;
 }
 
-/* Interning of the low-cardinality fields (device_type, app_version, locale): one
- * str object per distinct value, kept across calls in a small direct-mapped table
- * (a new value takes its slot over, so memory stays bounded). The aggregator's
- * counters then meet objects whose hash is cached and that compare by identity.
- * Measured, not guessed: interning device_id, ip and user_id as well (65,536-slot
- * tables) doubled the parse time on fresh batches (cache misses on the table and
- * on the old str outweigh the saved allocation) and did not speed up counting. */
-typedef struct {
-    unsigned long long hash;
-    PyObject *str; /* owned, or NULL */
-} InternSlot;
-
-typedef struct {
-    InternSlot *slots;
-    size_t mask;
-} InternTable;
-
-static InternTable INTERNED[N_STRING_FIELDS];
-
-static PyObject *new_ascii(const char *text, Py_ssize_t length) {
-    PyObject *str = PyUnicode_New(length, 127);
-    if (str != NULL) memcpy(PyUnicode_1BYTE_DATA(str), text, (size_t)length);
-    return str;
-}
-
-static inline unsigned long long hash_bytes(const char *text, Py_ssize_t length) {
-    unsigned long long hash = 14695981039346656037ull; /* FNV-1a */
-    for (Py_ssize_t i = 0; i < length; i++) hash = (hash ^ (unsigned char)text[i]) * 1099511628211ull;
-    return hash;
-}
-
-static PyObject *interned_ascii(InternTable *table, const char *text, Py_ssize_t length) {
-    if (table->slots == NULL) return new_ascii(text, length); /* a high-cardinality field */
-    unsigned long long hash = hash_bytes(text, length);
-    InternSlot *slot = &table->slots[hash & table->mask];
-    PyObject *str = slot->str;
-    if (str != NULL && slot->hash == hash && PyUnicode_GET_LENGTH(str) == length &&
-        memcmp(PyUnicode_1BYTE_DATA(str), text, (size_t)length) == 0) {
-        Py_INCREF(str);
-        return str;
-    }
-    str = new_ascii(text, length);
-    if (str == NULL) return NULL;
-    Py_INCREF(str);
-    Py_XSETREF(slot->str, str);
-    slot->hash = hash;
-    return str;
-}
-
-static int make_intern_table(InternTable *table, size_t slots) {
-    table->slots = PyMem_Calloc(slots, sizeof(InternSlot));
-    table->mask = slots - 1;
-    return table->slots == NULL ? -1 : 0;
-}
-
-/* One (device_type, app_version, locale) tuple per distinct combination, kept like
- * the strs above. The three items are interned strs, so a slot matches when its
- * tuple holds the very same objects (the tuple keeps them alive, so no other str
- * can take their address). The aggregator counts these tuples: one shared object
- * per key means its hash is computed once and comparisons are by identity. */
-#define PROFILE_SLOTS 1024
-static PyObject *PROFILES[PROFILE_SLOTS];
-
-static PyObject *interned_profile(PyObject *device_type, PyObject *app_version, PyObject *locale) {
-    size_t hash = ((size_t)device_type >> 4) * 31u * 31u + ((size_t)app_version >> 4) * 31u + ((size_t)locale >> 4);
-    PyObject **slot = &PROFILES[hash % PROFILE_SLOTS];
-    PyObject *profile = *slot;
-    if (profile != NULL && PyTuple_GET_ITEM(profile, 0) == device_type && PyTuple_GET_ITEM(profile, 1) == app_version &&
-        PyTuple_GET_ITEM(profile, 2) == locale) {
-        Py_INCREF(profile);
-        return profile;
-    }
-    profile = PyTuple_Pack(3, device_type, app_version, locale);
-    if (profile == NULL) return NULL;
-    Py_INCREF(profile);
-    Py_XSETREF(*slot, profile);
-    return profile;
-}
-
-static PyObject *EMPTY; /* "" : a missing string field */
+/* ---- the contract's field rules, for an accepted record ---------------------------- */
 
 /* The value as the contract uses it: trimmed (only ' ' can surround printable
    ASCII); NULL when it is missing (not a string, empty, or too long). */
@@ -262,148 +224,815 @@ static const char *trimmed_string(const FieldValue *value, Py_ssize_t max_length
     return text;
 }
 
-static int string_is_missing(const FieldValue *value, Py_ssize_t max_length) {
-    Py_ssize_t length;
-    return trimmed_string(value, max_length, &length) == NULL;
+/* The string fields a window counts, in the order a Row keeps them. */
+enum { K_DEVICE_TYPE, K_APP_VERSION, K_LOCALE, K_IP, K_DEVICE_ID, N_KEPT };
+static const int KEPT_FIELD[N_KEPT] = {F_DEVICE_TYPE, F_APP_VERSION, F_LOCALE, F_IP, F_DEVICE_ID};
+
+enum { ROW_VALID, ROW_DEFERRED, ROW_INVALID };
+
+/* One record as the windows need it: no Python object, so a whole batch is
+   parsed and counted without the GIL. Texts point into the batch's values (or
+   into bytes the batch owns, for records set from Python). */
+typedef struct {
+    const char *text[N_KEPT];
+    uint32_t length[N_KEPT]; /* 0: missing */
+    int64_t event_time;      /* valid once has_time */
+    uint8_t state;
+    uint8_t has_time;
+    uint8_t user_id_missing;
+    uint8_t timestamp_missing; /* its event time is the Kafka timestamp */
+} Row;
+
+#define MILLISECONDS_ABOVE 1000000000000LL
+
+/* An integer timestamp under the contract's rule: seconds, or milliseconds above
+   10^12; not a time when <= 0 or more than the allowed skew ahead of now. */
+static int usable_time(long long value, double now, double max_skew, int64_t *seconds) {
+    if (value > MILLISECONDS_ABOVE) value /= 1000;
+    if (value <= 0 || (double)value > now + max_skew) return 0;
+    *seconds = value;
+    return 1;
 }
 
-static PyObject *string_column_value(const FieldValue *value, Py_ssize_t max_length, InternTable *table) {
-    Py_ssize_t length;
-    const char *text = trimmed_string(value, max_length, &length);
-    if (text == NULL) {
-        Py_INCREF(EMPTY);
-        return EMPTY;
+/* A timestamp sent as a string of plain digits ("1700000000", " +17 "), as the
+   numeric-string rule reads it. Returns 0 for anything else (floats, exponents,
+   over 18 digits): the row is then deferred to the exact Python rule. */
+static int digits_string(const FieldValue *value, long long *number) {
+    const char *p = value->text, *end = value->text + value->length;
+    while (p < end && *p == ' ') p++;
+    while (end > p && end[-1] == ' ') end--;
+    int negative = 0;
+    if (p < end && (*p == '+' || *p == '-')) negative = *p++ == '-';
+    if (p == end || end - p > 18) return 0;
+    long long result = 0;
+    for (; p < end; p++) {
+        if (*p < '0' || *p > '9') return 0;
+        result = result * 10 + (*p - '0');
     }
-    return interned_ascii(table, text, length);
+    *number = negative ? -result : result;
+    return 1;
 }
 
-/* Consecutive records mostly share their second: reuse the previous int object. */
-static PyObject *timestamp_column_value(const FieldValue *value, PyObject **previous, long long *previous_value) {
-    switch (value->kind) {
-    case V_INTEGER:
-        if (*previous == NULL || *previous_value != value->integer) {
-            PyObject *number = PyLong_FromLongLong(value->integer);
-            if (number == NULL) return NULL;
-            Py_XSETREF(*previous, number);
-            *previous_value = value->integer;
+/* Fill a row from an accepted record. Returns 0 when a value needs the exact
+   Python rule after all (a timestamp string that is not plain digits). */
+static int fill_row(Row *row, const FieldValue fields[N_FIELDS], Py_ssize_t max_length, double now, double max_skew) {
+    for (int k = 0; k < N_KEPT; k++) {
+        Py_ssize_t length = 0;
+        const char *text = trimmed_string(&fields[KEPT_FIELD[k]], max_length, &length);
+        row->text[k] = text;
+        row->length[k] = text == NULL ? 0 : (uint32_t)length;
+    }
+    Py_ssize_t ignored;
+    row->user_id_missing = trimmed_string(&fields[F_USER_ID], max_length, &ignored) == NULL;
+    const FieldValue *timestamp = &fields[F_TIMESTAMP];
+    long long number = 0;
+    int is_number = timestamp->kind == V_INTEGER;
+    if (is_number) {
+        number = timestamp->integer;
+    } else if (timestamp->kind == V_STRING) {
+        if (!digits_string(timestamp, &number)) return 0;
+        is_number = 1;
+    }
+    /* absent, null, true, false, or out of range: the Kafka timestamp (set later) */
+    row->has_time = is_number && usable_time(number, now, max_skew, &row->event_time);
+    row->timestamp_missing = !row->has_time;
+    row->state = ROW_VALID;
+    return 1;
+}
+
+/* ---- LoginBatch -------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *values; /* tuple: keeps every text a row points into alive */
+    PyObject *owned;  /* list of bytes: texts of rows set from Python */
+    Row *rows;
+    Py_ssize_t count;
+    Py_ssize_t valid; /* rows in state ROW_VALID */
+} LoginBatch;
+
+static PyTypeObject LoginBatchType;
+
+static void LoginBatch_dealloc(LoginBatch *self) {
+    PyMem_RawFree(self->rows);
+    Py_XDECREF(self->values);
+    Py_XDECREF(self->owned);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t LoginBatch_len(LoginBatch *self) { return self->valid; }
+
+/* Every row decided and every valid row timed: what counting a batch needs. */
+static int batch_is_complete(LoginBatch *self) {
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        const Row *row = &self->rows[i];
+        if (row->state == ROW_DEFERRED || (row->state == ROW_VALID && !row->has_time)) {
+            PyErr_Format(PyExc_ValueError, "row %zd has no %s yet", i,
+                         row->state == ROW_DEFERRED ? "values (deferred)" : "event time (fallback)");
+            return 0;
         }
-        Py_INCREF(*previous);
-        return *previous;
-    case V_STRING:
-        return new_ascii(value->text, value->length); /* as sent: Python trims and checks it */
-    default:
-        Py_RETURN_NONE;
     }
+    return 1;
 }
 
-PyDoc_STRVAR(parse_values_doc,
-             "parse_values(values, max_field_length) -> (columns, deferred)\n\n"
-             "columns: user_id_missing (the rows whose user_id is missing: no aggregate\n"
-             "reads its value), then 4 lists with one item per value: profile (a\n"
-             "(device_type, app_version, locale) tuple), ip, device_id, timestamp.\n"
-             "deferred: positions this parser left to the exact Python path; their items\n"
-             "are None and they are not in user_id_missing.");
+static int row_index(LoginBatch *self, Py_ssize_t row) {
+    if (row < 0 || row >= self->count) {
+        PyErr_SetString(PyExc_IndexError, "row out of range");
+        return 0;
+    }
+    return 1;
+}
 
-enum { C_USER_ID_MISSING, C_PROFILE, C_IP, C_DEVICE_ID, C_TIMESTAMP, N_COLUMNS };
+static PyObject *rows_where(LoginBatch *self, int deferred) {
+    PyObject *list = PyList_New(0);
+    if (list == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        const Row *row = &self->rows[i];
+        int wanted = deferred ? row->state == ROW_DEFERRED : row->state == ROW_VALID && !row->has_time;
+        if (!wanted) continue;
+        PyObject *index = PyLong_FromSsize_t(i);
+        if (index == NULL || PyList_Append(list, index) < 0) {
+            Py_XDECREF(index);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(index);
+    }
+    return list;
+}
 
-static PyObject *parse_values(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *values;
-    Py_ssize_t max_length;
-    if (!PyArg_ParseTuple(args, "O!n:parse_values", &PyList_Type, &values, &max_length)) return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(values);
+static PyObject *LoginBatch_deferred(LoginBatch *self, PyObject *unused) {
+    (void)unused;
+    return rows_where(self, 1);
+}
 
-    PyObject *columns[N_COLUMNS] = {NULL};
-    PyObject *deferred = PyList_New(0);
+static PyObject *LoginBatch_fallback_rows(LoginBatch *self, PyObject *unused) {
+    (void)unused;
+    return rows_where(self, 0);
+}
+
+static PyObject *LoginBatch_set_record(LoginBatch *self, PyObject *args) {
+    Py_ssize_t index;
+    int user_id_missing;
+    PyObject *texts[N_KEPT];
+    PyObject *event_time;
+    if (!PyArg_ParseTuple(args, "npUUUUUO:set_record", &index, &user_id_missing, &texts[K_DEVICE_TYPE],
+                          &texts[K_APP_VERSION], &texts[K_LOCALE], &texts[K_IP], &texts[K_DEVICE_ID], &event_time))
+        return NULL;
+    if (!row_index(self, index)) return NULL;
+    Row *row = &self->rows[index];
+    if (row->state != ROW_DEFERRED) {
+        PyErr_Format(PyExc_ValueError, "row %zd was not deferred", index);
+        return NULL;
+    }
+    long long seconds = 0;
+    if (event_time != Py_None) {
+        seconds = PyLong_AsLongLong(event_time);
+        if (seconds == -1 && PyErr_Occurred()) return NULL;
+    }
+    for (int k = 0; k < N_KEPT; k++) {
+        /* surrogatepass: a JSON "\ud800" is a str with a lone surrogate; its bytes
+           must still be one distinct key, and decode back to the same str. */
+        PyObject *encoded = PyUnicode_AsEncodedString(texts[k], "utf-8", "surrogatepass");
+        if (encoded == NULL) return NULL;
+        int failed = PyList_Append(self->owned, encoded);
+        Py_DECREF(encoded);
+        if (failed) return NULL;
+        Py_ssize_t length = PyBytes_GET_SIZE(encoded);
+        if (length > UINT32_MAX) {
+            PyErr_SetString(PyExc_ValueError, "value too long");
+            return NULL;
+        }
+        row->text[k] = length ? PyBytes_AS_STRING(encoded) : NULL;
+        row->length[k] = (uint32_t)length;
+    }
+    row->user_id_missing = (uint8_t)user_id_missing;
+    row->has_time = event_time != Py_None;
+    row->event_time = seconds;
+    row->timestamp_missing = !row->has_time;
+    row->state = ROW_VALID;
+    self->valid++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoginBatch_set_invalid(LoginBatch *self, PyObject *arg) {
+    Py_ssize_t index = PyLong_AsSsize_t(arg);
+    if (index == -1 && PyErr_Occurred()) return NULL;
+    if (!row_index(self, index)) return NULL;
+    Row *row = &self->rows[index];
+    if (row->state != ROW_DEFERRED) {
+        PyErr_Format(PyExc_ValueError, "row %zd was not deferred", index);
+        return NULL;
+    }
+    row->state = ROW_INVALID;
+    Py_RETURN_NONE;
+}
+
+static PyObject *LoginBatch_set_fallback_time(LoginBatch *self, PyObject *args) {
+    Py_ssize_t index;
+    long long seconds;
+    if (!PyArg_ParseTuple(args, "nL:set_fallback_time", &index, &seconds)) return NULL;
+    if (!row_index(self, index)) return NULL;
+    Row *row = &self->rows[index];
+    if (row->state != ROW_VALID || row->has_time) {
+        PyErr_Format(PyExc_ValueError, "row %zd does not need a fallback time", index);
+        return NULL;
+    }
+    row->event_time = seconds;
+    row->has_time = 1;
+    Py_RETURN_NONE;
+}
+
+static inline int64_t window_start_of(int64_t seconds, int64_t width) {
+    int64_t offset = seconds % width;
+    if (offset < 0) offset += width;
+    return seconds - offset;
+}
+
+static PyObject *LoginBatch_window_counts(LoginBatch *self, PyObject *arg) {
+    long long width = PyLong_AsLongLong(arg);
+    if (width == -1 && PyErr_Occurred()) return NULL;
+    if (width <= 0) {
+        PyErr_SetString(PyExc_ValueError, "width must be positive");
+        return NULL;
+    }
+    if (!batch_is_complete(self)) return NULL;
+    /* A batch is one partition's run: nearly always one or two windows. */
+    int64_t *starts = NULL, *counts = NULL;
+    Py_ssize_t used = 0, capacity = 0, last = -1;
     PyObject *result = NULL;
-    PyObject *previous_timestamp = NULL;
-    long long previous_timestamp_value = 0;
-    if (deferred == NULL) goto done;
-    for (int c = 0; c < N_COLUMNS; c++) {
-        columns[c] = PyList_New(c == C_USER_ID_MISSING ? 0 : count);
-        if (columns[c] == NULL) goto done;
-    }
-
-    FieldValue fields[N_FIELDS];
-    for (Py_ssize_t row = 0; row < count; row++) {
-        PyObject *item = PyList_GET_ITEM(values, row);
-        int accepted = 0;
-        if (PyBytes_Check(item)) {
-            const char *start = PyBytes_AS_STRING(item);
-            accepted = parse_record(start, start + PyBytes_GET_SIZE(item), fields);
-        }
-        if (!accepted) {
-            PyObject *position = PyLong_FromSsize_t(row);
-            if (position == NULL) goto done;
-            int failed = PyList_Append(deferred, position);
-            Py_DECREF(position);
-            if (failed) goto done;
-            for (int c = 0; c < N_COLUMNS; c++) {
-                if (c == C_USER_ID_MISSING) continue;
-                Py_INCREF(Py_None);
-                PyList_SET_ITEM(columns[c], row, Py_None);
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        const Row *row = &self->rows[i];
+        if (row->state != ROW_VALID) continue;
+        int64_t start = window_start_of(row->event_time, width);
+        if (last < 0 || starts[last] != start) {
+            for (last = 0; last < used && starts[last] != start; last++) {
             }
-            continue;
-        }
-        PyObject *strings[N_STRING_FIELDS] = {NULL};
-        for (int f = 0; f < N_STRING_FIELDS; f++) {
-            if (f == F_USER_ID) continue; /* only whether it is missing: see below */
-            strings[f] = string_column_value(&fields[f], max_length, &INTERNED[f]);
-            if (strings[f] == NULL) {
-                for (int g = 0; g < f; g++) Py_XDECREF(strings[g]);
-                goto done;
+            if (last == used) {
+                if (used == capacity) {
+                    capacity = capacity ? capacity * 2 : 4;
+                    int64_t *grown_starts = PyMem_Realloc(starts, (size_t)capacity * sizeof(int64_t));
+                    if (grown_starts != NULL) starts = grown_starts;
+                    int64_t *grown_counts = grown_starts ? PyMem_Realloc(counts, (size_t)capacity * sizeof(int64_t)) : NULL;
+                    if (grown_counts == NULL) {
+                        PyErr_NoMemory();
+                        goto done;
+                    }
+                    counts = grown_counts;
+                }
+                starts[used] = start;
+                counts[used] = 0;
+                used++;
             }
         }
-        if (string_is_missing(&fields[F_USER_ID], max_length)) {
-            PyObject *position = PyLong_FromSsize_t(row);
-            int failed = position == NULL || PyList_Append(columns[C_USER_ID_MISSING], position) < 0;
-            Py_XDECREF(position);
-            if (failed) {
-                for (int f = 0; f < N_STRING_FIELDS; f++) Py_XDECREF(strings[f]);
-                goto done;
-            }
-        }
-        PyObject *profile = interned_profile(strings[F_DEVICE_TYPE], strings[F_APP_VERSION], strings[F_LOCALE]);
-        Py_DECREF(strings[F_DEVICE_TYPE]);
-        Py_DECREF(strings[F_APP_VERSION]);
-        Py_DECREF(strings[F_LOCALE]);
-        PyList_SET_ITEM(columns[C_IP], row, strings[F_IP]);
-        PyList_SET_ITEM(columns[C_DEVICE_ID], row, strings[F_DEVICE_ID]);
-        if (profile == NULL) goto done;
-        PyList_SET_ITEM(columns[C_PROFILE], row, profile);
-        PyObject *timestamp =
-            timestamp_column_value(&fields[F_TIMESTAMP], &previous_timestamp, &previous_timestamp_value);
-        if (timestamp == NULL) goto done;
-        PyList_SET_ITEM(columns[C_TIMESTAMP], row, timestamp);
+        counts[last]++;
     }
-
-    {
-        PyObject *column_tuple = PyTuple_New(N_COLUMNS);
-        if (column_tuple == NULL) goto done;
-        for (int c = 0; c < N_COLUMNS; c++) {
-            PyTuple_SET_ITEM(column_tuple, c, columns[c]);
-            columns[c] = NULL;
+    result = PyDict_New();
+    if (result == NULL) goto done;
+    for (Py_ssize_t w = 0; w < used; w++) {
+        PyObject *key = PyLong_FromLongLong(starts[w]);
+        PyObject *value = PyLong_FromLongLong(counts[w]);
+        int failed = key == NULL || value == NULL || PyDict_SetItem(result, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed) {
+            Py_CLEAR(result);
+            goto done;
         }
-        result = Py_BuildValue("(NO)", column_tuple, deferred);
     }
-
 done:
-    /* On an error, lists may hold NULL items: PyList's dealloc skips them. */
-    for (int c = 0; c < N_COLUMNS; c++) Py_XDECREF(columns[c]);
-    Py_XDECREF(deferred);
-    Py_XDECREF(previous_timestamp);
+    PyMem_Free(starts);
+    PyMem_Free(counts);
     return result;
 }
 
+static PyObject *LoginBatch_newest_time(LoginBatch *self, PyObject *unused) {
+    (void)unused;
+    if (!batch_is_complete(self)) return NULL;
+    int found = 0;
+    int64_t newest = 0;
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        const Row *row = &self->rows[i];
+        if (row->state != ROW_VALID) continue;
+        if (!found || row->event_time > newest) newest = row->event_time;
+        found = 1;
+    }
+    if (!found) Py_RETURN_NONE;
+    return PyLong_FromLongLong(newest);
+}
+
+static PyMethodDef LoginBatch_methods[] = {
+    {"deferred", (PyCFunction)LoginBatch_deferred, METH_NOARGS,
+     "Rows outside the native subset: decode them in Python, then set_record or set_invalid."},
+    {"set_record", (PyCFunction)LoginBatch_set_record, METH_VARARGS,
+     "set_record(row, user_id_missing, device_type, app_version, locale, ip, device_id, event_time):\n"
+     "a deferred row's values after the exact rules (\"\" missing; event_time None: use the fallback)."},
+    {"set_invalid", (PyCFunction)LoginBatch_set_invalid, METH_O, "A deferred row is not a valid record."},
+    {"fallback_rows", (PyCFunction)LoginBatch_fallback_rows, METH_NOARGS,
+     "Valid rows without a usable event time: give each one with set_fallback_time."},
+    {"set_fallback_time", (PyCFunction)LoginBatch_set_fallback_time, METH_VARARGS,
+     "set_fallback_time(row, seconds): the Kafka timestamp of a row without a usable event time."},
+    {"window_counts", (PyCFunction)LoginBatch_window_counts, METH_O,
+     "window_counts(width) -> {window start: valid rows in it}"},
+    {"newest_time", (PyCFunction)LoginBatch_newest_time, METH_NOARGS, "The highest event time, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods LoginBatch_sequence = {.sq_length = (lenfunc)LoginBatch_len};
+
+static PyTypeObject LoginBatchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_login_columns.LoginBatch",
+    .tp_doc = "One partition run of record values, parsed; made by parse_batch.",
+    .tp_basicsize = sizeof(LoginBatch),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)LoginBatch_dealloc,
+    .tp_as_sequence = &LoginBatch_sequence,
+    .tp_methods = LoginBatch_methods,
+};
+
+PyDoc_STRVAR(parse_batch_doc,
+             "parse_batch(values, max_field_length, now, max_skew_seconds) -> LoginBatch\n\n"
+             "Parses every value without the GIL. Records outside the native subset are\n"
+             "deferred (batch.deferred()); records without a usable event time wait for\n"
+             "their Kafka timestamp (batch.fallback_rows()).");
+
+static PyObject *parse_batch(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *values;
+    Py_ssize_t max_length;
+    double now, max_skew;
+    if (!PyArg_ParseTuple(args, "O!ndd:parse_batch", &PyList_Type, &values, &max_length, &now, &max_skew)) return NULL;
+    LoginBatch *batch = PyObject_New(LoginBatch, &LoginBatchType);
+    if (batch == NULL) return NULL;
+    batch->rows = NULL;
+    batch->owned = PyList_New(0);
+    batch->values = PyList_AsTuple(values);
+    batch->count = PyList_GET_SIZE(values);
+    batch->valid = 0;
+    const char **starts = PyMem_Malloc(sizeof(char *) * (size_t)(batch->count + 1));
+    Py_ssize_t *lengths = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(batch->count + 1));
+    batch->rows = PyMem_RawMalloc(sizeof(Row) * (size_t)(batch->count + 1));
+    if (batch->owned == NULL || batch->values == NULL || starts == NULL || lengths == NULL || batch->rows == NULL) {
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        PyMem_Free(starts);
+        PyMem_Free(lengths);
+        Py_DECREF(batch);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < batch->count; i++) {
+        PyObject *item = PyTuple_GET_ITEM(batch->values, i);
+        starts[i] = PyBytes_Check(item) ? PyBytes_AS_STRING(item) : NULL; /* None, str...: deferred */
+        lengths[i] = starts[i] ? PyBytes_GET_SIZE(item) : 0;
+    }
+    Py_ssize_t valid = 0;
+    Py_BEGIN_ALLOW_THREADS
+    FieldValue fields[N_FIELDS];
+    for (Py_ssize_t i = 0; i < batch->count; i++) {
+        Row *row = &batch->rows[i];
+        row->state = ROW_DEFERRED;
+        row->has_time = 0;
+        if (starts[i] != NULL && parse_record(starts[i], starts[i] + lengths[i], fields) &&
+            fill_row(row, fields, max_length, now, max_skew))
+            valid++;
+        else
+            row->state = ROW_DEFERRED;
+    }
+    Py_END_ALLOW_THREADS
+    batch->valid = valid;
+    PyMem_Free(starts);
+    PyMem_Free(lengths);
+    return (PyObject *)batch;
+}
+
+/* ---- WindowTallies: one window's counts, keyed by the values' bytes ----------------- */
+
+/* An open-addressing hash table of byte strings with a count each. Keys are copied
+   into an arena (entries hold offsets, so the arena may move when it grows). The
+   hash is CPython's own for bytes (SipHash with the process's random key), so
+   crafted values cannot make one window's table degenerate any more than they
+   could a Python set. */
+typedef struct {
+    uint64_t hash;
+    uint64_t offset;
+    uint64_t count; /* 0: an empty slot */
+    uint32_t length;
+} Entry;
+
+typedef struct {
+    Entry *entries;
+    size_t mask; /* capacity - 1 (a power of two) */
+    size_t used;
+    char *arena;
+    size_t arena_used, arena_capacity;
+} KeyTable;
+
+static int table_init(KeyTable *table, size_t capacity) {
+    table->entries = calloc(capacity, sizeof(Entry));
+    table->mask = capacity - 1;
+    table->used = 0;
+    table->arena = NULL;
+    table->arena_used = table->arena_capacity = 0;
+    return table->entries == NULL ? -1 : 0;
+}
+
+static void table_free(KeyTable *table) {
+    free(table->entries);
+    free(table->arena);
+    table->entries = NULL;
+    table->arena = NULL;
+}
+
+static int table_grow(KeyTable *table) {
+    size_t capacity = (table->mask + 1) * 2;
+    Entry *entries = calloc(capacity, sizeof(Entry));
+    if (entries == NULL) return -1;
+    for (size_t i = 0; i <= table->mask; i++) {
+        const Entry *old = &table->entries[i];
+        if (old->count == 0) continue;
+        size_t slot = (size_t)old->hash & (capacity - 1);
+        while (entries[slot].count != 0) slot = (slot + 1) & (capacity - 1);
+        entries[slot] = *old;
+    }
+    free(table->entries);
+    table->entries = entries;
+    table->mask = capacity - 1;
+    return 0;
+}
+
+enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
+
+static inline uint64_t key_hash(const char *key, uint32_t length) {
+    return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
+}
+
+static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
+    __builtin_prefetch(&table->entries[(size_t)hash & table->mask]);
+}
+
+/* Count one occurrence of key (whose key_hash is `hash`); a new key only while the
+   table holds fewer than `bound`. */
+static int table_count(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound) {
+    size_t slot = (size_t)hash & table->mask;
+    for (;;) {
+        Entry *entry = &table->entries[slot];
+        if (entry->count == 0) break;
+        if (entry->hash == hash && entry->length == length && memcmp(table->arena + entry->offset, key, length) == 0) {
+            entry->count++;
+            return ADDED;
+        }
+        slot = (slot + 1) & table->mask;
+    }
+    if (table->used >= bound) return LEFT_OUT;
+    if (table->arena_used + length > table->arena_capacity) {
+        size_t capacity = table->arena_capacity ? table->arena_capacity * 2 : 4096;
+        while (capacity < table->arena_used + length) capacity *= 2;
+        char *arena = realloc(table->arena, capacity);
+        if (arena == NULL) return OUT_OF_MEMORY;
+        table->arena = arena;
+        table->arena_capacity = capacity;
+    }
+    memcpy(table->arena + table->arena_used, key, length);
+    Entry *entry = &table->entries[slot];
+    entry->hash = hash;
+    entry->offset = table->arena_used;
+    entry->length = length;
+    entry->count = 1;
+    table->arena_used += length;
+    table->used++;
+    if (table->used * 2 > table->mask + 1 && table_grow(table) < 0) return OUT_OF_MEMORY;
+    return ADDED;
+}
+
+static PyObject *decode_key(const char *text, Py_ssize_t length) {
+    return PyUnicode_DecodeUTF8(text, length, "surrogatepass");
+}
+
+typedef struct {
+    PyObject_HEAD
+    KeyTable profiles; /* key: device_type, app_version, locale, each as u32 length + bytes */
+    KeyTable devices;
+    KeyTable ips;
+    size_t max_distinct;
+    unsigned long long message_count;
+    unsigned long long missing_user_id, missing_device_id, missing_ip, missing_timestamp;
+    int devices_capped, ips_capped;
+    char *scratch; /* a profile key being built */
+    size_t scratch_capacity;
+} WindowTallies;
+
+static int WindowTallies_init(WindowTallies *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"max_distinct", NULL};
+    Py_ssize_t max_distinct;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:WindowTallies", keywords, &max_distinct)) return -1;
+    if (self->devices.entries != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "WindowTallies initialised twice");
+        return -1;
+    }
+    self->max_distinct = max_distinct < 0 ? 0 : (size_t)max_distinct;
+    if (table_init(&self->profiles, 64) < 0 || table_init(&self->devices, 1024) < 0 ||
+        table_init(&self->ips, 1024) < 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static void WindowTallies_dealloc(WindowTallies *self) {
+    table_free(&self->profiles);
+    table_free(&self->devices);
+    table_free(&self->ips);
+    free(self->scratch);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int profile_key(WindowTallies *self, const Row *row, uint32_t *length_out) {
+    size_t length = 3 * sizeof(uint32_t);
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) length += row->length[k];
+    if (length > self->scratch_capacity) {
+        char *scratch = realloc(self->scratch, length);
+        if (scratch == NULL) return -1;
+        self->scratch = scratch;
+        self->scratch_capacity = length;
+    }
+    char *p = self->scratch;
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) {
+        memcpy(p, &row->length[k], sizeof(uint32_t));
+        p += sizeof(uint32_t);
+        if (row->length[k]) memcpy(p, row->text[k], row->length[k]);
+        p += row->length[k];
+    }
+    *length_out = (uint32_t)length;
+    return 0;
+}
+
+/* Rows are counted in groups: first every key of the group is hashed and its slot
+   prefetched, then counted. The device and IP tables of a busy window are larger
+   than the CPU caches, and a lookup that waits for memory was most of the time. */
+#define GROUP 16
+
+static PyObject *WindowTallies_add(WindowTallies *self, PyObject *args) {
+    LoginBatch *batch;
+    long long low, high;
+    if (!PyArg_ParseTuple(args, "O!LL:add", &LoginBatchType, &batch, &low, &high)) return NULL;
+    if (self->devices.entries == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "WindowTallies not initialised");
+        return NULL;
+    }
+    if (!batch_is_complete(batch)) return NULL;
+    Py_ssize_t added = 0;
+    int failed = 0;
+    size_t bound = self->max_distinct;
+    /* The batch and this window are not touched by anyone else meanwhile: the
+       aggregator's lock is held, and the batch keeps its texts alive. */
+    Py_BEGIN_ALLOW_THREADS
+    const Row *group[GROUP];
+    uint64_t device_hashes[GROUP], ip_hashes[GROUP];
+    Py_ssize_t next = 0;
+    while (next < batch->count && !failed) {
+        int size = 0;
+        for (; next < batch->count && size < GROUP; next++) {
+            const Row *row = &batch->rows[next];
+            if (row->state != ROW_VALID || row->event_time < low || row->event_time >= high) continue;
+            device_hashes[size] = key_hash(row->text[K_DEVICE_ID], row->length[K_DEVICE_ID]);
+            ip_hashes[size] = key_hash(row->text[K_IP], row->length[K_IP]);
+            table_prefetch(&self->devices, device_hashes[size]);
+            table_prefetch(&self->ips, ip_hashes[size]);
+            group[size++] = row;
+        }
+        for (int g = 0; g < size && !failed; g++) {
+            const Row *row = group[g];
+            added++;
+            uint32_t length;
+            int outcome = OUT_OF_MEMORY;
+            if (profile_key(self, row, &length) == 0)
+                outcome = table_count(&self->profiles, self->scratch, length, key_hash(self->scratch, length), SIZE_MAX);
+            if (row->length[K_DEVICE_ID] == 0) {
+                self->missing_device_id++;
+            } else if (outcome != OUT_OF_MEMORY) {
+                int device = table_count(&self->devices, row->text[K_DEVICE_ID], row->length[K_DEVICE_ID],
+                                         device_hashes[g], bound);
+                if (device == LEFT_OUT) self->devices_capped = 1;
+                if (device == OUT_OF_MEMORY) outcome = device;
+            }
+            if (row->length[K_IP] == 0) {
+                self->missing_ip++;
+            } else if (outcome != OUT_OF_MEMORY) {
+                int ip = table_count(&self->ips, row->text[K_IP], row->length[K_IP], ip_hashes[g], bound);
+                if (ip == LEFT_OUT) self->ips_capped = 1;
+                if (ip == OUT_OF_MEMORY) outcome = ip;
+            }
+            failed = outcome == OUT_OF_MEMORY;
+            self->missing_user_id += row->user_id_missing;
+            self->missing_timestamp += row->timestamp_missing;
+            self->message_count++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    return PyLong_FromSsize_t(added);
+}
+
+static PyObject *WindowTallies_profile_counts(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    PyObject *result = PyDict_New();
+    if (result == NULL) return NULL;
+    const KeyTable *table = &self->profiles;
+    for (size_t i = 0; i <= table->mask && table->entries; i++) {
+        const Entry *entry = &table->entries[i];
+        if (entry->count == 0) continue;
+        const char *p = table->arena + entry->offset;
+        PyObject *key = PyTuple_New(3);
+        if (key == NULL) goto fail;
+        for (int k = 0; k < 3; k++) {
+            uint32_t length;
+            memcpy(&length, p, sizeof(uint32_t));
+            p += sizeof(uint32_t);
+            PyObject *text = decode_key(p, length);
+            p += length;
+            if (text == NULL) {
+                Py_DECREF(key);
+                goto fail;
+            }
+            PyTuple_SET_ITEM(key, k, text);
+        }
+        PyObject *count = PyLong_FromUnsignedLongLong(entry->count);
+        int failed = count == NULL || PyDict_SetItem(result, key, count) < 0;
+        Py_DECREF(key);
+        Py_XDECREF(count);
+        if (failed) goto fail;
+    }
+    return result;
+fail:
+    Py_DECREF(result);
+    return NULL;
+}
+
+typedef struct {
+    uint64_t count;
+    const char *key;
+    uint32_t length;
+} Ranked;
+
+/* Count descending, then key ascending: UTF-8 byte order is code point order, so
+   this is the order Python gives the same strs. */
+static int by_count_then_key(const void *a, const void *b) {
+    const Ranked *x = a, *y = b;
+    if (x->count != y->count) return x->count > y->count ? -1 : 1;
+    uint32_t shorter = x->length < y->length ? x->length : y->length;
+    int order = memcmp(x->key, y->key, shorter);
+    if (order != 0) return order;
+    return x->length < y->length ? -1 : x->length > y->length;
+}
+
+static PyObject *WindowTallies_top_ips(WindowTallies *self, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    const KeyTable *table = &self->ips;
+    size_t used = table->used;
+    Ranked *ranked = PyMem_RawMalloc(sizeof(Ranked) * (used + 1));
+    if (ranked == NULL) return PyErr_NoMemory();
+    Py_BEGIN_ALLOW_THREADS
+    size_t r = 0;
+    for (size_t i = 0; i <= table->mask && table->entries; i++) {
+        const Entry *entry = &table->entries[i];
+        if (entry->count == 0) continue;
+        ranked[r].count = entry->count;
+        ranked[r].key = table->arena + entry->offset;
+        ranked[r].length = entry->length;
+        r++;
+    }
+    qsort(ranked, used, sizeof(Ranked), by_count_then_key);
+    Py_END_ALLOW_THREADS
+    size_t take = n < 0 ? 0 : (size_t)n < used ? (size_t)n : used;
+    PyObject *result = PyList_New((Py_ssize_t)take);
+    for (size_t i = 0; result != NULL && i < take; i++) {
+        PyObject *item = Py_BuildValue("(NK)", decode_key(ranked[i].key, ranked[i].length),
+                                       (unsigned long long)ranked[i].count);
+        if (item == NULL) Py_CLEAR(result);
+        else PyList_SET_ITEM(result, (Py_ssize_t)i, item);
+    }
+    PyMem_RawFree(ranked);
+    return result;
+}
+
+static PyObject *table_keys(const KeyTable *table, int with_counts) {
+    PyObject *result = with_counts ? PyDict_New() : PySet_New(NULL);
+    if (result == NULL) return NULL;
+    for (size_t i = 0; i <= table->mask && table->entries; i++) {
+        const Entry *entry = &table->entries[i];
+        if (entry->count == 0) continue;
+        PyObject *key = decode_key(table->arena + entry->offset, entry->length);
+        PyObject *count = key ? PyLong_FromUnsignedLongLong(entry->count) : NULL;
+        int failed = count == NULL ||
+                     (with_counts ? PyDict_SetItem(result, key, count) : PySet_Add(result, key)) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(count);
+        if (failed) {
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    return result;
+}
+
+static PyObject *WindowTallies_device_ids(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    return table_keys(&self->devices, 0);
+}
+
+static PyObject *WindowTallies_ip_counts(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    return table_keys(&self->ips, 1);
+}
+
+static PyObject *WindowTallies_unique_device_count(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromSize_t(self->devices.used);
+}
+
+static PyObject *WindowTallies_unique_ip_count(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromSize_t(self->ips.used);
+}
+
+static PyObject *WindowTallies_missing_counts(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("{sKsKsKsK}", "user_id", self->missing_user_id, "device_id", self->missing_device_id, "ip",
+                         self->missing_ip, "timestamp", self->missing_timestamp);
+}
+
+static PyObject *WindowTallies_capped(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    PyObject *result = PySet_New(NULL);
+    if (result == NULL) return NULL;
+    const char *names[3] = {NULL, NULL, NULL};
+    int n = 0;
+    if (self->devices_capped) names[n++] = "unique_device_count";
+    if (self->ips_capped) {
+        names[n++] = "unique_ip_count";
+        names[n++] = "top_ips";
+    }
+    for (int i = 0; i < n; i++) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (name == NULL || PySet_Add(result, name) < 0) {
+            Py_XDECREF(name);
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_DECREF(name);
+    }
+    return result;
+}
+
+static PyObject *WindowTallies_message_count(WindowTallies *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->message_count);
+}
+
+static PyGetSetDef WindowTallies_getset[] = {
+    {"message_count", (getter)WindowTallies_message_count, NULL, "Records counted.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef WindowTallies_methods[] = {
+    {"add", (PyCFunction)WindowTallies_add, METH_VARARGS,
+     "add(batch, low, high) -> rows counted: the batch's valid rows with low <= event time < high."},
+    {"profile_counts", (PyCFunction)WindowTallies_profile_counts, METH_NOARGS,
+     "{(device_type, app_version, locale): count}, \"\" for a missing value."},
+    {"unique_device_count", (PyCFunction)WindowTallies_unique_device_count, METH_NOARGS, NULL},
+    {"unique_ip_count", (PyCFunction)WindowTallies_unique_ip_count, METH_NOARGS, NULL},
+    {"top_ips", (PyCFunction)WindowTallies_top_ips, METH_O,
+     "top_ips(n) -> [(ip, count)], count descending then ip ascending."},
+    {"missing_counts", (PyCFunction)WindowTallies_missing_counts, METH_NOARGS,
+     "Missing user_id, device_id, ip and timestamp (the others are in profile_counts)."},
+    {"capped", (PyCFunction)WindowTallies_capped, METH_NOARGS,
+     "Output fields that are lower bounds: new values were left out past max_distinct."},
+    {"device_ids", (PyCFunction)WindowTallies_device_ids, METH_NOARGS, "The distinct device ids (for tests)."},
+    {"ip_counts", (PyCFunction)WindowTallies_ip_counts, METH_NOARGS, "{ip: count} (for tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WindowTalliesType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_login_columns.WindowTallies",
+    .tp_doc = "WindowTallies(max_distinct): one window's counts; the twin of aggregator.WindowTallies.",
+    .tp_basicsize = sizeof(WindowTallies),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)WindowTallies_init,
+    .tp_dealloc = (destructor)WindowTallies_dealloc,
+    .tp_methods = WindowTallies_methods,
+    .tp_getset = WindowTallies_getset,
+};
+
 static PyMethodDef methods[] = {
-    {"parse_values", parse_values, METH_VARARGS, parse_values_doc},
+    {"parse_batch", parse_batch, METH_VARARGS, parse_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "_login_columns",
-    "Record values -> columns for the common record shape; see native/login_columns.c.",
+    "Record values -> parsed batches -> window tallies, without the GIL; see native/login_columns.c.",
     -1,
     methods,
     NULL,
@@ -413,13 +1042,16 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__login_columns(void) {
-    for (int f = 0; f < N_FIELDS; f++) FIELD_NAME_LENGTHS[f] = (Py_ssize_t)strlen(FIELD_NAMES[f]);
     for (int c = 0x20; c <= 0x7E; c++) PLAIN[c] = c != '"' && c != '\\';
-    for (int f = 0; f < N_STRING_FIELDS; f++) {
-        int low_cardinality = f == F_DEVICE_TYPE || f == F_APP_VERSION || f == F_LOCALE;
-        if (low_cardinality && make_intern_table(&INTERNED[f], 1u << 10) < 0) return PyErr_NoMemory();
+    if (PyType_Ready(&LoginBatchType) < 0 || PyType_Ready(&WindowTalliesType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&LoginBatchType);
+    Py_INCREF(&WindowTalliesType);
+    if (PyModule_AddObject(m, "LoginBatch", (PyObject *)&LoginBatchType) < 0 ||
+        PyModule_AddObject(m, "WindowTallies", (PyObject *)&WindowTalliesType) < 0) {
+        Py_DECREF(m);
+        return NULL;
     }
-    EMPTY = PyUnicode_New(0, 127);
-    if (EMPTY == NULL) return NULL;
-    return PyModule_Create(&module);
+    return m;
 }

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import Aggregator, iso_utc
-from parsing import decode_records, to_columns
+from parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from tests.oracle import expected_windows
 
 W = 30
@@ -40,13 +41,23 @@ def event(t: int, **fields) -> bytes:
     return json.dumps({k: v for k, v in record.items() if v is not ...}).encode()
 
 
+_parser = {"native": False}
+
+
+@pytest.fixture(autouse=True, scope="module", params=["pure", "native"] if NATIVE_PARSER_AVAILABLE else ["pure"])
+def parser(request):
+    """Every test here runs on both paths: the native batch and tallies must give the
+    pure-Python answer (module scope, so that Hypothesis tests are run twice too)."""
+    _parser["native"] = request.param == "native"
+    yield request.param
+
+
 def feed(aggregator: Aggregator, partition: int, first_offset: int, raws: list[bytes], now: float, kafka_s=None):
     """What the poll loop does for one partition run (parse, then add_batch)."""
-    records, positions, invalid = decode_records(raws)
     kafka_s = kafka_s or [int(now)] * len(raws)
-    columns = to_columns(records, now, 300, lambda i: kafka_s[i if positions is None else positions[i]])
+    batch, invalid = parse_values(raws, now, 300, lambda position: kafka_s[position], native=_parser["native"])
     invalid_times = [kafka_s[item.position] for item in invalid]
-    return aggregator.add_batch(partition, first_offset, first_offset + len(raws), columns, invalid_times)
+    return aggregator.add_batch(partition, first_offset, first_offset + len(raws), batch, invalid_times)
 
 
 def values(closed) -> dict[str, dict]:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import _tallies_for
 from parsing import (
     ALL_FIELDS,
     NATIVE_PARSER_AVAILABLE,
@@ -20,6 +21,9 @@ from parsing import (
     regular_record_type,
     to_columns,
 )
+
+if NATIVE_PARSER_AVAILABLE:
+    import _login_columns
 
 NOW = 1_800_000_000
 SKEW = 300
@@ -311,45 +315,72 @@ def login_record_values(draw) -> bytes:
     return data
 
 
+def tallied(batch, width: int, max_distinct: int) -> dict[int, dict]:
+    """Everything the windows of `batch` count, per window: the parser's output as the
+    aggregator sees it (a native batch has no per-record Python view)."""
+    windows = {}
+    for start, count in sorted(batch.window_counts(width).items()):
+        tallies = _tallies_for(batch, max_distinct)
+        assert tallies.add(batch, start, start + width) == count
+        windows[start] = {
+            "message_count": tallies.message_count,
+            "profiles": tallies.profile_counts(),
+            "device_ids": tallies.device_ids(),
+            "unique_device_count": tallies.unique_device_count(),
+            "ip_counts": tallies.ip_counts(),
+            "unique_ip_count": tallies.unique_ip_count(),
+            "top_ips": tallies.top_ips(3),
+            "missing": {name: n for name, n in tallies.missing_counts().items() if n},
+            "capped": tallies.capped(),
+        }
+    return windows
+
+
 class TestNativeParser:
-    """The native parser must give exactly the pure-Python path's answer, or defer to it."""
+    """The native parser and tallies must give exactly the pure-Python answer, or defer to it."""
 
     def test_the_native_module_is_built(self):
         # CI and `make test` build it; without it the processor runs at a third of the speed.
         assert NATIVE_PARSER_AVAILABLE, "build it: python setup.py build_ext --inplace"
 
     @settings(max_examples=400, deadline=None)
-    @given(st.lists(login_record_values(), max_size=25), st.integers(1, 40))
-    def test_native_and_pure_paths_agree(self, raws, max_field_length):
+    @given(
+        st.lists(login_record_values(), max_size=25),
+        st.integers(1, 40),
+        st.sampled_from([1, 30, 10**9]),
+        st.integers(1, 30),
+    )
+    def test_native_and_pure_paths_agree(self, raws, max_field_length, width, max_distinct):
         def kafka_time(position: int) -> int:
             return NOW - 1000 + position  # different per position: checks the position mapping
 
-        native = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=True)
-        pure = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=False)
-        assert native == pure
+        native, native_invalid = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=True)
+        pure, pure_invalid = parse_values(raws, NOW, SKEW, kafka_time, max_field_length, native=False)
+        assert native_invalid == pure_invalid
+        assert len(native) == len(pure)
+        assert native.newest_time() == pure.newest_time()
+        assert tallied(native, width, max_distinct) == tallied(pure, width, max_distinct)
 
     def test_usual_records_are_parsed_natively(self):
-        import _login_columns
-
         raws = [
             b'{"user_id": "u", "app_version": "2.3.0", "device_type": " android ", "ip": "1.2.3.4",'
             b' "locale": "RU", "device_id": "d", "timestamp": 1800000000}',
-            b'{"ip": 12, "locale": null, "device_type": true, "timestamp": "1800000000"}',
+            b'{"ip": 12, "locale": null, "device_type": true, "timestamp": " 1800000001 "}',
             b" { } ",
         ]
-        columns, deferred = _login_columns.parse_values(raws, 16)
-        assert deferred == []
-        user_id_missing, profile, ip, device_id, timestamp = columns
-        assert user_id_missing == [1, 2]  # the rows, not the values: no aggregate reads user ids
-        assert [profile[0], ip[0], device_id[0], timestamp[0]] == [
-            ("android", "2.3.0", "RU"),
-            "1.2.3.4",
-            "d",
-            1800000000,
-        ]
-        assert [profile[1], ip[1], device_id[1], timestamp[1]] == [("", "", ""), "", "", "1800000000"]
-        assert [profile[2], ip[2], device_id[2], timestamp[2]] == [("", "", ""), "", "", None]
-        assert profile[1] is profile[2]  # one shared tuple per distinct profile
+        batch = _login_columns.parse_batch(raws, 16, NOW, SKEW)
+        assert batch.deferred() == []
+        assert batch.fallback_rows() == [2]  # no timestamp: waits for its Kafka timestamp
+        with pytest.raises(ValueError, match="row 2 has no event time"):
+            batch.window_counts(30)  # never counted half-known
+        batch.set_fallback_time(2, NOW + 1)
+        assert len(batch) == 3
+        assert batch.window_counts(30) == {NOW - NOW % 30: 3}
+        [window] = tallied(batch, 30, 100).values()
+        assert window["profiles"] == {("android", "2.3.0", "RU"): 1, ("", "", ""): 2}
+        assert window["device_ids"] == {"d"}
+        assert window["ip_counts"] == {"1.2.3.4": 1}
+        assert window["missing"] == {"user_id": 2, "device_id": 2, "ip": 2, "timestamp": 1}
 
     @pytest.mark.parametrize(
         "raw",
@@ -358,6 +389,7 @@ class TestNativeParser:
             '{"locale": "é"}'.encode(),  # non-ASCII
             b'{"ip": "a\tb"}',  # a raw control character (invalid JSON)
             b'{"timestamp": 1800000000.0}',  # a float
+            b'{"timestamp": "1.8e9"}',  # a numeric string that is not plain digits
             b'{"extra": {"nested": 1}}',
             b'{"ip": "a",}',  # malformed
             b"[1]",
@@ -366,19 +398,49 @@ class TestNativeParser:
         ],
     )
     def test_anything_else_is_deferred(self, raw):
-        import _login_columns
+        batch = _login_columns.parse_batch([b'{"timestamp": 1800000000}', raw], 16, NOW, SKEW)
+        assert batch.deferred() == [1]
+        assert len(batch) == 1  # the deferred row counts only once it is set
+        with pytest.raises(ValueError, match="row 1 has no values"):
+            batch.window_counts(30)
 
-        (user_id_missing, *columns), deferred = _login_columns.parse_values([b"{}", raw], 16)
-        assert deferred == [1]
-        assert user_id_missing == [0]  # the deferred row is left to the exact path
-        assert [column[1] for column in columns] == [None] * 4
+    @pytest.mark.parametrize("special", [b"\x7f", b"\x1f", b"\x80", b"\\", b"\xc3\xa9"])
+    def test_a_byte_outside_the_subset_is_found_at_every_position(self, special):
+        # The string scan reads 8 bytes at a time: a special byte at each offset of a
+        # long value, last before the closing quote included, must send the record to
+        # the exact path (and there be refused or read exactly as the pure path does).
+        for length in range(24):
+            for before in (b"a" * length, b"a" * length + special):
+                raw = b'{"ip": "' + before + special + b'", "timestamp": 1800000000}'
+                assert _login_columns.parse_batch([raw], 256, NOW, SKEW).deferred() == [0], raw
+                native, native_invalid = parse_values([raw], NOW, SKEW, lambda position: NOW, 256, native=True)
+                pure, pure_invalid = parse_values([raw], NOW, SKEW, lambda position: NOW, 256, native=False)
+                assert native_invalid == pure_invalid
+                assert tallied(native, 30, 100) == tallied(pure, 30, 100)
 
-    def test_more_distinct_values_than_an_intern_table_holds(self):
-        # The low-cardinality tables keep 1,024 values; older ones are replaced, never confused.
-        objects = [{"locale": f"L{i % 5000}", "ip": f"10.0.{i // 256}.{i % 256}"} for i in range(20_000)]
-        raws = [json.dumps(obj).encode() for obj in objects]
-        for _ in range(2):
-            columns, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, 256)
+    def test_non_ascii_values_are_one_key_however_they_were_written(self):
+        # Deferred records are set back as UTF-8 bytes: an escape and the raw character
+        # must be the same device id / IP, and come back as the same str.
+        raws = [
+            '{"ip": "é", "device_id": "😀", "timestamp": 1800000000}'.encode(),
+            b'{"ip": "\\u00e9", "device_id": "\\ud83d\\ude00", "timestamp": 1800000000}',
+        ]
+        for native in (True, False):
+            batch, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, 256, native=native)
             assert invalid == []
-            assert columns.ip == [obj["ip"] for obj in objects]
-            assert [locale for _, _, locale in columns.profile] == [obj["locale"] for obj in objects]
+            [window] = tallied(batch, 30, 100).values()
+            assert window["ip_counts"] == {"é": 2}
+            assert window["device_ids"] == {"😀"}
+
+    def test_tables_grow_past_their_first_size_and_keep_every_value(self):
+        # 20,000 distinct IPs and 5,000 locales: the native tables start at 1,024 and 64 slots.
+        objects = [
+            {"locale": f"L{i % 5000}", "ip": f"10.0.{i // 256}.{i % 256}", "timestamp": NOW} for i in range(20_000)
+        ]
+        raws = [json.dumps(obj).encode() for obj in objects]
+        native, _ = parse_values(raws, NOW, SKEW, lambda position: NOW, 256, native=True)
+        pure, _ = parse_values(raws, NOW, SKEW, lambda position: NOW, 256, native=False)
+        assert tallied(native, 30, 1_000_000) == tallied(pure, 30, 1_000_000)
+        [window] = tallied(native, 30, 1_000_000).values()
+        assert window["unique_ip_count"] == 20_000
+        assert len(window["profiles"]) == 5000
