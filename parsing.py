@@ -15,13 +15,14 @@ it has two implementations that give the same answer:
   (`map`, `min`, `max`, `list.index`). A record of any other shape is decoded
   again, generically, and gets the exact per-value rules of the contract.
 
-The tests hold the native path, the typed path and the exact per-value rules to
-the same columns on generated input.
+The tests hold the typed path and the exact per-value rules to the same columns,
+and the native path to the same window counts, on generated input.
 
-Conventions of the returned columns: a string field that is missing (absent,
-null, empty after trimming, or not a string) is the empty string `""`. The
-aggregator turns `""` into `"unknown"` for counts and leaves it out of unique
-counts; `""` cannot be a real value because values are trimmed.
+Conventions of the pure path's columns: a string field that is missing (absent,
+null, empty after trimming, or not a string) is the empty string `""` (a native
+row marks it with length 0). The aggregator turns it into `"unknown"` for counts
+and leaves it out of unique counts; `""` cannot be a real value because values
+are trimmed.
 """
 
 from __future__ import annotations
@@ -278,8 +279,8 @@ class LoginColumns:
     """One partition's valid records of one batch, as parallel columns.
 
     `profile` holds each record's (device_type, app_version, locale): the key the
-    aggregator counts by, so it is built once here (natively: one shared tuple per
-    distinct key) instead of once per window update. `""` marks a missing string
+    aggregator counts by, so it is built once here instead of once per window
+    update. `""` marks a missing string
     field. No aggregate reads `user_id` beyond whether it is missing, so only the
     rows where it is are kept (`user_id_missing`), not the values. Row lists
     (`user_id_missing`, `timestamp_fallbacks`, the rows whose event time came from
