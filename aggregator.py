@@ -172,7 +172,7 @@ class WindowTallies:
         return dict(self._ips)
 
 
-def _tallies_for(batch: LoginColumns | NativeBatch, max_distinct: int) -> WindowTallies:
+def tallies_for(batch: LoginColumns | NativeBatch, max_distinct: int) -> WindowTallies:
     """The tallies that count this kind of batch."""
     if type(batch) is LoginColumns:
         return WindowTallies(max_distinct)
@@ -202,7 +202,7 @@ class WindowAggregate:
     def add_rows(self, batch: LoginColumns | NativeBatch, low: int, high: int, max_distinct: int) -> None:
         """Count the batch's rows with low <= event time < high."""
         if self.tallies is None:
-            self.tallies = _tallies_for(batch, max_distinct)
+            self.tallies = tallies_for(batch, max_distinct)
         self.tallies.add(batch, low, high)
 
     def absorb_counters(self, other: WindowAggregate) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import _tallies_for
+from aggregator import tallies_for
 from parsing import (
     ALL_FIELDS,
     NATIVE_PARSER_AVAILABLE,
@@ -320,7 +320,7 @@ def tallied(batch, width: int, max_distinct: int) -> dict[int, dict]:
     aggregator sees it (a native batch has no per-record Python view)."""
     windows = {}
     for start, count in sorted(batch.window_counts(width).items()):
-        tallies = _tallies_for(batch, max_distinct)
+        tallies = tallies_for(batch, max_distinct)
         assert tallies.add(batch, start, start + width) == count
         windows[start] = {
             "message_count": tallies.message_count,
