@@ -264,7 +264,7 @@ class Processor:
         if not NATIVE_PARSER_AVAILABLE:
             log.warning(
                 "native parser not built (python setup.py build_ext --inplace): parsing in pure Python,"
-                " at about a quarter of the speed"
+                " at about a third of the speed"
             )
         batch_size = self.settings.consume_batch_size
         try:

@@ -1,7 +1,7 @@
 """Builds the processor's one native module, in place: `python setup.py build_ext --inplace`.
 
 `make run`, `make test` and `make bench` do this for you. Without the module the
-processor still works, with the pure-Python parser, at about a quarter of the speed
+processor still works, with the pure-Python parser, at about a third of the speed
 (it says so in its start-up log).
 """
 
