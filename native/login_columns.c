@@ -308,7 +308,8 @@ typedef struct {
     PyObject *owned;  /* list of bytes: texts of rows set from Python */
     Row *rows;
     Py_ssize_t count;
-    Py_ssize_t valid; /* rows in state ROW_VALID */
+    Py_ssize_t valid;   /* rows in state ROW_VALID */
+    Py_ssize_t pending; /* rows still deferred, or valid without an event time */
 } LoginBatch;
 
 static PyTypeObject LoginBatchType;
@@ -324,7 +325,8 @@ static Py_ssize_t LoginBatch_len(LoginBatch *self) { return self->valid; }
 
 /* Every row decided and every valid row timed: what counting a batch needs. */
 static int batch_is_complete(LoginBatch *self) {
-    for (Py_ssize_t i = 0; i < self->count; i++) {
+    if (self->pending == 0) return 1;
+    for (Py_ssize_t i = 0; i < self->count; i++) { /* only to name the row in the error */
         const Row *row = &self->rows[i];
         if (row->state == ROW_DEFERRED || (row->state == ROW_VALID && !row->has_time)) {
             PyErr_Format(PyExc_ValueError, "row %zd has no %s yet", i,
@@ -412,6 +414,7 @@ static PyObject *LoginBatch_set_record(LoginBatch *self, PyObject *args) {
     row->timestamp_missing = !row->has_time;
     row->state = ROW_VALID;
     self->valid++;
+    if (row->has_time) self->pending--; /* else it now waits for its fallback time */
     Py_RETURN_NONE;
 }
 
@@ -425,6 +428,7 @@ static PyObject *LoginBatch_set_invalid(LoginBatch *self, PyObject *arg) {
         return NULL;
     }
     row->state = ROW_INVALID;
+    self->pending--;
     Py_RETURN_NONE;
 }
 
@@ -440,6 +444,7 @@ static PyObject *LoginBatch_set_fallback_time(LoginBatch *self, PyObject *args) 
     }
     row->event_time = seconds;
     row->has_time = 1;
+    self->pending--;
     Py_RETURN_NONE;
 }
 
@@ -569,6 +574,7 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
     batch->values = PyList_AsTuple(values);
     batch->count = PyList_GET_SIZE(values);
     batch->valid = 0;
+    batch->pending = 0;
     const char **starts = PyMem_Malloc(sizeof(char *) * (size_t)(batch->count + 1));
     Py_ssize_t *lengths = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(batch->count + 1));
     batch->rows = PyMem_RawMalloc(sizeof(Row) * (size_t)(batch->count + 1));
@@ -584,7 +590,7 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
         starts[i] = PyBytes_Check(item) ? PyBytes_AS_STRING(item) : NULL; /* None, str...: deferred */
         lengths[i] = starts[i] ? PyBytes_GET_SIZE(item) : 0;
     }
-    Py_ssize_t valid = 0;
+    Py_ssize_t valid = 0, pending = 0;
     Py_BEGIN_ALLOW_THREADS
     FieldValue fields[N_FIELDS];
     for (Py_ssize_t i = 0; i < batch->count; i++) {
@@ -596,9 +602,11 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
             valid++;
         else
             row->state = ROW_DEFERRED;
+        pending += !row->has_time; /* deferred rows have none yet either */
     }
     Py_END_ALLOW_THREADS
     batch->valid = valid;
+    batch->pending = pending;
     PyMem_Free(starts);
     PyMem_Free(lengths);
     return (PyObject *)batch;
