@@ -432,6 +432,20 @@ class TestNativeParser:
             assert window["ip_counts"] == {"é": 2}
             assert window["device_ids"] == {"😀"}
 
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.integers(0, 300), min_size=1, max_size=400), st.sampled_from([1, 3, 10, 64, 65, 1000]))
+    def test_top_ips_are_the_pure_paths_whatever_n(self, ip_numbers, n):
+        # Few distinct IPs with repeats and ties: both ways of ranking (one pass keeping
+        # the best n, or a full sort for a large n) must give the pure path's order.
+        raws = [json.dumps({"ip": f"10.0.{k % 7}.{k}", "timestamp": NOW}).encode() for k in ip_numbers]
+        native, _ = parse_values(raws, NOW, SKEW, lambda position: NOW, 256, native=True)
+        pure, _ = parse_values(raws, NOW, SKEW, lambda position: NOW, 256, native=False)
+        [native_window] = native.window_counts(30)
+        native_tallies, pure_tallies = tallies_for(native, 1000), tallies_for(pure, 1000)
+        native_tallies.add(native, native_window, native_window + 30)
+        pure_tallies.add(pure, native_window, native_window + 30)
+        assert native_tallies.top_ips(n) == pure_tallies.top_ips(n)
+
     def test_tables_grow_past_their_first_size_and_keep_every_value(self):
         # 20,000 distinct IPs and 5,000 locales: the native tables start at 1,024 and 64 slots.
         objects = [
