@@ -159,7 +159,38 @@ def _decode_generic_object(value: bytes) -> LoginRecord | str:
         return f"not valid JSON: {error}"
     if type(obj) is not dict:
         return "not a JSON object"
+    if _holds_lone_surrogate(obj):
+        return LONE_SURROGATE
     return LoginRecord(**{name: obj.get(name) for name in ALL_FIELDS})
+
+
+# msgspec refuses a lone surrogate escape ("\ud800") anywhere in a document, in a key or
+# a value, used or not; json.loads accepts it. Records reach json.loads only after
+# msgspec stopped at something else first (a number it cannot hold, 1e400), so without
+# this rule a record's validity would depend on the order of its keys, and a value that
+# cannot be written as UTF-8 would reach a window (and make it unpublishable).
+LONE_SURROGATE = "not valid JSON: lone surrogate escape (a string that is not Unicode text)"
+
+
+def _holds_lone_surrogate(obj: object) -> bool:
+    """True if any key or string at any depth cannot be written as UTF-8. Walked with
+    a stack, not recursion: json.loads accepts nesting up to the recursion limit."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+    return False
 
 
 def event_time_of(value: object, now: float, max_skew_seconds: int) -> int | None:

@@ -70,6 +70,54 @@ class TestDecodeRecords:
         assert records[0].ip == json.loads(b'{"ip": 1, "ip": "x"}')["ip"]
 
 
+class TestLoneSurrogates:
+    """A lone surrogate escape makes a record invalid wherever it is and whatever comes
+    before it. (It used to depend on the key order: msgspec refuses the escape, but a
+    number it cannot hold (1e400) seen first sent the record to json.loads, which
+    accepts it, and its window could then not be written as UTF-8.)"""
+
+    HOSTILE = ("\\ud800", "\\udfff", "a\\udc00b", "\\ud83d x")
+    OTHERS = {"ip": "1e400", "timestamp": "1700000005", "locale": '"RU"'}
+
+    def records(self, field: str, escape: str) -> list[bytes]:
+        """Every key order of the hostile field with the other members (1e400 among them)."""
+        import itertools
+
+        members = [(name, value) for name, value in self.OTHERS.items() if name != field]
+        members.append((field, f'"{escape}"'))
+        return [
+            ("{" + ", ".join(f'"{name}": {value}' for name, value in order) + "}").encode()
+            for order in itertools.permutations(members)
+        ]
+
+    @pytest.mark.parametrize("native", [False, True] if NATIVE_PARSER_AVAILABLE else [False])
+    @pytest.mark.parametrize("field", [*ALL_FIELDS, "unused_key"])
+    def test_invalid_in_every_field_and_every_key_order(self, field, native):
+        for escape in self.HOSTILE:
+            raws = self.records(field, escape)
+            batch, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, native=native)
+            assert len(batch) == 0, (field, escape, raws)
+            assert [item.position for item in invalid] == list(range(len(raws)))
+            assert all(item.reason.startswith("not valid JSON") for item in invalid)
+
+    @pytest.mark.parametrize("native", [False, True] if NATIVE_PARSER_AVAILABLE else [False])
+    def test_in_a_key_or_nested_value_too(self, native):
+        raws = [
+            b'{"ip": 1e400, "\\ud800": 1}',
+            b'{"ip": 1e400, "extra": {"deep": ["x", "\\udfff"]}}',
+            b'{"timestamp": 1e400, "device_type": "\\ud800"}',
+        ]
+        batch, invalid = parse_values(raws, NOW, SKEW, lambda position: NOW, native=native)
+        assert len(batch) == 0 and len(invalid) == 3
+
+    @pytest.mark.parametrize("native", [False, True] if NATIVE_PARSER_AVAILABLE else [False])
+    def test_a_surrogate_pair_is_one_valid_character(self, native):
+        raw = b'{"ip": 1e400, "device_type": "\\ud83d\\ude00", "timestamp": 1700000005}'
+        batch, invalid = parse_values([raw], NOW, SKEW, lambda position: NOW, native=native)
+        assert invalid == [] and len(batch) == 1
+        assert tallied(batch, 30, 100)[1699999980]["profiles"] == {("\U0001f600", "", ""): 1}
+
+
 class TestEventTime:
     @pytest.mark.parametrize(
         ("value", "expected"),
