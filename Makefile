@@ -4,37 +4,39 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test lint bench clean native
+.PHONY: run broker test lint bench clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# requirements.txt names ./native, the native parser (native/login_columns.c) as a
+# local package: pip compiles and installs it with the rest. pip rebuilds and
+# reinstalls a local directory on every install, so the stamp depends on the native
+# sources too: editing login_columns.c reinstalls it on the next make.
+# Without a C compiler the install still succeeds and the pipeline runs in pure
+# Python (slower): warn, go on. (The test suite checks that it is installed.)
+$(BIN)/.installed: requirements.txt requirements-dev.txt native/pyproject.toml native/setup.py native/login_columns.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@$(BIN)/python -I -c "import _login_columns" 2>/dev/null || echo "warning: native parser not built" \
+		"(needs a C compiler and the Python headers): pure Python" >&2
 	touch $@
 
-# The native parser (native/login_columns.c), built next to the modules that import it.
-# Without a C compiler the pipeline still runs, in pure Python (slower): warn, go on.
-# (The test suite checks that it is built.)
-NATIVE := .native-built
-$(NATIVE): native/login_columns.c setup.py $(BIN)/.installed
-	@if $(BIN)/python setup.py --quiet build_ext --inplace; then touch $@; \
-	else echo "warning: native parser not built (needs a C compiler and Python headers): pure Python" >&2; fi
-
-native: $(NATIVE)  ## build the native parser (needs a C compiler and the Python headers)
-
-run: $(BIN)/.installed $(NATIVE)  ## broker + generator + processor + monitor; Ctrl-C stops all
+run: $(BIN)/.installed  ## broker + generator + processor + monitor; Ctrl-C stops all
 	$(BIN)/python local_stack.py
 
-broker: $(BIN)/.installed $(NATIVE)  ## broker + generator only (two-terminal flow)
+broker: $(BIN)/.installed  ## broker + generator only (two-terminal flow)
 	$(BIN)/python local_stack.py --broker-only
 
-test: $(BIN)/.installed $(NATIVE)  ## lint, then every test (unit and real-broker integration)
+lint: $(BIN)/.installed  ## ruff: lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+test: lint  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/python -m pytest
 
-bench: $(BIN)/.installed $(NATIVE)  ## throughput and memory figures (see README, Performance)
+bench: $(BIN)/.installed  ## throughput and memory figures (see README, Performance)
 	$(BIN)/python benchmarks/throughput.py
 
+# _login_columns*.so and .native-built in the root: left by the in-place build of
+# older trees (before native/ was a package); such a .so would shadow the installed one.
 clean:
-	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build $(NATIVE) _login_columns*.so
+	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
