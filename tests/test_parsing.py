@@ -388,8 +388,11 @@ class TestNativeParser:
     """The native parser and tallies must give exactly the pure-Python answer, or defer to it."""
 
     def test_the_native_module_is_built(self):
-        # CI and `make test` build it; without it the processor runs at a third of the speed.
-        assert NATIVE_PARSER_AVAILABLE, "build it: python setup.py build_ext --inplace"
+        # CI and `make test` install it; without it the processor runs at a third of the speed.
+        assert NATIVE_PARSER_AVAILABLE, (
+            "install it: pip install -r requirements.txt (from the repository root; ./native needs a C compiler"
+            " and the Python headers, and installs without the module if they are missing)"
+        )
 
     @settings(max_examples=400, deadline=None)
     @given(
