@@ -35,6 +35,13 @@ from parsing import LoginColumns, NativeBatch, NativeWindowTallies
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)
+# (device type, app version, locale) combinations kept per window. Real traffic has a
+# few hundred; a client sending random values must not grow a window without limit,
+# and 10,000 combinations of 256-character values still render well under the output
+# topic's 16 MB message limit.
+DEFAULT_MAX_PROFILES = 10_000
+# The output fields that become lower bounds when combinations are left out.
+PROFILE_FIELDS = ("device_counts", "locale_counts", "app_version_by_device", "missing_field_counts")
 UNKNOWN = "unknown"
 MISSING = ""  # how parsing marks a missing string field
 _encode = msgspec.json.Encoder().encode
@@ -74,12 +81,12 @@ def _add_bounded(keys: set, values: list[str], bound: int) -> bool:
     return left_out
 
 
-def _count_bounded(counts: Counter, values: list[str], bound: int) -> bool:
-    """Count values (but not MISSING) already in `counts`, and new ones while it holds
+def _count_bounded(counts: Counter, values: list, bound: int, skip: object = MISSING) -> bool:
+    """Count values (but not `skip`) already in `counts`, and new ones while it holds
     fewer than `bound`; True if any was left out."""
     left_out = False
     for value in values:
-        if value == MISSING:
+        if value == skip:
             continue
         if value not in counts and len(counts) >= bound:
             left_out = True
@@ -102,15 +109,25 @@ class WindowTallies:
     `_login_columns.WindowTallies` (which counts a `NativeBatch` without the GIL).
     Same methods, same answers; the tests hold the two to the same window values.
 
-    At most `max_distinct` device ids and IPs are kept: one window flooded with new
-    values (a botnet, a bug upstream) must not exhaust memory, and a crash there
-    would repeat on every replay. Past the bound, new values are left out and
-    `capped()` names the output fields that are lower bounds.
+    At most `max_distinct` device ids and IPs, and `max_profiles` (device type, app
+    version, locale) combinations, are kept: one window flooded with new values (a
+    botnet, a bug upstream) must not exhaust memory, and a crash there would repeat
+    on every replay. Past a bound, new values are left out (the record still counts
+    in `message_count`) and `capped()` names the output fields that are lower bounds.
     """
 
-    __slots__ = ("message_count", "_profiles", "_device_ids", "_ips", "_missing", "_capped", "_max_distinct")
+    __slots__ = (
+        "message_count",
+        "_profiles",
+        "_device_ids",
+        "_ips",
+        "_missing",
+        "_capped",
+        "_max_distinct",
+        "_max_profiles",
+    )
 
-    def __init__(self, max_distinct: int) -> None:
+    def __init__(self, max_distinct: int, max_profiles: int | None = None) -> None:
         self.message_count = 0
         # (device_type, app_version, locale) -> n: one counter update per batch instead
         # of three; the per-field counts are summed from it when the window closes.
@@ -120,13 +137,18 @@ class WindowTallies:
         self._missing: Counter = Counter()
         self._capped: set[str] = set()
         self._max_distinct = max_distinct
+        self._max_profiles = max_profiles  # None: no bound (like the native twin's default)
 
     def add(self, batch: LoginColumns, low: int, high: int) -> int:
         """Count the rows with low <= event time < high, in bulk (C-level updates)."""
         columns = batch.between(low, high)
         count = len(columns)
         self.message_count += count
-        self._profiles.update(columns.profile)
+        profiles = self._max_profiles
+        if profiles is None or len(self._profiles) + count <= profiles:
+            self._profiles.update(columns.profile)
+        elif _count_bounded(self._profiles, columns.profile, profiles, skip=None):
+            self._capped.update(PROFILE_FIELDS)
         bound = self._max_distinct
         if len(self._device_ids) + count <= bound:
             self._device_ids.update(columns.device_id)
@@ -172,14 +194,45 @@ class WindowTallies:
         return dict(self._ips)
 
 
-def tallies_for(batch: LoginColumns | NativeBatch, max_distinct: int) -> WindowTallies:
+def tallies_for(
+    batch: LoginColumns | NativeBatch, max_distinct: int, max_profiles: int = DEFAULT_MAX_PROFILES
+) -> WindowTallies:
     """The tallies that count this kind of batch."""
     if type(batch) is LoginColumns:
-        return WindowTallies(max_distinct)
-    return NativeWindowTallies(max_distinct)
+        return WindowTallies(max_distinct, max_profiles)
+    return NativeWindowTallies(max_distinct, max_profiles)
 
 
 _EMPTY = WindowTallies(0)
+
+
+def _hold(min_offsets: dict[int, int], partition: int, offset: int) -> None:
+    held = min_offsets.get(partition)
+    if held is None or offset < held:
+        min_offsets[partition] = offset
+
+
+@dataclass(slots=True)
+class CarriedCounts:
+    """Late and invalid records waiting for the next window that closes, and the
+    offsets they hold until that window is acknowledged."""
+
+    invalid_message_count: int = 0
+    late_message_count: int = 0
+    min_offsets: dict[int, int] = field(default_factory=dict)
+
+    def hold_offset(self, partition: int, offset: int) -> None:
+        _hold(self.min_offsets, partition, offset)
+
+
+class WindowRenderError(Exception):
+    """A closed window's value could not be made. A bug, not bad input (parsing checks
+    every value): raised before any state changed, so the window and the offsets it
+    holds stay where they were, and the processor stops without committing."""
+
+    def __init__(self, start: int) -> None:
+        super().__init__(f"the value of window {iso_utc(start)} could not be rendered")
+        self.start = start
 
 
 @dataclass(slots=True, eq=False)
@@ -195,25 +248,26 @@ class WindowAggregate:
     min_offsets: dict[int, int] = field(default_factory=dict)
 
     def hold_offset(self, partition: int, offset: int) -> None:
-        held = self.min_offsets.get(partition)
-        if held is None or offset < held:
-            self.min_offsets[partition] = offset
+        _hold(self.min_offsets, partition, offset)
 
-    def add_rows(self, batch: LoginColumns | NativeBatch, low: int, high: int, max_distinct: int) -> None:
+    def add_rows(
+        self, batch: LoginColumns | NativeBatch, low: int, high: int, max_distinct: int, max_profiles: int
+    ) -> None:
         """Count the batch's rows with low <= event time < high."""
         if self.tallies is None:
-            self.tallies = tallies_for(batch, max_distinct)
+            self.tallies = tallies_for(batch, max_distinct, max_profiles)
         self.tallies.add(batch, low, high)
 
-    def absorb_counters(self, other: WindowAggregate) -> None:
-        """Take over another window's late/invalid counts (the carried-over ones)."""
-        self.invalid_message_count += other.invalid_message_count
-        self.late_message_count += other.late_message_count
-        for partition, offset in other.min_offsets.items():
+    def absorb(self, carried: CarriedCounts) -> None:
+        """Take over the carried late/invalid counts and the offsets they hold."""
+        self.invalid_message_count += carried.invalid_message_count
+        self.late_message_count += carried.late_message_count
+        for partition, offset in carried.min_offsets.items():
             self.hold_offset(partition, offset)
 
-    def to_value(self, window_seconds: int, top_ips: int) -> bytes:
-        """The window's JSON value: a pure function of its records (same bytes every time)."""
+    def to_value(self, window_seconds: int, top_ips: int, carried: CarriedCounts | None = None) -> bytes:
+        """The window's JSON value, with the `carried` counts it is about to absorb: a
+        pure function of its records (same bytes every time). Changes nothing."""
         tallies = self.tallies or _EMPTY
         device_counts: Counter = Counter()
         locale_counts: Counter = Counter()
@@ -241,8 +295,8 @@ class WindowAggregate:
             "unique_ip_count": tallies.unique_ip_count(),
             "top_ips": [{"ip": ip, "count": count} for ip, count in tallies.top_ips(top_ips)],
             "missing_field_counts": _by_count(missing),
-            "invalid_message_count": self.invalid_message_count,
-            "late_message_count": self.late_message_count,
+            "invalid_message_count": self.invalid_message_count + (carried.invalid_message_count if carried else 0),
+            "late_message_count": self.late_message_count + (carried.late_message_count if carried else 0),
         }
         capped = tallies.capped()
         if capped:  # only past MAX_DISTINCT_PER_WINDOW: normal windows keep the contract's shape
@@ -281,16 +335,18 @@ class Aggregator:
         top_ips: int,
         clock: Callable[[], float] = time.time,
         max_distinct_per_window: int = DEFAULT_MAX_DISTINCT,
+        max_profiles_per_window: int = DEFAULT_MAX_PROFILES,
     ) -> None:
         self.window_seconds = window_seconds
         self.allowed_lateness_seconds = allowed_lateness_seconds
         self.top_ips = top_ips
         self.max_distinct_per_window = max_distinct_per_window
+        self.max_profiles_per_window = max_profiles_per_window
         self.clock = clock
         self._lock = threading.Lock()
         self._windows: dict[int, WindowAggregate] = {}
         # Late and invalid counts waiting for the next window published.
-        self._carry = WindowAggregate(start=-1)
+        self._carry = CarriedCounts()
         # Closed, handed to the publisher, not yet acknowledged: still hold offsets.
         self._unacknowledged: dict[int, WindowAggregate] = {}
         self._partitions: dict[int, PartitionProgress] = {}
@@ -326,7 +382,7 @@ class Aggregator:
         """
         with self._lock:
             self._windows.clear()
-            self._carry = WindowAggregate(start=-1)
+            self._carry = CarriedCounts()
             self._partitions.clear()
             self._replayed_until = self._closed_until
 
@@ -388,7 +444,9 @@ class Aggregator:
                 for start, count in sorted(batch.window_counts(width).items()):
                     window = self._window_for(start, partition, first_offset)
                     if window is not None:
-                        window.add_rows(batch, start, start + width, self.max_distinct_per_window)
+                        window.add_rows(
+                            batch, start, start + width, self.max_distinct_per_window, self.max_profiles_per_window
+                        )
                     elif start + width > self._replayed_until:  # else a replay of a published window
                         self._carry.late_message_count += count
                         self._carry.hold_offset(partition, first_offset)
@@ -432,33 +490,36 @@ class Aggregator:
     def close_due_windows(self) -> list[ClosedWindow]:
         """Close every window the watermark has passed, oldest first.
 
-        The returned windows hold their offsets until `acknowledge` is called with
-        them: until the broker has them, their records must stay uncommitted.
+        Every value is rendered before any state changes: if one cannot be, nothing
+        moves and `WindowRenderError` is raised (a bug the processor must stop on,
+        never a window that silently disappears). The returned windows hold their
+        offsets until `acknowledge` is called with them: until the broker has them,
+        their records must stay uncommitted.
         """
         with self._lock:
             watermark = self._watermark()
             if watermark is None:
                 return []
             width = self.window_seconds
-            closed_until = watermark - watermark % width
-            if closed_until > self._closed_until:
-                self._closed_until = closed_until
-            due = sorted(start for start in self._windows if start + width <= self._closed_until)
+            closed_until = max(self._closed_until, watermark - watermark % width)
+            due = sorted(start for start in self._windows if start + width <= closed_until)
+            closed = []
+            for start in due:  # the oldest takes the carried counts
+                carried = self._carry if start == due[0] else None
+                try:
+                    value = self._windows[start].to_value(width, self.top_ips, carried)
+                except Exception as error:
+                    raise WindowRenderError(start) from error
+                closed.append(ClosedWindow(start=start, key=iso_utc(start).encode(), value=value))
+            self._closed_until = closed_until
             if not due:
                 return []
             windows = [self._windows.pop(start) for start in due]
-            carry, self._carry = self._carry, WindowAggregate(start=-1)
-            windows[0].absorb_counters(carry)
+            windows[0].absorb(self._carry)
+            self._carry = CarriedCounts()
             for window in windows:
                 self._unacknowledged[window.start] = window
-        return [
-            ClosedWindow(
-                start=w.start,
-                key=iso_utc(w.start).encode(),
-                value=w.to_value(width, self.top_ips),
-            )
-            for w in windows
-        ]
+            return closed
 
     def acknowledge(self, starts: Iterable[int]) -> None:
         """The broker has these windows: their records no longer need replaying."""

@@ -721,17 +721,27 @@ typedef struct {
     KeyTable devices;
     KeyTable ips;
     size_t max_distinct;
+    size_t max_profiles; /* SIZE_MAX: no bound (the pure twin's None) */
     unsigned long long message_count;
     unsigned long long missing_user_id, missing_device_id, missing_ip, missing_timestamp;
-    int devices_capped, ips_capped;
+    int devices_capped, ips_capped, profiles_capped;
     char *scratch; /* a profile key being built */
     size_t scratch_capacity;
 } WindowTallies;
 
 static int WindowTallies_init(WindowTallies *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"max_distinct", NULL};
+    static char *keywords[] = {"max_distinct", "max_profiles", NULL};
     Py_ssize_t max_distinct;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n:WindowTallies", keywords, &max_distinct)) return -1;
+    PyObject *max_profiles = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "n|O:WindowTallies", keywords, &max_distinct, &max_profiles))
+        return -1;
+    if (max_profiles == Py_None) {
+        self->max_profiles = SIZE_MAX;
+    } else {
+        Py_ssize_t bound = PyLong_AsSsize_t(max_profiles);
+        if (bound == -1 && PyErr_Occurred()) return -1;
+        self->max_profiles = bound < 0 ? 0 : (size_t)bound;
+    }
     if (self->devices.entries != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "WindowTallies initialised twice");
         return -1;
@@ -813,7 +823,9 @@ static PyObject *WindowTallies_add(WindowTallies *self, PyObject *args) {
             uint32_t length;
             int outcome = OUT_OF_MEMORY;
             if (profile_key(self, row, &length) == 0)
-                outcome = table_count(&self->profiles, self->scratch, length, key_hash(self->scratch, length), SIZE_MAX);
+                outcome = table_count(&self->profiles, self->scratch, length, key_hash(self->scratch, length),
+                                      self->max_profiles);
+            if (outcome == LEFT_OUT) self->profiles_capped = 1;
             if (row->length[K_DEVICE_ID] == 0) {
                 self->missing_device_id++;
             } else if (outcome != OUT_OF_MEMORY) {
@@ -997,8 +1009,15 @@ static PyObject *WindowTallies_capped(WindowTallies *self, PyObject *unused) {
     (void)unused;
     PyObject *result = PySet_New(NULL);
     if (result == NULL) return NULL;
-    const char *names[3] = {NULL, NULL, NULL};
+    /* The names of aggregator.PROFILE_FIELDS, the pure twin's (tests hold them equal). */
+    const char *names[7] = {NULL};
     int n = 0;
+    if (self->profiles_capped) {
+        names[n++] = "device_counts";
+        names[n++] = "locale_counts";
+        names[n++] = "app_version_by_device";
+        names[n++] = "missing_field_counts";
+    }
     if (self->devices_capped) names[n++] = "unique_device_count";
     if (self->ips_capped) {
         names[n++] = "unique_ip_count";
@@ -1038,7 +1057,7 @@ static PyMethodDef WindowTallies_methods[] = {
     {"missing_counts", (PyCFunction)WindowTallies_missing_counts, METH_NOARGS,
      "Missing user_id, device_id, ip and timestamp (the others are in profile_counts)."},
     {"capped", (PyCFunction)WindowTallies_capped, METH_NOARGS,
-     "Output fields that are lower bounds: new values were left out past max_distinct."},
+     "Output fields that are lower bounds: new values were left out past a bound."},
     {"device_ids", (PyCFunction)WindowTallies_device_ids, METH_NOARGS, "The distinct device ids (for tests)."},
     {"ip_counts", (PyCFunction)WindowTallies_ip_counts, METH_NOARGS, "{ip: count} (for tests)."},
     {NULL, NULL, 0, NULL},
@@ -1046,7 +1065,7 @@ static PyMethodDef WindowTallies_methods[] = {
 
 static PyTypeObject WindowTalliesType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_login_columns.WindowTallies",
-    .tp_doc = "WindowTallies(max_distinct): one window's counts; the twin of aggregator.WindowTallies.",
+    .tp_doc = "WindowTallies(max_distinct, max_profiles=None): one window's counts; the twin of aggregator.WindowTallies.",
     .tp_basicsize = sizeof(WindowTallies),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

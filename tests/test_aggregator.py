@@ -328,6 +328,99 @@ class TestDistinctBound:
         assert window["capped_counts"] == ["top_ips", "unique_device_count", "unique_ip_count"]
 
 
+class TestProfileBound:
+    """The distinct (device type, app version, locale) combinations of a window are bounded
+    too: a client sending random device types must not grow a window without limit."""
+
+    def test_a_flood_of_random_device_types_keeps_at_most_the_bound(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = Aggregator(W, 5, 10, clock=clock, max_profiles_per_window=100)
+        agg.assign([0], total_partitions=1)
+        rnd = random.Random(7)
+        raws = [event(T0 + i % 30, device_type="".join(rnd.choices("abcdef", k=200))) for i in range(5000)]
+        for offset in range(0, len(raws), 1000):  # several batches: the bulk path, then the per-value one
+            feed(agg, 0, offset, raws[offset : offset + 1000], clock.now)
+        agg.mark_caught_up(0, len(raws))
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["message_count"] == 5000  # every record still counts
+        assert len(window["device_counts"]) == 100
+        assert sum(len(versions) for versions in window["app_version_by_device"].values()) == 100
+        assert window["capped_counts"] == sorted(
+            ["device_counts", "locale_counts", "app_version_by_device", "missing_field_counts"]
+        )
+
+    def test_known_combinations_keep_counting_past_the_bound(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = Aggregator(W, 5, 10, clock=clock, max_profiles_per_window=2)
+        agg.assign([0], total_partitions=1)
+        feed(agg, 0, 0, [event(T0 + 1, device_type="a"), event(T0 + 2, device_type="b")], clock.now)
+        feed(agg, 0, 2, [event(T0 + 3, device_type="c"), event(T0 + 4, device_type="a")], clock.now)
+        agg.mark_caught_up(0, 4)
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["device_counts"] == {"a": 2, "b": 1}
+        assert window["message_count"] == 4
+        assert "device_counts" in window["capped_counts"]
+
+    def test_at_the_bound_nothing_is_flagged(self):
+        clock = FakeClock(T0 + 10_000)
+        agg = Aggregator(W, 5, 10, clock=clock, max_profiles_per_window=2)
+        agg.assign([0], total_partitions=1)
+        feed(agg, 0, 0, [event(T0 + i, device_type="ab"[i % 2]) for i in range(6)], clock.now)
+        agg.mark_caught_up(0, 6)
+        window = values(agg.close_due_windows())[iso_utc(T0)]
+        assert window["device_counts"] == {"a": 3, "b": 3} and "capped_counts" not in window
+
+
+class TestClosingIsTotal:
+    """A window whose value cannot be rendered must never vanish: nothing moves, the
+    error says which window, and its records stay uncommitted."""
+
+    def poisoned(self, clock: FakeClock) -> Aggregator:
+        from parsing import LoginColumns
+
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31)], clock.now)
+        # A value parsing never lets through (a lone surrogate), put in by hand: the
+        # pure columns take any str, so this stands for any bug in value making.
+        poison = LoginColumns([T0 + 62], [], [("\ud800", "1", "RU")], ["1.1.1.1"], ["d9"], [])
+        agg.add_batch(0, 2, 3, poison)
+        feed(agg, 0, 3, [event(T0 + 95)], clock.now)
+        agg.mark_caught_up(0, 4)
+        return agg
+
+    def test_an_unrenderable_window_raises_and_nothing_moves(self):
+        from aggregator import WindowRenderError
+
+        clock = FakeClock(T0 + 10_000)
+        agg = self.poisoned(clock)
+        before = (agg.open_window_count(), agg.committable_offsets())
+        with pytest.raises(WindowRenderError, match=iso_utc(T0 + 60)):
+            agg.close_due_windows()
+        assert (agg.open_window_count(), agg.committable_offsets()) == before == (4, {0: 0})
+        with pytest.raises(WindowRenderError):  # and again: still there, still held
+            agg.close_due_windows()
+        assert agg.committable_offsets() == {0: 0}
+
+    def test_carried_counts_stay_carried_when_rendering_fails(self):
+        from aggregator import WindowRenderError
+        from parsing import LoginColumns
+
+        clock = FakeClock(T0 + 45)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 0, [event(T0 + 20)], clock.now)
+        agg.mark_caught_up(0, 1)
+        assert len(agg.close_due_windows()) == 1  # T0 closed by the wall clock
+        agg.acknowledge([T0])
+        feed(agg, 0, 1, [event(T0 + 2)], clock.now)  # late: carried to the next window closed
+        agg.add_batch(0, 2, 3, LoginColumns([T0 + 31], [], [("\udfff", "", "")], [""], [""], []))
+        agg.mark_caught_up(0, 3)
+        clock.now = T0 + 100
+        with pytest.raises(WindowRenderError):
+            agg.close_due_windows()
+        assert agg.committable_offsets() == {0: 1}  # the late record's offset is still held
+        assert agg.open_window_count() == 1
+
+
 # Values of every type in every field: what the contract calls "missing".
 _junk = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2)
