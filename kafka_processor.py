@@ -33,6 +33,7 @@ import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from aggregator import Aggregator, ClosedWindow, iso_utc
+from commits import CommitSlot, safe_offsets
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -42,6 +43,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from dead_letter import DeadLetterQueue
 from kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -65,6 +67,10 @@ _TAIL_RECORDS = 50
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long one publish attempt of the timer waits for acknowledgements.
 _PUBLISH_ATTEMPT_SECONDS = 5.0
+# How long a rebalance waits for queued windows and dead-letter copies before it commits.
+_REVOKE_FLUSH_SECONDS = 5.0
+# How often to ask again for the input's partition count after a failed look-up.
+_PARTITION_COUNT_RETRY_SECONDS = 2.0
 OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
 _PROGRESS_LOG_SECONDS = 30.0
 
@@ -173,8 +179,11 @@ class Processor:
         self.stop_requested = threading.Event()
         self.host = socket.gethostname()
         self._publish_lock = threading.Lock()  # one publish (or revoke) at a time
-        self._commit_request: dict[int, int] | None = None
-        self._committed: dict[int, int] = {}
+        self._commits = CommitSlot()  # timer thread -> main thread
+        # Set once something unexpected happened: from then on nothing is committed,
+        # not even by the revoke that closing the consumer runs (the next run replays).
+        self._crashed = threading.Event()
+        self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
         self._unpublished: list[ClosedWindow] = []  # closed, not yet acknowledged, in order
         self._in_flight: set[int] = set()  # window starts handed to the producer
         self._delivered: dict[int, float] = {}  # ... and acknowledged: start -> when (delivery reports)
@@ -191,6 +200,7 @@ class Processor:
         self._progress_mark = (time.monotonic(), ProcessorStats())
         self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
+        self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -261,33 +271,45 @@ class Processor:
         timer = threading.Thread(target=self._timer_loop, name="window-closer", daemon=True)
         timer.start()
         log.info("consuming %s (%s)", self.settings.input_topic, self.settings.describe())
-        if not NATIVE_PARSER_AVAILABLE:
+        if NATIVE_PARSER_AVAILABLE:
+            log.info("native parser in use")
+        else:
             log.warning(
-                "native parser not built (python setup.py build_ext --inplace): parsing in pure Python,"
-                " at about a third of the speed"
+                "native parser not installed (pip install -r requirements.txt builds it with a C compiler):"
+                " parsing in pure Python, at about 40%% of the native speed"
             )
         batch_size = self.settings.consume_batch_size
         try:
             while not self.stop_requested.is_set():
                 self._commit_if_requested()
                 self._recreate_missing_topics()
+                self._retry_partition_count()
+                self.dead_letters.retry_refused()
                 started = time.perf_counter()
                 messages = self._consumer.consume(batch_size, 0.5)
                 if messages:
                     self.stats.consume_seconds += time.perf_counter() - started
                     self._process(messages)
                 self._update_caught_up()
-        except Exception:
-            # A bug, not bad input (that goes to the DLQ). Stop without committing
-            # anything more: the next run replays from the last safe commit.
-            log.exception("processor crashed; nothing more is committed")
             self.stop_requested.set()
             timer.join()
-            self._consumer.close()
-            return 1
+            if not self._crashed.is_set():
+                return self._shutdown()
+        except Exception:
+            # A bug, not bad input (that goes to the DLQ).
+            log.exception("processor crashed")
+        return self._stop_without_committing(timer)
+
+    def _stop_without_committing(self, timer: threading.Thread) -> int:
+        """After a bug: commit nothing more (the revoke run by close() included), so the
+        next run replays from the last commit made while everything was sound."""
+        self._crashed.set()
         self.stop_requested.set()
         timer.join()
-        return self._shutdown()
+        log.critical("stopping without committing anything more; the next run replays from the last commit")
+        self._consumer.close()
+        self._producer.flush(2.0)
+        return 1
 
     def _process(self, messages: list[Message]) -> None:
         """Split a consumed batch into runs of one partition and hand each over."""
@@ -372,7 +394,7 @@ class Processor:
         invalid_times = []
         for item in invalid:
             invalid_times.append(_kafka_seconds(run[item.position], now))
-            self._dead_letter(run[item.position], item.reason)
+            self.dead_letters.copy(run[item.position], item.reason)
         dead_lettered = time.perf_counter()
         late = self.aggregator.add_batch(partition, run[0].offset(), run[-1].offset() + 1, batch, invalid_times)
         stats.aggregate_seconds += time.perf_counter() - dead_lettered
@@ -382,23 +404,6 @@ class Processor:
         stats.invalid += len(invalid)
         stats.late += late
 
-    def _dead_letter(self, message: Message, reason: str) -> None:
-        """Copy an invalid record unchanged to the DLQ, with headers saying why and whence."""
-        kind, millis = message.timestamp()
-        headers = [
-            ("dlq.reason", reason.encode()),
-            ("dlq.source.topic", (message.topic() or "").encode()),
-            ("dlq.source.partition", str(message.partition()).encode()),
-            ("dlq.source.offset", str(message.offset()).encode()),
-            ("dlq.source.timestamp", str(millis).encode()),
-            ("dlq.processor.host", self.host.encode()),
-        ]
-        try:
-            self._producer.produce(self.settings.dlq_topic, value=message.value(), key=message.key(), headers=headers)
-        except BufferError:
-            self._producer.flush(5.0)
-            self._producer.produce(self.settings.dlq_topic, value=message.value(), key=message.key(), headers=headers)
-
     # ---- closing and publishing (timer thread) ------------------------------------------------
 
     def _timer_loop(self) -> None:
@@ -407,8 +412,14 @@ class Processor:
             try:
                 self.close_and_publish(wait_seconds=_PUBLISH_ATTEMPT_SECONDS)
                 self._maybe_log_progress()
-            except Exception:  # never let the timer die silently: the pipeline would stall
-                log.exception("window closer failed; retrying at the next tick")
+            except Exception:
+                # A bug (a window that cannot be rendered, say): never a window that
+                # silently disappears, never a timer that dies and stalls the pipeline.
+                # Stop loudly, commit nothing: a restart replays from the last commit.
+                log.exception("window closer failed; the processor stops")
+                self._crashed.set()
+                self.stop_requested.set()
+                return
 
     def close_and_publish(self, wait_seconds: float) -> bool:
         """Close due windows, publish them in order, wait up to `wait_seconds` for the
@@ -455,10 +466,12 @@ class Processor:
                 self._in_flight.discard(start)  # produce it again at the next turn
                 del self._delivery_failures[start]
             self.stats.publish_seconds += time.perf_counter() - started
+            # Safe even while some are unacknowledged: unacknowledged windows and
+            # dead-letter copies hold their offsets (see _request_commit).
+            self._request_commit()
             if self._unpublished or still_queued:
                 self._warn_unacknowledged()
                 return False
-            self._request_commit()
             return True
 
     def _on_window_delivery(self, start: int):
@@ -534,45 +547,80 @@ class Processor:
             last_window_end=None if last is None else _epoch(last["window_end"]),
         )
 
+    def _safe_offsets(self) -> dict[int, int]:
+        """Offsets no open or unacknowledged window, and no unacknowledged dead-letter
+        copy, still needs."""
+        return safe_offsets(self.aggregator.committable_offsets(), self.dead_letters.holds())
+
     def _request_commit(self) -> None:
-        offsets = self.aggregator.committable_offsets()
-        if offsets and offsets != self._committed:
-            self._commit_request = offsets
+        self._commits.offer(self._safe_offsets())
 
     # ---- commits (main thread) -----------------------------------------------------------------
 
     def _commit_if_requested(self) -> None:
-        offsets, self._commit_request = self._commit_request, None
-        if offsets:
-            self._commit(offsets)
+        offsets = self._commits.take()
+        if offsets and not self._commit(offsets):
+            self._commits.put_back(offsets)
 
     def _commit(self, offsets: dict[int, int]) -> bool:
+        """Commit synchronously; False if the broker did not take it (tried again later)."""
+        if self._crashed.is_set():
+            return True  # dropped on purpose: nothing is committed after a bug
         topic = self.settings.input_topic
         try:
             self._consumer.commit(
                 offsets=[TopicPartition(topic, p, o) for p, o in sorted(offsets.items())], asynchronous=False
             )
         except KafkaException as error:
-            if error.args[0].code() != KafkaError._NO_OFFSET:
-                log.warning("offset commit failed (%s); will commit again after the next window", error.args[0].str())
+            if error.args[0].code() == KafkaError._NO_OFFSET:
+                return True  # nothing new to commit
+            log.warning("offset commit failed (%s); will commit again", error.args[0].str())
             return False
-        self._committed = dict(offsets)
+        self._commits.done(offsets)
         log.debug("committed %s", offsets)
         return True
 
     # ---- rebalances (called by the consumer inside consume(), main thread) ----------------
 
+    def _partition_count(self, consumer: Consumer) -> int | None:
+        """The input topic's partition count (0: no such topic), or None if the broker
+        did not answer in time (a struggling broker during a rebalance must not crash
+        the processor: windows wait until the count is known)."""
+        try:
+            total = topic_partition_count(consumer, self.settings.input_topic)
+        except KafkaException as error:
+            log.warning(
+                "could not read the partition count of %s (%s); windows wait until it is known",
+                self.settings.input_topic,
+                error,
+            )
+            self._partition_count_retry_at = time.monotonic() + _PARTITION_COUNT_RETRY_SECONDS
+            return None
+        self._partition_count_retry_at = None
+        return total
+
+    def _retry_partition_count(self) -> None:
+        retry_at = self._partition_count_retry_at
+        if retry_at is None or time.monotonic() < retry_at:
+            return
+        total = self._partition_count(self._consumer)
+        if total is not None:
+            self.aggregator.assign([], total)
+            log.info("partition count of %s is %d", self.settings.input_topic, total)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        total = topic_partition_count(consumer, self.settings.input_topic)
+        total = self._partition_count(consumer)
         owned = sorted(tp.partition for tp in partitions)
         try:
             committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10) if tp.offset >= 0}
         except KafkaException as error:
             log.warning("could not read committed offsets (%s); partitions wait for their first fetch", error)
             committed = {}
-        self.aggregator.assign(owned, total, committed)
+        self.aggregator.assign(owned, total or 0, committed)
         self.health.mark_reachable()
-        if total == 0:
+        if total is None:
+            pass  # said above; retried from the poll loop
+        elif total == 0:
             log.warning("input topic %s does not exist (broker lost it?)", self.settings.input_topic)
             self._topics_missing_since = time.monotonic() - 5.0  # recreate at the next turn
         elif len(owned) < total:
@@ -587,22 +635,24 @@ class Processor:
             log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Wait for an in-flight publish, commit what is acknowledged, then forget the
-        # open windows: the next owner (maybe us) rebuilds them from the commit.
+        # Wait for an in-flight publish, give queued dead-letter copies a moment to be
+        # acknowledged, commit what is safe, then forget the open windows: the next
+        # owner (maybe us) rebuilds them from the commit. After a bug: no commit at all.
         with self._publish_lock:
-            self._commit_request = None
-            offsets = self.aggregator.committable_offsets()
-            if offsets:
-                self._commit(offsets)
+            self._commits.clear()
+            if not self._crashed.is_set():
+                self._producer.flush(_REVOKE_FLUSH_SECONDS)
+                offsets = self._safe_offsets()
+                if offsets:
+                    self._commit(offsets)
             self.aggregator.revoke_all()
-            self._committed = {}
+            self._commits.clear()
         log.info("partitions revoked; open windows dropped, to be rebuilt from committed offsets")
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         with self._publish_lock:
-            self._commit_request = None
+            self._commits.clear()
             self.aggregator.revoke_all()
-            self._committed = {}
         log.warning("partitions lost (session timed out); open windows dropped, to be rebuilt")
 
     # ---- progress and shutdown ---------------------------------------------------------------
@@ -621,8 +671,9 @@ class Processor:
             current.late - before.late,
         )
         watermark = self.aggregator.watermark()
-        log.log(
-            logging.WARNING if invalid or late else logging.INFO,
+        # INFO: invalid and late records are normal operation (they are counted and the
+        # invalid ones copied to the DLQ); a WARNING is for what an operator must act on.
+        log.info(
             "last %.0fs: %d records (%.0f/s), %d invalid (to %s), %d late, %d windows open, watermark %s",
             elapsed,
             records,

@@ -39,7 +39,7 @@ from typing import Annotated
 
 import msgspec
 
-try:  # built by `python setup.py build_ext --inplace` (make does it); optional
+try:  # installed by pip from ./native (requirements.txt names it); optional: no compiler, no module
     import _login_columns as _native
 
     NativeBatch = _native.LoginBatch
