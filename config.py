@@ -7,6 +7,11 @@ module happened to be imported.
 Precedence, lowest first: built-in defaults, the `.env` file, the process
 environment, command-line flags.
 
+Each script reads only the settings it uses (`add_settings_arguments(parser,
+only=...)`, e.g. `MONITOR_SETTINGS`); the others keep their defaults, whatever
+the environment says, so one `.env` can serve every script. `KAFKA_*`
+pass-through properties reach every script.
+
 A bad value is a user mistake, not a bug: `load_settings_or_exit` prints exactly
 one line naming the setting and exits with status 2, never a traceback.
 """
@@ -16,8 +21,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import NoReturn
 
 from dotenv import dotenv_values
@@ -59,6 +64,18 @@ _PRODUCER_ONLY = {
     "max.in.flight",
     "partitioner",
     "sticky.partitioning.linger.ms",
+}
+# Our defaults for every consumer's librdkafka settings, under the user's KAFKA_*.
+CONSUMER_DEFAULTS = {
+    # How long a silent group member keeps its partitions, and so how fast a dead
+    # processor's partitions move to the others. librdkafka's default is 45 s. On
+    # the embedded broker (Tansu) a member also waits about half of it before it
+    # joins, so 45 s made the processor of the two-terminal flow take 24 s to its
+    # first window; 10 s takes about 6 s. 10 s (Apache Kafka's own default before
+    # 3.0) is above the 6 s brokers accept at least (group.min.session.timeout.ms)
+    # and leaves room for three heartbeats (heartbeat.interval.ms, 3 s). Override
+    # with KAFKA_SESSION_TIMEOUT_MS or KAFKA_CONSUMER_SESSION_TIMEOUT_MS.
+    "session.timeout.ms": "10000",
 }
 # Fragments of property names whose values must never be printed.
 _SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
@@ -107,7 +124,12 @@ class Settings:
 
     def consumer_config(self) -> dict[str, str]:
         """librdkafka settings a consumer should see: common + consumer-only."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common, **self.kafka_consumer}
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            **CONSUMER_DEFAULTS,
+            **self.kafka_common,
+            **self.kafka_consumer,
+        }
 
     def producer_config(self) -> dict[str, str]:
         """librdkafka settings a producer should see: common + producer-only."""
@@ -234,6 +256,13 @@ def _flag(env_name: str) -> str:
     return "--" + env_name.lower().replace("_", "-")
 
 
+def _flags(env_name: str) -> list[str]:
+    """A setting's flags, the one to show first (`--bootstrap-servers` is the short one)."""
+    if env_name == "KAFKA_BOOTSTRAP_SERVERS":
+        return ["--bootstrap-servers", _flag(env_name)]
+    return [_flag(env_name)]
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse prints usage plus an error; the contract wants one line and exit 2."""
 
@@ -242,25 +271,70 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting (e.g. `--window-seconds`) plus `--env-file`."""
+# The settings each script reads and lists in --help (the processor: all of them).
+# A setting a script does not use keeps its default there, so a shared `.env` with,
+# say, METRICS_PORT cannot stop the monitor. The generator creates the input topic
+# when it is first, hence INPUT_PARTITIONS.
+MONITOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT")
+GENERATOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "INPUT_TOPIC", "INPUT_PARTITIONS", "LOG_LEVEL", "LOG_FORMAT")
+LOCAL_STACK_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS",)
+
+SETTINGS_EPILOG = """\
+Each setting above can also be given as its environment variable ("env NAME")
+or as NAME=VALUE in the --env-file: flags win, then the environment, then the file.
+
+Any other KAFKA_* variable is passed to the Kafka clients (librdkafka) as a
+property, its name lower-cased with "_" as ".":
+  KAFKA_SECURITY_PROTOCOL=SASL_SSL  ->  security.protocol=SASL_SSL
+  KAFKA_SESSION_TIMEOUT_MS=20000    ->  session.timeout.ms=20000
+Consumer-only properties (session.timeout.ms, group.*, fetch.*, auto.offset.reset,
+...) reach only consumers, producer tuning (linger.ms, acks, batch.*, ...) only
+producers; KAFKA_CONSUMER_<NAME> / KAFKA_PRODUCER_<NAME> reach one kind of
+client only. Consumers default to session.timeout.ms={session_timeout}.
+--help never shows the values of KAFKA_* variables; logs mask secrets."""
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | None = None) -> None:
+    """Add one flag per setting (e.g. `--window-seconds`) plus `--env-file`.
+
+    `only`: the environment names of the settings this script uses (default: all).
+    `load_settings_or_exit` reads exactly the settings added here.
+    """
+    names = list(_SETTINGS) if only is None else list(only)
+    unknown = [name for name in names if name not in _SETTINGS]
+    if unknown:
+        raise ValueError(f"no such setting: {', '.join(unknown)}")
+    defaults = {f.name: f.default for f in fields(Settings)}
     group = parser.add_argument_group("settings (flags override environment and .env)")
-    for env_name, (_, _, help_text) in _SETTINGS.items():
-        flags = [_flag(env_name)]
-        if env_name == "KAFKA_BOOTSTRAP_SERVERS":
-            flags.insert(0, "--bootstrap-servers")
-        group.add_argument(*flags, dest=env_name, metavar="VALUE", help=f"{help_text} [{env_name}]")
+    for env_name in names:
+        field_name, _, help_text = _SETTINGS[env_name]
+        text = f"{help_text} (default: {defaults[field_name]}; env {env_name})"
+        group.add_argument(*_flags(env_name), dest=env_name, metavar="VALUE", help=text.replace("%", "%%"))
     group.add_argument("--env-file", default=".env", help="file of KEY=VALUE settings (default: .env)")
+    if parser.epilog is None:
+        parser.epilog = SETTINGS_EPILOG.format(session_timeout=CONSUMER_DEFAULTS["session.timeout.ms"])
+        if parser.formatter_class is argparse.HelpFormatter:  # keep the epilog's lines and examples
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-def build_settings(environ: Mapping[str, str], flags: Mapping[str, str | None] | None = None) -> Settings:
-    """Validate raw settings into `Settings`. Raises ConfigError naming the first bad one."""
+def build_settings(
+    environ: Mapping[str, str],
+    flags: Mapping[str, str | None] | None = None,
+    only: Iterable[str] | None = None,
+) -> Settings:
+    """Validate raw settings into `Settings`. Raises ConfigError naming the first bad one.
+
+    `only`: read just these settings (environment names); the rest keep their defaults.
+    """
     flags = flags or {}
+    wanted = _SETTINGS if only is None else set(only)
     values: dict[str, object] = {}
     for env_name, (field_name, parse, _) in _SETTINGS.items():
+        if env_name not in wanted:
+            continue
         flag_value = flags.get(env_name)
         if flag_value is not None:
-            values[field_name] = parse(_flag(env_name), flag_value)
+            values[field_name] = parse(_flags(env_name)[0], flag_value)
         elif env_name in environ:
             values[field_name] = parse(env_name, environ[env_name])
     common, consumer, producer = _kafka_passthrough(environ)
@@ -322,9 +396,10 @@ def load_settings_or_exit(
     """
     args = parser.parse_args(argv)
     environ = read_environment(args.env_file, os.environ)
-    flags = {env_name: getattr(args, env_name) for env_name in _SETTINGS}
+    registered = [env_name for env_name in _SETTINGS if hasattr(args, env_name)]  # see add_settings_arguments
+    flags = {env_name: getattr(args, env_name) for env_name in registered}
     try:
-        return build_settings(environ, flags), args, environ
+        return build_settings(environ, flags, only=registered), args, environ
     except ConfigError as error:
         exit_with_config_error(parser.prog, error)
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import KafkaException, Producer
 
 from config import (
+    GENERATOR_SETTINGS,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
@@ -176,12 +177,25 @@ def produce(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="data_generator.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", choices=("realistic", "reference"), default="realistic")
-    parser.add_argument("--rate", type=float, default=None, help="events per second (0 = as fast as possible)")
-    parser.add_argument("--count", type=int, default=0, help="stop after this many events (0 = run forever)")
-    parser.add_argument("--backlog-seconds", type=int, default=0, help="spread event times over the past N seconds")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable data")
-    add_settings_arguments(parser)
+    parser.add_argument(
+        "--profile", choices=("realistic", "reference"), default="realistic", help="kind of data (default: realistic)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="events per second, 0 = as fast as possible (default: 50; 2 for reference; 0 with --backlog-seconds)",
+    )
+    parser.add_argument("--count", type=int, default=0, help="stop after this many events (default: 0 = run forever)")
+    parser.add_argument(
+        "--backlog-seconds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="spread event times over the past N seconds (default: 0 = now)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable data (default: random)")
+    add_settings_arguments(parser, only=GENERATOR_SETTINGS)
     return parser
 
 

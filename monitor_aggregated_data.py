@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from rich import box
@@ -32,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from config import (
+    MONITOR_SETTINGS,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
@@ -257,15 +259,37 @@ def render_dashboard(
     return Group(status, grid, missing_line, versions)
 
 
+def window_length(window: dict) -> int | None:
+    """A window's length in seconds, from its own start and end (None if unreadable).
+
+    The monitor does not read WINDOW_SECONDS: the processor's setting is what counts."""
+    try:
+        start, end = (
+            datetime.strptime(window[k], "%Y-%m-%dT%H:%M:%SZ").timestamp() for k in ("window_start", "window_end")
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    return int(end - start) if end > start else None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="monitor_aggregated_data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per window per line (for machines)")
-    parser.add_argument("--from-beginning", action="store_true", help="show every window on the topic, not just new")
-    parser.add_argument("--exit-after", type=int, default=0, metavar="N", help="stop after showing N windows")
     parser.add_argument(
-        "--idle-timeout", type=float, default=0, metavar="S", help="stop after S seconds without a window"
+        "--from-beginning", action="store_true", help="show every window on the topic (default: from the newest)"
     )
-    add_settings_arguments(parser)
+    parser.add_argument(
+        "--exit-after", type=int, default=0, metavar="N", help="stop after showing N windows (default: 0 = never)"
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=0,
+        metavar="S",
+        help="stop after S seconds without a window (default: 0 = never)",
+    )
+    # Only what the monitor reads: the window length comes from the windows themselves.
+    add_settings_arguments(parser, only=MONITOR_SETTINGS)
     return parser
 
 
@@ -280,7 +304,8 @@ def _live_dashboard(
     def screen():
         since = None if last_arrival is None else time.monotonic() - last_arrival
         ordered = [seen[key] for key in sorted(seen)]
-        return render_dashboard(ordered, since, source, window_seconds, tuple(console.size))
+        length = window_length(ordered[-1]) if ordered else None
+        return render_dashboard(ordered, since, source, length or window_seconds, tuple(console.size))
 
     with Live(screen(), console=console, refresh_per_second=2, screen=False) as live:
         while not stop.is_set():

@@ -8,9 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from config import ConfigError, Settings, build_settings, read_environment, redact
+from config import (
+    _SETTINGS,
+    CONSUMER_DEFAULTS,
+    GENERATOR_SETTINGS,
+    LOCAL_STACK_SETTINGS,
+    MONITOR_SETTINGS,
+    ConfigError,
+    OneLineArgumentParser,
+    Settings,
+    add_settings_arguments,
+    build_settings,
+    load_settings_or_exit,
+    read_environment,
+    redact,
+)
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
+ALL_SETTINGS = tuple(_SETTINGS)
 
 
 def test_defaults_work_with_the_local_stack():
@@ -63,6 +79,47 @@ def test_kafka_settings_pass_through_to_the_right_clients():
     assert "bootstrap.servers" not in settings.kafka_common  # not passed twice
 
 
+def test_consumers_default_to_a_ten_second_session_timeout():
+    """Fast to join on the embedded broker, fast to hand a dead member's partitions
+    on, and accepted by Apache Kafka (group.min.session.timeout.ms is 6000)."""
+    settings = build_settings({})
+    assert settings.consumer_config()["session.timeout.ms"] == CONSUMER_DEFAULTS["session.timeout.ms"] == "10000"
+    assert "session.timeout.ms" not in settings.producer_config()
+    assert "session.timeout.ms" not in settings.admin_config()
+    assert build_settings({"KAFKA_SESSION_TIMEOUT_MS": "45000"}).consumer_config()["session.timeout.ms"] == "45000"
+    only_consumers = build_settings({"KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "30000"})
+    assert only_consumers.consumer_config()["session.timeout.ms"] == "30000"
+
+
+def test_the_processor_consumer_gets_the_default_and_the_users_override():
+    from kafka_processor import consumer_settings
+
+    assert consumer_settings(build_settings({}))["session.timeout.ms"] == "10000"
+    assert consumer_settings(build_settings({"KAFKA_SESSION_TIMEOUT_MS": "20000"}))["session.timeout.ms"] == "20000"
+
+
+def test_a_script_reads_only_its_settings_the_rest_keep_their_defaults():
+    environ = {"WINDOW_SECONDS": "thirty", "METRICS_PORT": "x", "OUTPUT_TOPIC": "out", "KAFKA_SASL_USERNAME": "a"}
+    settings = build_settings(environ, only=MONITOR_SETTINGS)
+    assert settings.output_topic == "out"
+    assert (settings.window_seconds, settings.metrics_port) == (Settings().window_seconds, Settings().metrics_port)
+    assert settings.admin_config()["sasl.username"] == "a"  # KAFKA_* reach every script
+    with pytest.raises(ConfigError):
+        build_settings(environ)  # the processor reads them all
+
+
+def test_the_loader_reads_what_the_parser_registered(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setenv("WINDOW_SECONDS", "thirty")
+    monkeypatch.setenv("OUTPUT_TOPIC", "from-env")
+    parser = OneLineArgumentParser(prog="x")
+    add_settings_arguments(parser, only=MONITOR_SETTINGS)
+    settings, _, _ = load_settings_or_exit(parser, ["--log-level", "debug"])
+    assert (settings.output_topic, settings.log_level, settings.window_seconds) == ("from-env", "DEBUG", 30)
+    with pytest.raises(ValueError, match="NO_SUCH_SETTING"):
+        add_settings_arguments(OneLineArgumentParser(prog="y"), only=["NO_SUCH_SETTING"])
+
+
 def test_secrets_are_masked_in_the_settings_line():
     settings = build_settings({"KAFKA_SASL_PASSWORD": "hunter2", "KAFKA_SASL_USERNAME": "alice"})
     line = settings.describe()
@@ -96,20 +153,50 @@ def test_bad_value_names_the_setting(name, value):
     assert repr(value) in str(caught.value)
 
 
-SCRIPTS = ["kafka_processor.py", "monitor_aggregated_data.py", "data_generator.py"]
+SCRIPTS = ["kafka_processor.py", "monitor_aggregated_data.py", "data_generator.py", "local_stack.py"]
+# What each script lists in --help and reads.
+SCRIPT_SETTINGS = {
+    "kafka_processor.py": ALL_SETTINGS,
+    "monitor_aggregated_data.py": MONITOR_SETTINGS,
+    "data_generator.py": GENERATOR_SETTINGS,
+    "local_stack.py": LOCAL_STACK_SETTINGS,
+}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize(
     ("env", "args", "named"),
     [
-        ({"WINDOW_SECONDS": "thirty"}, [], "WINDOW_SECONDS"),
-        ({"TOP_IPS": "-1"}, [], "TOP_IPS"),
-        ({}, ["--allowed-lateness-seconds", "soon"], "--allowed-lateness-seconds"),
+        ({"LOG_LEVEL": "LOUD"}, [], "LOG_LEVEL"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "  "}, [], "KAFKA_BOOTSTRAP_SERVERS"),
+        ({}, ["--bootstrap-servers", ""], "--bootstrap-servers"),
         ({}, ["--no-such-flag"], "--no-such-flag"),
     ],
 )
 def test_scripts_exit_2_with_one_line_naming_the_setting(script, env, args, named, tmp_path):
+    _exits_2_naming(script, env, args, named, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "named"),
+    [
+        ({"WINDOW_SECONDS": "thirty"}, [], "WINDOW_SECONDS"),
+        ({"TOP_IPS": "-1"}, [], "TOP_IPS"),
+        ({}, ["--allowed-lateness-seconds", "soon"], "--allowed-lateness-seconds"),
+    ],
+)
+def test_processor_settings_exit_2_in_the_processor_and_the_local_stack(env, args, named, tmp_path):
+    _exits_2_naming("kafka_processor.py", env, args, named, tmp_path)
+    if not args:  # the local stack checks its children's settings before it starts anything
+        _exits_2_naming("local_stack.py", {**env, "KAFKA_BOOTSTRAP_SERVERS": "localhost:1"}, args, named, tmp_path)
+
+
+@pytest.mark.parametrize("script", ["monitor_aggregated_data.py", "data_generator.py", "local_stack.py"])
+def test_processor_only_flags_are_not_accepted_elsewhere(script, tmp_path):
+    _exits_2_naming(script, {}, ["--window-seconds", "10"], "--window-seconds", tmp_path)
+
+
+def _exits_2_naming(script, env, args, named, tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         env={"PATH": "/usr/bin:/bin", **env},
@@ -118,11 +205,46 @@ def test_scripts_exit_2_with_one_line_naming_the_setting(script, env, args, name
         timeout=30,
         cwd=tmp_path,  # no .env here
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert named in lines[0]
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_each_setting_with_its_default_and_variable_and_no_secret(script, tmp_path):
+    secret_env = {"KAFKA_SASL_PASSWORD": "hunter2", "KAFKA_SASL_USERNAME": "alice", "WINDOW_SECONDS": "7"}
+    result = run_script(script, "--help", env={"PATH": "/usr/bin:/bin", **secret_env}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    defaults = Settings()
+    for env_name in ALL_SETTINGS:
+        flag = "--" + env_name.lower().replace("_", "-")
+        listed = f"{flag} VALUE" in text
+        assert listed == (env_name in SCRIPT_SETTINGS[script]), f"{script}: {flag}"
+        if listed:
+            default = getattr(defaults, _SETTINGS[env_name][0])
+            assert f"(default: {default}; env {env_name})" in text.replace("- ", "-"), env_name
+    # The pass-through, explained once, with examples; never the values.
+    assert "KAFKA_SECURITY_PROTOCOL=SASL_SSL -> security.protocol" in text
+    assert "KAFKA_CONSUMER_<NAME> / KAFKA_PRODUCER_<NAME>" in text
+    assert "session.timeout.ms=10000" in text
+    assert "hunter2" not in result.stdout and "alice" not in result.stdout
+
+
+@pytest.mark.broker
+def test_settings_a_script_does_not_use_cannot_break_it(topics, tmp_path):
+    """One `.env` for every script: the processor's settings, even wrong, are not the
+    generator's or the monitor's business."""
+    topics.create()
+    foreign = {"WINDOW_SECONDS": "thirty", "METRICS_PORT": "x", "CONSUMER_GROUP_ID": " ", "TOP_IPS": "-1"}
+    generated = run_script("data_generator.py", "--count", "5", env=topics.env(**foreign), cwd=tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    watched = run_script(
+        "monitor_aggregated_data.py", "--idle-timeout", "1", env=topics.env(**foreign, INPUT_TOPIC=" "), cwd=tmp_path
+    )
+    assert watched.returncode == 0, watched.stderr
 
 
 def test_unknown_librdkafka_property_exits_2_naming_it(tmp_path):

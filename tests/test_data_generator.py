@@ -57,6 +57,19 @@ def test_backlog_times_are_spread_over_the_past_in_order():
     assert times == sorted(times) and times[0] == 9_400 and times[-1] < 10_000
 
 
+def test_help_lists_only_what_the_generator_reads_with_defaults(tmp_path):
+    result = run_script("data_generator.py", "--help", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for flag in ("--profile", "--rate", "--count", "--backlog-seconds", "--seed", "--bootstrap-servers"):
+        assert flag in text
+    assert "--input-topic VALUE topic of login events (default: user-login; env INPUT_TOPIC)" in text
+    assert "--input-partitions" in text  # it may be first to create the input topic
+    for processor_only in ("--window-seconds", "--output-topic", "--metrics-port", "--consumer-group-id"):
+        assert processor_only not in text
+    assert "(default: realistic)" in text and "(default: 0 = run forever)" in text
+
+
 @pytest.mark.broker
 def test_generator_produces_its_count_to_a_real_broker(topics, tmp_path):
     generator_args = ("--count", "500", "--backlog-seconds", "60", "--seed", "3")

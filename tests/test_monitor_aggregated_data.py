@@ -12,7 +12,7 @@ import uuid
 import pytest
 from rich.console import Console
 
-from monitor_aggregated_data import headline, render_dashboard, sparkline
+from monitor_aggregated_data import headline, render_dashboard, sparkline, window_length
 from tests.conftest import ROOT, published_backlog, require_tool, run_script, wait_until
 
 WINDOW = {
@@ -82,6 +82,26 @@ def test_dashboard_says_so_when_windows_stop_coming():
     text = rendered(render_dashboard([WINDOW], 300.0, "out on broker:1", window_seconds=30))
     assert "no new window" in text
     assert "waiting for the first window" in rendered(render_dashboard([], None, "out on broker:1"))
+
+
+def test_help_lists_only_what_the_monitor_reads(tmp_path):
+    result = run_script("monitor_aggregated_data.py", "--help", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for flag in ("--json", "--from-beginning", "--exit-after", "--idle-timeout", "--bootstrap-servers"):
+        assert flag in text
+    for flag in ("--output-topic", "--log-level", "--log-format", "--env-file"):
+        assert flag in text
+    for processor_only in ("--window-seconds", "--metrics-port", "--input-topic", "--consumer-group-id", "--top-ips"):
+        assert processor_only not in text
+    assert "(default: localhost:29092; env KAFKA_BOOTSTRAP_SERVERS)" in text
+    assert "KAFKA_SECURITY_PROTOCOL=SASL_SSL -> security.protocol" in text
+
+
+def test_window_length_comes_from_the_window_not_a_setting():
+    assert window_length(WINDOW) == 30
+    assert window_length(dict(WINDOW, window_end="2026-11-25T19:05:00Z")) == 300
+    assert window_length({"window_start": "soon"}) is None
 
 
 @pytest.mark.broker
