@@ -25,9 +25,18 @@ def free_port() -> int:
 
 
 def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((host, port)) == 0
+    """Whether something accepts connections on `host`:`port`, on any of the host's
+    addresses: "localhost" is both 127.0.0.1 and ::1, and a client may pick either."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.settimeout(0.2)
+            if sock.connect_ex(address) == 0:
+                return True
+    return False
 
 
 class EmbeddedBroker:
