@@ -186,3 +186,90 @@ def test_a_window_past_the_distinct_bound_is_flagged_and_logged(topics, start_pr
     assert window["unique_ip_count"] == 3  # under the bound: exact
     assert window["capped_counts"] == ["unique_device_count"]
     processor.wait_for_log("more than 5 distinct device ids or IPs; lower bounds: unique_device_count")
+
+
+# ---- failure paths, in process (a fault injected where only a bug or a sick broker gets) ----
+
+
+def _login(t: int, device: str = "android") -> bytes:
+    return json.dumps(
+        {"device_type": device, "locale": "RU", "app_version": "1", "device_id": "d", "timestamp": t}
+    ).encode()
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 2})
+    try:
+        return consumer.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        consumer.close()
+
+
+def _in_process_processor(topics):
+    from config import build_settings
+    from kafka_processor import Processor
+
+    return Processor(build_settings(topics.env()))
+
+
+def test_a_crash_commits_nothing(topics):
+    """A bug in the poll loop right after windows were published and a commit was asked
+    for: the processor exits 1, and closing the consumer (which runs the revoke callback)
+    must not commit either. The next run replays from the last sound commit."""
+    topics.create(input_partitions=1)
+    start = aligned_past(10)
+    produce(topics.bootstrap, topics.input, [(0, _login(start + 30 * i + 1), start * 1000) for i in range(4)])
+    processor = _in_process_processor(topics)
+    original = processor._process
+
+    def publish_then_fail(messages):
+        original(messages)
+        processor.close_and_publish(wait_seconds=10)  # windows acknowledged, commit asked for
+        raise RuntimeError("injected bug")
+
+    processor._process = publish_then_fail
+    assert processor.run() == 1
+    assert len(latest_by_key(topics.bootstrap, topics.output)) >= 1  # windows were published...
+    assert _committed(topics.bootstrap, topics.group, topics.input) < 0  # ...and nothing committed
+
+
+def test_a_failed_metadata_lookup_during_assignment_does_not_crash(topics, monkeypatch):
+    """The partition-count look-up in the assign callback times out (a struggling broker
+    during a rebalance): windows wait, the poll loop asks again, nothing crashes."""
+    import threading
+
+    from confluent_kafka import KafkaError, KafkaException
+
+    import kafka_processor
+
+    topics.create(input_partitions=1)
+    start = aligned_past(10)
+    produce(topics.bootstrap, topics.input, [(0, _login(start + 30 * i + 1), start * 1000) for i in range(3)])
+    real_lookup = kafka_processor.topic_partition_count
+    calls = []
+
+    def first_call_times_out(consumer, topic):
+        calls.append(topic)
+        if len(calls) == 1:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "injected: metadata request timed out"))
+        return real_lookup(consumer, topic)
+
+    monkeypatch.setattr(kafka_processor, "topic_partition_count", first_call_times_out)
+    processor = _in_process_processor(topics)
+    exit_code = []
+    runner = threading.Thread(target=lambda: exit_code.append(processor.run()))
+    runner.start()
+    try:
+        published = wait_until(
+            lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 3 or not runner.is_alive(),
+            60,
+            message="every window",
+        )
+        assert published and runner.is_alive(), "the processor stopped"
+    finally:
+        processor.stop_requested.set()
+        runner.join(30)
+    assert exit_code == [0]
+    assert len(calls) >= 2
