@@ -273,3 +273,25 @@ def test_a_failed_metadata_lookup_during_assignment_does_not_crash(topics, monke
         runner.join(30)
     assert exit_code == [0]
     assert len(calls) >= 2
+
+
+def test_a_record_with_a_lone_surrogate_goes_to_the_dlq_and_every_window_is_published(topics, start_processor):
+    """The issue's four records: three normal ones in three windows, and one whose
+    lone surrogate escape came after a number msgspec cannot hold. It used to be
+    accepted, made its window unrenderable, and no window was ever published."""
+    topics.create(input_partitions=1)
+    start = aligned_past(10)
+    poison = b'{"ip": 1e400, "device_type": "\\ud800", "timestamp": %d}' % (start + 5)
+    records = [(0, _login(start + 1), start * 1000), (0, poison, start * 1000)]
+    records += [(0, _login(start + 31), start * 1000), (0, _login(start + 61), start * 1000)]
+    produce(topics.bootstrap, topics.input, records)
+    processor = start_processor(topics.env())
+    published = wait_until(
+        lambda: (got := latest_by_key(topics.bootstrap, topics.output)) and len(got) >= 3 and got,
+        60,
+        message="3 windows",
+    )
+    first = json.loads(published[min(published)])
+    assert (first["message_count"], first["invalid_message_count"]) == (1, 1)
+    assert [m.value() for m in read_topic(topics.bootstrap, topics.dlq)] == [poison]
+    assert processor.terminate()[0] == 0
