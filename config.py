@@ -107,6 +107,9 @@ class Settings:
     max_field_length: int = 256
     # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
     max_distinct_per_window: int = 1_000_000
+    # (device type, app version, locale) combinations kept per window; past it the
+    # per-device/locale/version counts are lower bounds (see aggregator.DEFAULT_MAX_PROFILES).
+    max_profiles_per_window: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"
     # Partition counts used only when the processor creates missing topics.
@@ -242,6 +245,12 @@ _SETTINGS = {
         "max_distinct_per_window",
         _positive_int,
         "device ids / IPs kept per window (memory bound); past it unique counts are lower bounds",
+    ),
+    "MAX_PROFILES_PER_WINDOW": (
+        "max_profiles_per_window",
+        _positive_int,
+        "(device type, app version, locale) combinations kept per window (memory bound); past it"
+        " their counts are lower bounds",
     ),
     "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
     "LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"),

@@ -174,6 +174,7 @@ class Processor:
             allowed_lateness_seconds=settings.allowed_lateness_seconds,
             top_ips=settings.top_ips,
             max_distinct_per_window=settings.max_distinct_per_window,
+            max_profiles_per_window=settings.max_profiles_per_window,
         )
         self.health = BrokerHealth(settings.bootstrap_servers, log)
         self.stop_requested = threading.Event()
@@ -517,10 +518,12 @@ class Processor:
         )
         if "capped_counts" in value:
             log.warning(
-                "window %s had more than %d distinct device ids or IPs; lower bounds: %s (MAX_DISTINCT_PER_WINDOW)",
+                "window %s had more distinct values than it keeps; lower bounds: %s"
+                " (MAX_DISTINCT_PER_WINDOW %d, MAX_PROFILES_PER_WINDOW %d)",
                 value["window_start"],
-                self.settings.max_distinct_per_window,
                 ", ".join(value["capped_counts"]),
+                self.settings.max_distinct_per_window,
+                self.settings.max_profiles_per_window,
             )
 
     def metrics_snapshot(self) -> MetricsSnapshot:

@@ -138,6 +138,7 @@ def test_secrets_are_masked_in_the_settings_line():
         ("MAX_EVENT_TIME_SKEW_SECONDS", "1.5"),
         ("TOP_IPS", "0"),
         ("MAX_DISTINCT_PER_WINDOW", "0"),
+        ("MAX_PROFILES_PER_WINDOW", "-3"),
         ("LOG_LEVEL", "LOUD"),
         ("LOG_FORMAT", "xml"),
         ("INPUT_TOPIC", "  "),
@@ -260,3 +261,12 @@ def test_unknown_librdkafka_property_exits_2_naming_it(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "KAFKA_NO_SUCH_PROPERTY" in lines[0]
+
+
+def test_window_bounds_default_to_the_aggregators_own():
+    """Written on both sides (settings and the pure aggregator): they must agree."""
+    import aggregator
+    from config import Settings
+
+    assert Settings().max_profiles_per_window == aggregator.DEFAULT_MAX_PROFILES
+    assert Settings().max_distinct_per_window == aggregator.DEFAULT_MAX_DISTINCT
