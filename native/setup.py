@@ -3,7 +3,7 @@
 Built by pip: `pip install -r requirements.txt` from the repository root (or
 `pip install ./native`). The extension is optional: if it cannot be compiled (no
 C compiler, no Python headers, a compile error) setuptools warns and the package
-installs without it; the processor then parses in pure Python, at about a third
+installs without it; the processor then parses in pure Python, at about two fifths
 of the speed, and says so in its log. The test suite checks that it is there.
 """
 

@@ -116,7 +116,7 @@ def _dockerfile_stages() -> dict[str, str]:
 
 
 def test_image_builds_the_native_parser():
-    # Without it the processor still runs, at a third of the speed (it logs a warning): the
+    # Without it the processor still runs, at about two fifths of the speed (it logs a warning): the
     # image must not ship that by accident, nor carry a compiler.
     stages = _dockerfile_stages()
     assert len(stages) == 2 and "" in stages, list(stages)

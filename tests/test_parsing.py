@@ -388,7 +388,7 @@ class TestNativeParser:
     """The native parser and tallies must give exactly the pure-Python answer, or defer to it."""
 
     def test_the_native_module_is_built(self):
-        # CI and `make test` install it; without it the processor runs at a third of the speed.
+        # CI and `make test` install it; without it the processor runs at about two fifths of the speed.
         assert NATIVE_PARSER_AVAILABLE, (
             "install it: pip install -r requirements.txt (from the repository root; ./native needs a C compiler"
             " and the Python headers, and installs without the module if they are missing)"
