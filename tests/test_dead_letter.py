@@ -137,3 +137,53 @@ def test_a_flood_of_invalid_records_while_the_broker_is_paused_loses_nothing(tmp
         code, seconds = processor.terminate()
         assert code == 0, processor.log()
         assert "crashed" not in processor.log()
+
+
+def test_the_processor_commits_past_an_invalid_record_only_once_its_copy_is_stored(topics: Topics, second_broker):
+    """The DLQ's partition leader (here a second broker, paused) does not answer while the
+    windows' leader does: every window is published, but the input offset of the invalid
+    record is not committed until its copy is acknowledged."""
+    from config import build_settings
+    from kafka_processor import Processor
+
+    topics.create(input_partitions=1)
+    start = int(time.time()) - 600
+    start -= start % 30
+    login = b'{"device_type": "android", "locale": "RU", "app_version": "1", "device_id": "d", "timestamp": %d}'
+    produce(
+        topics.bootstrap,
+        topics.input,
+        [(0, login % (start + 1), start * 1000), (0, b"junk", start * 1000)]
+        + [(0, login % (start + 30 * i + 1), start * 1000) for i in (1, 2)],
+    )
+    processor = Processor(build_settings(topics.env()))
+    dlq_producer = Producer(
+        {"bootstrap.servers": second_broker.bootstrap_servers, "linger.ms": 5, "message.timeout.ms": 0, "log_level": 2}
+    )
+    dlq_producer.produce("dlq", b"warm-up")
+    assert dlq_producer.flush(10) == 0
+    processor.dead_letters = DeadLetterQueue(dlq_producer, "dlq", "test-host", processor.stop_requested.is_set)
+    exit_code: list[int] = []
+    runner = threading.Thread(target=lambda: exit_code.append(processor.run()))
+    try:
+        with Paused(second_broker):
+            runner.start()
+            wait_until(lambda: len(read_topic(topics.bootstrap, topics.output)) >= 3, 60, message="3 windows")
+            time.sleep(2)  # several commit turns
+            assert committed_offset(topics) == 1  # held at the invalid record
+        wait_until(lambda: dlq_producer.flush(0.5) == 0, 30, message="the DLQ copy acknowledged")
+        wait_until(lambda: committed_offset(topics) == 4, 30, message="the commit past the invalid record")
+    finally:
+        processor.stop_requested.set()
+        runner.join(30)
+    assert exit_code == [0]
+    copies = [m for m in read_topic(second_broker.bootstrap_servers, "dlq") if m.value() == b"junk"]
+    assert [dict(m.headers())["dlq.source.offset"] for m in copies] == [b"1"]
+
+
+def committed_offset(topics: Topics) -> int:
+    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": topics.group, "log_level": 2})
+    try:
+        return consumer.committed([TopicPartition(topics.input, 0)], timeout=10)[0].offset
+    finally:
+        consumer.close()
