@@ -268,40 +268,54 @@ class WindowAggregate:
     def to_value(self, window_seconds: int, top_ips: int, carried: CarriedCounts | None = None) -> bytes:
         """The window's JSON value, with the `carried` counts it is about to absorb: a
         pure function of its records (same bytes every time). Changes nothing."""
-        tallies = self.tallies or _EMPTY
-        device_counts: Counter = Counter()
-        locale_counts: Counter = Counter()
-        version_counts: Counter = Counter()
-        versions: dict[str, Counter] = {}
-        for (device, version, locale), count in tallies.profile_counts().items():
-            device_counts[device] += count
-            locale_counts[locale] += count
-            version_counts[version] += count
-            versions.setdefault(device or UNKNOWN, Counter())[version or UNKNOWN] += count
-        missing = Counter(tallies.missing_counts()) + Counter(
-            device_type=device_counts[MISSING],
-            locale=locale_counts[MISSING],
-            app_version=version_counts[MISSING],
+        return render_window_value(
+            self.start,
+            self.tallies or _EMPTY,
+            self.invalid_message_count + (carried.invalid_message_count if carried else 0),
+            self.late_message_count + (carried.late_message_count if carried else 0),
+            window_seconds,
+            top_ips,
         )
-        value = {
-            "schema_version": SCHEMA_VERSION,
-            "window_start": iso_utc(self.start),
-            "window_end": iso_utc(self.start + window_seconds),
-            "message_count": tallies.message_count,
-            "device_counts": _by_count(_with_unknown(device_counts)),
-            "locale_counts": _by_count(_with_unknown(locale_counts)),
-            "unique_device_count": tallies.unique_device_count(),
-            "app_version_by_device": {device: _by_count(versions[device]) for device in sorted(versions)},
-            "unique_ip_count": tallies.unique_ip_count(),
-            "top_ips": [{"ip": ip, "count": count} for ip, count in tallies.top_ips(top_ips)],
-            "missing_field_counts": _by_count(missing),
-            "invalid_message_count": self.invalid_message_count + (carried.invalid_message_count if carried else 0),
-            "late_message_count": self.late_message_count + (carried.late_message_count if carried else 0),
-        }
-        capped = tallies.capped()
-        if capped:  # only past MAX_DISTINCT_PER_WINDOW: normal windows keep the contract's shape
-            value["capped_counts"] = sorted(capped)
-        return _encode(value)
+
+
+def render_window_value(
+    start: int, tallies: WindowTallies, invalid: int, late: int, window_seconds: int, top_ips: int
+) -> bytes:
+    """The contract's JSON value of one window from anything with the `WindowTallies`
+    reading methods (one window's tallies, or the merge of its per-partition parts)."""
+    device_counts: Counter = Counter()
+    locale_counts: Counter = Counter()
+    version_counts: Counter = Counter()
+    versions: dict[str, Counter] = {}
+    for (device, version, locale), count in tallies.profile_counts().items():
+        device_counts[device] += count
+        locale_counts[locale] += count
+        version_counts[version] += count
+        versions.setdefault(device or UNKNOWN, Counter())[version or UNKNOWN] += count
+    missing = Counter(tallies.missing_counts()) + Counter(
+        device_type=device_counts[MISSING],
+        locale=locale_counts[MISSING],
+        app_version=version_counts[MISSING],
+    )
+    value = {
+        "schema_version": SCHEMA_VERSION,
+        "window_start": iso_utc(start),
+        "window_end": iso_utc(start + window_seconds),
+        "message_count": tallies.message_count,
+        "device_counts": _by_count(_with_unknown(device_counts)),
+        "locale_counts": _by_count(_with_unknown(locale_counts)),
+        "unique_device_count": tallies.unique_device_count(),
+        "app_version_by_device": {device: _by_count(versions[device]) for device in sorted(versions)},
+        "unique_ip_count": tallies.unique_ip_count(),
+        "top_ips": [{"ip": ip, "count": count} for ip, count in tallies.top_ips(top_ips)],
+        "missing_field_counts": _by_count(missing),
+        "invalid_message_count": invalid,
+        "late_message_count": late,
+    }
+    capped = tallies.capped()
+    if capped:  # only past a bound: normal windows keep the contract's shape
+        value["capped_counts"] = sorted(capped)
+    return _encode(value)
 
 
 @dataclass(frozen=True, slots=True)
