@@ -1,0 +1,300 @@
+"""The partials topic's records: per-partition parts of windows, and progress. Pure: no Kafka.
+
+When several processors share the input topic, each closes windows per input
+partition and publishes, for every (window, partition) it closes, that
+partition's exact *part* of the window; one merger sums the parts once every
+partition has closed the window (merge.py). *Progress* records say "partition p
+has closed every window ending at or before t", so that an idle partition never
+holds a window.
+
+Format: MessagePack (msgspec), each record an array whose first two elements are
+its tag ("part" or "progress") and `PARTS_FORMAT_VERSION`. Leading with both is
+what lets a decoder tell a record of another format version from a damaged one,
+whatever that version's layout is. A part larger than `max_bytes` (the broker's
+message size) is split into *pieces*: the additive scalars (message, missing,
+invalid and late counts) ride in piece 0 only, so that summing every piece of a
+part counts them once; profiles, device ids and IP counts are spread over the
+pieces (profiles first, so that they are all in piece 0 unless they alone fill
+it). Every value is sorted, so the same content always gives the same bytes
+(apart from the part id).
+"""
+
+from __future__ import annotations
+
+import uuid
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Protocol
+
+import msgspec
+
+from aggregator import iso_utc
+
+PARTS_FORMAT_VERSION = 1
+# Below this a piece might not hold one profile of three 256-character values (up to
+# 4 bytes each in UTF-8) next to the piece's own fields: a piece must always make progress.
+MIN_PIECE_BYTES = 4096
+_MAX_PIECES = 2**32 - 1  # the widest integer a piece number is sized for (5 bytes)
+_LIST_HEADER_SLACK = 4  # an empty array's header is 1 byte, a long one's up to 5
+
+
+class PartialRecordError(ValueError):
+    """A partials-topic record this merger cannot use."""
+
+
+class BadPartialRecord(PartialRecordError):
+    """Not a record of any format (damaged, or not written by a publisher): the merger
+    logs it and skips it."""
+
+
+class UnknownPartFormat(PartialRecordError):
+    """A record of another format version: a publisher newer (or older) than this merger.
+    Skipping it would publish windows without that publisher's parts, so the merger
+    must not treat it as damage."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(f"partials record of format version {version!r}; this merger reads {PARTS_FORMAT_VERSION}")
+        self.version = version
+
+
+class PartPiece(msgspec.Struct, tag="part", array_like=True, frozen=True, gc=False):
+    """One piece of one publication (`part_id`) of a partition's part of a window."""
+
+    version: int
+    part_id: str
+    window_start: int
+    partition: int
+    partition_count: int
+    piece: int
+    pieces: int
+    message_count: int
+    profiles: list[tuple[str, str, str, int]]  # (device_type, app_version, locale, n); "" = missing
+    device_ids: list[str]
+    ip_counts: list[tuple[str, int]]
+    missing: dict[str, int]  # user_id / device_id / ip / timestamp; zeros left out
+    capped: list[str]  # the part's tallies' capped(): output fields that are lower bounds
+    invalid_message_count: int
+    late_message_count: int
+
+    def __post_init__(self) -> None:
+        _check_partition(self.partition, self.partition_count)
+        if not 0 <= self.piece < self.pieces:
+            raise ValueError(f"piece {self.piece} of {self.pieces}")
+        if min(self.message_count, self.invalid_message_count, self.late_message_count) < 0:
+            raise ValueError("negative count")
+
+
+class Progress(msgspec.Struct, tag="progress", array_like=True, frozen=True, gc=False):
+    """Partition `partition` has closed every window ending at or before `closed_until`."""
+
+    version: int
+    partition: int
+    partition_count: int
+    closed_until: int
+
+    def __post_init__(self) -> None:
+        _check_partition(self.partition, self.partition_count)
+
+
+def _check_partition(partition: int, partition_count: int) -> None:
+    if not 0 <= partition < partition_count:
+        raise ValueError(f"partition {partition} of {partition_count}")
+
+
+PartialRecord = PartPiece | Progress
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(PartialRecord).decode
+_decode_any = msgspec.msgpack.Decoder().decode
+
+
+class ReadableTallies(Protocol):
+    """The `WindowTallies` reading API (the pure `aggregator.WindowTallies`, the native
+    `_login_columns.WindowTallies` and `merge.MergedTallies` all have it)."""
+
+    message_count: int
+
+    def profile_counts(self) -> dict[tuple[str, str, str], int]: ...
+    def device_ids(self) -> set[str]: ...
+    def ip_counts(self) -> dict[str, int]: ...
+    def missing_counts(self) -> dict[str, int]: ...
+    def capped(self) -> set[str]: ...
+
+
+# ---- sizes -------------------------------------------------------------------------
+# Exact MessagePack sizes of the values a piece holds, so that a part is cut into
+# pieces from the lengths alone instead of by encoding and retrying.
+
+
+def _str_size(value: str) -> int:
+    n = len(value) if value.isascii() else len(value.encode())
+    return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+
+
+def _uint_size(value: int) -> int:
+    if 0 <= value < 128:
+        return 1
+    return 2 if 0 <= value < 256 else 3 if 0 <= value < 65536 else 5 if 0 <= value < 2**32 else 9
+
+
+def _profile_size(item: tuple[str, str, str, int]) -> int:
+    return 1 + _str_size(item[0]) + _str_size(item[1]) + _str_size(item[2]) + _uint_size(item[3])
+
+
+def _ip_size(item: tuple[str, int]) -> int:
+    return 1 + _str_size(item[0]) + _uint_size(item[1])
+
+
+def _cuts(sizes: list[int], room: int, budget: int) -> tuple[list[int], int]:
+    """Where to cut a list of items of these sizes into consecutive runs: the first run
+    fills the `room` left in the current piece, the others a whole `budget` each.
+    Returns the end index of each run and the room left after the last one."""
+    totals = [0, *accumulate(sizes)]
+    ends: list[int] = []
+    start = 0
+    while start < len(sizes):
+        end = bisect_right(totals, totals[start] + room, lo=start) - 1
+        if end == start:  # not even the next item fits
+            if room == budget:
+                raise ValueError(f"a value of {sizes[start]} bytes cannot fit in a piece of {budget} bytes")
+            if not ends:  # the current piece gets nothing of this list
+                ends.append(start)
+            room = budget  # the next run starts a new piece
+            continue
+        ends.append(end)
+        room -= totals[end] - totals[start]
+        start = end
+    return ends, room
+
+
+def _split(lists: list[tuple[list, list[int]]], budget: int) -> list[list[list]]:
+    """Spread the (items, sizes) lists over pieces of at most `budget` bytes of items,
+    in order: piece k gets, of each list, the items that fall in it."""
+    pieces: list[list[list]] = [[[] for _ in lists]]
+    room = budget
+    for index, (items, sizes) in enumerate(lists):
+        ends, room_after = _cuts(sizes, room, budget)
+        start = 0
+        for run, end in enumerate(ends):
+            if run > 0:
+                pieces.append([[] for _ in lists])
+            pieces[-1][index] = items[start:end]
+            start = end
+        room = room_after
+    return pieces
+
+
+# ---- encoding ------------------------------------------------------------------------
+
+
+def encode_part(
+    window_start: int,
+    partition: int,
+    partition_count: int,
+    tallies: ReadableTallies | None,
+    invalid: int,
+    late: int,
+    max_bytes: int,
+    part_id: str | None = None,
+) -> list[bytes]:
+    """One publication of `partition`'s part of a window, as pieces of at most `max_bytes`.
+
+    `tallies` is None for a part that only carries invalid/late counts. A part is
+    split, never refused: however many values it holds, each piece fits the broker's
+    message size. `part_id` (a fresh uuid4 by default) tells this publication from a
+    replay of the same (window, partition), which the merger must not add twice.
+    """
+    if max_bytes < MIN_PIECE_BYTES:
+        raise ValueError(f"max_bytes must be at least {MIN_PIECE_BYTES}, not {max_bytes}")
+    part_id = uuid.uuid4().hex if part_id is None else part_id
+    if tallies is None:
+        message_count, profiles, device_ids, ip_counts, missing, capped = 0, [], [], [], {}, []
+    else:
+        message_count = tallies.message_count
+        profiles = sorted((d, v, locale, n) for (d, v, locale), n in tallies.profile_counts().items())
+        device_ids = sorted(tallies.device_ids())
+        ip_counts = sorted(tallies.ip_counts().items())
+        missing = {name: n for name, n in sorted(tallies.missing_counts().items()) if n}
+        capped = sorted(tallies.capped())
+
+    def piece(number: int, pieces: int, content: list[list]) -> PartPiece:
+        first = number == 0
+        return PartPiece(
+            version=PARTS_FORMAT_VERSION,
+            part_id=part_id,
+            window_start=window_start,
+            partition=partition,
+            partition_count=partition_count,
+            piece=number,
+            pieces=pieces,
+            message_count=message_count if first else 0,
+            profiles=content[0],
+            device_ids=content[1],
+            ip_counts=content[2],
+            missing=missing if first else {},
+            capped=capped if first else [],
+            invalid_message_count=invalid if first else 0,
+            late_message_count=late if first else 0,
+        )
+
+    # The widest piece's own fields, with empty lists: what a piece holds besides its items.
+    overhead = len(_encode(piece(_MAX_PIECES - 1, _MAX_PIECES, [[], [], []]))) + 3 * _LIST_HEADER_SLACK
+    content = _split(
+        [
+            (profiles, [_profile_size(item) for item in profiles]),
+            (device_ids, [_str_size(value) for value in device_ids]),
+            (ip_counts, [_ip_size(item) for item in ip_counts]),
+        ],
+        max_bytes - overhead,
+    )
+    encoded = [_encode(piece(number, len(content), lists)) for number, lists in enumerate(content)]
+    oversized = [len(data) for data in encoded if len(data) > max_bytes]
+    if oversized:  # the sizes above are exact: this is a bug, never send such a piece
+        raise AssertionError(f"pieces of {oversized} bytes exceed max_bytes {max_bytes}")
+    return encoded
+
+
+def encode_progress(partition: int, partition_count: int, closed_until: int) -> bytes:
+    """Partition `partition` has closed every window ending at or before `closed_until`:
+    the merger need not wait for its parts of those windows any longer."""
+    return _encode(Progress(PARTS_FORMAT_VERSION, partition, partition_count, closed_until))
+
+
+def decode_partial(data: bytes) -> PartPiece | Progress:
+    """A partials-topic record; `UnknownPartFormat` for another format version,
+    `BadPartialRecord` for anything else that is not a record."""
+    try:
+        record = _decode(data)
+    except (msgspec.DecodeError, TypeError) as error:
+        version = _version_of(data)
+        if version is not None and version != PARTS_FORMAT_VERSION:
+            raise UnknownPartFormat(version) from error
+        raise BadPartialRecord(f"not a partials record: {error}") from error
+    if record.version != PARTS_FORMAT_VERSION:
+        raise UnknownPartFormat(record.version)
+    return record
+
+
+def _version_of(data: bytes) -> int | None:
+    """The format version a record claims, read without its layout (None if it claims none)."""
+    try:
+        value = _decode_any(data)
+    except (msgspec.DecodeError, TypeError):
+        return None
+    if isinstance(value, list) and len(value) >= 2 and value[0] in ("part", "progress"):
+        version = value[1]
+        if type(version) is int:
+            return version
+    return None
+
+
+# ---- keys (informational: the partials topic has one partition) -----------------------
+
+
+def part_key(window_start: int, partition: int) -> bytes:
+    """b"2026-11-25T19:00:00Z/3": which window and partition, for people reading the topic."""
+    return f"{iso_utc(window_start)}/{partition}".encode()
+
+
+def progress_key(partition: int) -> bytes:
+    """b"progress/3"."""
+    return f"progress/{partition}".encode()
