@@ -216,8 +216,7 @@ def encode_part(
         missing = {name: n for name, n in sorted(tallies.missing_counts().items()) if n}
         capped = sorted(tallies.capped())
 
-    def piece(number: int, pieces: int, content: list[list]) -> PartPiece:
-        first = number == 0
+    def piece(number: int, pieces: int, content: list[list], first: bool) -> PartPiece:
         return PartPiece(
             version=PARTS_FORMAT_VERSION,
             part_id=part_id,
@@ -236,8 +235,10 @@ def encode_part(
             late_message_count=late if first else 0,
         )
 
-    # The widest piece's own fields, with empty lists: what a piece holds besides its items.
-    overhead = len(_encode(piece(_MAX_PIECES - 1, _MAX_PIECES, [[], [], []]))) + 3 * _LIST_HEADER_SLACK
+    # The widest piece's own fields (piece 0's counts, the widest piece numbers) with
+    # empty lists: what any piece holds besides its items.
+    widest = piece(_MAX_PIECES - 1, _MAX_PIECES, [[], [], []], first=True)
+    overhead = len(_encode(widest)) + 3 * _LIST_HEADER_SLACK
     content = _split(
         [
             (profiles, [_profile_size(item) for item in profiles]),
@@ -246,7 +247,7 @@ def encode_part(
         ],
         max_bytes - overhead,
     )
-    encoded = [_encode(piece(number, len(content), lists)) for number, lists in enumerate(content)]
+    encoded = [_encode(piece(number, len(content), lists, number == 0)) for number, lists in enumerate(content)]
     oversized = [len(data) for data in encoded if len(data) > max_bytes]
     if oversized:  # the sizes above are exact: this is a bug, never send such a piece
         raise AssertionError(f"pieces of {oversized} bytes exceed max_bytes {max_bytes}")

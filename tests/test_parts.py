@@ -244,6 +244,12 @@ _content = st.fixed_dictionaries(
         "profiles": st.dictionaries(st.tuples(st.text(max_size=256), _value, st.just("")), st.integers(1, 10**6)),
         "device_ids": st.sets(_value, max_size=80),
         "ips": st.dictionaries(_value, st.integers(1, 2**40), max_size=80),
+        "small_ids": st.integers(0, 3000),  # many short values: pieces filled to the last byte
+        "message_count": st.integers(0, 2**40),
+        "missing": st.dictionaries(st.sampled_from(["user_id", "device_id", "ip", "timestamp"]), st.integers(0, 2**40)),
+        "capped": st.sets(st.sampled_from([*PROFILE_FIELDS, "unique_device_count", "unique_ip_count", "top_ips"])),
+        "invalid": st.integers(0, 2**40),
+        "late": st.integers(0, 2**40),
     }
 )
 
@@ -251,15 +257,29 @@ _content = st.fixed_dictionaries(
 @settings(max_examples=150, deadline=None)
 @given(_content, st.integers(MIN_PIECE_BYTES, 40_000))
 def test_any_content_splits_into_fitting_pieces_that_join_back(content, max_bytes):
-    tallies = FakeTallies(content["profiles"], content["device_ids"], content["ips"], message_count=5)
-    encoded = encode_part(T0, 0, 1, tallies, 1, 2, max_bytes, part_id="p")
+    device_ids = content["device_ids"] | {f"{i:x}" for i in range(content["small_ids"])}
+    tallies = FakeTallies(
+        content["profiles"],
+        device_ids,
+        content["ips"],
+        content["missing"],
+        content["capped"],
+        message_count=content["message_count"],
+    )
+    encoded = encode_part(T0, 5, 6, tallies, content["invalid"], content["late"], max_bytes, part_id="p" * 32)
     pieces = [decode_partial(data) for data in encoded]
     assert all(len(data) <= max_bytes for data in encoded)
     assert [p.piece for p in pieces] == list(range(len(pieces)))
     assert joined(pieces)["profiles"] == sorted((*key, n) for key, n in content["profiles"].items())
-    assert joined(pieces)["device_ids"] == sorted(content["device_ids"])
+    assert joined(pieces)["device_ids"] == sorted(device_ids)
     assert joined(pieces)["ip_counts"] == sorted(content["ips"].items())
-    assert (joined(pieces)["message_count"], joined(pieces)["invalid"], joined(pieces)["late"]) == (5, 1, 2)
+    assert joined(pieces)["missing"] == {name: n for name, n in sorted(content["missing"].items()) if n}
+    assert joined(pieces)["capped"] == sorted(content["capped"])
+    assert [joined(pieces)[name] for name in ("message_count", "invalid", "late")] == [
+        content["message_count"],
+        content["invalid"],
+        content["late"],
+    ]
 
 
 def test_keys_name_the_window_and_partition():
