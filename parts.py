@@ -125,23 +125,33 @@ class ReadableTallies(Protocol):
 # pieces from the lengths alone instead of by encoding and retrying.
 
 
-def _str_size(value: str) -> int:
-    n = len(value) if value.isascii() else len(value.encode())
-    return n + (1 if n < 32 else 2 if n < 256 else 3 if n < 65536 else 5)
+# Whole columns at a time: a part can hold a hundred thousand values, and the timer
+# thread that encodes it holds the GIL the poll loop needs.
 
 
-def _uint_size(value: int) -> int:
-    if 0 <= value < 128:
-        return 1
-    return 2 if 0 <= value < 256 else 3 if 0 <= value < 65536 else 5 if 0 <= value < 2**32 else 9
+def _str_sizes(values: list[str]) -> list[int]:
+    ascii_only = "".join(values).isascii()  # nearly always: one C pass, then lengths are byte counts
+    lengths = list(map(len, values)) if ascii_only else [len(value.encode()) for value in values]
+    return [n + 1 if n < 32 else n + 2 if n < 256 else n + 3 if n < 65536 else n + 5 for n in lengths]
 
 
-def _profile_size(item: tuple[str, str, str, int]) -> int:
-    return 1 + _str_size(item[0]) + _str_size(item[1]) + _str_size(item[2]) + _uint_size(item[3])
+def _uint_sizes(values: list[int]) -> list[int]:
+    return [
+        1 if 0 <= n < 128 else 2 if 0 <= n < 256 else 3 if 0 <= n < 65536 else 5 if 0 <= n < 2**32 else 9
+        for n in values
+    ]
 
 
-def _ip_size(item: tuple[str, int]) -> int:
-    return 1 + _str_size(item[0]) + _uint_size(item[1])
+def _profile_sizes(items: list[tuple[str, str, str, int]]) -> list[int]:
+    if not items:
+        return []
+    devices, versions, locales, counts = zip(*items, strict=True)
+    columns = zip(_str_sizes(devices), _str_sizes(versions), _str_sizes(locales), _uint_sizes(counts), strict=True)
+    return [1 + d + v + loc + n for d, v, loc, n in columns]
+
+
+def _ip_sizes(ips: list[str], counts: list[int]) -> list[int]:
+    return [1 + ip + n for ip, n in zip(_str_sizes(ips), _uint_sizes(counts), strict=True)]
 
 
 def _cuts(sizes: list[int], room: int, budget: int) -> tuple[list[int], int]:
@@ -207,12 +217,14 @@ def encode_part(
         raise ValueError(f"max_bytes must be at least {MIN_PIECE_BYTES}, not {max_bytes}")
     part_id = uuid.uuid4().hex if part_id is None else part_id
     if tallies is None:
-        message_count, profiles, device_ids, ip_counts, missing, capped = 0, [], [], [], {}, []
+        message_count, profiles, device_ids, ips, counts, missing, capped = 0, [], [], [], [], {}, []
     else:
         message_count = tallies.message_count
         profiles = sorted((d, v, locale, n) for (d, v, locale), n in tallies.profile_counts().items())
         device_ids = sorted(tallies.device_ids())
-        ip_counts = sorted(tallies.ip_counts().items())
+        ip_map = tallies.ip_counts()
+        ips = sorted(ip_map)  # strings, not (ip, n) tuples: sorting 50,000 is twice as fast
+        counts = [ip_map[ip] for ip in ips]
         missing = {name: n for name, n in sorted(tallies.missing_counts().items()) if n}
         capped = sorted(tallies.capped())
 
@@ -235,15 +247,22 @@ def encode_part(
             late_message_count=late if first else 0,
         )
 
+    ip_counts = list(zip(ips, counts, strict=True))
+    # The usual part fits in one piece: no sizes to work out. (Characters are at most
+    # bytes: when the values' characters alone exceed the bound, do not even try.)
+    if sum(map(len, device_ids)) + sum(map(len, ips)) <= max_bytes:
+        whole = _encode(piece(0, 1, [profiles, device_ids, ip_counts], first=True))
+        if len(whole) <= max_bytes:
+            return [whole]
     # The widest piece's own fields (piece 0's counts, the widest piece numbers) with
     # empty lists: what any piece holds besides its items.
     widest = piece(_MAX_PIECES - 1, _MAX_PIECES, [[], [], []], first=True)
     overhead = len(_encode(widest)) + 3 * _LIST_HEADER_SLACK
     content = _split(
         [
-            (profiles, [_profile_size(item) for item in profiles]),
-            (device_ids, [_str_size(value) for value in device_ids]),
-            (ip_counts, [_ip_size(item) for item in ip_counts]),
+            (profiles, _profile_sizes(profiles)),
+            (device_ids, _str_sizes(device_ids)),
+            (ip_counts, _ip_sizes(ips, counts)),
         ],
         max_bytes - overhead,
     )
