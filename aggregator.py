@@ -1,22 +1,30 @@
-"""Event-time tumbling windows over login events. Pure: no Kafka in here.
+"""Event-time tumbling windows over login events, per input partition. Pure: no Kafka.
 
 Vocabulary (Kafka Streams'): a *tumbling window* of `window_seconds`, aligned to
-the epoch; *stream time* per input partition is the highest event time seen in
-it; the *watermark* is the lowest stream time over the partitions that still
-have input to read, minus the *grace period* (`allowed_lateness_seconds`). When
-every partition is caught up, the watermark follows the wall clock instead, so
-a quiet stream still closes its last window. A window is *closed* once the
-watermark is at or past its end; a record for a closed window is *late*.
+the epoch; *stream time* of an input partition is the highest event time seen in
+it; its *watermark* is its stream time minus the *grace period*
+(`allowed_lateness_seconds`), or, once the partition is caught up (read to its
+end), never less than the wall clock minus the grace period, so that a quiet or
+empty partition holds nothing back. A watermark never moves back. A window is
+*closed on a partition* once that partition's watermark is at or past its end; a
+record for a window already closed on its partition is *late*.
+
+Why per partition: a processor may own only some partitions (several processors
+share one consumer group), and even one owning all of them receives a backlog in
+large per-partition chunks. Each (window, partition) is closed on its own and
+becomes a *part* (see parts.py); the merge (merge.py) publishes a window once
+every partition has closed it, summing the parts into the same value one
+processor counting everything would give.
 
 Two threads share one `Aggregator`: the poll loop calls `add_batch` once per
 partition run of a consumed batch (so the lock is taken per batch, never per
-record), and the timer thread calls `close_due_windows`. The clock is injected
-so that tests decide what "now" is.
+record), and the timer thread calls `close_due_parts`. The clock is injected so
+that tests decide what "now" is.
 
-Offsets: every open window remembers, per partition, the lowest offset of a
-record it holds. `committable_offsets` gives, per partition, the lowest offset
-still needed by a window that is open or closed but not yet acknowledged by the
-broker; committing exactly that is what makes a crash lose nothing.
+Offsets: every open (window, partition) remembers the lowest offset of a record
+it holds. `committable_offsets` gives, per partition, the lowest offset still
+needed by a part that is open or closed but not yet acknowledged by the broker;
+committing exactly that is what makes a crash lose nothing.
 """
 
 from __future__ import annotations
@@ -336,8 +344,49 @@ class PartitionProgress:
     next_offset: int | None = None  # offset after the last record handed to add_batch
 
 
+@dataclass(slots=True, eq=False)
+class PartitionWindows:
+    """One input partition's open windows, watermark and carried counts."""
+
+    progress: PartitionProgress
+    windows: dict[int, WindowAggregate] = field(default_factory=dict)
+    carry: CarriedCounts = field(default_factory=CarriedCounts)
+    watermark: int | None = None  # never moves back
+    # Every window ending at or before this is closed on this partition.
+    closed_until: int = 0
+    # Windows ending at or before this were published before this run: their
+    # replayed records are skipped, not counted as late.
+    replayed_until: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedPart:
+    """One window closed on one partition, ready to be published as a part: the
+    window's aggregate (its tallies and its invalid/late counts, carried ones
+    included). `pieces` is the part's encoding, made before anything changed."""
+
+    partition: int
+    start: int
+    pieces: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedParts:
+    """What one `close_due_parts` call closed: the parts, oldest first per partition,
+    and each owned partition's progress (every window ending at or before it is
+    closed there) for the partitions whose progress moved."""
+
+    parts: list[ClosedPart]
+    progress: dict[int, int]
+    partition_count: int = 0  # of the input topic, when they were closed
+
+
+PartEncoder = Callable[[int, int, WindowAggregate], list[bytes]]  # (partition, start, window) -> pieces
+
+
 class Aggregator:
-    """Windows, watermark and commit bookkeeping, shared by the poll loop and the timer.
+    """Windows per (window, partition), watermarks per partition, commit bookkeeping;
+    shared by the poll loop and the timer.
 
     `clock` returns epoch seconds; tests inject a fake one.
     """
@@ -358,71 +407,63 @@ class Aggregator:
         self.max_profiles_per_window = max_profiles_per_window
         self.clock = clock
         self._lock = threading.Lock()
-        self._windows: dict[int, WindowAggregate] = {}
-        # Late and invalid counts waiting for the next window published.
-        self._carry = CarriedCounts()
+        self._partitions: dict[int, PartitionWindows] = {}
         # Closed, handed to the publisher, not yet acknowledged: still hold offsets.
-        self._unacknowledged: dict[int, WindowAggregate] = {}
-        self._partitions: dict[int, PartitionProgress] = {}
-        self._total_partitions = 0
-        # Every window ending at or before this is closed; records for them are late.
-        self._closed_until = 0
-        # Windows ending at or before this were published before this run (or before
-        # the last rebalance): their replayed records are skipped, not counted as late.
-        self._replayed_until = 0
+        self._unacknowledged: dict[tuple[int, int], WindowAggregate] = {}
+        self.total_partitions = 0
+        # Windows ending at or before this are on the output topic already.
+        self._published_until = 0
 
     # ---- partitions -------------------------------------------------------------
 
     def assign(
         self, partitions: Iterable[int], total_partitions: int, start_offsets: dict[int, int] | None = None
     ) -> None:
-        """The consumer now owns `partitions` of a topic that has `total_partitions`,
-        and will read each from `start_offsets` (its committed offset), where known.
-
-        Until a processor owns every partition it cannot know that a window is
-        complete, so the watermark holds (see README: one processor per group).
-        """
+        """The consumer now owns `partitions` (too) of a topic that has `total_partitions`,
+        and will read each from `start_offsets` (its committed offset), where known."""
         start_offsets = start_offsets or {}
         with self._lock:
             for partition in partitions:
-                self._partitions.setdefault(partition, PartitionProgress(next_offset=start_offsets.get(partition)))
-            self._total_partitions = total_partitions
+                if partition not in self._partitions:
+                    self._partitions[partition] = PartitionWindows(
+                        PartitionProgress(next_offset=start_offsets.get(partition)),
+                        closed_until=self._published_until,
+                        replayed_until=self._published_until,
+                    )
+            self.total_partitions = total_partitions
 
     def revoke_all(self) -> None:
-        """Forget everything not yet closed; it will be replayed from the committed offsets.
-
-        Call only after the unacknowledged windows are acknowledged (or given up).
-        Windows closed so far count as published: their replayed records are skipped.
-        """
+        """Forget every partition and what is open on it: the next owner (maybe us)
+        rebuilds it from the committed offsets. Call only after the unacknowledged
+        parts are acknowledged (or given up)."""
         with self._lock:
-            self._windows.clear()
-            self._carry = CarriedCounts()
             self._partitions.clear()
-            self._replayed_until = self._closed_until
+            self._unacknowledged.clear()
 
     def restore_published_until(self, window_end: int) -> None:
-        """An earlier run already published every window ending at or before `window_end`."""
+        """Every window ending at or before `window_end` is published already (an
+        earlier run, or another processor): on every partition it counts as closed,
+        and replayed records of it are skipped."""
         with self._lock:
-            self._closed_until = max(self._closed_until, window_end)
-            self._replayed_until = max(self._replayed_until, window_end)
+            self._published_until = max(self._published_until, window_end)
+            for state in self._partitions.values():
+                state.closed_until = max(state.closed_until, window_end)
+                state.replayed_until = max(state.replayed_until, window_end)
 
     def mark_caught_up(self, partition: int, next_offset: int) -> None:
-        """The consumer reached the end of `partition`: it no longer holds the watermark."""
+        """The consumer reached the end of `partition`: its watermark follows the clock."""
         with self._lock:
-            progress = self._partitions.get(partition)
-            if progress is not None:
-                progress.caught_up = True
-                progress.next_offset = next_offset
+            state = self._partitions.get(partition)
+            if state is not None:
+                state.progress.caught_up = True
+                state.progress.next_offset = next_offset
 
     def mark_active(self, partition: int) -> None:
-        """`partition` has records not handed over yet: it holds the watermark again."""
+        """`partition` has records not handed over yet: its stream time rules again."""
         with self._lock:
-            progress = self._partitions.get(partition)
-            if progress is not None:
-                progress.caught_up = False
-
-    def _owns_all(self) -> bool:
-        return self._total_partitions > 0 and len(self._partitions) >= self._total_partitions
+            state = self._partitions.get(partition)
+            if state is not None:
+                state.progress.caught_up = False
 
     # ---- input ------------------------------------------------------------------
 
@@ -434,19 +475,20 @@ class Aggregator:
         batch: LoginColumns | NativeBatch,
         invalid_times: Iterable[int] = (),
     ) -> int:
-        """Fold one partition's run of consecutive records into the windows.
+        """Fold one partition's run of consecutive records into its windows.
 
         `invalid_times` are the Kafka timestamps (epoch seconds) of the run's
         invalid records. Offsets held are `first_offset` for every window the run
         touches: lower than strictly needed at most by one batch, which replay
-        after a crash corrects (records of published windows are skipped).
+        after a crash corrects (parts already merged win over rebuilt ones).
         Returns how many valid records were late.
         """
         width = self.window_seconds
         with self._lock:
-            progress = self._partitions.get(partition)
-            if progress is None:  # revoked while the batch was in flight
+            state = self._partitions.get(partition)
+            if state is None:  # revoked while the batch was in flight
                 return 0
+            progress = state.progress
             progress.caught_up = False
             progress.next_offset = next_offset
             late = 0
@@ -456,111 +498,153 @@ class Aggregator:
                     progress.stream_time = newest
                 # Per window the batch touches (one or two, usually), not per record.
                 for start, count in sorted(batch.window_counts(width).items()):
-                    window = self._window_for(start, partition, first_offset)
+                    window = self._window_for(state, start, partition, first_offset)
                     if window is not None:
                         window.add_rows(
                             batch, start, start + width, self.max_distinct_per_window, self.max_profiles_per_window
                         )
-                    elif start + width > self._replayed_until:  # else a replay of a published window
-                        self._carry.late_message_count += count
-                        self._carry.hold_offset(partition, first_offset)
+                    elif start + width > state.replayed_until:  # else a replay of a published window
+                        state.carry.late_message_count += count
+                        state.carry.hold_offset(partition, first_offset)
                         late += count
             for seconds in invalid_times:
-                window = self._window_for(seconds - seconds % width, partition, first_offset)
+                start = seconds - seconds % width
+                window = self._window_for(state, start, partition, first_offset)
                 if window is not None:
                     window.invalid_message_count += 1
-                elif seconds - seconds % width + width > self._replayed_until:
-                    self._carry.invalid_message_count += 1
-                    self._carry.hold_offset(partition, first_offset)
+                elif start + width > state.replayed_until:
+                    state.carry.invalid_message_count += 1
+                    state.carry.hold_offset(partition, first_offset)
             return late
 
-    def _window_for(self, start: int, partition: int, first_offset: int) -> WindowAggregate | None:
-        """The open window starting at `start` (opened if need be), or None if it is closed."""
-        if start + self.window_seconds <= self._closed_until:
+    def _window_for(
+        self, state: PartitionWindows, start: int, partition: int, first_offset: int
+    ) -> WindowAggregate | None:
+        """The partition's open window starting at `start` (opened if need be), or None
+        if it is closed there."""
+        if start + self.window_seconds <= state.closed_until:
             return None
-        window = self._windows.get(start)
+        window = state.windows.get(start)
         if window is None:
-            window = self._windows[start] = WindowAggregate(start=start)
+            window = state.windows[start] = WindowAggregate(start=start)
         window.hold_offset(partition, first_offset)
         return window
 
     # ---- closing ------------------------------------------------------------------
 
+    def _partition_watermark(self, state: PartitionWindows, now: int) -> int | None:
+        """The partition's watermark now (and remembered: it never moves back)."""
+        progress, lateness = state.progress, self.allowed_lateness_seconds
+        candidate = None
+        if progress.stream_time is not None:
+            candidate = progress.stream_time - lateness
+        if progress.caught_up:
+            candidate = max(candidate if candidate is not None else now - lateness, now - lateness)
+        if candidate is not None and (state.watermark is None or candidate > state.watermark):
+            state.watermark = candidate
+        return state.watermark
+
     def watermark(self) -> int | None:
-        """The stream's watermark now, or None while it cannot be known."""
+        """The lowest watermark over the owned partitions (None while one is unknown):
+        for logs and metrics."""
         with self._lock:
-            return self._watermark()
+            now = int(self.clock())
+            marks = [self._partition_watermark(state, now) for state in self._partitions.values()]
+            if not marks or any(mark is None for mark in marks):
+                return None
+            return min(marks)
 
-    def _watermark(self) -> int | None:
-        if not self._owns_all():
-            return None
-        active = [p for p in self._partitions.values() if not p.caught_up]
-        if not active:
-            return int(self.clock()) - self.allowed_lateness_seconds
-        if any(p.stream_time is None for p in active):
-            return None  # a partition not read yet may hold anything
-        return min(p.stream_time for p in active) - self.allowed_lateness_seconds
+    def close_due_parts(self, encode: PartEncoder) -> ClosedParts:
+        """Close, on every owned partition, the windows its watermark has passed.
 
-    def close_due_windows(self) -> list[ClosedWindow]:
-        """Close every window the watermark has passed, oldest first.
-
-        Every value is rendered before any state changes: if one cannot be, nothing
-        moves and `WindowRenderError` is raised (a bug the processor must stop on,
-        never a window that silently disappears). The returned windows hold their
-        offsets until `acknowledge` is called with them: until the broker has them,
-        their records must stay uncommitted.
+        `encode(partition, start, window)` turns a closed window (its carried counts
+        absorbed) into the part's pieces. Every part is encoded before any state
+        changes: if one cannot be, nothing moves and `WindowRenderError` is raised (a
+        bug the processor must stop on, never a part that silently disappears). The
+        returned parts hold their offsets until `acknowledge` is called with them.
         """
+        width = self.window_seconds
         with self._lock:
-            watermark = self._watermark()
-            if watermark is None:
-                return []
-            width = self.window_seconds
-            closed_until = max(self._closed_until, watermark - watermark % width)
-            due = sorted(start for start in self._windows if start + width <= closed_until)
-            closed = []
-            for start in due:  # the oldest takes the carried counts
-                carried = self._carry if start == due[0] else None
-                try:
-                    value = self._windows[start].to_value(width, self.top_ips, carried)
-                except Exception as error:
-                    raise WindowRenderError(start) from error
-                closed.append(ClosedWindow(start=start, key=iso_utc(start).encode(), value=value))
-            self._closed_until = closed_until
-            if not due:
-                return []
-            windows = [self._windows.pop(start) for start in due]
-            windows[0].absorb(self._carry)
-            self._carry = CarriedCounts()
-            for window in windows:
-                self._unacknowledged[window.start] = window
-            return closed
+            if self.total_partitions <= 0:  # a part must say how many parts its window has
+                return ClosedParts(parts=[], progress={}, partition_count=0)
+            now = int(self.clock())
+            plans = []
+            for partition, state in sorted(self._partitions.items()):
+                watermark = self._partition_watermark(state, now)
+                if watermark is None:
+                    continue
+                closed_until = max(state.closed_until, watermark - watermark % width)
+                due = sorted(start for start in state.windows if start + width <= closed_until)
+                plans.append((partition, state, closed_until, due))
+            parts: list[ClosedPart] = []
+            for partition, state, _closed_until, due in plans:
+                for start in due:  # the oldest takes the partition's carried counts
+                    window = state.windows[start]
+                    merged = WindowAggregate(
+                        start=start,
+                        tallies=window.tallies,
+                        invalid_message_count=window.invalid_message_count,
+                        late_message_count=window.late_message_count,
+                    )
+                    if start == due[0]:
+                        merged.absorb(state.carry)
+                    try:
+                        pieces = encode(partition, start, merged)
+                    except Exception as error:
+                        raise WindowRenderError(start) from error
+                    parts.append(ClosedPart(partition=partition, start=start, pieces=pieces))
+            progress: dict[int, int] = {}
+            for partition, state, closed_until, due in plans:
+                if closed_until > state.closed_until:
+                    state.closed_until = closed_until
+                    progress[partition] = closed_until
+                if not due:
+                    continue
+                windows = [state.windows.pop(start) for start in due]
+                windows[0].absorb(state.carry)
+                state.carry = CarriedCounts()
+                for window in windows:
+                    self._unacknowledged[(partition, window.start)] = window
+            return ClosedParts(parts=parts, progress=progress, partition_count=self.total_partitions)
 
-    def acknowledge(self, starts: Iterable[int]) -> None:
-        """The broker has these windows: their records no longer need replaying."""
+    def acknowledge(self, keys: Iterable[tuple[int, int]]) -> None:
+        """The broker has these (partition, window start) parts: their records no longer
+        need replaying."""
         with self._lock:
-            for start in starts:
-                self._unacknowledged.pop(start, None)
+            for key in keys:
+                self._unacknowledged.pop(key, None)
 
     def committable_offsets(self) -> dict[int, int]:
         """Per partition, the offset to commit: the lowest one any unpublished state needs."""
         with self._lock:
-            holders = [*self._windows.values(), *self._unacknowledged.values(), self._carry]
             offsets: dict[int, int] = {}
-            for partition, progress in self._partitions.items():
-                if progress.next_offset is None:
+            for partition, state in self._partitions.items():
+                if state.progress.next_offset is None:
                     continue
-                held = [w.min_offsets[partition] for w in holders if partition in w.min_offsets]
-                offsets[partition] = min(held) if held else progress.next_offset
+                holders = [*state.windows.values(), state.carry]
+                held = [h.min_offsets[partition] for h in holders if partition in h.min_offsets]
+                held += [
+                    w.min_offsets[partition]
+                    for (p, _), w in self._unacknowledged.items()
+                    if p == partition and partition in w.min_offsets
+                ]
+                offsets[partition] = min(held) if held else state.progress.next_offset
             return offsets
 
     # ---- introspection for logs and metrics ------------------------------------------
 
     def open_window_count(self) -> int:
+        """Open (window, partition) pairs."""
         with self._lock:
-            return len(self._windows)
+            return sum(len(state.windows) for state in self._partitions.values())
+
+    def owned_partitions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._partitions)
 
     def partition_summary(self) -> dict[int, PartitionProgress]:
         with self._lock:
             return {
-                p: PartitionProgress(v.stream_time, v.caught_up, v.next_offset) for p, v in self._partitions.items()
+                p: PartitionProgress(s.progress.stream_time, s.progress.caught_up, s.progress.next_offset)
+                for p, s in self._partitions.items()
             }

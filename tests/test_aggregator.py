@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import Aggregator, iso_utc
+from aggregator import Aggregator, ClosedWindow, iso_utc
+from merge import MergeState
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from tests.oracle import expected_windows
 
@@ -60,6 +61,35 @@ def feed(aggregator: Aggregator, partition: int, first_offset: int, raws: list[b
     return aggregator.add_batch(partition, first_offset, first_offset + len(raws), batch, invalid_times)
 
 
+def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
+    """What the pipeline publishes for what `agg` closes now: its parts and progress,
+    through the partials encoding, into the merge (one merge per aggregator)."""
+    from parts import decode_partial, encode_part, encode_progress
+
+    merge = agg.__dict__.setdefault("test_merge", MergeState(W, agg.top_ips, agg.max_distinct_per_window))
+    closed = agg.close_due_parts(
+        lambda partition, start, window: encode_part(
+            start,
+            partition,
+            agg.total_partitions,
+            window.tallies,
+            window.invalid_message_count,
+            window.late_message_count,
+            1 << 20,
+        )
+    )
+    pieces = [piece for part in closed.parts for piece in part.pieces]
+    pieces += [encode_progress(p, agg.total_partitions, until) for p, until in sorted(closed.progress.items())]
+    for piece in pieces:
+        offset = agg.__dict__["test_offset"] = agg.__dict__.get("test_offset", -1) + 1
+        merge.add(decode_partial(piece), offset)
+    if acknowledge:
+        agg.acknowledge([(part.partition, part.start) for part in closed.parts])
+    due = merge.due_windows()
+    merge.mark_published([window.start for window in due])
+    return due
+
+
 def values(closed) -> dict[str, dict]:
     return {w.key.decode(): json.loads(w.value) for w in closed}
 
@@ -70,7 +100,7 @@ class TestWindowing:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0), event(T0 + 29), event(T0 + 30), event(T0 + 61)], clock.now)
         agg.mark_caught_up(0, 4)
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert [v["message_count"] for v in closed.values()] == [2, 1, 1]
         assert list(closed) == [iso_utc(T0), iso_utc(T0 + 30), iso_utc(T0 + 60)]
         assert closed[iso_utc(T0)]["window_end"] == iso_utc(T0 + 30)
@@ -79,18 +109,18 @@ class TestWindowing:
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock, lateness=5)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 34)], clock.now)  # stream time end+4: not yet
-        assert agg.close_due_windows() == []
+        assert close(agg) == []
         feed(agg, 0, 2, [event(T0 + 35)], clock.now)  # stream time - lateness == end
-        assert [w.key for w in agg.close_due_windows()] == [iso_utc(T0).encode()]
+        assert [w.key for w in close(agg)] == [iso_utc(T0).encode()]
 
     def test_lowest_active_partition_holds_the_watermark(self):
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock, partitions=(0, 1))
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 500)], clock.now)
         feed(agg, 1, 0, [event(T0 + 2)], clock.now)  # partition 1 is behind
-        assert agg.close_due_windows() == []
+        assert close(agg) == []
         feed(agg, 1, 1, [event(T0 + 40)], clock.now)
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert closed[iso_utc(T0)]["message_count"] == 2
 
     def test_caught_up_partition_does_not_hold_the_watermark(self):
@@ -99,15 +129,15 @@ class TestWindowing:
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 100)], clock.now)
         feed(agg, 1, 0, [event(T0 + 2)], clock.now)
         agg.mark_caught_up(1, 1)
-        assert iso_utc(T0) in values(agg.close_due_windows())
+        assert iso_utc(T0) in values(close(agg))
 
     def test_partition_not_read_yet_holds_the_watermark(self):
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock, partitions=(0, 1))
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 100)], clock.now)
-        assert agg.close_due_windows() == []  # partition 1: no record, no EOF yet
+        assert close(agg) == []  # partition 1: no record, no EOF yet
         agg.mark_caught_up(1, 0)
-        assert len(agg.close_due_windows()) == 1
+        assert len(close(agg)) == 1
 
     def test_quiet_input_closes_by_wall_clock_minus_lateness(self):
         clock = FakeClock(T0 + 10)
@@ -115,9 +145,9 @@ class TestWindowing:
         feed(agg, 0, 0, [event(T0 + 1)], clock.now)
         agg.mark_caught_up(0, 1)
         clock.now = T0 + 34
-        assert agg.close_due_windows() == []
+        assert close(agg) == []
         clock.now = T0 + 35
-        assert len(agg.close_due_windows()) == 1
+        assert len(close(agg)) == 1
 
     def test_no_window_closes_while_some_partitions_belong_to_another_consumer(self):
         clock = FakeClock(T0 + 10_000)
@@ -125,7 +155,7 @@ class TestWindowing:
         agg.assign([0], total_partitions=2)
         feed(agg, 0, 0, [event(T0 + 1)], clock.now)
         agg.mark_caught_up(0, 1)
-        assert agg.close_due_windows() == []
+        assert close(agg) == []
 
     def test_backlog_is_many_windows_not_one(self):
         clock = FakeClock(T0 + 10_000)
@@ -133,7 +163,7 @@ class TestWindowing:
         raws = [event(T0 + i) for i in range(0, 600)]  # ten minutes, one per second
         feed(agg, 0, 0, raws, clock.now)
         agg.mark_caught_up(0, len(raws))
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert len(closed) == 20
         assert all(v["message_count"] == 30 for v in closed.values())
 
@@ -143,10 +173,10 @@ class TestLateAndInvalid:
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 40)], clock.now)
-        assert len(agg.close_due_windows()) == 1  # window T0 closed
+        assert len(close(agg)) == 1  # window T0 closed
         late = feed(agg, 0, 2, [event(T0 + 2), event(T0 + 80)], clock.now)
         assert late == 1
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         window = closed[iso_utc(T0 + 30)]
         assert window["late_message_count"] == 1
         assert window["message_count"] == 1  # the late record is not added anywhere
@@ -156,7 +186,7 @@ class TestLateAndInvalid:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), b"{oops", event(T0 + 61)], clock.now, kafka_s=[0, T0 + 31, 0])
         agg.mark_caught_up(0, 3)
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert closed[iso_utc(T0 + 30)] | {} == closed[iso_utc(T0 + 30)]
         assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 1
         assert closed[iso_utc(T0 + 30)]["message_count"] == 0
@@ -166,9 +196,9 @@ class TestLateAndInvalid:
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 40)], clock.now)
-        agg.close_due_windows()
+        close(agg)
         feed(agg, 0, 2, [b"[]", event(T0 + 80)], clock.now, kafka_s=[T0 + 3, 0])
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 1
 
     def test_future_timestamp_does_not_close_windows_early(self):
@@ -176,10 +206,10 @@ class TestLateAndInvalid:
         agg = make_aggregator(clock)
         far_future = int(clock.now) + 10_000
         feed(agg, 0, 0, [event(T0 + 1), event(far_future)], clock.now, kafka_s=[T0 + 2, T0 + 3])
-        assert agg.close_due_windows() == []
+        assert close(agg) == []
         clock.now = T0 + 35
         agg.mark_caught_up(0, 2)
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["message_count"] == 2
         assert window["missing_field_counts"] == {"timestamp": 1}
 
@@ -192,7 +222,7 @@ class TestRestartAndRebalance:
         late = feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31), b"{bad"], clock.now, kafka_s=[0, 0, T0 + 5])
         assert late == 0
         agg.mark_caught_up(0, 3)
-        closed = values(agg.close_due_windows())
+        closed = values(close(agg))
         assert list(closed) == [iso_utc(T0 + 30)]
         assert closed[iso_utc(T0 + 30)]["late_message_count"] == 0
         assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 0
@@ -203,16 +233,16 @@ class TestRestartAndRebalance:
         reference = make_aggregator(clock)
         feed(reference, 0, 0, raws, clock.now)
         reference.mark_caught_up(0, 3)
-        expected = values(reference.close_due_windows())
+        expected = values(close(reference))
 
         agg = make_aggregator(clock)
         feed(agg, 0, 0, raws[:2], clock.now)
-        first = values(agg.close_due_windows())  # window T0 published
+        first = values(close(agg))  # window T0 published
         agg.revoke_all()
         agg.assign([0], 1)
         feed(agg, 0, 0, raws, clock.now)  # replay from the committed offset 0
         agg.mark_caught_up(0, 3)
-        assert first | values(agg.close_due_windows()) == expected
+        assert first | values(close(agg)) == expected
 
 
 class TestOffsets:
@@ -224,10 +254,10 @@ class TestOffsets:
         feed(agg, 1, 7, [event(T0 + 50)], clock.now)
         assert agg.committable_offsets() == {0: 100, 1: 7}
         agg.mark_caught_up(1, 8)
-        closed = agg.close_due_windows()  # closes window T0 (partition 0 at T0+40)
+        closed = close(agg)  # closes window T0 (partition 0 at T0+40)
         assert [w.start for w in closed] == [T0]
         assert agg.committable_offsets() == {0: 100, 1: 7}  # not acknowledged yet
-        agg.acknowledge([T0])
+        agg.acknowledge([(0, T0)])
         assert agg.committable_offsets() == {0: 102, 1: 7}
 
     def test_nothing_open_commits_next_offset_but_a_carried_late_count_holds_its_own(self):
@@ -235,7 +265,7 @@ class TestOffsets:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1)], clock.now)
         agg.mark_caught_up(0, 1)
-        agg.acknowledge([w.start for w in agg.close_due_windows()])
+        close(agg, acknowledge=True)
         assert agg.committable_offsets() == {0: 1}  # nothing open: the next offset
         assert feed(agg, 0, 1, [event(T0 + 3)], clock.now) == 1  # late: carried, no window open
         assert agg.committable_offsets() == {0: 1}  # the carry holds it, not next_offset 2
@@ -254,7 +284,7 @@ class TestWindowValue:
         ]
         feed(agg, 0, 0, raws, clock.now)
         agg.mark_caught_up(0, len(raws))
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert list(window) == [
             "schema_version",
             "window_start",
@@ -288,7 +318,7 @@ class TestWindowValue:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1, device_type="unknown"), event(T0 + 2, device_type="")], clock.now)
         agg.mark_caught_up(0, 2)
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["device_counts"] == {"unknown": 2}
         assert window["missing_field_counts"] == {"device_type": 1}
 
@@ -308,7 +338,7 @@ class TestDistinctBound:
         feed(agg, 0, 0, raws[:2], clock.now)
         feed(agg, 0, 2, raws[2:], clock.now)  # more records than room left: the per-value path, nothing left out
         agg.mark_caught_up(0, len(raws))
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert (window["unique_device_count"], window["unique_ip_count"]) == (3, 3)
         assert "capped_counts" not in window
 
@@ -320,7 +350,7 @@ class TestDistinctBound:
         feed(agg, 0, 0, first, clock.now)
         feed(agg, 0, 2, later, clock.now)
         agg.mark_caught_up(0, 4)
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["message_count"] == 4  # every record still counts
         assert window["device_counts"] == {"android": 4}
         assert (window["unique_device_count"], window["unique_ip_count"]) == (2, 2)
@@ -341,7 +371,7 @@ class TestProfileBound:
         for offset in range(0, len(raws), 1000):  # several batches: the bulk path, then the per-value one
             feed(agg, 0, offset, raws[offset : offset + 1000], clock.now)
         agg.mark_caught_up(0, len(raws))
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["message_count"] == 5000  # every record still counts
         assert len(window["device_counts"]) == 100
         assert sum(len(versions) for versions in window["app_version_by_device"].values()) == 100
@@ -356,7 +386,7 @@ class TestProfileBound:
         feed(agg, 0, 0, [event(T0 + 1, device_type="a"), event(T0 + 2, device_type="b")], clock.now)
         feed(agg, 0, 2, [event(T0 + 3, device_type="c"), event(T0 + 4, device_type="a")], clock.now)
         agg.mark_caught_up(0, 4)
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["device_counts"] == {"a": 2, "b": 1}
         assert window["message_count"] == 4
         assert "device_counts" in window["capped_counts"]
@@ -367,7 +397,7 @@ class TestProfileBound:
         agg.assign([0], total_partitions=1)
         feed(agg, 0, 0, [event(T0 + i, device_type="ab"[i % 2]) for i in range(6)], clock.now)
         agg.mark_caught_up(0, 6)
-        window = values(agg.close_due_windows())[iso_utc(T0)]
+        window = values(close(agg))[iso_utc(T0)]
         assert window["device_counts"] == {"a": 3, "b": 3} and "capped_counts" not in window
 
 
@@ -395,10 +425,10 @@ class TestClosingIsTotal:
         agg = self.poisoned(clock)
         before = (agg.open_window_count(), agg.committable_offsets())
         with pytest.raises(WindowRenderError, match=iso_utc(T0 + 60)):
-            agg.close_due_windows()
+            close(agg)
         assert (agg.open_window_count(), agg.committable_offsets()) == before == (4, {0: 0})
         with pytest.raises(WindowRenderError):  # and again: still there, still held
-            agg.close_due_windows()
+            close(agg)
         assert agg.committable_offsets() == {0: 0}
 
     def test_carried_counts_stay_carried_when_rendering_fails(self):
@@ -409,14 +439,13 @@ class TestClosingIsTotal:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 20)], clock.now)
         agg.mark_caught_up(0, 1)
-        assert len(agg.close_due_windows()) == 1  # T0 closed by the wall clock
-        agg.acknowledge([T0])
+        assert len(close(agg, acknowledge=True)) == 1  # T0 closed by the wall clock
         feed(agg, 0, 1, [event(T0 + 2)], clock.now)  # late: carried to the next window closed
         agg.add_batch(0, 2, 3, LoginColumns([T0 + 31], [], [("\udfff", "", "")], [""], [""], []))
         agg.mark_caught_up(0, 3)
         clock.now = T0 + 100
         with pytest.raises(WindowRenderError):
-            agg.close_due_windows()
+            close(agg)
         assert agg.committable_offsets() == {0: 1}  # the late record's offset is still held
         assert agg.open_window_count() == 1
 
@@ -483,7 +512,7 @@ def test_every_window_matches_the_oracle_whatever_the_batching(raws, partitions,
         agg.mark_caught_up(partition, offsets[partition])
     parsed_at = clock.now
     clock.now += 100_000  # input quiet, wall clock far past every window and the huge lateness
-    closed = agg.close_due_windows()
+    closed = close(agg)
     expected = expected_windows(list(zip(raws, kafka_ms, strict=True)), window=W, now=parsed_at)
     assert values(closed) == expected
     for window in closed:  # same bytes as a canonical encoding of the oracle's value
@@ -503,7 +532,7 @@ def test_time_ordered_and_shuffled_batches_split_at_window_edges_alike(offsets, 
     feed(agg, 0, 0, raws, clock.now, kafka_s=[T0] * len(raws))
     agg.mark_caught_up(0, len(raws))
     expected = expected_windows([(raw, T0 * 1000) for raw in raws], window=W, now=clock.now)
-    assert values(agg.close_due_windows()) == expected
+    assert values(close(agg)) == expected
 
 
 @settings(max_examples=300, deadline=None)
