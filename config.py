@@ -97,6 +97,8 @@ class Settings:
     bootstrap_servers: str = "localhost:29092"
     input_topic: str = "user-login"
     output_topic: str = "device-login-aggregates"
+    # Internal: per-partition parts of windows, merged by one processor (see merge.py).
+    partials_topic: str = "device-login-aggregates-partials"
     dlq_topic: str = "user-login-dlq"
     consumer_group_id: str = "login-aggregator"
     window_seconds: int = 30
@@ -113,7 +115,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     # Partition counts used only when the processor creates missing topics.
-    input_partitions: int = 4
+    input_partitions: int = 6
     # How often the timer thread looks for windows to close.
     close_interval_seconds: float = 0.5
     # Records handed over by one consume() call: big enough to amortise the call.
@@ -149,6 +151,7 @@ class Settings:
             f"input={self.input_topic}",
             f"output={self.output_topic}",
             f"dlq={self.dlq_topic}",
+            f"partials={self.partials_topic}",
             f"group={self.consumer_group_id}",
             f"window={self.window_seconds}s",
             f"lateness={self.allowed_lateness_seconds}s",
@@ -230,6 +233,11 @@ _SETTINGS = {
     "KAFKA_BOOTSTRAP_SERVERS": ("bootstrap_servers", _non_empty, "Kafka brokers, host:port[,host:port]"),
     "INPUT_TOPIC": ("input_topic", _non_empty, "topic of login events"),
     "OUTPUT_TOPIC": ("output_topic", _non_empty, "topic of window aggregates"),
+    "PARTIALS_TOPIC": (
+        "partials_topic",
+        _non_empty,
+        "internal topic of per-partition window parts, merged by one processor of the group",
+    ),
     "DLQ_TOPIC": ("dlq_topic", _non_empty, "dead-letter topic for invalid records"),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _non_empty, "consumer group of the processor"),
     "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),

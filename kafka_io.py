@@ -168,6 +168,24 @@ def ensure_topics(
     return False
 
 
+def close_within(consumer: Consumer, seconds: float) -> bool:
+    """Close a group consumer, but wait at most `seconds`; False if it did not finish.
+
+    librdkafka's close() leaves the group, and a member leaving while the group is
+    rebalancing (another member left a moment ago) can wait on the coordinator for
+    long (seen on the embedded broker; reported against librdkafka too). Callers
+    commit what matters before closing, so giving up on the wait loses nothing.
+    """
+    done = threading.Event()
+
+    def close() -> None:
+        consumer.close()
+        done.set()
+
+    threading.Thread(target=close, name="consumer-close", daemon=True).start()
+    return done.wait(seconds)
+
+
 def topic_partition_count(consumer: Consumer, topic: str) -> int:
     metadata = consumer.list_topics(topic, timeout=10)
     entry = metadata.topics.get(topic)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -32,7 +33,7 @@ from datetime import UTC, datetime
 import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from aggregator import Aggregator, ClosedWindow, iso_utc
+from aggregator import Aggregator, ClosedWindow, WindowAggregate, iso_utc
 from commits import CommitSlot, safe_offsets
 from config import (
     ConfigError,
@@ -48,13 +49,17 @@ from kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
     BrokerHealth,
+    close_within,
     ensure_topics,
     read_topic_tail,
     topic_partition_count,
 )
 from log_setup import configure_logging
+from merger import WindowMerger
 from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from part_publisher import PartPublisher
+from parts import encode_part
 
 log = logging.getLogger("processor")
 
@@ -67,11 +72,18 @@ _TAIL_RECORDS = 50
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long one publish attempt of the timer waits for acknowledgements.
 _PUBLISH_ATTEMPT_SECONDS = 5.0
+# How long shutdown waits for the consumer to leave its group.
+_CLOSE_SECONDS = 10.0
 # How long a rebalance waits for queued windows and dead-letter copies before it commits.
 _REVOKE_FLUSH_SECONDS = 5.0
 # How often to ask again for the input's partition count after a failed look-up.
 _PARTITION_COUNT_RETRY_SECONDS = 2.0
 OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
+# A part is split into pieces below Kafka's default message size limit (1 MB), so the
+# partials topic needs no special configuration on any broker.
+PART_MAX_BYTES = 900_000
+# How long shutdown lets the merger publish the windows this run's last parts complete.
+_MERGER_DRAIN_SECONDS = 10.0
 _PROGRESS_LOG_SECONDS = 30.0
 
 
@@ -142,6 +154,12 @@ def consumer_settings(settings: Settings) -> dict:
     return config
 
 
+def merge_consumer_settings(settings: Settings) -> dict:
+    """The merge stage's consumer: like the input's, in a group of its own (merger.py),
+    and quick to hand over parts (a window's latency grows by one partials round trip)."""
+    return {**consumer_settings(settings), "fetch.wait.max.ms": 100}
+
+
 def producer_settings(settings: Settings) -> dict:
     return {
         **QUIET_CLIENT_LOGS,
@@ -185,10 +203,8 @@ class Processor:
         # not even by the revoke that closing the consumer runs (the next run replays).
         self._crashed = threading.Event()
         self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
-        self._unpublished: list[ClosedWindow] = []  # closed, not yet acknowledged, in order
-        self._in_flight: set[int] = set()  # window starts handed to the producer
-        self._delivered: dict[int, float] = {}  # ... and acknowledged: start -> when (delivery reports)
-        self._delivery_failures: dict[int, str] = {}
+        # A client that would not close: the interpreter's exit would wait on it.
+        self.exit_at_once = False
         self._last_unacknowledged_warning = 0.0
         self._topics_missing_since: float | None = None
         reset = str(consumer_settings(settings).get("auto.offset.reset", "earliest")).lower()
@@ -202,6 +218,16 @@ class Processor:
         self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
+        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host)
+        self.merger = WindowMerger(
+            settings,
+            merge_consumer_settings(settings),
+            producer_settings(settings),
+            self.health,
+            self._published_until_or_unknown,
+            self._window_published,
+            self.host,
+        )
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -228,7 +254,8 @@ class Processor:
 
     def _ensure_topics(self) -> bool:
         s = self.settings
-        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1}
+        # The partials topic has one partition: its one consumer in the merge group is the merger.
+        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
         # The output is compacted: a consumer that keeps the latest record per key
         # (what the topic is for) never needs older copies of a republished window.
         configs = {s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}}
@@ -243,6 +270,15 @@ class Processor:
         log.warning("input topic %s is missing; creating the pipeline's topics again", self.settings.input_topic)
         self._topics_missing_since = None
         self._ensure_topics()
+
+    def _published_until_or_unknown(self) -> int:
+        """For a new merger: 0 (nothing known: windows are published again, same bytes)
+        when the output topic cannot be read now."""
+        try:
+            return self._published_until()
+        except KafkaException as error:
+            log.warning("could not read the newest window on %s (%s)", self.settings.output_topic, error)
+            return 0
 
     def _published_until(self) -> int:
         """End (epoch seconds) of the newest window on the output topic, 0 if none."""
@@ -265,6 +301,7 @@ class Processor:
         self._consumer.subscribe(
             [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        self.merger.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
@@ -282,6 +319,9 @@ class Processor:
         batch_size = self.settings.consume_batch_size
         try:
             while not self.stop_requested.is_set():
+                if self.merger.failed.is_set():
+                    self._crashed.set()
+                    break
                 self._commit_if_requested()
                 self._recreate_missing_topics()
                 self._retry_partition_count()
@@ -307,6 +347,7 @@ class Processor:
         self._crashed.set()
         self.stop_requested.set()
         timer.join()
+        self.merger.finish(drain=False, timeout=10)
         log.critical("stopping without committing anything more; the next run replays from the last commit")
         self._consumer.close()
         self._producer.flush(2.0)
@@ -423,67 +464,44 @@ class Processor:
                 return
 
     def close_and_publish(self, wait_seconds: float) -> bool:
-        """Close due windows, publish them in order, wait up to `wait_seconds` for the
-        broker's acknowledgement, then request a commit of the offsets no longer needed.
+        """Close the (window, partition) parts the watermarks have passed, publish them
+        to the partials topic in order, wait up to `wait_seconds` for the broker's
+        acknowledgement, then request a commit of the offsets no longer needed.
 
         Never holds the publish lock longer than one attempt, so a rebalance or a
-        shutdown is not blocked by a broker that is away; windows already handed to
-        the producer are not produced again (librdkafka retries them itself).
+        shutdown is not blocked by a broker that is away; parts already handed to the
+        producer are not produced again (librdkafka retries them itself).
         Returns True when everything closed so far is acknowledged.
         """
         with self._publish_lock:
             started = time.perf_counter()
-            self._unpublished.extend(self.aggregator.close_due_windows())
-            published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-            for window in self._unpublished:
-                if window.start in self._in_flight:
-                    continue
-                try:
-                    self._producer.produce(
-                        self.settings.output_topic,
-                        key=window.key,
-                        value=window.value,
-                        headers=[("processor.host", self.host.encode()), ("published.at", published_at)],
-                        on_delivery=self._on_window_delivery(window.start),
-                    )
-                except (KafkaException, BufferError) as error:
-                    # Windows go out in order, so a refused one holds back the rest:
-                    # loud, but nothing is skipped and nothing is committed past it.
-                    self._delivery_failures[window.start] = f"{error} ({len(window.value):,} bytes)"
-                    break
-                self._in_flight.add(window.start)
-            # flush() also covers the DLQ copies produced so far: they must be stored
-            # before the offsets of their records are committed.
+            self.parts.add(self.aggregator.close_due_parts(self._encode_part))
+            self.parts.send()
+            # flush() also covers the DLQ copies produced so far.
             still_queued = self._producer.flush(wait_seconds)
-            acknowledged = [w for w in self._unpublished if w.start in self._delivered]
-            done = {w.start for w in acknowledged}
-            self.aggregator.acknowledge(done)
-            for window in acknowledged:
-                self._in_flight.discard(window.start)
-                self._window_published(window, self._delivered.pop(window.start))
-            self._unpublished = [w for w in self._unpublished if w.start not in done]
-            for start, reason in list(self._delivery_failures.items()):
-                log.error("window %s was refused (%s); trying it again", iso_utc(start), reason)
-                self._in_flight.discard(start)  # produce it again at the next turn
-                del self._delivery_failures[start]
+            acknowledged = self.parts.take_acknowledged()
+            if acknowledged:
+                self.aggregator.acknowledge(acknowledged)
+                self.health.mark_reachable()
             self.stats.publish_seconds += time.perf_counter() - started
-            # Safe even while some are unacknowledged: unacknowledged windows and
+            # Safe even while some are unacknowledged: unacknowledged parts and
             # dead-letter copies hold their offsets (see _request_commit).
             self._request_commit()
-            if self._unpublished or still_queued:
+            if self.parts.pending() or still_queued:
                 self._warn_unacknowledged()
                 return False
             return True
 
-    def _on_window_delivery(self, start: int):
-        def report(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                self._delivered[start] = time.time()
-                self.health.mark_reachable()
-            else:
-                self._delivery_failures[start] = error.str()
-
-        return report
+    def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
+        return encode_part(
+            start,
+            partition,
+            self.aggregator.total_partitions,
+            window.tallies,
+            window.invalid_message_count,
+            window.late_message_count,
+            PART_MAX_BYTES,
+        )
 
     def _warn_unacknowledged(self) -> None:
         now = time.monotonic()
@@ -491,9 +509,9 @@ class Processor:
             return
         self._last_unacknowledged_warning = now
         log.warning(
-            "%d window(s) and %d record(s) in all waiting for the broker's acknowledgement; "
+            "%d part(s) and %d record(s) in all waiting for the broker's acknowledgement; "
             "their input offsets stay uncommitted until then",
-            len(self._unpublished),
+            self.parts.pending(),
             len(self._producer),
         )
 
@@ -548,6 +566,9 @@ class Processor:
             watermark=self.aggregator.watermark(),
             last_window=last,
             last_window_end=None if last is None else _epoch(last["window_end"]),
+            parts_published=self.parts.parts_published,
+            is_merger=self.merger.is_merger,
+            merge_lag_seconds=self.merger.merge_lag_seconds(),
         )
 
     def _safe_offsets(self) -> dict[int, int]:
@@ -627,12 +648,13 @@ class Processor:
             log.warning("input topic %s does not exist (broker lost it?)", self.settings.input_topic)
             self._topics_missing_since = time.monotonic() - 5.0  # recreate at the next turn
         elif len(owned) < total:
-            log.warning(
-                "assigned %d of %d partitions of %s: windows cannot close until this processor owns all of "
-                "them (run one processor per consumer group)",
+            log.info(
+                "assigned partitions %s (%d of %d) of %s; the other processors of group %s own the rest",
+                ",".join(map(str, owned)) or "none",
                 len(owned),
                 total,
                 self.settings.input_topic,
+                self.settings.consumer_group_id,
             )
         else:
             log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
@@ -645,10 +667,12 @@ class Processor:
             self._commits.clear()
             if not self._crashed.is_set():
                 self._producer.flush(_REVOKE_FLUSH_SECONDS)
+                self.aggregator.acknowledge(self.parts.take_acknowledged())
                 offsets = self._safe_offsets()
                 if offsets:
                     self._commit(offsets)
             self.aggregator.revoke_all()
+            self.parts.clear()
             self._commits.clear()
         log.info("partitions revoked; open windows dropped, to be rebuilt from committed offsets")
 
@@ -656,6 +680,7 @@ class Processor:
         with self._publish_lock:
             self._commits.clear()
             self.aggregator.revoke_all()
+            self.parts.clear()
         log.warning("partitions lost (session timed out); open windows dropped, to be rebuilt")
 
     # ---- progress and shutdown ---------------------------------------------------------------
@@ -694,12 +719,21 @@ class Processor:
         acknowledged = self.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
         self._commit_if_requested()
         if not acknowledged:
-            log.warning("stopping with unacknowledged windows: their records stay uncommitted, replayed next run")
+            log.warning("stopping with unacknowledged parts: their records stay uncommitted, replayed next run")
+        # The merger (if this processor is it) publishes what the last parts complete.
+        self.merger.finish(drain=True, timeout=_MERGER_DRAIN_SECONDS + 5)
         still_open = self.aggregator.open_window_count()  # before close() revokes and drops them
         self._producer.flush(2.0)
-        self._consumer.close()
+        if not close_within(self._consumer, _CLOSE_SECONDS):
+            log.warning(
+                "the consumer did not leave group %s within %.0fs (a rebalance in progress?); exiting anyway:"
+                " what is safe was committed already",
+                self.settings.consumer_group_id,
+                _CLOSE_SECONDS,
+            )
+            self.exit_at_once = True
         log.info(
-            "stopped in %.1fs; %d window(s) still open were not published (they are rebuilt next run)",
+            "stopped in %.1fs; %d window part(s) still open were not published (they are rebuilt next run)",
             time.monotonic() - started,
             still_open,
         )
@@ -733,9 +767,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        return processor.run()
+        code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    if processor.exit_at_once:
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def _setting_in(librdkafka_message: str, environ: dict[str, str]) -> str:

@@ -34,6 +34,9 @@ class MetricsSnapshot:
     watermark: int | None = None
     last_window: Mapping | None = None  # the latest published window's value
     last_window_end: int | None = None
+    parts_published: int = 0  # (window, partition) parts acknowledged on the partials topic
+    is_merger: bool = False  # this processor merges the parts and publishes the windows
+    merge_lag_seconds: float | None = None  # newest part's window end - newest published window end
 
 
 class _SnapshotCollector(Collector):
@@ -63,6 +66,18 @@ class _SnapshotCollector(Collector):
             lag.add_metric([str(partition)], records)
         yield lag
         yield GaugeMetricFamily(f"{PREFIX}_open_windows", "Windows open in memory", value=s.open_windows)
+        yield CounterMetricFamily(
+            f"{PREFIX}_parts_published", "Window parts acknowledged on the partials topic", value=s.parts_published
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_is_merger", "1 if this processor merges parts and publishes windows", value=int(s.is_merger)
+        )
+        if s.merge_lag_seconds is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_merge_lag_seconds",
+                "Newest part's window end minus the newest published window's end (merger only)",
+                value=s.merge_lag_seconds,
+            )
         if s.watermark is not None:
             yield GaugeMetricFamily(f"{PREFIX}_watermark_seconds", "Stream watermark (epoch s)", value=s.watermark)
         if s.last_window_end is not None:

@@ -44,6 +44,11 @@ class Topics:
     group: str
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def partials(self) -> str:
+        """The internal topic of window parts: one per output topic, so tests never share it."""
+        return f"{self.output}-partials"
+
     def env(self, **overrides: str) -> dict[str, str]:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -51,6 +56,7 @@ class Topics:
             "INPUT_TOPIC": self.input,
             "OUTPUT_TOPIC": self.output,
             "DLQ_TOPIC": self.dlq,
+            "PARTIALS_TOPIC": self.partials,
             "CONSUMER_GROUP_ID": self.group,
             # Faster than the project's 10 s default (config.CONSUMER_DEFAULTS): Tansu makes a
             # joining member wait about half of it.
