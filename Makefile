@@ -20,8 +20,11 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt native/pyproject.toml n
 		"(needs a C compiler and the Python headers): pure Python" >&2
 	touch $@
 
-run: $(BIN)/.installed  ## broker + generator + processor + monitor; Ctrl-C stops all
-	$(BIN)/python local_stack.py
+# PROCESSORS=3 make run: three processors in one consumer group (scale-out, failover).
+PROCESSORS ?= 1
+
+run: $(BIN)/.installed  ## broker + generator + processor(s) + monitor; Ctrl-C stops all
+	$(BIN)/python local_stack.py --processors $(PROCESSORS)
 
 broker: $(BIN)/.installed  ## broker + generator only (two-terminal flow)
 	$(BIN)/python local_stack.py --broker-only

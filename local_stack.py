@@ -166,10 +166,26 @@ def _listing(names: list[str]) -> str:
     return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--broker-only", action="store_true", help="start only the broker and the generator")
     parser.add_argument("--rate", type=float, default=20.0, help="live events per second (default: 20)")
+    parser.add_argument(
+        "--processors",
+        type=_at_least_one,
+        default=1,
+        help="processors in the consumer group: they share the input partitions, one merges (default: 1)",
+    )
     parser.add_argument(
         "--profile", choices=("realistic", "reference"), default="realistic", help="kind of data (default: realistic)"
     )
@@ -270,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
             while running():
                 time.sleep(0.5)
             return 0
-        children.insert(0, ("processor", _spawn("processor", ["kafka_processor.py"], env, log_dir)))
-        _say(f"processor: running (log {log_dir / 'processor.log'})")
-        stopped = what_stops("processor", "generator", "monitor")
+        names = ["processor"] if args.processors == 1 else [f"processor-{n}" for n in range(1, args.processors + 1)]
+        for name in reversed(names):
+            children.insert(0, (name, _spawn(name, ["kafka_processor.py"], env, log_dir)))
+        for name in names:
+            _say(f"{name}: running (log {log_dir / (name + '.log')})")
+        if len(names) > 1:
+            _say(f"  {len(names)} processors in group {build_settings(environ).consumer_group_id}: Kafka shares out")
+            _say("  the input partitions; one of them merges the parts (its log says so)")
+        stopped = what_stops("processors" if len(names) > 1 else "processor", "generator", "monitor")
         _say(f"monitor: windows appear below as they close (Ctrl-C stops {stopped})\n")
         monitor = _spawn("monitor", ["monitor_aggregated_data.py", "--from-beginning"], env, log_dir, to_log=False)
         children.append(("monitor", monitor))

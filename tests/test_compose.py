@@ -19,7 +19,7 @@ from config import _SETTINGS, Settings
 from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = ("generator", "processor", "monitor")
+APP_SERVICES = ("generator", "processor", "processor-2", "monitor")
 
 
 def _compose_binary() -> str:
@@ -73,13 +73,23 @@ def test_topics_created_are_the_ones_the_code_uses(compose):
         defaults.input_topic: str(defaults.input_partitions),
         defaults.output_topic: "1",
         defaults.dlq_topic: "1",
+        defaults.partials_topic: "1",  # one partition: one merger at a time
     }
-    env = compose["services"]["processor"]["environment"]
-    assert (env["INPUT_TOPIC"], env["OUTPUT_TOPIC"], env["DLQ_TOPIC"]) == (
-        defaults.input_topic,
-        defaults.output_topic,
-        defaults.dlq_topic,
-    )
+    for name in ("processor", "processor-2"):
+        env = compose["services"][name]["environment"]
+        assert (env["INPUT_TOPIC"], env["OUTPUT_TOPIC"], env["DLQ_TOPIC"], env["PARTIALS_TOPIC"]) == (
+            defaults.input_topic,
+            defaults.output_topic,
+            defaults.dlq_topic,
+            defaults.partials_topic,
+        )
+        assert env["CONSUMER_GROUP_ID"] == compose["services"]["processor"]["environment"]["CONSUMER_GROUP_ID"]
+
+
+def test_two_processors_share_a_six_partition_input(compose):
+    script = " ".join(compose["services"]["kafka-init"]["command"])
+    assert "--topic user-login --partitions 6" in script
+    assert compose["services"]["processor-2"]["command"] == compose["services"]["processor"]["command"]
 
 
 def _local_imports(module: str, seen: set[str]) -> set[str]:
@@ -189,7 +199,10 @@ def test_monitoring_services_are_pinned_and_only_in_their_profile():
     # Prometheus scrapes the port the processor serves metrics on.
     port = str(services["processor"]["environment"]["METRICS_PORT"])
     scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
-    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [f"processor:{port}"]
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == [
+        f"processor:{port}",
+        f"processor-2:{port}",
+    ]
     mounts = " ".join(services["grafana"]["volumes"] if isinstance(services["grafana"]["volumes"], list) else [])
     assert "monitoring/grafana/dashboards" in mounts and "monitoring/grafana/provisioning" in mounts
 
