@@ -24,7 +24,8 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && python -c "import _login_columns" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app
-COPY config.py parsing.py aggregator.py kafka_io.py commits.py dead_letter.py log_setup.py metrics.py kafka_processor.py \
+COPY config.py parsing.py aggregator.py parts.py merge.py kafka_io.py commits.py dead_letter.py part_publisher.py \
+     merger.py log_setup.py metrics.py kafka_processor.py \
      monitor_aggregated_data.py data_generator.py ./
 USER app
 ENV PYTHONUNBUFFERED=1

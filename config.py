@@ -115,7 +115,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     # Partition counts used only when the processor creates missing topics.
-    input_partitions: int = 6
+    input_partitions: int = 4
     # How often the timer thread looks for windows to close.
     close_interval_seconds: float = 0.5
     # Records handed over by one consume() call: big enough to amortise the call.

@@ -649,7 +649,7 @@ class Processor:
             self._topics_missing_since = time.monotonic() - 5.0  # recreate at the next turn
         elif len(owned) < total:
             log.info(
-                "assigned partitions %s (%d of %d) of %s; the other processors of group %s own the rest",
+                "assigned partitions %s (%d of %d partitions) of %s; the other processors of group %s own the rest",
                 ",".join(map(str, owned)) or "none",
                 len(owned),
                 total,

@@ -1,13 +1,18 @@
 """Child process of throughput.py: the real Processor, timed from its first record to
 its last record aggregated, then until the last windows are published.
 
+    _measure_processor.py RECORDS WINDOWS            # alone: stops once every window is out
+    _measure_processor.py RECORDS WINDOWS member     # one member of a group: stops on SIGTERM
+
 Settings come from the environment like any run; the only addition is a few
-timestamps taken around the processor's own batch handling.
+timestamps taken around the processor's own batch handling (wall clock for a
+member, so that the parent can add up several processes).
 """
 
 import json
 import os
 import resource
+import signal
 import sys
 import threading
 import time
@@ -30,11 +35,16 @@ class MeasuredProcessor(Processor):
         self.all_aggregated_at: float | None = None
         self.all_published_at: float | None = None
         self.all_published = threading.Event()
+        self.first_batch_wall: float | None = None
+        self.last_batch_wall: float | None = None
+        self.partitions: set[int] = set()
 
     def _process(self, messages) -> None:
         if self.first_batch_at is None:
             self.first_batch_at = time.perf_counter()
+            self.first_batch_wall = time.time()
         super()._process(messages)
+        self.last_batch_wall = time.time()
         if self.all_aggregated_at is None and self.stats.records >= self.expected_records:
             self.all_aggregated_at = time.perf_counter()
 
@@ -45,10 +55,38 @@ class MeasuredProcessor(Processor):
             self.all_published.set()
 
 
+def member(processor: MeasuredProcessor) -> None:
+    """One of several processors in a group: runs until SIGTERM, reports its share."""
+    signal.signal(signal.SIGTERM, lambda *_: processor.stop_requested.set())
+    original = processor._on_assign
+
+    def on_assign(consumer, partitions) -> None:
+        processor.partitions.update(tp.partition for tp in partitions)
+        original(consumer, partitions)
+
+    processor._on_assign = on_assign
+    processor.run()
+    print(
+        json.dumps(
+            {
+                "records": processor.stats.records,
+                "first_batch_wall": processor.first_batch_wall,
+                "last_batch_wall": processor.last_batch_wall,
+                "partitions": sorted(processor.partitions),
+                "windows": processor.stats.windows_published,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
 def main() -> None:
     expected_records, expected_windows = int(sys.argv[1]), int(sys.argv[2])
     configure_logging("WARNING")
     processor = MeasuredProcessor(build_settings(os.environ), expected_records, expected_windows)
+    if sys.argv[3:] == ["member"]:
+        member(processor)
+        return
 
     def watch() -> None:
         # Waits on an event, not a polling loop: a thread waking every millisecond

@@ -37,3 +37,6 @@ def test_benchmark_runs_small_and_reports_every_figure():
         assert re.search(rf"^\s+{stage}\s+[\d.]+s", out, re.MULTILINE), f"stage {stage} missing:\n{out}"
     windows = int(re.search(r"(\d+) windows \|", out).group(1))
     assert f"windows {windows}" in out  # every window of the workload was published
+    group = re.search(r"2 processors in one group:\s+([\d,]+) records/s in all = ([\d.]+) x", out)
+    assert group and int(group.group(1).replace(",", "")) > 0, out
+    assert re.search(r"realistic \| +(native|pure) \| +[\d,]+ \|", out), out  # the part size table

@@ -69,8 +69,9 @@ def test_topics_created_are_the_ones_the_code_uses(compose):
     script = " ".join(compose["services"]["kafka-init"]["command"])
     created = dict(re.findall(r"--topic (\S+) --partitions (\d+)", script))
     defaults = Settings()
+    app_env = compose["services"]["processor"]["environment"]
     assert created == {
-        defaults.input_topic: str(defaults.input_partitions),
+        defaults.input_topic: str(app_env["INPUT_PARTITIONS"]),
         defaults.output_topic: "1",
         defaults.dlq_topic: "1",
         defaults.partials_topic: "1",  # one partition: one merger at a time
