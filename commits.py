@@ -1,4 +1,5 @@
-"""Which input offsets may be committed, and the hand-off of a commit between threads.
+"""Which input offsets may be committed, the hand-off of a commit between threads,
+and the commit itself.
 
 The timer thread learns that offsets are safe to commit (their windows are
 acknowledged); only the main thread may touch the consumer. `CommitSlot` is the
@@ -9,7 +10,12 @@ out can be put back, and nothing is lost between a read and a write.
 
 from __future__ import annotations
 
+import logging
 import threading
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+log = logging.getLogger("processor")
 
 
 def safe_offsets(window_offsets: dict[int, int], dead_letter_holds: dict[int, int]) -> dict[int, int]:
@@ -57,3 +63,38 @@ class CommitSlot:
         with self._lock:
             self._request = None
             self._committed = {}
+
+
+class InputCommits:
+    """Commits of the input consumer's offsets: requested by the timer thread through
+    the slot, carried out by the main thread (the only one that touches the consumer).
+    After a bug (`crashed`) nothing is committed any more, not even by the revoke
+    that closing the consumer runs."""
+
+    def __init__(self, consumer: Consumer, topic: str, crashed: threading.Event) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._crashed = crashed
+        self.slot = CommitSlot()
+
+    def commit_if_requested(self) -> None:
+        offsets = self.slot.take()
+        if offsets and not self.commit(offsets):
+            self.slot.put_back(offsets)
+
+    def commit(self, offsets: dict[int, int]) -> bool:
+        """Commit synchronously; False if the broker did not take it (tried again later)."""
+        if self._crashed.is_set():
+            return True  # dropped on purpose: nothing is committed after a bug
+        try:
+            self._consumer.commit(
+                offsets=[TopicPartition(self._topic, p, o) for p, o in sorted(offsets.items())], asynchronous=False
+            )
+        except KafkaException as error:
+            if error.args[0].code() == KafkaError._NO_OFFSET:
+                return True  # nothing new to commit
+            log.warning("offset commit failed (%s); will commit again", error.args[0].str())
+            return False
+        self.slot.done(offsets)
+        log.debug("committed %s", offsets)
+        return True

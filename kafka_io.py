@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from config import ConfigError, Settings
@@ -166,6 +166,41 @@ def ensure_topics(
             while time.monotonic() < deadline and not should_stop():
                 time.sleep(0.1)
     return False
+
+
+def partition_runs(messages: list[Message]) -> tuple[list[tuple[int, list[Message]]], list[KafkaError]]:
+    """A consumed batch as runs of consecutive records of one partition, and the
+    client errors among them (end of partition, unknown topic, ...)."""
+    errors = list(map(Message.error, messages))
+    partitions = list(map(Message.partition, messages))
+    count = len(messages)
+    # any() in C: None is false, a KafkaError true. (Not errors.count(None):
+    # KafkaError.__eq__ fails on None.)
+    if not any(errors):
+        # Partition runs found in C (index/count per distinct partition, a handful),
+        # not by a per-record loop: librdkafka hands each partition over in one piece.
+        order = list(dict.fromkeys(partitions))
+        starts = [partitions.index(partition) for partition in order]
+        lengths = [partitions.count(partition) for partition in order]
+        if all(starts[i] + lengths[i] == (starts[i + 1] if i + 1 < len(order) else count) for i in range(len(order))):
+            return [(p, messages[s : s + n]) for p, s, n in zip(order, starts, lengths, strict=True)], []
+    runs: list[tuple[int, list[Message]]] = []
+    found: list[KafkaError] = []
+    run: list[Message] = []
+    for message, error, partition in zip(messages, errors, partitions, strict=True):
+        if error is not None:
+            found.append(error)
+            if run:
+                runs.append((run[-1].partition(), run))
+                run = []
+            continue
+        if run and run[-1].partition() != partition:
+            runs.append((run[-1].partition(), run))
+            run = []
+        run.append(message)
+    if run:
+        runs.append((run[-1].partition(), run))
+    return runs, found
 
 
 def close_within(consumer: Consumer, seconds: float) -> bool:

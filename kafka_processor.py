@@ -25,16 +25,13 @@ import socket
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
-import msgspec
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from aggregator import Aggregator, ClosedWindow, WindowAggregate, iso_utc
-from commits import CommitSlot, safe_offsets
+from aggregator import Aggregator, WindowAggregate, iso_utc
+from assignment import InputAssignment
+from commits import InputCommits, safe_offsets
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -45,65 +42,29 @@ from config import (
     load_settings_or_exit,
 )
 from dead_letter import DeadLetterQueue
-from kafka_io import (
-    QUIET_CLIENT_LOGS,
-    AuthenticationFailed,
-    BrokerHealth,
-    close_within,
-    ensure_topics,
-    read_topic_tail,
-    topic_partition_count,
-)
+from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, close_within, partition_runs
 from log_setup import configure_logging
 from merger import WindowMerger
 from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from part_publisher import PartPublisher
 from parts import encode_part
+from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
+from processor_report import ProcessorReport
 
 log = logging.getLogger("processor")
 
-# How many of the last output records to read at start-up to learn which windows
-# an earlier run already published. Windows are published in order, so the
-# newest is near the end; a few extra cover a broker that reports the last
-# batch's base offset as the end.
-_TAIL_RECORDS = 50
-# How long shutdown waits for the broker to acknowledge the last windows.
+# How long shutdown waits for the broker to acknowledge the last parts.
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long one publish attempt of the timer waits for acknowledgements.
 _PUBLISH_ATTEMPT_SECONDS = 5.0
 # How long shutdown waits for the consumer to leave its group.
 _CLOSE_SECONDS = 10.0
-# How long a rebalance waits for queued windows and dead-letter copies before it commits.
-_REVOKE_FLUSH_SECONDS = 5.0
-# How often to ask again for the input's partition count after a failed look-up.
-_PARTITION_COUNT_RETRY_SECONDS = 2.0
-OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
 # A part is split into pieces below Kafka's default message size limit (1 MB), so the
 # partials topic needs no special configuration on any broker.
 PART_MAX_BYTES = 900_000
 # How long shutdown lets the merger publish the windows this run's last parts complete.
 _MERGER_DRAIN_SECONDS = 10.0
-_PROGRESS_LOG_SECONDS = 30.0
-
-
-@dataclass
-class ProcessorStats:
-    """Running totals, for the progress log line, the benchmark and metrics.
-
-    Stage times are measured per batch (never per record), so they cost nothing
-    worth mentioning; `consume` is time inside consume() calls that returned data.
-    """
-
-    records: int = 0
-    invalid: int = 0
-    late: int = 0
-    windows_published: int = 0
-    consume_seconds: float = 0.0
-    parse_seconds: float = 0.0
-    dead_letter_seconds: float = 0.0
-    aggregate_seconds: float = 0.0
-    publish_seconds: float = 0.0
 
 
 def _tune_garbage_collector() -> None:
@@ -118,10 +79,6 @@ def _tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-
-
-def _epoch(iso: str) -> int:
-    return int(datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
 
 
 def _kafka_seconds(message: Message, now: float) -> int:
@@ -183,7 +140,9 @@ def producer_settings(settings: Settings) -> dict:
 
 
 class Processor:
-    """Owns the Kafka clients, the aggregator, the timer thread and the commit protocol."""
+    """The poll loop and the timer thread; composes the owners of each concern: the
+    aggregator (windows), the part publisher, the dead-letter queue, the commits, the
+    assignment callbacks, the merger thread and the report."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -198,33 +157,41 @@ class Processor:
         self.stop_requested = threading.Event()
         self.host = socket.gethostname()
         self._publish_lock = threading.Lock()  # one publish (or revoke) at a time
-        self._commits = CommitSlot()  # timer thread -> main thread
         # Set once something unexpected happened: from then on nothing is committed,
         # not even by the revoke that closing the consumer runs (the next run replays).
         self._crashed = threading.Event()
-        self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
         # A client that would not close: the interpreter's exit would wait on it.
         self.exit_at_once = False
-        self._last_unacknowledged_warning = 0.0
-        self._topics_missing_since: float | None = None
         reset = str(consumer_settings(settings).get("auto.offset.reset", "earliest")).lower()
         self._reads_from_earliest = reset in ("earliest", "smallest", "beginning")
-        self.stats = ProcessorStats()
-        self._missing_fields: Counter[str] = Counter()  # over published windows
-        self._consumer_lag: dict[int, int] = {}
-        self._last_window: dict | None = None
+        self.report = ProcessorReport(settings, self.aggregator)
+        self.stats = self.report.stats
         self.metrics = ProcessorMetrics(self.metrics_snapshot)
-        self._progress_mark = (time.monotonic(), ProcessorStats())
+        self.report.publish_latency = self.metrics.publish_latency.observe
+        self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set)
         self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host)
+        self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
+        self.assignment = InputAssignment(
+            settings,
+            self.aggregator,
+            self.parts,
+            self.commits,
+            self._producer,
+            self._publish_lock,
+            self._crashed,
+            self.health,
+            self.topics,
+            self._safe_offsets,
+        )
         self.merger = WindowMerger(
             settings,
             merge_consumer_settings(settings),
             producer_settings(settings),
             self.health,
-            self._published_until_or_unknown,
+            self.topics.published_until_or_unknown,
             self._window_published,
             self.host,
         )
@@ -233,11 +200,11 @@ class Processor:
 
     def prepare(self) -> bool:
         """Topics exist and we know what an earlier run published. False if stopped first."""
-        if not self._ensure_topics():
+        if not self.topics.ensure():
             return False
         while not self.stop_requested.is_set():
             try:
-                published_until = self._published_until()
+                published_until = self.topics.published_until()
                 break
             except KafkaException as error:
                 self.health.on_error(KafkaError(KafkaError._TRANSPORT, str(error)))
@@ -252,45 +219,6 @@ class Processor:
             )
         return True
 
-    def _ensure_topics(self) -> bool:
-        s = self.settings
-        # The partials topic has one partition: its one consumer in the merge group is the merger.
-        topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
-        # The output is compacted: a consumer that keeps the latest record per key
-        # (what the topic is for) never needs older copies of a republished window.
-        configs = {s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}}
-        return ensure_topics(s, topics, self.stop_requested.is_set, self.health, configs=configs)
-
-    def _recreate_missing_topics(self) -> None:
-        """A broker that lost its topics (an in-memory one, restarted) gets them back,
-        so producers and this processor can carry on without an operator."""
-        since = self._topics_missing_since
-        if since is None or time.monotonic() - since < 5.0:
-            return
-        log.warning("input topic %s is missing; creating the pipeline's topics again", self.settings.input_topic)
-        self._topics_missing_since = None
-        self._ensure_topics()
-
-    def _published_until_or_unknown(self) -> int:
-        """For a new merger: 0 (nothing known: windows are published again, same bytes)
-        when the output topic cannot be read now."""
-        try:
-            return self._published_until()
-        except KafkaException as error:
-            log.warning("could not read the newest window on %s (%s)", self.settings.output_topic, error)
-            return 0
-
-    def _published_until(self) -> int:
-        """End (epoch seconds) of the newest window on the output topic, 0 if none."""
-        newest = 0
-        for message in read_topic_tail(self.settings, self.settings.output_topic, _TAIL_RECORDS):
-            try:
-                start = _epoch(message.key().decode())
-            except (AttributeError, UnicodeDecodeError, ValueError):
-                continue  # not one of ours
-            newest = max(newest, start + self.settings.window_seconds)
-        return newest
-
     # ---- the poll loop -----------------------------------------------------------------
 
     def run(self) -> int:
@@ -298,8 +226,9 @@ class Processor:
         if not self.prepare():
             self._consumer.close()
             return 0
+        a = self.assignment
         self._consumer.subscribe(
-            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            [self.settings.input_topic], on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost
         )
         self.merger.start()
         if self.settings.metrics_port:
@@ -322,9 +251,9 @@ class Processor:
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
-                self._commit_if_requested()
-                self._recreate_missing_topics()
-                self._retry_partition_count()
+                self.commits.commit_if_requested()
+                self.topics.recreate_if_missing()
+                self.assignment.retry_partition_count(self._consumer)
                 self.dead_letters.retry_refused()
                 started = time.perf_counter()
                 messages = self._consumer.consume(batch_size, 0.5)
@@ -354,30 +283,15 @@ class Processor:
         return 1
 
     def _process(self, messages: list[Message]) -> None:
-        """Split a consumed batch into runs of one partition and hand each over."""
-        errors = list(map(Message.error, messages))
-        partitions = list(map(Message.partition, messages))
-        count = len(messages)
-        # any() in C: None is false, a KafkaError true. (Not errors.count(None):
-        # KafkaError.__eq__ fails on None.)
-        if any(errors):
-            self._process_with_errors(messages, errors, partitions)
-            return
-        # Partition runs found in C (index/count per distinct partition, a handful),
-        # not by a per-record loop: librdkafka hands each partition over in one piece.
-        order = list(dict.fromkeys(partitions))
-        starts = [partitions.index(partition) for partition in order]
-        lengths = [partitions.count(partition) for partition in order]
-        if all(starts[i] + lengths[i] == (starts[i + 1] if i + 1 < len(order) else count) for i in range(len(order))):
-            for partition, start, length in zip(order, starts, lengths, strict=True):
-                self._process_run(messages[start : start + length], partition)
-            return
-        start, current = 0, partitions[0]  # interleaved partitions: split where they change
-        for index in range(1, count):
-            if partitions[index] != current:
-                self._process_run(messages[start:index], current)
-                start, current = index, partitions[index]
-        self._process_run(messages[start:], current)
+        """Hand each partition's run of a consumed batch over; note client errors."""
+        runs, errors = partition_runs(messages)
+        for partition, run in runs:
+            self._process_run(run, partition)
+        for error in errors:
+            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                self.topics.note_missing()
+            else:
+                self.health.on_error(error)
 
     def _update_caught_up(self) -> None:
         """A partition is caught up when everything up to the high watermark of its last
@@ -399,27 +313,7 @@ class Processor:
                     self.health.mark_reachable()
             elif progress.caught_up:
                 self.aggregator.mark_active(partition)
-        self._consumer_lag = lag
-
-    def _process_with_errors(self, messages: list[Message], errors: list, partitions: list[int]) -> None:
-        run: list[Message] = []
-        for message, error, partition in zip(messages, errors, partitions, strict=True):
-            if error is None:
-                if run and run[-1].partition() != partition:
-                    self._process_run(run, run[-1].partition())
-                    run = []
-                run.append(message)
-                continue
-            if run:
-                self._process_run(run, run[-1].partition())
-                run = []
-            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                if self._topics_missing_since is None:
-                    self._topics_missing_since = time.monotonic()
-            else:
-                self.health.on_error(error)
-        if run:
-            self._process_run(run, run[-1].partition())
+        self.report.consumer_lag = lag
 
     def _process_run(self, run: list[Message], partition: int) -> None:
         stats = self.stats
@@ -446,16 +340,16 @@ class Processor:
         stats.invalid += len(invalid)
         stats.late += late
 
-    # ---- closing and publishing (timer thread) ------------------------------------------------
+    # ---- closing and publishing parts (timer thread) ------------------------------------------
 
     def _timer_loop(self) -> None:
         interval = self.settings.close_interval_seconds
         while not self.stop_requested.wait(interval):
             try:
                 self.close_and_publish(wait_seconds=_PUBLISH_ATTEMPT_SECONDS)
-                self._maybe_log_progress()
+                self.report.maybe_log_progress()
             except Exception:
-                # A bug (a window that cannot be rendered, say): never a window that
+                # A bug (a part that cannot be encoded, say): never a window that
                 # silently disappears, never a timer that dies and stalls the pipeline.
                 # Stop loudly, commit nothing: a restart replays from the last commit.
                 log.exception("window closer failed; the processor stops")
@@ -485,10 +379,10 @@ class Processor:
                 self.health.mark_reachable()
             self.stats.publish_seconds += time.perf_counter() - started
             # Safe even while some are unacknowledged: unacknowledged parts and
-            # dead-letter copies hold their offsets (see _request_commit).
-            self._request_commit()
+            # dead-letter copies hold their offsets.
+            self.commits.slot.offer(self._safe_offsets())
             if self.parts.pending() or still_queued:
-                self._warn_unacknowledged()
+                self.report.warn_unacknowledged(self.parts.pending(), len(self._producer))
                 return False
             return True
 
@@ -503,221 +397,28 @@ class Processor:
             PART_MAX_BYTES,
         )
 
-    def _warn_unacknowledged(self) -> None:
-        now = time.monotonic()
-        if now - self._last_unacknowledged_warning < _PROGRESS_LOG_SECONDS:
-            return
-        self._last_unacknowledged_warning = now
-        log.warning(
-            "%d part(s) and %d record(s) in all waiting for the broker's acknowledgement; "
-            "their input offsets stay uncommitted until then",
-            self.parts.pending(),
-            len(self._producer),
-        )
-
-    def _window_published(self, window: ClosedWindow, acknowledged_at: float) -> None:
-        """Count it, feed the metrics, and log one line with its headline figures."""
-        end = window.start + self.settings.window_seconds
-        value = msgspec.json.decode(window.value)
-        self.stats.windows_published += 1
-        self._missing_fields.update(value["missing_field_counts"])
-        self._last_window = value
-        self.metrics.publish_latency.observe(max(0.0, acknowledged_at - end))
-        missing = value["missing_field_counts"]
-        log.info(
-            "published window %s: %d logins, %d unique devices, %d invalid, %d late%s (%.0fs after window end)",
-            value["window_start"],
-            value["message_count"],
-            value["unique_device_count"],
-            value["invalid_message_count"],
-            value["late_message_count"],
-            f", missing {missing}" if missing else "",
-            acknowledged_at - end,
-        )
-        if "capped_counts" in value:
-            log.warning(
-                "window %s had more distinct values than it keeps; lower bounds: %s"
-                " (MAX_DISTINCT_PER_WINDOW %d, MAX_PROFILES_PER_WINDOW %d)",
-                value["window_start"],
-                ", ".join(value["capped_counts"]),
-                self.settings.max_distinct_per_window,
-                self.settings.max_profiles_per_window,
-            )
-
-    def metrics_snapshot(self) -> MetricsSnapshot:
-        """Read by the metrics endpoint when scraped (another thread): copies only."""
-        stats = replace(self.stats)
-        last = self._last_window
-        return MetricsSnapshot(
-            records=stats.records,
-            invalid=stats.invalid,
-            late=stats.late,
-            windows_published=stats.windows_published,
-            stage_seconds={
-                "consume": stats.consume_seconds,
-                "parse": stats.parse_seconds,
-                "dead_letter": stats.dead_letter_seconds,
-                "aggregate": stats.aggregate_seconds,
-                "publish": stats.publish_seconds,
-            },
-            missing_fields=dict(self._missing_fields),
-            consumer_lag=dict(self._consumer_lag),
-            open_windows=self.aggregator.open_window_count(),
-            watermark=self.aggregator.watermark(),
-            last_window=last,
-            last_window_end=None if last is None else _epoch(last["window_end"]),
-            parts_published=self.parts.parts_published,
-            is_merger=self.merger.is_merger,
-            merge_lag_seconds=self.merger.merge_lag_seconds(),
-        )
-
     def _safe_offsets(self) -> dict[int, int]:
-        """Offsets no open or unacknowledged window, and no unacknowledged dead-letter
+        """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
         copy, still needs."""
         return safe_offsets(self.aggregator.committable_offsets(), self.dead_letters.holds())
 
-    def _request_commit(self) -> None:
-        self._commits.offer(self._safe_offsets())
+    # ---- what operators see ---------------------------------------------------------------
 
-    # ---- commits (main thread) -----------------------------------------------------------------
+    def _window_published(self, window, acknowledged_at: float) -> None:
+        """The merger published a window (its thread): an observer hook for the report."""
+        self.report.window_published(window, acknowledged_at)
 
-    def _commit_if_requested(self) -> None:
-        offsets = self._commits.take()
-        if offsets and not self._commit(offsets):
-            self._commits.put_back(offsets)
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """Read by the metrics endpoint when scraped (another thread): copies only."""
+        return self.report.snapshot(self.parts.parts_published, self.merger.is_merger, self.merger.merge_lag_seconds())
 
-    def _commit(self, offsets: dict[int, int]) -> bool:
-        """Commit synchronously; False if the broker did not take it (tried again later)."""
-        if self._crashed.is_set():
-            return True  # dropped on purpose: nothing is committed after a bug
-        topic = self.settings.input_topic
-        try:
-            self._consumer.commit(
-                offsets=[TopicPartition(topic, p, o) for p, o in sorted(offsets.items())], asynchronous=False
-            )
-        except KafkaException as error:
-            if error.args[0].code() == KafkaError._NO_OFFSET:
-                return True  # nothing new to commit
-            log.warning("offset commit failed (%s); will commit again", error.args[0].str())
-            return False
-        self._commits.done(offsets)
-        log.debug("committed %s", offsets)
-        return True
-
-    # ---- rebalances (called by the consumer inside consume(), main thread) ----------------
-
-    def _partition_count(self, consumer: Consumer) -> int | None:
-        """The input topic's partition count (0: no such topic), or None if the broker
-        did not answer in time (a struggling broker during a rebalance must not crash
-        the processor: windows wait until the count is known)."""
-        try:
-            total = topic_partition_count(consumer, self.settings.input_topic)
-        except KafkaException as error:
-            log.warning(
-                "could not read the partition count of %s (%s); windows wait until it is known",
-                self.settings.input_topic,
-                error,
-            )
-            self._partition_count_retry_at = time.monotonic() + _PARTITION_COUNT_RETRY_SECONDS
-            return None
-        self._partition_count_retry_at = None
-        return total
-
-    def _retry_partition_count(self) -> None:
-        retry_at = self._partition_count_retry_at
-        if retry_at is None or time.monotonic() < retry_at:
-            return
-        total = self._partition_count(self._consumer)
-        if total is not None:
-            self.aggregator.assign([], total)
-            log.info("partition count of %s is %d", self.settings.input_topic, total)
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        total = self._partition_count(consumer)
-        owned = sorted(tp.partition for tp in partitions)
-        try:
-            committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10) if tp.offset >= 0}
-        except KafkaException as error:
-            log.warning("could not read committed offsets (%s); partitions wait for their first fetch", error)
-            committed = {}
-        self.aggregator.assign(owned, total or 0, committed)
-        self.health.mark_reachable()
-        if total is None:
-            pass  # said above; retried from the poll loop
-        elif total == 0:
-            log.warning("input topic %s does not exist (broker lost it?)", self.settings.input_topic)
-            self._topics_missing_since = time.monotonic() - 5.0  # recreate at the next turn
-        elif len(owned) < total:
-            log.info(
-                "assigned partitions %s (%d of %d partitions) of %s; the other processors of group %s own the rest",
-                ",".join(map(str, owned)) or "none",
-                len(owned),
-                total,
-                self.settings.input_topic,
-                self.settings.consumer_group_id,
-            )
-        else:
-            log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
-
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Wait for an in-flight publish, give queued dead-letter copies a moment to be
-        # acknowledged, commit what is safe, then forget the open windows: the next
-        # owner (maybe us) rebuilds them from the commit. After a bug: no commit at all.
-        with self._publish_lock:
-            self._commits.clear()
-            if not self._crashed.is_set():
-                self._producer.flush(_REVOKE_FLUSH_SECONDS)
-                self.aggregator.acknowledge(self.parts.take_acknowledged())
-                offsets = self._safe_offsets()
-                if offsets:
-                    self._commit(offsets)
-            self.aggregator.revoke_all()
-            self.parts.clear()
-            self._commits.clear()
-        log.info("partitions revoked; open windows dropped, to be rebuilt from committed offsets")
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        with self._publish_lock:
-            self._commits.clear()
-            self.aggregator.revoke_all()
-            self.parts.clear()
-        log.warning("partitions lost (session timed out); open windows dropped, to be rebuilt")
-
-    # ---- progress and shutdown ---------------------------------------------------------------
-
-    def _maybe_log_progress(self) -> None:
-        now = time.monotonic()
-        since, before = self._progress_mark
-        elapsed = now - since
-        if elapsed < _PROGRESS_LOG_SECONDS:
-            return
-        current = replace(self.stats)
-        self._progress_mark = (now, current)
-        records, invalid, late = (
-            current.records - before.records,
-            current.invalid - before.invalid,
-            current.late - before.late,
-        )
-        watermark = self.aggregator.watermark()
-        # INFO: invalid and late records are normal operation (they are counted and the
-        # invalid ones copied to the DLQ); a WARNING is for what an operator must act on.
-        log.info(
-            "last %.0fs: %d records (%.0f/s), %d invalid (to %s), %d late, %d windows open, watermark %s",
-            elapsed,
-            records,
-            records / elapsed,
-            invalid,
-            self.settings.dlq_topic,
-            late,
-            self.aggregator.open_window_count(),
-            "unknown" if watermark is None else iso_utc(watermark),
-        )
+    # ---- shutdown ---------------------------------------------------------------------------
 
     def _shutdown(self) -> int:
-        """Publish what the watermark has passed, wait for the acks, commit, close."""
+        """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
         acknowledged = self.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
-        self._commit_if_requested()
+        self.commits.commit_if_requested()
         if not acknowledged:
             log.warning("stopping with unacknowledged parts: their records stay uncommitted, replayed next run")
         # The merger (if this processor is it) publishes what the last parts complete.

@@ -58,13 +58,13 @@ class MeasuredProcessor(Processor):
 def member(processor: MeasuredProcessor) -> None:
     """One of several processors in a group: runs until SIGTERM, reports its share."""
     signal.signal(signal.SIGTERM, lambda *_: processor.stop_requested.set())
-    original = processor._on_assign
+    original = processor.assignment.on_assign
 
     def on_assign(consumer, partitions) -> None:
         processor.partitions.update(tp.partition for tp in partitions)
         original(consumer, partitions)
 
-    processor._on_assign = on_assign
+    processor.assignment.on_assign = on_assign
     processor.run()
     print(
         json.dumps(

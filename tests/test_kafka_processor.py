@@ -242,12 +242,12 @@ def test_a_failed_metadata_lookup_during_assignment_does_not_crash(topics, monke
 
     from confluent_kafka import KafkaError, KafkaException
 
-    import kafka_processor
+    import assignment
 
     topics.create(input_partitions=1)
     start = aligned_past(10)
     produce(topics.bootstrap, topics.input, [(0, _login(start + 30 * i + 1), start * 1000) for i in range(3)])
-    real_lookup = kafka_processor.topic_partition_count
+    real_lookup = assignment.topic_partition_count
     calls = []
 
     def first_call_times_out(consumer, topic):
@@ -256,7 +256,7 @@ def test_a_failed_metadata_lookup_during_assignment_does_not_crash(topics, monke
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "injected: metadata request timed out"))
         return real_lookup(consumer, topic)
 
-    monkeypatch.setattr(kafka_processor, "topic_partition_count", first_call_times_out)
+    monkeypatch.setattr(assignment, "topic_partition_count", first_call_times_out)
     processor = _in_process_processor(topics)
     exit_code = []
     runner = threading.Thread(target=lambda: exit_code.append(processor.run()))

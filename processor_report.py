@@ -1,0 +1,163 @@
+"""What the processor tells operators: running totals, one line per published window,
+a progress line every 30 s, the metrics snapshot. Nothing here changes the data.
+
+Kept apart from the poll loop so that the loop reads as record -> parse -> window
+-> part -> commit, and so that the benchmark can observe the same figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+import msgspec
+
+from aggregator import Aggregator, ClosedWindow, iso_utc
+from config import Settings
+from metrics import MetricsSnapshot
+
+log = logging.getLogger("processor")
+
+_PROGRESS_LOG_SECONDS = 30.0
+
+
+@dataclass
+class ProcessorStats:
+    """Running totals, for the progress log line, the benchmark and metrics.
+
+    Stage times are measured per batch (never per record), so they cost nothing
+    worth mentioning; `consume` is time inside consume() calls that returned data.
+    """
+
+    records: int = 0
+    invalid: int = 0
+    late: int = 0
+    windows_published: int = 0
+    consume_seconds: float = 0.0
+    parse_seconds: float = 0.0
+    dead_letter_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    publish_seconds: float = 0.0
+
+
+def epoch_of(iso: str) -> int:
+    """`2026-11-25T19:00:00Z` -> epoch seconds."""
+    return int(datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+
+
+class ProcessorReport:
+    """Owns the totals and the last published window; read by the metrics endpoint
+    (another thread) through `snapshot`, which copies."""
+
+    def __init__(self, settings: Settings, aggregator: Aggregator) -> None:
+        self.settings = settings
+        self.aggregator = aggregator
+        self.stats = ProcessorStats()
+        self.consumer_lag: dict[int, int] = {}
+        self.publish_latency: Callable[[float], None] = lambda _seconds: None
+        self._missing_fields: Counter[str] = Counter()  # over published windows
+        self._last_window: dict | None = None
+        self._progress_mark = (time.monotonic(), ProcessorStats())
+        self._last_unacknowledged_warning = 0.0
+        self._lock = threading.Lock()  # windows are published on the merger's thread
+
+    def window_published(self, window: ClosedWindow, acknowledged_at: float) -> None:
+        """Count it, feed the metrics, and log one line with its headline figures."""
+        end = window.start + self.settings.window_seconds
+        value = msgspec.json.decode(window.value)
+        with self._lock:
+            self.stats.windows_published += 1
+            self._missing_fields.update(value["missing_field_counts"])
+            self._last_window = value
+        self.publish_latency(max(0.0, acknowledged_at - end))
+        missing = value["missing_field_counts"]
+        log.info(
+            "published window %s: %d logins, %d unique devices, %d invalid, %d late%s (%.0fs after window end)",
+            value["window_start"],
+            value["message_count"],
+            value["unique_device_count"],
+            value["invalid_message_count"],
+            value["late_message_count"],
+            f", missing {missing}" if missing else "",
+            acknowledged_at - end,
+        )
+        if "capped_counts" in value:
+            log.warning(
+                "window %s had more distinct values than it keeps; lower bounds: %s"
+                " (MAX_DISTINCT_PER_WINDOW %d, MAX_PROFILES_PER_WINDOW %d)",
+                value["window_start"],
+                ", ".join(value["capped_counts"]),
+                self.settings.max_distinct_per_window,
+                self.settings.max_profiles_per_window,
+            )
+
+    def warn_unacknowledged(self, parts_pending: int, records_queued: int) -> None:
+        """At most one line every 30 s while the broker keeps parts waiting."""
+        now = time.monotonic()
+        if now - self._last_unacknowledged_warning < _PROGRESS_LOG_SECONDS:
+            return
+        self._last_unacknowledged_warning = now
+        log.warning(
+            "%d part(s) and %d record(s) in all waiting for the broker's acknowledgement; "
+            "their input offsets stay uncommitted until then",
+            parts_pending,
+            records_queued,
+        )
+
+    def maybe_log_progress(self) -> None:
+        """One line every 30 s. INFO: invalid and late records are normal operation
+        (counted, and the invalid ones copied to the DLQ); WARNING is for what an
+        operator must act on."""
+        now = time.monotonic()
+        since, before = self._progress_mark
+        elapsed = now - since
+        if elapsed < _PROGRESS_LOG_SECONDS:
+            return
+        current = replace(self.stats)
+        self._progress_mark = (now, current)
+        records = current.records - before.records
+        watermark = self.aggregator.watermark()
+        log.info(
+            "last %.0fs: %d records (%.0f/s), %d invalid (to %s), %d late, %d windows open, watermark %s",
+            elapsed,
+            records,
+            records / elapsed,
+            current.invalid - before.invalid,
+            self.settings.dlq_topic,
+            current.late - before.late,
+            self.aggregator.open_window_count(),
+            "unknown" if watermark is None else iso_utc(watermark),
+        )
+
+    def snapshot(self, parts_published: int, is_merger: bool, merge_lag_seconds: float | None) -> MetricsSnapshot:
+        with self._lock:
+            stats = replace(self.stats)
+            last = self._last_window
+            missing = dict(self._missing_fields)
+        return MetricsSnapshot(
+            records=stats.records,
+            invalid=stats.invalid,
+            late=stats.late,
+            windows_published=stats.windows_published,
+            stage_seconds={
+                "consume": stats.consume_seconds,
+                "parse": stats.parse_seconds,
+                "dead_letter": stats.dead_letter_seconds,
+                "aggregate": stats.aggregate_seconds,
+                "publish": stats.publish_seconds,
+            },
+            missing_fields=missing,
+            consumer_lag=dict(self.consumer_lag),
+            open_windows=self.aggregator.open_window_count(),
+            watermark=self.aggregator.watermark(),
+            last_window=last,
+            last_window_end=None if last is None else epoch_of(last["window_end"]),
+            parts_published=parts_published,
+            is_merger=is_merger,
+            merge_lag_seconds=merge_lag_seconds,
+        )
