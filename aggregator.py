@@ -557,55 +557,48 @@ class Aggregator:
     def close_due_parts(self, encode: PartEncoder) -> ClosedParts:
         """Close, on every owned partition, the windows its watermark has passed.
 
-        `encode(partition, start, window)` turns a closed window (its carried counts
-        absorbed) into the part's pieces. Every part is encoded before any state
-        changes: if one cannot be, nothing moves and `WindowRenderError` is raised (a
-        bug the processor must stop on, never a part that silently disappears). The
-        returned parts hold their offsets until `acknowledge` is called with them.
+        Under the lock, only the bookkeeping: the due windows leave the open set for
+        the unacknowledged one (their carried counts absorbed), where they hold their
+        offsets until `acknowledge` is called with them. Then, without the lock (the
+        poll loop goes on meanwhile: encoding a part reads every distinct value),
+        `encode(partition, start, window)` makes each part's pieces. If one cannot be
+        made, `WindowRenderError` is raised: a bug the processor must stop on. Its
+        window is never acknowledged, so its records are never committed and the
+        next run replays them: a part never silently disappears.
         """
         width = self.window_seconds
         with self._lock:
             if self.total_partitions <= 0:  # a part must say how many parts its window has
                 return ClosedParts(parts=[], progress={}, partition_count=0)
             now = int(self.clock())
-            plans = []
+            closing: list[tuple[int, WindowAggregate]] = []
+            progress: dict[int, int] = {}
             for partition, state in sorted(self._partitions.items()):
                 watermark = self._partition_watermark(state, now)
                 if watermark is None:
                     continue
                 closed_until = max(state.closed_until, watermark - watermark % width)
-                due = sorted(start for start in state.windows if start + width <= closed_until)
-                plans.append((partition, state, closed_until, due))
-            parts: list[ClosedPart] = []
-            for partition, state, _closed_until, due in plans:
-                for start in due:  # the oldest takes the partition's carried counts
-                    window = state.windows[start]
-                    merged = WindowAggregate(
-                        start=start,
-                        tallies=window.tallies,
-                        invalid_message_count=window.invalid_message_count,
-                        late_message_count=window.late_message_count,
-                    )
-                    if start == due[0]:
-                        merged.absorb(state.carry)
-                    try:
-                        pieces = encode(partition, start, merged)
-                    except Exception as error:
-                        raise WindowRenderError(start) from error
-                    parts.append(ClosedPart(partition=partition, start=start, pieces=pieces))
-            progress: dict[int, int] = {}
-            for partition, state, closed_until, due in plans:
                 if closed_until > state.closed_until:
                     state.closed_until = closed_until
                     progress[partition] = closed_until
+                due = sorted(start for start in state.windows if start + width <= closed_until)
                 if not due:
                     continue
                 windows = [state.windows.pop(start) for start in due]
-                windows[0].absorb(state.carry)
+                windows[0].absorb(state.carry)  # the oldest takes the partition's carried counts
                 state.carry = CarriedCounts()
                 for window in windows:
                     self._unacknowledged[(partition, window.start)] = window
-            return ClosedParts(parts=parts, progress=progress, partition_count=self.total_partitions)
+                    closing.append((partition, window))
+            partition_count = self.total_partitions
+        parts: list[ClosedPart] = []
+        for partition, window in closing:
+            try:
+                pieces = encode(partition, window.start, window)
+            except Exception as error:
+                raise WindowRenderError(window.start) from error
+            parts.append(ClosedPart(partition=partition, start=window.start, pieces=pieces))
+        return ClosedParts(parts=parts, progress=progress, partition_count=partition_count)
 
     def acknowledge(self, keys: Iterable[tuple[int, int]]) -> None:
         """The broker has these (partition, window start) parts: their records no longer

@@ -221,10 +221,12 @@ def encode_part(
     else:
         message_count = tallies.message_count
         profiles = sorted((d, v, locale, n) for (d, v, locale), n in tallies.profile_counts().items())
-        device_ids = sorted(tallies.device_ids())
+        # In the tables' order, not sorted: the merge unions and sums them, so order
+        # changes nothing it publishes, and sorting was a third of the encoding time.
+        device_ids = list(tallies.device_ids())
         ip_map = tallies.ip_counts()
-        ips = sorted(ip_map)  # strings, not (ip, n) tuples: sorting 50,000 is twice as fast
-        counts = [ip_map[ip] for ip in ips]
+        ips = list(ip_map)
+        counts = list(ip_map.values())
         missing = {name: n for name, n in sorted(tallies.missing_counts().items()) if n}
         capped = sorted(tallies.capped())
 

@@ -402,8 +402,9 @@ class TestProfileBound:
 
 
 class TestClosingIsTotal:
-    """A window whose value cannot be rendered must never vanish: nothing moves, the
-    error says which window, and its records stay uncommitted."""
+    """A window whose part cannot be made must never vanish: the error says which
+    window, and its records stay uncommitted (it is never acknowledged), so the
+    processor stops and the next run replays them."""
 
     def poisoned(self, clock: FakeClock) -> Aggregator:
         from parsing import LoginColumns
@@ -418,20 +419,19 @@ class TestClosingIsTotal:
         agg.mark_caught_up(0, 4)
         return agg
 
-    def test_an_unrenderable_window_raises_and_nothing_moves(self):
+    def test_an_unrenderable_window_raises_and_its_records_stay_uncommitted(self):
         from aggregator import WindowRenderError
 
         clock = FakeClock(T0 + 10_000)
         agg = self.poisoned(clock)
-        before = (agg.open_window_count(), agg.committable_offsets())
-        with pytest.raises(WindowRenderError, match=iso_utc(T0 + 60)):
-            close(agg)
-        assert (agg.open_window_count(), agg.committable_offsets()) == before == (4, {0: 0})
-        with pytest.raises(WindowRenderError):  # and again: still there, still held
-            close(agg)
         assert agg.committable_offsets() == {0: 0}
+        with pytest.raises(WindowRenderError, match=iso_utc(T0 + 60)):
+            close(agg, acknowledge=True)  # nothing is acknowledged when encoding fails
+        assert agg.committable_offsets() == {0: 0}
+        close(agg, acknowledge=True)  # later windows, whatever happens to them...
+        assert agg.committable_offsets() == {0: 0}  # ...never commit past the poisoned one
 
-    def test_carried_counts_stay_carried_when_rendering_fails(self):
+    def test_carried_counts_stay_held_when_rendering_fails(self):
         from aggregator import WindowRenderError
         from parsing import LoginColumns
 
@@ -445,9 +445,8 @@ class TestClosingIsTotal:
         agg.mark_caught_up(0, 3)
         clock.now = T0 + 100
         with pytest.raises(WindowRenderError):
-            close(agg)
+            close(agg, acknowledge=True)
         assert agg.committable_offsets() == {0: 1}  # the late record's offset is still held
-        assert agg.open_window_count() == 1
 
 
 # Values of every type in every field: what the contract calls "missing".
