@@ -69,27 +69,41 @@ def test_one_two_and_three_processors_publish_the_same_bytes(topics, start_proce
     assert set(invalid) <= dead_lettered
 
 
+def kill_mid_stream_while_a_fresh_one_joins(topics: Topics, start_processor, env: dict) -> tuple[int, int, list]:
+    """Three processors; SIGKILL the first to be given partitions as soon as it has them
+    (its share of the backlog half read, its parts half published), start a fresh one,
+    then SIGKILL whoever publishes the first window, as it does. Returns the number of
+    windows on the output at each kill, and the survivors."""
+    processors = [start_processor(env) for _ in range(3)]
+    first = wait_until(
+        lambda: next((p for p in processors if "assigned partitions" in p.log()), None), 60, 0.01, "an assignment"
+    )
+    first.kill()
+    at_first_kill = len(latest_by_key(topics.bootstrap, topics.output))
+    alive = [p for p in processors if p is not first] + [start_processor(env)]
+    merger = wait_until(
+        lambda: next((p for p in alive if "published window" in p.log()), None), 90, 0.01, "a first window"
+    )
+    merger.kill()
+    at_second_kill = len(latest_by_key(topics.bootstrap, topics.output))
+    survivors = [p for p in alive if p is not merger]
+    return at_first_kill, at_second_kill, survivors
+
+
 def test_members_killed_mid_stream_while_a_fresh_one_joins_change_nothing(topics, start_processor):
     topics.create(input_partitions=6)
     records = login_workload(aligned_past(25), seconds=600, count=60_000, partitions=6, seed=8)
     produce(topics.bootstrap, topics.input, records)
     expected = expected_windows(oracle_input(records))
     env = topics.env(CONSUME_BATCH_SIZE="20")
-    processors = [start_processor(env) for _ in range(3)]
-    wait_until(lambda: latest_by_key(topics.bootstrap, topics.output), 90, message="the first windows")
-    # The merger first (the hardest hand-over), then another member, while a fresh one joins.
-    merger = next((p for p in processors if "this processor is now the merger" in p.log()), processors[0])
-    merger.kill()
-    time.sleep(8)
-    second = next(p for p in processors if p is not merger)
-    fresh = start_processor(env)
-    second.kill()
+    at_first_kill, at_second_kill, survivors = kill_mid_stream_while_a_fresh_one_joins(topics, start_processor, env)
+    assert at_first_kill < len(expected), "the first kill came after the work"
     published = every_window(topics, expected, 150)
-    assert as_values(published) == expected
-    assert len(published) < len(expected) + 1
-    for processor in (*[p for p in processors if p not in (merger, second)], fresh):
-        code, _ = processor.terminate()
-        assert code == 0, processor.log()
+    assert as_values(published) == expected, (at_first_kill, at_second_kill)
+    assert len(published) == len(expected)
+    for survivor in survivors:
+        code, _ = survivor.terminate()
+        assert code == 0, survivor.log()
 
 
 def test_idle_partitions_hold_no_window(topics, start_processor):
