@@ -201,6 +201,84 @@ class WindowTallies:
     def ip_counts(self) -> dict[str, int]:
         return dict(self._ips)
 
+    def pack_values(self) -> tuple[bytes, bytes]:
+        """(device ids, ip counts) packed for a part, the native twin's bytes."""
+        return pack_device_ids(self._device_ids), pack_ip_counts(self._ips)
+
+    def add_packed(self, device_ids: bytes, ip_counts: bytes) -> None:
+        """Union packed values in (a merge of parts), bounded like `add`."""
+        if _add_bounded(self._device_ids, unpack_device_ids(device_ids), self._max_distinct):
+            self._capped.add("unique_device_count")
+        counts = unpack_ip_counts(ip_counts)
+        left_out = False
+        for ip, n in counts:
+            if ip not in self._ips and len(self._ips) >= self._max_distinct:
+                left_out = True
+                continue
+            self._ips[ip] += n
+        if left_out:
+            self._capped.update(("unique_ip_count", "top_ips"))
+
+
+# Packed values, as the native module makes and reads them (login_columns.c): device
+# ids as [u16 length][UTF-8 bytes]..., IPs as [u16 length][UTF-8 bytes][u64 count]...,
+# little-endian. A part carries a window's distinct values this way, so that the
+# native path moves them without a Python object per value.
+
+
+def pack_device_ids(values: Iterable[str]) -> bytes:
+    out = bytearray()
+    for value in values:
+        data = value.encode("utf-8")
+        out += len(data).to_bytes(2, "little") + data
+    return bytes(out)
+
+
+def pack_ip_counts(counts: dict[str, int]) -> bytes:
+    out = bytearray()
+    for ip, n in counts.items():
+        if not n:
+            continue  # nothing to count (the native tables never hold one)
+        data = ip.encode("utf-8")
+        out += len(data).to_bytes(2, "little") + data + n.to_bytes(8, "little")
+    return bytes(out)
+
+
+def _entries(packed: bytes, count_bytes: int) -> list[tuple[str, int]]:
+    """(value, count) of each packed entry; ValueError if the bytes are not entries."""
+    entries, at, size = [], 0, len(packed)
+    while at < size:
+        if size - at < 2:
+            raise ValueError("malformed packed values")
+        length = int.from_bytes(packed[at : at + 2], "little")
+        end = at + 2 + length
+        if length == 0 or end + count_bytes > size:
+            raise ValueError("malformed packed values")
+        value = packed[at + 2 : end].decode("utf-8")
+        n = int.from_bytes(packed[end : end + count_bytes], "little") if count_bytes else 1
+        if n == 0:
+            raise ValueError("malformed packed values")
+        entries.append((value, n))
+        at = end + count_bytes
+    return entries
+
+
+def unpack_device_ids(packed: bytes) -> list[str]:
+    return [value for value, _ in _entries(packed, 0)]
+
+
+def unpack_ip_counts(packed: bytes) -> list[tuple[str, int]]:
+    return _entries(packed, 8)
+
+
+def packed_entry_ends(packed: bytes, with_counts: bool) -> list[int]:
+    """The offset after each entry (to cut packed values between entries)."""
+    ends, at, size, extra = [], 0, len(packed), 8 if with_counts else 0
+    while at < size:
+        at += 2 + int.from_bytes(packed[at : at + 2], "little") + extra
+        ends.append(at)
+    return ends
+
 
 def tallies_for(
     batch: LoginColumns | NativeBatch, max_distinct: int, max_profiles: int = DEFAULT_MAX_PROFILES

@@ -45,14 +45,14 @@ from dataclasses import dataclass, field
 
 from aggregator import (
     DEFAULT_MAX_PROFILES,
-    MISSING,
     PROFILE_FIELDS,
     ClosedWindow,
     WindowRenderError,
-    _top_by_count,
+    WindowTallies,
     iso_utc,
     render_window_value,
 )
+from parsing import NativeWindowTallies
 from parts import PartPiece, Progress
 
 log = logging.getLogger("merger")
@@ -61,33 +61,24 @@ log = logging.getLogger("merger")
 class MergedTallies:
     """The sum of a window's winning parts, through the `WindowTallies` reading API.
 
-    Bounded like one window's tallies: at most `max_distinct` device ids and IPs and
-    `max_profiles` combinations, so that P parts each at their bound do not render
-    a value P times the size the output topic was sized for. Past a bound, new
-    values are left out and `capped()` names the fields that became lower bounds.
-    Parts are added in partition order, so what is left out does not depend on the
-    order the merger read them in.
+    The distinct values are unioned by a window's own tallies (`add_packed`: in C
+    without the GIL on the native path), so the merge moves them without a Python
+    object per value. Bounded like one window's tallies: at most `max_distinct`
+    device ids and IPs and `max_profiles` combinations, so that P parts each at
+    their bound do not render a value P times the size the output topic was sized
+    for. Past a bound, new values are left out and `capped()` names the fields that
+    became lower bounds. Parts are added in partition order, so what is left out
+    does not depend on the order the merger read them in.
     """
 
-    __slots__ = (
-        "message_count",
-        "_profiles",
-        "_device_ids",
-        "_ips",
-        "_missing",
-        "_capped",
-        "_max_distinct",
-        "_max_profiles",
-    )
+    __slots__ = ("message_count", "_profiles", "_distinct", "_missing", "_capped", "_max_profiles")
 
     def __init__(self, max_distinct: int, max_profiles: int = DEFAULT_MAX_PROFILES) -> None:
         self.message_count = 0
         self._profiles: Counter = Counter()
-        self._device_ids: set[str] = set()
-        self._ips: Counter = Counter()
+        self._distinct = distinct_tallies(max_distinct)
         self._missing: Counter = Counter()
         self._capped: set[str] = set()
-        self._max_distinct = max_distinct
         self._max_profiles = max_profiles
 
     def add(self, piece: PartPiece) -> None:
@@ -98,51 +89,41 @@ class MergedTallies:
         profiles = {(d, v, locale): n for d, v, locale, n in piece.profiles}
         if _sum_bounded(self._profiles, profiles, self._max_profiles):
             self._capped.update(PROFILE_FIELDS)
-        if _union_bounded(self._device_ids, piece.device_ids, self._max_distinct):
-            self._capped.add("unique_device_count")
-        if _sum_bounded(self._ips, dict(piece.ip_counts), self._max_distinct):
-            self._capped.update(("unique_ip_count", "top_ips"))
+        for chunk in piece.packed_device_ids:
+            self._distinct.add_packed(chunk, b"")
+        for chunk in piece.packed_ip_counts:
+            self._distinct.add_packed(b"", chunk)
 
     def profile_counts(self) -> dict[tuple[str, str, str], int]:
         return dict(self._profiles)
 
     def unique_device_count(self) -> int:
-        return len(self._device_ids)
+        return self._distinct.unique_device_count()
 
     def unique_ip_count(self) -> int:
-        return len(self._ips)
+        return self._distinct.unique_ip_count()
 
     def top_ips(self, n: int) -> list[tuple[str, int]]:
-        return _top_by_count(self._ips, n)
+        return self._distinct.top_ips(n)
 
     def missing_counts(self) -> dict[str, int]:
         return dict(self._missing)
 
     def capped(self) -> set[str]:
-        return set(self._capped)
+        return self._capped | self._distinct.capped()
 
     def device_ids(self) -> set[str]:
-        return set(self._device_ids)
+        return self._distinct.device_ids()
 
     def ip_counts(self) -> dict[str, int]:
-        return dict(self._ips)
+        return self._distinct.ip_counts()
 
 
-def _union_bounded(keys: set[str], values: list[str], bound: int) -> bool:
-    """Add values to `keys` while it holds fewer than `bound`; True if any was left out."""
-    if len(keys) + len(values) <= bound:
-        keys.update(values)
-        keys.discard(MISSING)
-        return False
-    left_out = False
-    for value in values:
-        if value in keys or value == MISSING:
-            continue
-        if len(keys) >= bound:
-            left_out = True
-            continue
-        keys.add(value)
-    return left_out
+def distinct_tallies(max_distinct: int):
+    """Empty tallies to union packed values into: the native ones when built."""
+    if NativeWindowTallies is not None:
+        return NativeWindowTallies(max_distinct)
+    return WindowTallies(max_distinct)
 
 
 def _sum_bounded(counts: Counter, more: dict, bound: int) -> bool:

@@ -28,9 +28,9 @@ from typing import Protocol
 
 import msgspec
 
-from aggregator import iso_utc
+from aggregator import iso_utc, packed_entry_ends, unpack_device_ids, unpack_ip_counts
 
-PARTS_FORMAT_VERSION = 1
+PARTS_FORMAT_VERSION = 2  # 2: device ids and IP counts travel packed (aggregator.pack_*)
 # Below this a piece might not hold one profile of three 256-character values (up to
 # 4 bytes each in UTF-8) next to the piece's own fields: a piece must always make progress.
 MIN_PIECE_BYTES = 4096
@@ -69,12 +69,24 @@ class PartPiece(msgspec.Struct, tag="part", array_like=True, frozen=True, gc=Fal
     pieces: int
     message_count: int
     profiles: list[tuple[str, str, str, int]]  # (device_type, app_version, locale, n); "" = missing
-    device_ids: list[str]
-    ip_counts: list[tuple[str, int]]
+    # Chunks of packed values (aggregator.pack_device_ids / pack_ip_counts), each a
+    # whole number of entries: moved and merged without a Python object per value.
+    packed_device_ids: list[bytes]
+    packed_ip_counts: list[bytes]
     missing: dict[str, int]  # user_id / device_id / ip / timestamp; zeros left out
     capped: list[str]  # the part's tallies' capped(): output fields that are lower bounds
     invalid_message_count: int
     late_message_count: int
+
+    @property
+    def device_ids(self) -> list[str]:
+        """The piece's device ids, unpacked (for tests and debugging)."""
+        return [value for chunk in self.packed_device_ids for value in unpack_device_ids(chunk)]
+
+    @property
+    def ip_counts(self) -> list[tuple[str, int]]:
+        """The piece's (ip, count) pairs, unpacked (for tests and debugging)."""
+        return [item for chunk in self.packed_ip_counts for item in unpack_ip_counts(chunk)]
 
     def __post_init__(self) -> None:
         _check_partition(self.partition, self.partition_count)
@@ -118,6 +130,7 @@ class ReadableTallies(Protocol):
     def ip_counts(self) -> dict[str, int]: ...
     def missing_counts(self) -> dict[str, int]: ...
     def capped(self) -> set[str]: ...
+    def pack_values(self) -> tuple[bytes, bytes]: ...
 
 
 # ---- sizes -------------------------------------------------------------------------
@@ -148,10 +161,6 @@ def _profile_sizes(items: list[tuple[str, str, str, int]]) -> list[int]:
     devices, versions, locales, counts = zip(*items, strict=True)
     columns = zip(_str_sizes(devices), _str_sizes(versions), _str_sizes(locales), _uint_sizes(counts), strict=True)
     return [1 + d + v + loc + n for d, v, loc, n in columns]
-
-
-def _ip_sizes(ips: list[str], counts: list[int]) -> list[int]:
-    return [1 + ip + n for ip, n in zip(_str_sizes(ips), _uint_sizes(counts), strict=True)]
 
 
 def _cuts(sizes: list[int], room: int, budget: int) -> tuple[list[int], int]:
@@ -217,16 +226,13 @@ def encode_part(
         raise ValueError(f"max_bytes must be at least {MIN_PIECE_BYTES}, not {max_bytes}")
     part_id = uuid.uuid4().hex if part_id is None else part_id
     if tallies is None:
-        message_count, profiles, device_ids, ips, counts, missing, capped = 0, [], [], [], [], {}, []
+        message_count, profiles, devices, ips, missing, capped = 0, [], b"", b"", {}, []
     else:
         message_count = tallies.message_count
         profiles = sorted((d, v, locale, n) for (d, v, locale), n in tallies.profile_counts().items())
-        # In the tables' order, not sorted: the merge unions and sums them, so order
-        # changes nothing it publishes, and sorting was a third of the encoding time.
-        device_ids = list(tallies.device_ids())
-        ip_map = tallies.ip_counts()
-        ips = list(ip_map)
-        counts = list(ip_map.values())
+        # Packed by the tallies themselves (in C on the native path, without the GIL),
+        # in table order: the merge unions and sums them, so order changes nothing.
+        devices, ips = tallies.pack_values()
         missing = {name: n for name, n in sorted(tallies.missing_counts().items()) if n}
         capped = sorted(tallies.capped())
 
@@ -241,38 +247,64 @@ def encode_part(
             pieces=pieces,
             message_count=message_count if first else 0,
             profiles=content[0],
-            device_ids=content[1],
-            ip_counts=content[2],
+            packed_device_ids=content[1],
+            packed_ip_counts=content[2],
             missing=missing if first else {},
             capped=capped if first else [],
             invalid_message_count=invalid if first else 0,
             late_message_count=late if first else 0,
         )
 
-    ip_counts = list(zip(ips, counts, strict=True))
-    # The usual part fits in one piece: no sizes to work out. (Characters are at most
-    # bytes: when the values' characters alone exceed the bound, do not even try.)
-    if sum(map(len, device_ids)) + sum(map(len, ips)) <= max_bytes:
-        whole = _encode(piece(0, 1, [profiles, device_ids, ip_counts], first=True))
+    # The usual part fits in one piece: no sizes to work out.
+    device_chunks = [devices] if devices else []
+    ip_chunks = [ips] if ips else []
+    if len(devices) + len(ips) <= max_bytes:
+        whole = _encode(piece(0, 1, [profiles, device_chunks, ip_chunks], first=True))
         if len(whole) <= max_bytes:
             return [whole]
     # The widest piece's own fields (piece 0's counts, the widest piece numbers) with
     # empty lists: what any piece holds besides its items.
     widest = piece(_MAX_PIECES - 1, _MAX_PIECES, [[], [], []], first=True)
     overhead = len(_encode(widest)) + 3 * _LIST_HEADER_SLACK
+    budget = max_bytes - overhead
+    # Packed values cut between entries into chunks of at most 1/64 of a piece, which
+    # the split below places like any other item (so a piece is filled to within a
+    # chunk of the bound).
+    device_chunks = _cut_packed(devices, False, max(budget // 64, 64))
+    ip_chunks = _cut_packed(ips, True, max(budget // 64, 64))
     content = _split(
         [
             (profiles, _profile_sizes(profiles)),
-            (device_ids, _str_sizes(device_ids)),
-            (ip_counts, _ip_sizes(ips, counts)),
+            (device_chunks, [len(chunk) + _BIN_HEADER for chunk in device_chunks]),
+            (ip_chunks, [len(chunk) + _BIN_HEADER for chunk in ip_chunks]),
         ],
-        max_bytes - overhead,
+        budget,
     )
     encoded = [_encode(piece(number, len(content), lists, number == 0)) for number, lists in enumerate(content)]
     oversized = [len(data) for data in encoded if len(data) > max_bytes]
     if oversized:  # the sizes above are exact: this is a bug, never send such a piece
         raise AssertionError(f"pieces of {oversized} bytes exceed max_bytes {max_bytes}")
     return encoded
+
+
+# MessagePack's largest bin header.
+_BIN_HEADER = 5
+
+
+def _cut_packed(packed: bytes, with_counts: bool, limit: int) -> list[bytes]:
+    """Packed values in chunks of at most `limit` bytes, cut between entries."""
+    if not packed:
+        return []
+    if len(packed) <= limit:
+        return [packed]
+    chunks, start, last = [], 0, 0
+    for end in packed_entry_ends(packed, with_counts):
+        if end - start > limit and last > start:
+            chunks.append(packed[start:last])
+            start = last
+        last = end
+    chunks.append(packed[start:])
+    return chunks
 
 
 def encode_progress(partition: int, partition_count: int, closed_until: int) -> bytes:

@@ -677,15 +677,15 @@ static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
     __builtin_prefetch(&table->entries[(size_t)hash & table->mask]);
 }
 
-/* Count one occurrence of key (whose key_hash is `hash`); a new key only while the
+/* Count `n` occurrences of key (whose key_hash is `hash`); a new key only while the
    table holds fewer than `bound`. */
-static int table_count(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound) {
+static int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound, uint64_t n) {
     size_t slot = (size_t)hash & table->mask;
     for (;;) {
         Entry *entry = &table->entries[slot];
         if (entry->count == 0) break;
         if (entry->hash == hash && entry->length == length && memcmp(table->arena + entry->offset, key, length) == 0) {
-            entry->count++;
+            entry->count += n;
             return ADDED;
         }
         slot = (slot + 1) & table->mask;
@@ -704,11 +704,15 @@ static int table_count(KeyTable *table, const char *key, uint32_t length, uint64
     entry->hash = hash;
     entry->offset = table->arena_used;
     entry->length = length;
-    entry->count = 1;
+    entry->count = n;
     table->arena_used += length;
     table->used++;
     if (table->used * 2 > table->mask + 1 && table_grow(table) < 0) return OUT_OF_MEMORY;
     return ADDED;
+}
+
+static inline int table_count(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound) {
+    return table_add(table, key, length, hash, bound, 1);
 }
 
 static PyObject *decode_key(const char *text, Py_ssize_t length) {
@@ -1045,7 +1049,125 @@ static PyGetSetDef WindowTallies_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
+/* A window's distinct values, packed for a part on the partials topic (parts.py):
+   device ids as [u16 length][bytes]..., IPs as [u16 length][bytes][u64 count]...,
+   little-endian, in table order. Made and read here without the GIL and without a
+   Python object per value; aggregator.WindowTallies packs the same bytes. */
+static void put_u16(char *p, uint32_t v) {
+    p[0] = (char)(v & 0xff);
+    p[1] = (char)((v >> 8) & 0xff);
+}
+
+static uint32_t get_u16(const unsigned char *p) { return (uint32_t)p[0] | ((uint32_t)p[1] << 8); }
+
+static void put_u64(char *p, uint64_t v) {
+    for (int i = 0; i < 8; i++) p[i] = (char)((v >> (8 * i)) & 0xff);
+}
+
+static uint64_t get_u64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *pack_table(const KeyTable *table, int with_counts) {
+    size_t size = 0;
+    for (size_t i = 0; i <= table->mask && table->entries; i++) {
+        const Entry *entry = &table->entries[i];
+        if (entry->count == 0) continue;
+        if (entry->length > 0xffff) {
+            PyErr_SetString(PyExc_ValueError, "a value longer than 65535 bytes cannot be packed");
+            return NULL;
+        }
+        size += 2 + entry->length + (with_counts ? 8 : 0);
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (result == NULL) return NULL;
+    char *out = PyBytes_AS_STRING(result);
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t i = 0; i <= table->mask && table->entries; i++) {
+        const Entry *entry = &table->entries[i];
+        if (entry->count == 0) continue;
+        put_u16(out, entry->length);
+        memcpy(out + 2, table->arena + entry->offset, entry->length);
+        out += 2 + entry->length;
+        if (with_counts) {
+            put_u64(out, entry->count);
+            out += 8;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    return result;
+}
+
+static PyObject *WindowTallies_pack_values(WindowTallies *self, PyObject *unused) {
+    (void)unused;
+    PyObject *devices = pack_table(&self->devices, 0);
+    if (devices == NULL) return NULL;
+    PyObject *ips = pack_table(&self->ips, 1);
+    if (ips == NULL) {
+        Py_DECREF(devices);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", devices, ips);
+}
+
+/* Add packed values into a table: 0 done, -1 malformed, -2 out of memory. */
+static int add_packed_table(KeyTable *table, const unsigned char *p, size_t size, int with_counts, size_t bound,
+                            int *capped) {
+    size_t at = 0;
+    while (at < size) {
+        if (size - at < 2) return -1;
+        uint32_t length = get_u16(p + at);
+        at += 2;
+        if (length == 0 || size - at < length + (with_counts ? 8u : 0u)) return -1;
+        const char *key = (const char *)p + at;
+        at += length;
+        uint64_t n = 1;
+        if (with_counts) {
+            n = get_u64(p + at);
+            at += 8;
+            if (n == 0) return -1;
+        }
+        int outcome = table_add(table, key, length, key_hash(key, length), bound, n);
+        if (outcome == OUT_OF_MEMORY) return -2;
+        if (outcome == LEFT_OUT) *capped = 1;
+    }
+    return 0;
+}
+
+static PyObject *WindowTallies_add_packed(WindowTallies *self, PyObject *args) {
+    Py_buffer devices, ips;
+    if (!PyArg_ParseTuple(args, "y*y*:add_packed", &devices, &ips)) return NULL;
+    if (self->devices.entries == NULL) {
+        PyBuffer_Release(&devices);
+        PyBuffer_Release(&ips);
+        PyErr_SetString(PyExc_RuntimeError, "WindowTallies not initialised");
+        return NULL;
+    }
+    int failed, devices_capped = 0, ips_capped = 0;
+    Py_BEGIN_ALLOW_THREADS
+    failed = add_packed_table(&self->devices, devices.buf, (size_t)devices.len, 0, self->max_distinct, &devices_capped);
+    if (failed == 0)
+        failed = add_packed_table(&self->ips, ips.buf, (size_t)ips.len, 1, self->max_distinct, &ips_capped);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&devices);
+    PyBuffer_Release(&ips);
+    if (devices_capped) self->devices_capped = 1;
+    if (ips_capped) self->ips_capped = 1;
+    if (failed == -1) {
+        PyErr_SetString(PyExc_ValueError, "malformed packed values");
+        return NULL;
+    }
+    if (failed == -2) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef WindowTallies_methods[] = {
+    {"pack_values", (PyCFunction)WindowTallies_pack_values, METH_NOARGS,
+     "pack_values() -> (device ids, ip counts) packed for a part (see parts.py)."},
+    {"add_packed", (PyCFunction)WindowTallies_add_packed, METH_VARARGS,
+     "add_packed(device_ids, ip_counts): union packed values into these tallies (bounded like add)."},
     {"add", (PyCFunction)WindowTallies_add, METH_VARARGS,
      "add(batch, low, high) -> rows counted: the batch's valid rows with low <= event time < high."},
     {"profile_counts", (PyCFunction)WindowTallies_profile_counts, METH_NOARGS,

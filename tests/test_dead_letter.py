@@ -134,7 +134,7 @@ def test_a_flood_of_invalid_records_while_the_broker_is_paused_loses_nothing(tmp
     """The processor's own broker stops answering mid-flood; the producer queue is tiny,
     so the DLQ copies hit back-pressure. The processor must wait, not crash, and every
     invalid record must end up on the DLQ."""
-    count = 8_000
+    count = 5_000
     with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
         tag = uuid.uuid4().hex[:8]
         topics = Topics(broker.bootstrap_servers, f"in-{tag}", f"out-{tag}", f"dlq-{tag}", f"group-{tag}")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import parts
-from aggregator import PROFILE_FIELDS, tallies_for
+from aggregator import PROFILE_FIELDS, pack_device_ids, pack_ip_counts, tallies_for
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from parts import (
     MIN_PIECE_BYTES,
@@ -58,6 +58,9 @@ class FakeTallies:
     def capped(self):
         return set(self._capped)
 
+    def pack_values(self):
+        return pack_device_ids(self._device_ids), pack_ip_counts(self._ips)
+
 
 def counted(raws: list[bytes], native: bool):
     """Tallies of every record of `raws` (the way the aggregator counts one window)."""
@@ -97,7 +100,7 @@ class TestRoundTrip:
         [data] = encode_part(T0, 2, 4, tallies, invalid=3, late=1, max_bytes=1 << 20)
         piece = decode_partial(data)
         assert isinstance(piece, PartPiece)
-        assert (piece.version, piece.window_start, piece.partition, piece.partition_count) == (1, T0, 2, 4)
+        assert (piece.version, piece.window_start, piece.partition, piece.partition_count) == (2, T0, 2, 4)
         assert (piece.piece, piece.pieces, piece.message_count) == (0, 1, 41)
         assert (piece.invalid_message_count, piece.late_message_count) == (3, 1)
         assert {(d, v, loc): n for d, v, loc, n in piece.profiles} == tallies.profile_counts()
@@ -138,10 +141,13 @@ class TestRoundTrip:
         assert len(ids) == 3
 
 
+V = PARTS_FORMAT_VERSION
+
+
 class TestVersionAndDamage:
     def test_another_version_of_the_same_layout_is_refused(self):
-        newer = msgspec.structs.replace(decode_partial(encode_progress(0, 1, T0)), version=2)
-        with pytest.raises(UnknownPartFormat, match="version 2"):
+        newer = msgspec.structs.replace(decode_partial(encode_progress(0, 1, T0)), version=V + 1)
+        with pytest.raises(UnknownPartFormat, match=f"version {V + 1}"):
             decode_partial(msgspec.msgpack.encode(newer))
 
     @pytest.mark.parametrize("tag", ["part", "progress"])
@@ -153,7 +159,7 @@ class TestVersionAndDamage:
     def test_a_newer_version_that_only_appends_fields_is_still_refused(self):
         record = msgspec.msgpack.decode(encode_progress(0, 1, T0))
         with pytest.raises(UnknownPartFormat):
-            decode_partial(msgspec.msgpack.encode(["progress", 2, *record[2:], "new field"]))
+            decode_partial(msgspec.msgpack.encode(["progress", V + 1, *record[2:], "new field"]))
 
     @pytest.mark.parametrize(
         "data",
@@ -161,12 +167,12 @@ class TestVersionAndDamage:
             b"",
             b"\xc1",
             b'{"json": true}',
-            msgspec.msgpack.encode(["other", 1, 0]),
-            msgspec.msgpack.encode(["progress", 1, 0]),  # too short
-            msgspec.msgpack.encode(["progress", 1, "0", 1, T0]),  # wrong type
-            msgspec.msgpack.encode(["progress", 1, 3, 3, T0]),  # partition 3 of 3
-            msgspec.msgpack.encode(["progress", "1", 0, 1, T0]),
-            msgspec.msgpack.encode({"version": 1}),
+            msgspec.msgpack.encode(["other", V, 0]),
+            msgspec.msgpack.encode(["progress", V, 0]),  # too short
+            msgspec.msgpack.encode(["progress", V, "0", 1, T0]),  # wrong type
+            msgspec.msgpack.encode(["progress", V, 3, 3, T0]),  # partition 3 of 3
+            msgspec.msgpack.encode(["progress", str(V), 0, 1, T0]),
+            msgspec.msgpack.encode({"version": V}),
         ],
     )
     def test_damaged_records_are_bad_records(self, data):
@@ -186,7 +192,7 @@ class TestSplitting:
         tallies = FakeTallies(
             {(f"device-{i}", "1.0", "RU"): 2 for i in range(300)},
             device_ids=[f"id-{i:06d}" for i in range(3000)],
-            ips={f"10.1.{i // 250}.{i % 250}": i for i in range(3000)},
+            ips={f"10.1.{i // 250}.{i % 250}": i + 1 for i in range(3000)},  # tallies never count 0
             missing={"ip": 4, "user_id": 0},
             capped={"top_ips"},
             message_count=600,
@@ -220,7 +226,8 @@ class TestSplitting:
     def test_pieces_are_filled_close_to_the_bound(self):
         tallies = FakeTallies(device_ids=[f"{i:040d}" for i in range(10_000)])
         encoded = encode_part(T0, 0, 1, tallies, 0, 0, max_bytes=16_384)
-        assert all(16_384 - 64 <= len(data) <= 16_384 for data in encoded[:-1])
+        # Packed values move in chunks of 1/64 of a piece: a piece is filled to within one.
+        assert all(16_384 - 16_384 // 32 <= len(data) <= 16_384 for data in encoded[:-1])
 
     def test_a_bound_too_small_for_a_value_is_refused(self):
         with pytest.raises(ValueError, match="at least"):
@@ -290,3 +297,46 @@ def test_keys_name_the_window_and_partition():
     assert part_key(T0, 3) == f"{parts.iso_utc(T0)}/3".encode()
     assert part_key(1_795_633_200, 3) == b"2026-11-25T19:00:00Z/3"
     assert progress_key(5) == b"progress/5"
+
+
+class TestPackedValues:
+    """Device ids and IP counts travel packed; both paths make and read the same format."""
+
+    @staticmethod
+    def empty(path: str, bound: int = 1_000_000):
+        from aggregator import WindowTallies
+
+        if path == "native":
+            import _login_columns
+
+            return _login_columns.WindowTallies(bound)
+        return WindowTallies(bound)
+
+    @pytest.mark.parametrize("packer", PATHS)
+    @pytest.mark.parametrize("reader", PATHS)
+    def test_values_packed_on_one_path_are_read_on_the_other(self, packer, reader):
+        tallies = counted([login(i) for i in range(60)] + [login(61, device_id="é-ü", ip="::1")], packer == "native")
+        devices, ips = tallies.pack_values()
+        merged = self.empty(reader)
+        merged.add_packed(devices, ips)
+        merged.add_packed(devices, ips)  # a second part with the same values
+        assert merged.device_ids() == tallies.device_ids()
+        assert merged.ip_counts() == {ip: 2 * n for ip, n in tallies.ip_counts().items()}
+        assert merged.capped() == set()
+
+    @pytest.mark.parametrize("reader", PATHS)
+    def test_the_bound_holds_when_merging(self, reader):
+        tallies = counted([login(i) for i in range(60)], native=False)
+        merged = self.empty(reader, bound=3)
+        merged.add_packed(*tallies.pack_values())
+        assert merged.unique_device_count() == 3 and merged.unique_ip_count() == 3
+        assert merged.capped() == {"unique_device_count", "unique_ip_count", "top_ips"}
+
+    @pytest.mark.parametrize("reader", PATHS)
+    @pytest.mark.parametrize(
+        ("devices", "ips"),
+        [(b"\x05\x00ab", b""), (b"\x00\x00", b""), (b"", b"\x01\x00a\x00\x00\x00\x00\x00\x00\x00\x00"), (b"\x01", b"")],
+    )
+    def test_malformed_packed_values_are_refused(self, reader, devices, ips):
+        with pytest.raises(ValueError, match="malformed"):
+            self.empty(reader).add_packed(devices, ips)
