@@ -214,6 +214,18 @@ def close_within(consumer: Consumer, seconds: float) -> bool:
     done = threading.Event()
 
     def close() -> None:
+        # Leave the assignment first, its revoke served by poll(), so that close()
+        # has nothing left to revoke: a rebalance callback run from inside close()
+        # while the group rebalances can block in librdkafka holding the GIL
+        # (rd_kafka_rebalance_protocol; librdkafka issue #4041), and then nothing
+        # in the process runs again.
+        try:
+            consumer.unsubscribe()
+            deadline = time.monotonic() + min(seconds, 2.0)
+            while consumer.assignment() and time.monotonic() < deadline:
+                consumer.poll(0.1)
+        except (KafkaException, RuntimeError):
+            pass
         consumer.close()
         done.set()
 

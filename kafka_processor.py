@@ -59,14 +59,15 @@ _SHUTDOWN_ACK_SECONDS = 10.0
 # How long one publish attempt of the timer waits for acknowledgements.
 _PUBLISH_ATTEMPT_SECONDS = 5.0
 # How long shutdown waits for the consumer to leave its group.
-_CLOSE_SECONDS = 10.0
+_CLOSE_SECONDS = 5.0
 # The longest a stop may take, whatever the broker does (docker-compose gives 30 s).
-_STOP_DEADLINE_SECONDS = 20.0
+_STOP_DEADLINE_SECONDS = 15.0
 # A part is split into pieces below Kafka's default message size limit (1 MB), so the
 # partials topic needs no special configuration on any broker.
 PART_MAX_BYTES = 900_000
-# How long shutdown lets the merger publish the windows this run's last parts complete.
-_MERGER_DRAIN_SECONDS = 10.0
+# How long shutdown lets the merger publish the windows this run's last parts complete
+# (it stops reading after 5 s of draining: merger.py).
+_MERGER_DRAIN_SECONDS = 7.0
 
 
 def _tune_garbage_collector() -> None:
@@ -424,7 +425,7 @@ class Processor:
         if not acknowledged:
             log.warning("stopping with unacknowledged parts: their records stay uncommitted, replayed next run")
         # The merger (if this processor is it) publishes what the last parts complete.
-        self.merger.finish(drain=True, timeout=_MERGER_DRAIN_SECONDS + 5)
+        self.merger.finish(drain=True, timeout=_MERGER_DRAIN_SECONDS)
         still_open = self.aggregator.open_window_count()  # before close() revokes and drops them
         self._producer.flush(2.0)
         if not close_within(self._consumer, _CLOSE_SECONDS):

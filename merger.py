@@ -148,8 +148,8 @@ class WindowMerger:
         self._producer.flush(2.0 if not self.failed.is_set() else 0)
         if self.failed.is_set():
             self._state = None  # so that the revoke run by close() commits nothing
-        if not close_within(self._consumer, 10.0):
-            log.warning("the merge consumer did not leave its group within 10s; going on")
+        if not close_within(self._consumer, 5.0):
+            log.warning("the merge consumer did not leave its group within 5s; going on")
 
     def _add(self, message: Message) -> None:
         error = message.error()
@@ -237,8 +237,8 @@ class WindowMerger:
     # ---- rebalances (inside consume(), this thread) -----------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if not partitions:
-            return
+        if not partitions or self.drain.is_set() or self.stop.is_set():
+            return  # this processor is leaving: another member merges
         state = MergeState(
             self.settings.window_seconds,
             self.settings.top_ips,
