@@ -289,9 +289,6 @@ def tallies_for(
     return NativeWindowTallies(max_distinct, max_profiles)
 
 
-_EMPTY = WindowTallies(0)
-
-
 def _hold(min_offsets: dict[int, int], partition: int, offset: int) -> None:
     held = min_offsets.get(partition)
     if held is None or offset < held:
@@ -350,18 +347,6 @@ class WindowAggregate:
         self.late_message_count += carried.late_message_count
         for partition, offset in carried.min_offsets.items():
             self.hold_offset(partition, offset)
-
-    def to_value(self, window_seconds: int, top_ips: int, carried: CarriedCounts | None = None) -> bytes:
-        """The window's JSON value, with the `carried` counts it is about to absorb: a
-        pure function of its records (same bytes every time). Changes nothing."""
-        return render_window_value(
-            self.start,
-            self.tallies or _EMPTY,
-            self.invalid_message_count + (carried.invalid_message_count if carried else 0),
-            self.late_message_count + (carried.late_message_count if carried else 0),
-            window_seconds,
-            top_ips,
-        )
 
 
 def render_window_value(
@@ -708,10 +693,6 @@ class Aggregator:
         """Open (window, partition) pairs."""
         with self._lock:
             return sum(len(state.windows) for state in self._partitions.values())
-
-    def owned_partitions(self) -> list[int]:
-        with self._lock:
-            return sorted(self._partitions)
 
     def partition_summary(self) -> dict[int, PartitionProgress]:
         with self._lock:

@@ -130,7 +130,3 @@ class DeadLetterQueue:
         """Per input partition, the lowest offset whose copy is not acknowledged yet."""
         with self._lock:
             return {partition: min(offsets) for partition, offsets in self._pending.items() if offsets}
-
-    def pending_count(self) -> int:
-        with self._lock:
-            return sum(len(offsets) for offsets in self._pending.values())
