@@ -245,7 +245,7 @@ _SETTINGS = {
     "MAX_EVENT_TIME_SKEW_SECONDS": (
         "max_event_time_skew_seconds",
         _positive_int,
-        "event times further ahead of the wall clock count as missing",
+        "event times further ahead of the wall clock count as missing (Kafka timestamps: the wall clock)",
     ),
     "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
     "MAX_FIELD_LENGTH": ("max_field_length", _positive_int, "longer string values count as missing"),

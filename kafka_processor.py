@@ -46,7 +46,7 @@ from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, clos
 from log_setup import configure_logging
 from merger import WindowMerger
 from metrics import MetricsSnapshot, ProcessorMetrics
-from parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from part_publisher import PartPublisher
 from parts import encode_part
 from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
@@ -82,12 +82,6 @@ def _tune_garbage_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-
-
-def _kafka_seconds(message: Message, now: float) -> int:
-    """The record's Kafka timestamp in epoch seconds (the wall clock if it has none)."""
-    kind, millis = message.timestamp()
-    return millis // 1000 if kind != 0 and millis > 0 else int(now)
 
 
 def consumer_settings(settings: Settings) -> dict:
@@ -322,17 +316,18 @@ class Processor:
         stats = self.stats
         started = time.perf_counter()
         now = time.time()
+        skew = self.settings.max_event_time_skew_seconds
         batch, invalid = parse_values(
             list(map(Message.value, run)),
             now,
-            self.settings.max_event_time_skew_seconds,
-            lambda position: _kafka_seconds(run[position], now),
+            skew,
+            lambda position: kafka_time_of(run[position].timestamp(), now, skew),
             self.settings.max_field_length,
         )
         parsed = time.perf_counter()
         invalid_times = []
         for item in invalid:
-            invalid_times.append(_kafka_seconds(run[item.position], now))
+            invalid_times.append(kafka_time_of(run[item.position].timestamp(), now, skew))
             self.dead_letters.copy(run[item.position], item.reason)
         dead_lettered = time.perf_counter()
         late = self.aggregator.add_batch(partition, run[0].offset(), run[-1].offset() + 1, batch, invalid_times)

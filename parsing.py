@@ -228,6 +228,23 @@ def event_time_of(value: object, now: float, max_skew_seconds: int) -> int | Non
     return whole
 
 
+def kafka_time_of(timestamp: tuple[int, int], now: float, max_skew_seconds: int) -> int:
+    """A Kafka record's timestamp (`Message.timestamp()`: type, epoch ms) in epoch seconds,
+    where the event time cannot be used (a record without one, an invalid record).
+
+    The wall clock stands in when the record has no timestamp, and also when it is more
+    than the skew ahead of `now`: a producer with a wrong clock must not move a
+    partition's watermark into the future (every window on it would close early), nor
+    open a far-future window for an invalid record (it would hold that partition's
+    commits until the clock got there).
+    """
+    kind, millis = timestamp
+    if kind == 0 or millis <= 0:  # TIMESTAMP_NOT_AVAILABLE
+        return int(now)
+    seconds = millis // 1000
+    return seconds if seconds <= now + max_skew_seconds else int(now)
+
+
 def event_times(
     timestamps: list[object],
     now: float,

@@ -295,3 +295,48 @@ def test_a_record_with_a_lone_surrogate_goes_to_the_dlq_and_every_window_is_publ
     assert (first["message_count"], first["invalid_message_count"]) == (1, 1)
     assert [m.value() for m in read_topic(topics.bootstrap, topics.dlq)] == [poison]
     assert processor.terminate()[0] == 0
+
+
+def test_kafka_timestamps_far_ahead_are_counted_at_the_wall_clock_and_hold_no_commit(topics):
+    """Kafka timestamps a year ahead (a producer with a wrong clock), on an invalid record
+    and on a record without an event time: both are counted at the wall clock instead,
+    like an event time past the skew. Before, each opened a window a year ahead that held
+    the partition's commits until then (a restart would replay everything after them)."""
+    import threading
+
+    topics.create(input_partitions=1)
+    start = aligned_past(10, window=5)
+    future_ms = (int(time.time()) + 365 * 86400) * 1000
+    no_event_time = json.dumps({"device_type": "iOS", "locale": "RU", "device_id": "d"}).encode()
+    records = [(0, _login(start + 1), start * 1000), (0, _login(start + 6), start * 1000)]
+    records += [(0, b"not json", future_ms), (0, no_event_time, future_ms)]
+    produce(topics.bootstrap, topics.input, records)
+    from config import build_settings
+    from kafka_processor import Processor
+
+    processor = Processor(build_settings(topics.env(WINDOW_SECONDS="5", ALLOWED_LATENESS_SECONDS="1")))
+    exit_code = []
+    runner = threading.Thread(target=lambda: exit_code.append(processor.run()))
+    started = time.time()
+    runner.start()
+    try:
+        committed = wait_until(
+            lambda: _committed(topics.bootstrap, topics.group, topics.input) == 4,
+            40,
+            interval=1,
+            message="offset 4 committed",
+        )
+        assert committed, "the partition's commits are held"
+    finally:
+        processor.stop_requested.set()
+        runner.join(30)
+    assert exit_code == [0]
+    windows = [json.loads(value) for value in latest_by_key(topics.bootstrap, topics.output).values()]
+    by_start = {window["window_start"]: window for window in windows}
+    from aggregator import iso_utc
+
+    assert by_start[iso_utc(start)]["message_count"] == 1
+    assert by_start[iso_utc(start + 5)]["message_count"] == 1
+    recent = [w for w in windows if w["window_start"] >= iso_utc(int(started) - 20)]
+    assert sum(w["invalid_message_count"] for w in recent) == 1
+    assert sum(w["missing_field_counts"].get("timestamp", 0) for w in recent) == 1

@@ -17,6 +17,7 @@ from parsing import (
     decode_records,
     event_time_of,
     event_times,
+    kafka_time_of,
     parse_values,
     regular_record_type,
     to_columns,
@@ -185,6 +186,26 @@ class TestEventTime:
                 assert index in fell_back and times[index] == -index
             else:
                 assert index not in fell_back and times[index] == single
+
+
+class TestKafkaTimestamp:
+    """The fallback time of a record without a usable event time, and of an invalid one."""
+
+    # (type, ms) as Message.timestamp() gives them: 1 CreateTime, 2 LogAppendTime, 0 none
+    @pytest.mark.parametrize(
+        ("timestamp", "expected"),
+        [
+            ((1, (NOW - 100) * 1000 + 999), NOW - 100),  # whole seconds
+            ((2, (NOW - 100) * 1000), NOW - 100),
+            ((1, (NOW + SKEW) * 1000), NOW + SKEW),  # at the skew limit: still used
+            ((0, -1), NOW),  # no timestamp: the wall clock
+            ((1, 0), NOW),
+            ((1, (NOW + SKEW + 1) * 1000), NOW),  # a producer clock too far ahead: the wall clock
+            ((1, (NOW + 365 * 86400) * 1000), NOW),
+        ],
+    )
+    def test_kafka_time(self, timestamp, expected):
+        assert kafka_time_of(timestamp, NOW + 0.7, SKEW) == expected
 
 
 class TestCleanStrings:
