@@ -25,7 +25,7 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app
 COPY config.py parsing.py aggregator.py parts.py merge.py kafka_io.py commits.py dead_letter.py part_publisher.py \
-     assignment.py pipeline_topics.py processor_report.py \
+     window_closer.py assignment.py pipeline_topics.py processor_report.py \
      merger.py log_setup.py metrics.py kafka_processor.py \
      monitor_aggregated_data.py data_generator.py ./
 USER app

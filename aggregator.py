@@ -421,6 +421,35 @@ class PartitionWindows:
     # replayed records are skipped, not counted as late.
     replayed_until: int = 0
 
+    def advance_watermark(self, now: int, lateness: int) -> int | None:
+        """The watermark now (and remembered: it never moves back): the stream time
+        minus the lateness, and never behind the clock minus it once caught up."""
+        progress = self.progress
+        candidate = None
+        if progress.stream_time is not None:
+            candidate = progress.stream_time - lateness
+        if progress.caught_up:
+            candidate = max(candidate if candidate is not None else now - lateness, now - lateness)
+        if candidate is not None and (self.watermark is None or candidate > self.watermark):
+            self.watermark = candidate
+        return self.watermark
+
+    def take_due(self, closed_until: int, width: int) -> list[WindowAggregate]:
+        """Remove and return the open windows ending at or before `closed_until`, oldest
+        first; the oldest takes over the carried counts."""
+        due = sorted(start for start in self.windows if start + width <= closed_until)
+        if not due:
+            return []
+        windows = [self.windows.pop(start) for start in due]
+        windows[0].absorb(self.carry)
+        self.carry = CarriedCounts()
+        return windows
+
+    def held_offsets(self, partition: int) -> list[int]:
+        """The offsets of `partition` its open windows and carried counts still need."""
+        holders = [*self.windows.values(), self.carry]
+        return [h.min_offsets[partition] for h in holders if partition in h.min_offsets]
+
 
 @dataclass(frozen=True, slots=True)
 class ClosedPart:
@@ -595,24 +624,13 @@ class Aggregator:
 
     # ---- closing ------------------------------------------------------------------
 
-    def _partition_watermark(self, state: PartitionWindows, now: int) -> int | None:
-        """The partition's watermark now (and remembered: it never moves back)."""
-        progress, lateness = state.progress, self.allowed_lateness_seconds
-        candidate = None
-        if progress.stream_time is not None:
-            candidate = progress.stream_time - lateness
-        if progress.caught_up:
-            candidate = max(candidate if candidate is not None else now - lateness, now - lateness)
-        if candidate is not None and (state.watermark is None or candidate > state.watermark):
-            state.watermark = candidate
-        return state.watermark
-
     def watermark(self) -> int | None:
         """The lowest watermark over the owned partitions (None while one is unknown):
         for logs and metrics."""
         with self._lock:
             now = int(self.clock())
-            marks = [self._partition_watermark(state, now) for state in self._partitions.values()]
+            lateness = self.allowed_lateness_seconds
+            marks = [state.advance_watermark(now, lateness) for state in self._partitions.values()]
             if not marks or any(mark is None for mark in marks):
                 return None
             return min(marks)
@@ -637,20 +655,14 @@ class Aggregator:
             closing: list[tuple[int, WindowAggregate]] = []
             progress: dict[int, int] = {}
             for partition, state in sorted(self._partitions.items()):
-                watermark = self._partition_watermark(state, now)
+                watermark = state.advance_watermark(now, self.allowed_lateness_seconds)
                 if watermark is None:
                     continue
                 closed_until = max(state.closed_until, watermark - watermark % width)
                 if closed_until > state.closed_until:
                     state.closed_until = closed_until
                     progress[partition] = closed_until
-                due = sorted(start for start in state.windows if start + width <= closed_until)
-                if not due:
-                    continue
-                windows = [state.windows.pop(start) for start in due]
-                windows[0].absorb(state.carry)  # the oldest takes the partition's carried counts
-                state.carry = CarriedCounts()
-                for window in windows:
+                for window in state.take_due(closed_until, width):
                     self._unacknowledged[(partition, window.start)] = window
                     closing.append((partition, window))
             partition_count = self.total_partitions
@@ -677,8 +689,7 @@ class Aggregator:
             for partition, state in self._partitions.items():
                 if state.progress.next_offset is None:
                     continue
-                holders = [*state.windows.values(), state.carry]
-                held = [h.min_offsets[partition] for h in holders if partition in h.min_offsets]
+                held = state.held_offsets(partition)
                 held += [
                     w.min_offsets[partition]
                     for (p, _), w in self._unacknowledged.items()

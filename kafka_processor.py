@@ -5,10 +5,10 @@ Data flows one way: record -> parse -> window -> aggregate -> publish -> commit.
 * The main thread owns the consumer: it consumes batches, parses them
   (`parsing`), copies invalid records to the dead-letter topic and hands each
   partition's run of records to the `Aggregator` (one lock per run).
-* A timer thread closes the windows the watermark has passed, publishes them,
-  waits for the broker's acknowledgement, then works out which input offsets are
-  safe to commit. The main thread performs the commit on its next turn, so the
-  consumer is only ever touched by one thread.
+* A timer thread (`window_closer`) closes the window parts the watermarks have
+  passed, publishes them, waits for the broker's acknowledgement, then works out
+  which input offsets are safe to commit. The main thread performs the commit on
+  its next turn, so the consumer is only ever touched by one thread.
 
 Why this order gives "nothing lost, nothing counted twice" is in README.md
 ("Guarantees").
@@ -29,9 +29,9 @@ from collections.abc import Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from aggregator import Aggregator, WindowAggregate, iso_utc
+from aggregator import Aggregator, iso_utc
 from assignment import InputAssignment
-from commits import InputCommits, safe_offsets
+from commits import InputCommits
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -48,23 +48,18 @@ from merger import WindowMerger
 from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from part_publisher import PartPublisher
-from parts import encode_part
 from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
 from processor_report import ProcessorReport
+from window_closer import WindowCloser
 
 log = logging.getLogger("processor")
 
 # How long shutdown waits for the broker to acknowledge the last parts.
 _SHUTDOWN_ACK_SECONDS = 10.0
-# How long one publish attempt of the timer waits for acknowledgements.
-_PUBLISH_ATTEMPT_SECONDS = 5.0
 # How long shutdown waits for the consumer to leave its group.
 _CLOSE_SECONDS = 5.0
 # The longest a stop may take, whatever the broker does (docker-compose gives 30 s).
 _STOP_DEADLINE_SECONDS = 15.0
-# A part is split into pieces below Kafka's default message size limit (1 MB), so the
-# partials topic needs no special configuration on any broker.
-PART_MAX_BYTES = 900_000
 # How long shutdown lets the merger publish the windows this run's last parts complete
 # (it stops reading after 5 s of draining: merger.py).
 _MERGER_DRAIN_SECONDS = 7.0
@@ -137,9 +132,9 @@ def producer_settings(settings: Settings) -> dict:
 
 
 class Processor:
-    """The poll loop and the timer thread; composes the owners of each concern: the
-    aggregator (windows), the part publisher, the dead-letter queue, the commits, the
-    assignment callbacks, the merger thread and the report."""
+    """The poll loop; composes the owners of each concern: the aggregator (windows),
+    the window closer (timer thread), the part publisher, the dead-letter queue, the
+    commits, the assignment callbacks, the merger thread and the report."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -153,7 +148,6 @@ class Processor:
         self.health = BrokerHealth(settings.bootstrap_servers, log)
         self.stop_requested = threading.Event()
         self.host = socket.gethostname()
-        self._publish_lock = threading.Lock()  # one publish (or revoke) at a time
         # Set once something unexpected happened: from then on nothing is committed,
         # not even by the revoke that closing the consumer runs (the next run replays).
         self._crashed = threading.Event()
@@ -171,17 +165,27 @@ class Processor:
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
+        self.closer = WindowCloser(
+            settings,
+            self.aggregator,
+            self.parts,
+            self._producer,
+            self.dead_letters,
+            self.commits,
+            self.health,
+            self.report,
+        )
         self.assignment = InputAssignment(
             settings,
             self.aggregator,
             self.parts,
             self.commits,
             self._producer,
-            self._publish_lock,
+            self.closer.lock,
             self._crashed,
             self.health,
             self.topics,
-            self._safe_offsets,
+            self.closer.safe_offsets,
         )
         self.merger = WindowMerger(
             settings,
@@ -199,14 +203,8 @@ class Processor:
         """Topics exist and we know what an earlier run published. False if stopped first."""
         if not self.topics.ensure():
             return False
-        while not self.stop_requested.is_set():
-            try:
-                published_until = self.topics.published_until()
-                break
-            except KafkaException as error:
-                self.health.on_error(KafkaError(KafkaError._TRANSPORT, str(error)))
-                self.stop_requested.wait(2.0)
-        else:
+        published_until = self.topics.published_until_retrying()
+        if published_until is None:
             return False
         if published_until:
             self.aggregator.restore_published_until(published_until)
@@ -232,7 +230,9 @@ class Processor:
             self.metrics.serve(self.settings.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
         _tune_garbage_collector()
-        timer = threading.Thread(target=self._timer_loop, name="window-closer", daemon=True)
+        timer = threading.Thread(
+            target=self.closer.run, args=(self.stop_requested, self._crashed), name="window-closer", daemon=True
+        )
         timer.start()
         log.info("consuming %s (%s)", self.settings.input_topic, self.settings.describe())
         if NATIVE_PARSER_AVAILABLE:
@@ -338,68 +338,6 @@ class Processor:
         stats.invalid += len(invalid)
         stats.late += late
 
-    # ---- closing and publishing parts (timer thread) ------------------------------------------
-
-    def _timer_loop(self) -> None:
-        interval = self.settings.close_interval_seconds
-        while not self.stop_requested.wait(interval):
-            try:
-                self.close_and_publish(wait_seconds=_PUBLISH_ATTEMPT_SECONDS)
-                self.report.maybe_log_progress()
-            except Exception:
-                # A bug (a part that cannot be encoded, say): never a window that
-                # silently disappears, never a timer that dies and stalls the pipeline.
-                # Stop loudly, commit nothing: a restart replays from the last commit.
-                log.exception("window closer failed; the processor stops")
-                self._crashed.set()
-                self.stop_requested.set()
-                return
-
-    def close_and_publish(self, wait_seconds: float) -> bool:
-        """Close the (window, partition) parts the watermarks have passed, publish them
-        to the partials topic in order, wait up to `wait_seconds` for the broker's
-        acknowledgement, then request a commit of the offsets no longer needed.
-
-        Never holds the publish lock longer than one attempt, so a rebalance or a
-        shutdown is not blocked by a broker that is away; parts already handed to the
-        producer are not produced again (librdkafka retries them itself).
-        Returns True when everything closed so far is acknowledged.
-        """
-        with self._publish_lock:
-            started = time.perf_counter()
-            self.parts.add(self.aggregator.close_due_parts(self._encode_part))
-            self.parts.send()
-            # flush() also covers the DLQ copies produced so far.
-            still_queued = self._producer.flush(wait_seconds)
-            acknowledged = self.parts.take_acknowledged()
-            if acknowledged:
-                self.aggregator.acknowledge(acknowledged)
-                self.health.mark_reachable()
-            self.stats.publish_seconds += time.perf_counter() - started
-            # Safe even while some are unacknowledged: unacknowledged parts and
-            # dead-letter copies hold their offsets.
-            self.commits.slot.offer(self._safe_offsets())
-            if self.parts.pending() or still_queued:
-                self.report.warn_unacknowledged(self.parts.pending(), len(self._producer))
-                return False
-            return True
-
-    def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
-        return encode_part(
-            start,
-            partition,
-            self.aggregator.total_partitions,
-            window.tallies,
-            window.invalid_message_count,
-            window.late_message_count,
-            PART_MAX_BYTES,
-        )
-
-    def _safe_offsets(self) -> dict[int, int]:
-        """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
-        copy, still needs."""
-        return safe_offsets(self.aggregator.committable_offsets(), self.dead_letters.holds())
-
     # ---- what operators see ---------------------------------------------------------------
 
     def _window_published(self, window, acknowledged_at: float) -> None:
@@ -415,7 +353,7 @@ class Processor:
     def _shutdown(self) -> int:
         """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
-        acknowledged = self.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
+        acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
         self.commits.commit_if_requested()
         if not acknowledged:
             log.warning("stopping with unacknowledged parts: their records stay uncommitted, replayed next run")

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
 from config import Settings
 from kafka_io import BrokerHealth, ensure_topics, read_topic_tail
@@ -25,6 +25,8 @@ OUTPUT_MESSAGE_MAX_BYTES = 16 * 1024 * 1024
 _TAIL_RECORDS = 50
 # How long the input topic must be missing before the topics are created again.
 _MISSING_GRACE_SECONDS = 5.0
+# How often start-up asks again for the newest published window.
+_RETRY_SECONDS = 2.0
 
 
 class PipelineTopics:
@@ -69,6 +71,19 @@ class PipelineTopics:
                 continue  # not one of ours
             newest = max(newest, start + self.settings.window_seconds)
         return newest
+
+    def published_until_retrying(self) -> int | None:
+        """`published_until`, asked again every 2 s while the broker cannot answer (at
+        start-up, a broker still starting); None if asked to stop first."""
+        while not self._should_stop():
+            try:
+                return self.published_until()
+            except KafkaException as error:
+                self._health.on_error(KafkaError(KafkaError._TRANSPORT, str(error)))
+            retry_at = time.monotonic() + _RETRY_SECONDS
+            while time.monotonic() < retry_at and not self._should_stop():
+                time.sleep(0.1)
+        return None
 
     def published_until_or_unknown(self) -> int:
         """For a new merger: 0 (nothing known: windows are published again, same bytes)

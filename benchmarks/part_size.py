@@ -38,7 +38,7 @@ from tests.workloads import login_workload  # noqa: E402
 WINDOW = 30
 TOP_IPS = 10
 START = 1_800_000_000 - 1_800_000_000 % WINDOW
-DEFAULT_MAX_BYTES = 900_000  # kafka_processor.PART_MAX_BYTES: under the broker's default 1 MB message
+DEFAULT_MAX_BYTES = 900_000  # window_closer.PART_MAX_BYTES: under the broker's default 1 MB message
 
 
 def distinct_workload(count: int) -> list[tuple[int, bytes | None, int]]:

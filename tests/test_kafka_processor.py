@@ -226,7 +226,7 @@ def test_a_crash_commits_nothing(topics):
 
     def publish_then_fail(messages):
         original(messages)
-        processor.close_and_publish(wait_seconds=10)  # windows acknowledged, commit asked for
+        processor.closer.close_and_publish(wait_seconds=10)  # windows acknowledged, commit asked for
         raise RuntimeError("injected bug")
 
     processor._process = publish_then_fail

@@ -1,0 +1,119 @@
+"""The timer thread: close the window parts the watermarks have passed, publish them
+to the partials topic, and offer for commit the input offsets they no longer hold.
+
+It runs beside the poll loop (kafka_processor.py), which owns the consumer: this
+thread only ever touches the aggregator (under its lock), the producer and the
+commit slot, and the poll loop performs the commit on its next turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import Producer
+
+from aggregator import Aggregator, WindowAggregate
+from commits import InputCommits, safe_offsets
+from config import Settings
+from dead_letter import DeadLetterQueue
+from kafka_io import BrokerHealth
+from part_publisher import PartPublisher
+from parts import encode_part
+from processor_report import ProcessorReport
+
+log = logging.getLogger("processor")
+
+# How long one publish attempt of the timer waits for acknowledgements.
+PUBLISH_ATTEMPT_SECONDS = 5.0
+# A part is split into pieces below Kafka's default message size limit (1 MB), so the
+# partials topic needs no special configuration on any broker.
+PART_MAX_BYTES = 900_000
+
+
+class WindowCloser:
+    """Closing and publishing parts, one attempt at a time (`lock`, which a rebalance
+    takes too, so a revoke never races a publish)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        aggregator: Aggregator,
+        parts: PartPublisher,
+        producer: Producer,
+        dead_letters: DeadLetterQueue,
+        commits: InputCommits,
+        health: BrokerHealth,
+        report: ProcessorReport,
+    ) -> None:
+        self.settings = settings
+        self.lock = threading.Lock()
+        self._aggregator = aggregator
+        self._parts = parts
+        self._producer = producer
+        self._dead_letters = dead_letters
+        self._commits = commits
+        self._health = health
+        self._report = report
+
+    def run(self, stop_requested: threading.Event, crashed: threading.Event) -> None:
+        """The timer thread's loop, until `stop_requested`."""
+        interval = self.settings.close_interval_seconds
+        while not stop_requested.wait(interval):
+            try:
+                self.close_and_publish(wait_seconds=PUBLISH_ATTEMPT_SECONDS)
+                self._report.maybe_log_progress()
+            except Exception:
+                # A bug (a part that cannot be encoded, say): never a window that
+                # silently disappears, never a timer that dies and stalls the pipeline.
+                # Stop loudly, commit nothing: a restart replays from the last commit.
+                log.exception("window closer failed; the processor stops")
+                crashed.set()
+                stop_requested.set()
+                return
+
+    def close_and_publish(self, wait_seconds: float) -> bool:
+        """Close the (window, partition) parts the watermarks have passed, publish them
+        to the partials topic in order, wait up to `wait_seconds` for the broker's
+        acknowledgement, then request a commit of the offsets no longer needed.
+
+        Never holds the lock longer than one attempt, so a rebalance or a shutdown is
+        not blocked by a broker that is away; parts already handed to the producer are
+        not produced again (librdkafka retries them itself).
+        Returns True when everything closed so far is acknowledged.
+        """
+        with self.lock:
+            started = time.perf_counter()
+            self._parts.add(self._aggregator.close_due_parts(self._encode_part))
+            self._parts.send()
+            # flush() also covers the DLQ copies produced so far.
+            still_queued = self._producer.flush(wait_seconds)
+            acknowledged = self._parts.take_acknowledged()
+            if acknowledged:
+                self._aggregator.acknowledge(acknowledged)
+                self._health.mark_reachable()
+            self._report.stats.publish_seconds += time.perf_counter() - started
+            # Safe even while some are unacknowledged: unacknowledged parts and
+            # dead-letter copies hold their offsets.
+            self._commits.slot.offer(self.safe_offsets())
+            if self._parts.pending() or still_queued:
+                self._report.warn_unacknowledged(self._parts.pending(), len(self._producer))
+                return False
+            return True
+
+    def safe_offsets(self) -> dict[int, int]:
+        """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
+        copy, still needs."""
+        return safe_offsets(self._aggregator.committable_offsets(), self._dead_letters.holds())
+
+    def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
+        return encode_part(
+            start,
+            partition,
+            self._aggregator.total_partitions,
+            window.tallies,
+            window.invalid_message_count,
+            window.late_message_count,
+            PART_MAX_BYTES,
+        )
