@@ -632,6 +632,7 @@ typedef struct {
     size_t used;
     char *arena;
     size_t arena_used, arena_capacity;
+    uint64_t grown; /* how many times entries moved (slots seen before are stale) */
 } KeyTable;
 
 static int table_init(KeyTable *table, size_t capacity) {
@@ -640,6 +641,7 @@ static int table_init(KeyTable *table, size_t capacity) {
     table->used = 0;
     table->arena = NULL;
     table->arena_used = table->arena_capacity = 0;
+    table->grown = 0;
     return table->entries == NULL ? -1 : 0;
 }
 
@@ -664,6 +666,7 @@ static int table_grow(KeyTable *table) {
     free(table->entries);
     table->entries = entries;
     table->mask = capacity - 1;
+    table->grown++;
     return 0;
 }
 
@@ -678,14 +681,17 @@ static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
 }
 
 /* Count `n` occurrences of key (whose key_hash is `hash`); a new key only while the
-   table holds fewer than `bound`. */
-static int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound, uint64_t n) {
+   table holds fewer than `bound`. When ADDED, *slot_out is the key's slot (valid
+   until the table next grows: see KeyTable.grown). */
+static int table_add_at(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound, uint64_t n,
+                        size_t *slot_out) {
     size_t slot = (size_t)hash & table->mask;
     for (;;) {
         Entry *entry = &table->entries[slot];
         if (entry->count == 0) break;
         if (entry->hash == hash && entry->length == length && memcmp(table->arena + entry->offset, key, length) == 0) {
             entry->count += n;
+            *slot_out = slot;
             return ADDED;
         }
         slot = (slot + 1) & table->mask;
@@ -707,8 +713,15 @@ static int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t
     entry->count = n;
     table->arena_used += length;
     table->used++;
+    *slot_out = slot;
     if (table->used * 2 > table->mask + 1 && table_grow(table) < 0) return OUT_OF_MEMORY;
     return ADDED;
+}
+
+static inline int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound,
+                            uint64_t n) {
+    size_t slot;
+    return table_add_at(table, key, length, hash, bound, n, &slot);
 }
 
 static inline int table_count(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound) {
@@ -718,6 +731,10 @@ static inline int table_count(KeyTable *table, const char *key, uint32_t length,
 static PyObject *decode_key(const char *text, Py_ssize_t length) {
     return PyUnicode_DecodeUTF8(text, length, "surrogatepass");
 }
+
+#ifndef PROFILE_CACHE_SIZE
+#define PROFILE_CACHE_SIZE 1024 /* a power of two */
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -731,6 +748,14 @@ typedef struct {
     int devices_capped, ips_capped, profiles_capped;
     char *scratch; /* a profile key being built */
     size_t scratch_capacity;
+    /* A window has only tens or hundreds of distinct profiles, yet a profile key was
+       built and SipHashed for every row. profile_cache[profile_cache_index(row)] is
+       1 + the profiles slot of the profile last counted there (0: none), valid while
+       profiles.grown == profile_cache_grown. A hit is always confirmed by comparing
+       the key's bytes, so the cheap index is no weakness: crafted values that share
+       an index only miss, and take the SipHash path as before. */
+    uint64_t profile_cache_grown;
+    uint32_t profile_cache[PROFILE_CACHE_SIZE];
 } WindowTallies;
 
 static int WindowTallies_init(WindowTallies *self, PyObject *args, PyObject *kwargs) {
@@ -787,6 +812,63 @@ static int profile_key(WindowTallies *self, const Row *row, uint32_t *length_out
     return 0;
 }
 
+static inline uint32_t field_mix(const Row *row, int k) {
+    uint32_t length = row->length[k];
+    if (length == 0) return 0;
+    const unsigned char *text = (const unsigned char *)row->text[k];
+    return length ^ ((uint32_t)text[0] << 8) ^ ((uint32_t)text[length - 1] << 16) ^ ((uint32_t)text[length / 2] << 24);
+}
+
+/* Not a hash to rely on (see profile_cache): lengths and a few bytes of each field. */
+static inline size_t profile_cache_index(const Row *row) {
+    uint64_t h = field_mix(row, K_DEVICE_TYPE);
+    h = h * 0x9E3779B97F4A7C15ULL ^ field_mix(row, K_APP_VERSION);
+    h = h * 0x9E3779B97F4A7C15ULL ^ field_mix(row, K_LOCALE);
+    h *= 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 40) & (PROFILE_CACHE_SIZE - 1);
+}
+
+/* Whether a profiles entry holds exactly the row's profile key (as profile_key builds it). */
+static inline int profile_matches(const KeyTable *table, const Entry *entry, const Row *row) {
+    size_t length = 3 * sizeof(uint32_t);
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) length += row->length[k];
+    if (entry->length != length) return 0;
+    const char *p = table->arena + entry->offset;
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) {
+        uint32_t field_length;
+        memcpy(&field_length, p, sizeof(uint32_t));
+        p += sizeof(uint32_t);
+        if (field_length != row->length[k] || (field_length && memcmp(p, row->text[k], field_length) != 0)) return 0;
+        p += field_length;
+    }
+    return 1;
+}
+
+/* Count a row's profile: through the cache when it holds the profile, else as any key. */
+static int count_profile(WindowTallies *self, const Row *row) {
+    KeyTable *table = &self->profiles;
+    if (self->profile_cache_grown != table->grown) {
+        memset(self->profile_cache, 0, sizeof(self->profile_cache));
+        self->profile_cache_grown = table->grown;
+    }
+    uint32_t *cached = &self->profile_cache[profile_cache_index(row)];
+    if (*cached != 0) {
+        Entry *entry = &table->entries[*cached - 1];
+        if (profile_matches(table, entry, row)) {
+            entry->count++;
+            return ADDED;
+        }
+    }
+    uint32_t length;
+    if (profile_key(self, row, &length) < 0) return OUT_OF_MEMORY;
+    size_t slot;
+    uint64_t grown = table->grown;
+    int outcome = table_add_at(table, self->scratch, length, key_hash(self->scratch, length), self->max_profiles, 1,
+                               &slot);
+    if (outcome == ADDED && table->grown == grown && slot < UINT32_MAX) *cached = (uint32_t)slot + 1;
+    return outcome;
+}
+
 /* Rows are counted in groups: first every key of the group is hashed and its slot
    prefetched, then counted. The device and IP tables of a busy window are larger
    than the CPU caches, and a lookup that waits for memory was most of the time. */
@@ -824,11 +906,7 @@ static PyObject *WindowTallies_add(WindowTallies *self, PyObject *args) {
         for (int g = 0; g < size && !failed; g++) {
             const Row *row = group[g];
             added++;
-            uint32_t length;
-            int outcome = OUT_OF_MEMORY;
-            if (profile_key(self, row, &length) == 0)
-                outcome = table_count(&self->profiles, self->scratch, length, key_hash(self->scratch, length),
-                                      self->max_profiles);
+            int outcome = count_profile(self, row);
             if (outcome == LEFT_OUT) self->profiles_capped = 1;
             if (row->length[K_DEVICE_ID] == 0) {
                 self->missing_device_id++;
