@@ -618,13 +618,23 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
    into an arena (entries hold offsets, so the arena may move when it grows). The
    hash is CPython's own for bytes (SipHash with the process's random key), so
    crafted values cannot make one window's table degenerate any more than they
-   could a Python set. */
+   could a Python set.
+
+   An entry is 16 bytes, so that a busy window's device and IP tables take half the memory
+   (and cache lines, and page faults) of a 32-byte entry: the count lives in the
+   arena, just before the key's bytes, where a hit's comparison reads anyway. An
+   arena record is [u64 count][key bytes]; records start at ARENA_START or later,
+   so offset 0 marks an empty slot. Only the low 32 bits of the hash are kept:
+   they place an entry as long as the table has at most 2^32 slots (beyond that
+   table_grow hashes the key again). */
 typedef struct {
-    uint64_t hash;
-    uint64_t offset;
-    uint64_t count; /* 0: an empty slot */
+    uint32_t hash; /* key_hash's low 32 bits */
     uint32_t length;
+    uint64_t offset; /* of the key's record in the arena; 0: an empty slot */
 } Entry;
+
+#define COUNT_SIZE sizeof(uint64_t)
+#define ARENA_START 8
 
 typedef struct {
     Entry *entries;
@@ -635,12 +645,28 @@ typedef struct {
     uint64_t grown; /* how many times entries moved (slots seen before are stale) */
 } KeyTable;
 
+static inline const char *entry_key(const KeyTable *table, const Entry *entry) {
+    return table->arena + entry->offset + COUNT_SIZE;
+}
+
+static inline uint64_t entry_count(const KeyTable *table, const Entry *entry) {
+    uint64_t count;
+    memcpy(&count, table->arena + entry->offset, COUNT_SIZE);
+    return count;
+}
+
+static inline void entry_count_add(KeyTable *table, const Entry *entry, uint64_t n) {
+    uint64_t count = entry_count(table, entry) + n;
+    memcpy(table->arena + entry->offset, &count, COUNT_SIZE);
+}
+
 static int table_init(KeyTable *table, size_t capacity) {
     table->entries = calloc(capacity, sizeof(Entry));
     table->mask = capacity - 1;
     table->used = 0;
     table->arena = NULL;
-    table->arena_used = table->arena_capacity = 0;
+    table->arena_used = ARENA_START;
+    table->arena_capacity = 0;
     table->grown = 0;
     return table->entries == NULL ? -1 : 0;
 }
@@ -652,15 +678,23 @@ static void table_free(KeyTable *table) {
     table->arena = NULL;
 }
 
+enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
+
+static inline uint64_t key_hash(const char *key, uint32_t length) {
+    return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
+}
+
 static int table_grow(KeyTable *table) {
     size_t capacity = (table->mask + 1) * 2;
     Entry *entries = calloc(capacity, sizeof(Entry));
     if (entries == NULL) return -1;
+    int rehash = capacity - 1 > UINT32_MAX; /* the kept 32 bits no longer place an entry */
     for (size_t i = 0; i <= table->mask; i++) {
         const Entry *old = &table->entries[i];
-        if (old->count == 0) continue;
-        size_t slot = (size_t)old->hash & (capacity - 1);
-        while (entries[slot].count != 0) slot = (slot + 1) & (capacity - 1);
+        if (old->offset == 0) continue;
+        uint64_t hash = rehash ? key_hash(entry_key(table, old), old->length) : old->hash;
+        size_t slot = (size_t)hash & (capacity - 1);
+        while (entries[slot].offset != 0) slot = (slot + 1) & (capacity - 1);
         entries[slot] = *old;
     }
     free(table->entries);
@@ -668,12 +702,6 @@ static int table_grow(KeyTable *table) {
     table->mask = capacity - 1;
     table->grown++;
     return 0;
-}
-
-enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
-
-static inline uint64_t key_hash(const char *key, uint32_t length) {
-    return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
 }
 
 static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
@@ -688,30 +716,32 @@ static int table_add_at(KeyTable *table, const char *key, uint32_t length, uint6
     size_t slot = (size_t)hash & table->mask;
     for (;;) {
         Entry *entry = &table->entries[slot];
-        if (entry->count == 0) break;
-        if (entry->hash == hash && entry->length == length && memcmp(table->arena + entry->offset, key, length) == 0) {
-            entry->count += n;
+        if (entry->offset == 0) break;
+        if (entry->hash == (uint32_t)hash && entry->length == length &&
+            memcmp(entry_key(table, entry), key, length) == 0) {
+            entry_count_add(table, entry, n);
             *slot_out = slot;
             return ADDED;
         }
         slot = (slot + 1) & table->mask;
     }
     if (table->used >= bound) return LEFT_OUT;
-    if (table->arena_used + length > table->arena_capacity) {
+    size_t record = COUNT_SIZE + length;
+    if (table->arena_used + record > table->arena_capacity) {
         size_t capacity = table->arena_capacity ? table->arena_capacity * 2 : 4096;
-        while (capacity < table->arena_used + length) capacity *= 2;
+        while (capacity < table->arena_used + record) capacity *= 2;
         char *arena = realloc(table->arena, capacity);
         if (arena == NULL) return OUT_OF_MEMORY;
         table->arena = arena;
         table->arena_capacity = capacity;
     }
-    memcpy(table->arena + table->arena_used, key, length);
+    memcpy(table->arena + table->arena_used, &n, COUNT_SIZE);
+    memcpy(table->arena + table->arena_used + COUNT_SIZE, key, length);
     Entry *entry = &table->entries[slot];
-    entry->hash = hash;
+    entry->hash = (uint32_t)hash;
     entry->offset = table->arena_used;
     entry->length = length;
-    entry->count = n;
-    table->arena_used += length;
+    table->arena_used += record;
     table->used++;
     *slot_out = slot;
     if (table->used * 2 > table->mask + 1 && table_grow(table) < 0) return OUT_OF_MEMORY;
@@ -833,7 +863,7 @@ static inline int profile_matches(const KeyTable *table, const Entry *entry, con
     size_t length = 3 * sizeof(uint32_t);
     for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) length += row->length[k];
     if (entry->length != length) return 0;
-    const char *p = table->arena + entry->offset;
+    const char *p = entry_key(table, entry);
     for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) {
         uint32_t field_length;
         memcpy(&field_length, p, sizeof(uint32_t));
@@ -855,7 +885,7 @@ static int count_profile(WindowTallies *self, const Row *row) {
     if (*cached != 0) {
         Entry *entry = &table->entries[*cached - 1];
         if (profile_matches(table, entry, row)) {
-            entry->count++;
+            entry_count_add(table, entry, 1);
             return ADDED;
         }
     }
@@ -941,8 +971,8 @@ static PyObject *WindowTallies_profile_counts(WindowTallies *self, PyObject *unu
     const KeyTable *table = &self->profiles;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        const char *p = table->arena + entry->offset;
+        if (entry->offset == 0) continue;
+        const char *p = entry_key(table, entry);
         PyObject *key = PyTuple_New(3);
         if (key == NULL) goto fail;
         for (int k = 0; k < 3; k++) {
@@ -957,7 +987,7 @@ static PyObject *WindowTallies_profile_counts(WindowTallies *self, PyObject *unu
             }
             PyTuple_SET_ITEM(key, k, text);
         }
-        PyObject *count = PyLong_FromUnsignedLongLong(entry->count);
+        PyObject *count = PyLong_FromUnsignedLongLong(entry_count(table, entry));
         int failed = count == NULL || PyDict_SetItem(result, key, count) < 0;
         Py_DECREF(key);
         Py_XDECREF(count);
@@ -997,8 +1027,8 @@ static size_t rank_ips(const KeyTable *table, Ranked *ranked, size_t n) {
         size_t r = 0;
         for (size_t i = 0; i <= table->mask && table->entries; i++) {
             const Entry *entry = &table->entries[i];
-            if (entry->count == 0) continue;
-            ranked[r++] = (Ranked){entry->count, table->arena + entry->offset, entry->length};
+            if (entry->offset == 0) continue;
+            ranked[r++] = (Ranked){entry_count(table, entry), entry_key(table, entry), entry->length};
         }
         qsort(ranked, used, sizeof(Ranked), by_count_then_key);
         return n < used ? n : used;
@@ -1006,8 +1036,8 @@ static size_t rank_ips(const KeyTable *table, Ranked *ranked, size_t n) {
     size_t kept = 0;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        Ranked candidate = {entry->count, table->arena + entry->offset, entry->length};
+        if (entry->offset == 0) continue;
+        Ranked candidate = {entry_count(table, entry), entry_key(table, entry), entry->length};
         if (kept == n && by_count_then_key(&candidate, &ranked[n - 1]) >= 0) continue;
         size_t at = kept < n ? kept++ : n - 1; /* the last place, freed or dropped */
         while (at > 0 && by_count_then_key(&candidate, &ranked[at - 1]) < 0) {
@@ -1046,9 +1076,9 @@ static PyObject *table_keys(const KeyTable *table, int with_counts) {
     if (result == NULL) return NULL;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        PyObject *key = decode_key(table->arena + entry->offset, entry->length);
-        PyObject *count = key ? PyLong_FromUnsignedLongLong(entry->count) : NULL;
+        if (entry->offset == 0) continue;
+        PyObject *key = decode_key(entry_key(table, entry), entry->length);
+        PyObject *count = key ? PyLong_FromUnsignedLongLong(entry_count(table, entry)) : NULL;
         int failed = count == NULL ||
                      (with_counts ? PyDict_SetItem(result, key, count) : PySet_Add(result, key)) < 0;
         Py_XDECREF(key);
@@ -1152,7 +1182,7 @@ static PyObject *pack_table(const KeyTable *table, int with_counts) {
     size_t size = 0;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
+        if (entry->offset == 0) continue;
         if (entry->length > 0xffff) {
             PyErr_SetString(PyExc_ValueError, "a value longer than 65535 bytes cannot be packed");
             return NULL;
@@ -1165,12 +1195,12 @@ static PyObject *pack_table(const KeyTable *table, int with_counts) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
+        if (entry->offset == 0) continue;
         put_u16(out, entry->length);
-        memcpy(out + 2, table->arena + entry->offset, entry->length);
+        memcpy(out + 2, entry_key(table, entry), entry->length);
         out += 2 + entry->length;
         if (with_counts) {
-            put_u64(out, entry->count);
+            put_u64(out, entry_count(table, entry));
             out += 8;
         }
     }
