@@ -645,6 +645,34 @@ typedef struct {
     uint64_t grown; /* how many times entries moved (slots seen before are stale) */
 } KeyTable;
 
+/* a[0..length) == b[0..length), for the short keys of these tables without a call:
+   8 bytes at a time, the last word overlapping (no byte outside either key is read). */
+static inline int keys_equal(const char *a, const char *b, size_t length) {
+    uint64_t x, y;
+    if (length >= 8) {
+        size_t at = 0;
+        for (; at + 8 < length; at += 8) {
+            memcpy(&x, a + at, 8);
+            memcpy(&y, b + at, 8);
+            if (x != y) return 0;
+        }
+        memcpy(&x, a + length - 8, 8);
+        memcpy(&y, b + length - 8, 8);
+        return x == y;
+    }
+    if (length >= 4) {
+        uint32_t u, v, w, z;
+        memcpy(&u, a, 4);
+        memcpy(&v, b, 4);
+        memcpy(&w, a + length - 4, 4);
+        memcpy(&z, b + length - 4, 4);
+        return u == v && w == z;
+    }
+    for (size_t i = 0; i < length; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
 static inline const char *entry_key(const KeyTable *table, const Entry *entry) {
     return table->arena + entry->offset + COUNT_SIZE;
 }
@@ -680,8 +708,92 @@ static void table_free(KeyTable *table) {
 
 enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
 
+/* CPython's SipHash-1-3 (Python/pyhash.c), with the process's key, inlined: the
+   same values as _Py_HashBytes, without the call through PyHash_Func, and with the
+   last partial word of a key of 8 bytes or more read in one overlapping load.
+   Used only when PyInit finds that this interpreter hashes bytes with siphash13 and
+   that it gives exactly _Py_HashBytes's values (see hash_is_inlined). */
+static int hash_is_inlined;
+static uint64_t sip_k0, sip_k1;
+
+#define SIP_ROTATE(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIP_HALF_ROUND(a, b, c, d, s, t) \
+    a += b;                              \
+    c += d;                              \
+    b = SIP_ROTATE(b, s) ^ a;            \
+    d = SIP_ROTATE(d, t) ^ c;            \
+    a = SIP_ROTATE(a, 32);
+#define SIP_ROUND(v0, v1, v2, v3)              \
+    SIP_HALF_ROUND(v0, v1, v2, v3, 13, 16);    \
+    SIP_HALF_ROUND(v2, v1, v0, v3, 17, 21);
+
+static inline uint64_t siphash13(const char *key, size_t length) {
+    const unsigned char *in = (const unsigned char *)key;
+    uint64_t v0 = sip_k0 ^ 0x736f6d6570736575ULL;
+    uint64_t v1 = sip_k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = sip_k0 ^ 0x6c7967656e657261ULL;
+    uint64_t v3 = sip_k1 ^ 0x7465646279746573ULL;
+    uint64_t b = (uint64_t)length << 56;
+    size_t left = length;
+    while (left >= 8) {
+        uint64_t m;
+        memcpy(&m, in, 8); /* little-endian, as checked at the top */
+        in += 8;
+        left -= 8;
+        v3 ^= m;
+        SIP_ROUND(v0, v1, v2, v3);
+        v0 ^= m;
+    }
+    uint64_t t = 0;
+    if (left > 0) {
+        if (length >= 8) { /* the 8 bytes that end the key; keep the last `left` */
+            memcpy(&t, in + left - 8, 8);
+            t >>= 8 * (8 - left);
+        } else {
+            for (size_t i = 0; i < left; i++) t |= (uint64_t)in[i] << (8 * i);
+        }
+    }
+    b |= t;
+    v3 ^= b;
+    SIP_ROUND(v0, v1, v2, v3);
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIP_ROUND(v0, v1, v2, v3);
+    SIP_ROUND(v0, v1, v2, v3);
+    SIP_ROUND(v0, v1, v2, v3);
+    return (v0 ^ v1) ^ (v2 ^ v3);
+}
+
+/* _Py_HashBytes's value for key. */
 static inline uint64_t key_hash(const char *key, uint32_t length) {
-    return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
+    if (!hash_is_inlined) return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
+    if (length == 0) return 0;
+    uint64_t hash = siphash13(key, length);
+    return hash == (uint64_t)-1 ? (uint64_t)-2 : hash;
+}
+
+/* Whether the inlined SipHash may stand in for _Py_HashBytes here: the interpreter
+   uses siphash13 on every length (no small-string cutoff) with 64-bit hashes, and a
+   sample of keys of every length up to 64 hashes the same both ways. */
+static void choose_hash(void) {
+    hash_is_inlined = 0;
+#if Py_HASH_CUTOFF == 0 && SIZEOF_VOID_P == 8
+    const PyHash_FuncDef *def = PyHash_GetFuncDef();
+    if (def == NULL || strcmp(def->name, "siphash13") != 0 || def->hash_bits != 64) return;
+    sip_k0 = _Py_HashSecret.siphash.k0;
+    sip_k1 = _Py_HashSecret.siphash.k1;
+    char sample[64];
+    for (int i = 0; i < 64; i++) sample[i] = (char)(i * 37 + 11);
+    for (uint32_t length = 0; length <= 64; length++) {
+        for (uint32_t at = 0; at + length <= 64; at += 13) {
+            hash_is_inlined = 1;
+            uint64_t mine = key_hash(sample + at, length);
+            hash_is_inlined = 0;
+            if (mine != (uint64_t)_Py_HashBytes(sample + at, (Py_ssize_t)length)) return;
+        }
+    }
+    hash_is_inlined = 1;
+#endif
 }
 
 static int table_grow(KeyTable *table) {
@@ -718,7 +830,7 @@ static int table_add_at(KeyTable *table, const char *key, uint32_t length, uint6
         Entry *entry = &table->entries[slot];
         if (entry->offset == 0) break;
         if (entry->hash == (uint32_t)hash && entry->length == length &&
-            memcmp(entry_key(table, entry), key, length) == 0) {
+            keys_equal(entry_key(table, entry), key, length)) {
             entry_count_add(table, entry, n);
             *slot_out = slot;
             return ADDED;
@@ -868,7 +980,7 @@ static inline int profile_matches(const KeyTable *table, const Entry *entry, con
         uint32_t field_length;
         memcpy(&field_length, p, sizeof(uint32_t));
         p += sizeof(uint32_t);
-        if (field_length != row->length[k] || (field_length && memcmp(p, row->text[k], field_length) != 0)) return 0;
+        if (field_length != row->length[k] || !keys_equal(p, row->text[k], field_length)) return 0;
         p += field_length;
     }
     return 1;
@@ -1324,6 +1436,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__login_columns(void) {
     for (int c = 0x20; c <= 0x7E; c++) PLAIN[c] = c != '"' && c != '\\';
+    choose_hash();
     if (PyType_Ready(&LoginBatchType) < 0 || PyType_Ready(&WindowTalliesType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
