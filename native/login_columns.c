@@ -618,13 +618,23 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
    into an arena (entries hold offsets, so the arena may move when it grows). The
    hash is CPython's own for bytes (SipHash with the process's random key), so
    crafted values cannot make one window's table degenerate any more than they
-   could a Python set. */
+   could a Python set.
+
+   An entry is 16 bytes, so that a busy window's device and IP tables take half the memory
+   (and cache lines, and page faults) of a 32-byte entry: the count lives in the
+   arena, just before the key's bytes, where a hit's comparison reads anyway. An
+   arena record is [u64 count][key bytes]; records start at ARENA_START or later,
+   so offset 0 marks an empty slot. Only the low 32 bits of the hash are kept:
+   they place an entry as long as the table has at most 2^32 slots (beyond that
+   table_grow hashes the key again). */
 typedef struct {
-    uint64_t hash;
-    uint64_t offset;
-    uint64_t count; /* 0: an empty slot */
+    uint32_t hash; /* key_hash's low 32 bits */
     uint32_t length;
+    uint64_t offset; /* of the key's record in the arena; 0: an empty slot */
 } Entry;
+
+#define COUNT_SIZE sizeof(uint64_t)
+#define ARENA_START 8
 
 typedef struct {
     Entry *entries;
@@ -632,14 +642,60 @@ typedef struct {
     size_t used;
     char *arena;
     size_t arena_used, arena_capacity;
+    uint64_t grown; /* how many times entries moved (slots seen before are stale) */
 } KeyTable;
+
+/* a[0..length) == b[0..length), for the short keys of these tables without a call:
+   8 bytes at a time, the last word overlapping (no byte outside either key is read). */
+static inline int keys_equal(const char *a, const char *b, size_t length) {
+    uint64_t x, y;
+    if (length >= 8) {
+        size_t at = 0;
+        for (; at + 8 < length; at += 8) {
+            memcpy(&x, a + at, 8);
+            memcpy(&y, b + at, 8);
+            if (x != y) return 0;
+        }
+        memcpy(&x, a + length - 8, 8);
+        memcpy(&y, b + length - 8, 8);
+        return x == y;
+    }
+    if (length >= 4) {
+        uint32_t u, v, w, z;
+        memcpy(&u, a, 4);
+        memcpy(&v, b, 4);
+        memcpy(&w, a + length - 4, 4);
+        memcpy(&z, b + length - 4, 4);
+        return u == v && w == z;
+    }
+    for (size_t i = 0; i < length; i++)
+        if (a[i] != b[i]) return 0;
+    return 1;
+}
+
+static inline const char *entry_key(const KeyTable *table, const Entry *entry) {
+    return table->arena + entry->offset + COUNT_SIZE;
+}
+
+static inline uint64_t entry_count(const KeyTable *table, const Entry *entry) {
+    uint64_t count;
+    memcpy(&count, table->arena + entry->offset, COUNT_SIZE);
+    return count;
+}
+
+static inline void entry_count_add(KeyTable *table, const Entry *entry, uint64_t n) {
+    uint64_t count = entry_count(table, entry) + n;
+    memcpy(table->arena + entry->offset, &count, COUNT_SIZE);
+}
 
 static int table_init(KeyTable *table, size_t capacity) {
     table->entries = calloc(capacity, sizeof(Entry));
     table->mask = capacity - 1;
     table->used = 0;
     table->arena = NULL;
-    table->arena_used = table->arena_capacity = 0;
+    table->arena_used = ARENA_START;
+    table->arena_capacity = 0;
+    table->grown = 0;
     return table->entries == NULL ? -1 : 0;
 }
 
@@ -650,27 +706,114 @@ static void table_free(KeyTable *table) {
     table->arena = NULL;
 }
 
+enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
+
+/* CPython's SipHash-1-3 (Python/pyhash.c), with the process's key, inlined: the
+   same values as _Py_HashBytes, without the call through PyHash_Func, and with the
+   last partial word of a key of 8 bytes or more read in one overlapping load.
+   Used only when PyInit finds that this interpreter hashes bytes with siphash13 and
+   that it gives exactly _Py_HashBytes's values (see hash_is_inlined). */
+static int hash_is_inlined;
+static uint64_t sip_k0, sip_k1;
+
+#define SIP_ROTATE(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIP_HALF_ROUND(a, b, c, d, s, t) \
+    a += b;                              \
+    c += d;                              \
+    b = SIP_ROTATE(b, s) ^ a;            \
+    d = SIP_ROTATE(d, t) ^ c;            \
+    a = SIP_ROTATE(a, 32);
+#define SIP_ROUND(v0, v1, v2, v3)              \
+    SIP_HALF_ROUND(v0, v1, v2, v3, 13, 16);    \
+    SIP_HALF_ROUND(v2, v1, v0, v3, 17, 21);
+
+static inline uint64_t siphash13(const char *key, size_t length) {
+    const unsigned char *in = (const unsigned char *)key;
+    uint64_t v0 = sip_k0 ^ 0x736f6d6570736575ULL;
+    uint64_t v1 = sip_k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = sip_k0 ^ 0x6c7967656e657261ULL;
+    uint64_t v3 = sip_k1 ^ 0x7465646279746573ULL;
+    uint64_t b = (uint64_t)length << 56;
+    size_t left = length;
+    while (left >= 8) {
+        uint64_t m;
+        memcpy(&m, in, 8); /* little-endian, as checked at the top */
+        in += 8;
+        left -= 8;
+        v3 ^= m;
+        SIP_ROUND(v0, v1, v2, v3);
+        v0 ^= m;
+    }
+    uint64_t t = 0;
+    if (left > 0) {
+        if (length >= 8) { /* the 8 bytes that end the key; keep the last `left` */
+            memcpy(&t, in + left - 8, 8);
+            t >>= 8 * (8 - left);
+        } else {
+            for (size_t i = 0; i < left; i++) t |= (uint64_t)in[i] << (8 * i);
+        }
+    }
+    b |= t;
+    v3 ^= b;
+    SIP_ROUND(v0, v1, v2, v3);
+    v0 ^= b;
+    v2 ^= 0xff;
+    SIP_ROUND(v0, v1, v2, v3);
+    SIP_ROUND(v0, v1, v2, v3);
+    SIP_ROUND(v0, v1, v2, v3);
+    return (v0 ^ v1) ^ (v2 ^ v3);
+}
+
+/* _Py_HashBytes's value for key. */
+static inline uint64_t key_hash(const char *key, uint32_t length) {
+    if (!hash_is_inlined) return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
+    if (length == 0) return 0;
+    uint64_t hash = siphash13(key, length);
+    return hash == (uint64_t)-1 ? (uint64_t)-2 : hash;
+}
+
+/* Whether the inlined SipHash may stand in for _Py_HashBytes here: the interpreter
+   uses siphash13 on every length (no small-string cutoff) with 64-bit hashes, and a
+   sample of keys of every length up to 64 hashes the same both ways. */
+static void choose_hash(void) {
+    hash_is_inlined = 0;
+#if Py_HASH_CUTOFF == 0 && SIZEOF_VOID_P == 8
+    const PyHash_FuncDef *def = PyHash_GetFuncDef();
+    if (def == NULL || strcmp(def->name, "siphash13") != 0 || def->hash_bits != 64) return;
+    sip_k0 = _Py_HashSecret.siphash.k0;
+    sip_k1 = _Py_HashSecret.siphash.k1;
+    char sample[64];
+    for (int i = 0; i < 64; i++) sample[i] = (char)(i * 37 + 11);
+    for (uint32_t length = 0; length <= 64; length++) {
+        for (uint32_t at = 0; at + length <= 64; at += 13) {
+            hash_is_inlined = 1;
+            uint64_t mine = key_hash(sample + at, length);
+            hash_is_inlined = 0;
+            if (mine != (uint64_t)_Py_HashBytes(sample + at, (Py_ssize_t)length)) return;
+        }
+    }
+    hash_is_inlined = 1;
+#endif
+}
+
 static int table_grow(KeyTable *table) {
     size_t capacity = (table->mask + 1) * 2;
     Entry *entries = calloc(capacity, sizeof(Entry));
     if (entries == NULL) return -1;
+    int rehash = capacity - 1 > UINT32_MAX; /* the kept 32 bits no longer place an entry */
     for (size_t i = 0; i <= table->mask; i++) {
         const Entry *old = &table->entries[i];
-        if (old->count == 0) continue;
-        size_t slot = (size_t)old->hash & (capacity - 1);
-        while (entries[slot].count != 0) slot = (slot + 1) & (capacity - 1);
+        if (old->offset == 0) continue;
+        uint64_t hash = rehash ? key_hash(entry_key(table, old), old->length) : old->hash;
+        size_t slot = (size_t)hash & (capacity - 1);
+        while (entries[slot].offset != 0) slot = (slot + 1) & (capacity - 1);
         entries[slot] = *old;
     }
     free(table->entries);
     table->entries = entries;
     table->mask = capacity - 1;
+    table->grown++;
     return 0;
-}
-
-enum { ADDED, LEFT_OUT, OUT_OF_MEMORY };
-
-static inline uint64_t key_hash(const char *key, uint32_t length) {
-    return (uint64_t)_Py_HashBytes(key, (Py_ssize_t)length);
 }
 
 static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
@@ -678,37 +821,49 @@ static inline void table_prefetch(const KeyTable *table, uint64_t hash) {
 }
 
 /* Count `n` occurrences of key (whose key_hash is `hash`); a new key only while the
-   table holds fewer than `bound`. */
-static int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound, uint64_t n) {
+   table holds fewer than `bound`. When ADDED, *slot_out is the key's slot (valid
+   until the table next grows: see KeyTable.grown). */
+static int table_add_at(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound, uint64_t n,
+                        size_t *slot_out) {
     size_t slot = (size_t)hash & table->mask;
     for (;;) {
         Entry *entry = &table->entries[slot];
-        if (entry->count == 0) break;
-        if (entry->hash == hash && entry->length == length && memcmp(table->arena + entry->offset, key, length) == 0) {
-            entry->count += n;
+        if (entry->offset == 0) break;
+        if (entry->hash == (uint32_t)hash && entry->length == length &&
+            keys_equal(entry_key(table, entry), key, length)) {
+            entry_count_add(table, entry, n);
+            *slot_out = slot;
             return ADDED;
         }
         slot = (slot + 1) & table->mask;
     }
     if (table->used >= bound) return LEFT_OUT;
-    if (table->arena_used + length > table->arena_capacity) {
+    size_t record = COUNT_SIZE + length;
+    if (table->arena_used + record > table->arena_capacity) {
         size_t capacity = table->arena_capacity ? table->arena_capacity * 2 : 4096;
-        while (capacity < table->arena_used + length) capacity *= 2;
+        while (capacity < table->arena_used + record) capacity *= 2;
         char *arena = realloc(table->arena, capacity);
         if (arena == NULL) return OUT_OF_MEMORY;
         table->arena = arena;
         table->arena_capacity = capacity;
     }
-    memcpy(table->arena + table->arena_used, key, length);
+    memcpy(table->arena + table->arena_used, &n, COUNT_SIZE);
+    memcpy(table->arena + table->arena_used + COUNT_SIZE, key, length);
     Entry *entry = &table->entries[slot];
-    entry->hash = hash;
+    entry->hash = (uint32_t)hash;
     entry->offset = table->arena_used;
     entry->length = length;
-    entry->count = n;
-    table->arena_used += length;
+    table->arena_used += record;
     table->used++;
+    *slot_out = slot;
     if (table->used * 2 > table->mask + 1 && table_grow(table) < 0) return OUT_OF_MEMORY;
     return ADDED;
+}
+
+static inline int table_add(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound,
+                            uint64_t n) {
+    size_t slot;
+    return table_add_at(table, key, length, hash, bound, n, &slot);
 }
 
 static inline int table_count(KeyTable *table, const char *key, uint32_t length, uint64_t hash, size_t bound) {
@@ -718,6 +873,10 @@ static inline int table_count(KeyTable *table, const char *key, uint32_t length,
 static PyObject *decode_key(const char *text, Py_ssize_t length) {
     return PyUnicode_DecodeUTF8(text, length, "surrogatepass");
 }
+
+#ifndef PROFILE_CACHE_SIZE
+#define PROFILE_CACHE_SIZE 1024 /* a power of two */
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -731,6 +890,14 @@ typedef struct {
     int devices_capped, ips_capped, profiles_capped;
     char *scratch; /* a profile key being built */
     size_t scratch_capacity;
+    /* A window has only tens or hundreds of distinct profiles, yet a profile key was
+       built and SipHashed for every row. profile_cache[profile_cache_index(row)] is
+       1 + the profiles slot of the profile last counted there (0: none), valid while
+       profiles.grown == profile_cache_grown. A hit is always confirmed by comparing
+       the key's bytes, so the cheap index is no weakness: crafted values that share
+       an index only miss, and take the SipHash path as before. */
+    uint64_t profile_cache_grown;
+    uint32_t profile_cache[PROFILE_CACHE_SIZE];
 } WindowTallies;
 
 static int WindowTallies_init(WindowTallies *self, PyObject *args, PyObject *kwargs) {
@@ -787,6 +954,63 @@ static int profile_key(WindowTallies *self, const Row *row, uint32_t *length_out
     return 0;
 }
 
+static inline uint32_t field_mix(const Row *row, int k) {
+    uint32_t length = row->length[k];
+    if (length == 0) return 0;
+    const unsigned char *text = (const unsigned char *)row->text[k];
+    return length ^ ((uint32_t)text[0] << 8) ^ ((uint32_t)text[length - 1] << 16) ^ ((uint32_t)text[length / 2] << 24);
+}
+
+/* Not a hash to rely on (see profile_cache): lengths and a few bytes of each field. */
+static inline size_t profile_cache_index(const Row *row) {
+    uint64_t h = field_mix(row, K_DEVICE_TYPE);
+    h = h * 0x9E3779B97F4A7C15ULL ^ field_mix(row, K_APP_VERSION);
+    h = h * 0x9E3779B97F4A7C15ULL ^ field_mix(row, K_LOCALE);
+    h *= 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h >> 40) & (PROFILE_CACHE_SIZE - 1);
+}
+
+/* Whether a profiles entry holds exactly the row's profile key (as profile_key builds it). */
+static inline int profile_matches(const KeyTable *table, const Entry *entry, const Row *row) {
+    size_t length = 3 * sizeof(uint32_t);
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) length += row->length[k];
+    if (entry->length != length) return 0;
+    const char *p = entry_key(table, entry);
+    for (int k = K_DEVICE_TYPE; k <= K_LOCALE; k++) {
+        uint32_t field_length;
+        memcpy(&field_length, p, sizeof(uint32_t));
+        p += sizeof(uint32_t);
+        if (field_length != row->length[k] || !keys_equal(p, row->text[k], field_length)) return 0;
+        p += field_length;
+    }
+    return 1;
+}
+
+/* Count a row's profile: through the cache when it holds the profile, else as any key. */
+static int count_profile(WindowTallies *self, const Row *row) {
+    KeyTable *table = &self->profiles;
+    if (self->profile_cache_grown != table->grown) {
+        memset(self->profile_cache, 0, sizeof(self->profile_cache));
+        self->profile_cache_grown = table->grown;
+    }
+    uint32_t *cached = &self->profile_cache[profile_cache_index(row)];
+    if (*cached != 0) {
+        Entry *entry = &table->entries[*cached - 1];
+        if (profile_matches(table, entry, row)) {
+            entry_count_add(table, entry, 1);
+            return ADDED;
+        }
+    }
+    uint32_t length;
+    if (profile_key(self, row, &length) < 0) return OUT_OF_MEMORY;
+    size_t slot;
+    uint64_t grown = table->grown;
+    int outcome = table_add_at(table, self->scratch, length, key_hash(self->scratch, length), self->max_profiles, 1,
+                               &slot);
+    if (outcome == ADDED && table->grown == grown && slot < UINT32_MAX) *cached = (uint32_t)slot + 1;
+    return outcome;
+}
+
 /* Rows are counted in groups: first every key of the group is hashed and its slot
    prefetched, then counted. The device and IP tables of a busy window are larger
    than the CPU caches, and a lookup that waits for memory was most of the time. */
@@ -824,11 +1048,7 @@ static PyObject *WindowTallies_add(WindowTallies *self, PyObject *args) {
         for (int g = 0; g < size && !failed; g++) {
             const Row *row = group[g];
             added++;
-            uint32_t length;
-            int outcome = OUT_OF_MEMORY;
-            if (profile_key(self, row, &length) == 0)
-                outcome = table_count(&self->profiles, self->scratch, length, key_hash(self->scratch, length),
-                                      self->max_profiles);
+            int outcome = count_profile(self, row);
             if (outcome == LEFT_OUT) self->profiles_capped = 1;
             if (row->length[K_DEVICE_ID] == 0) {
                 self->missing_device_id++;
@@ -863,8 +1083,8 @@ static PyObject *WindowTallies_profile_counts(WindowTallies *self, PyObject *unu
     const KeyTable *table = &self->profiles;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        const char *p = table->arena + entry->offset;
+        if (entry->offset == 0) continue;
+        const char *p = entry_key(table, entry);
         PyObject *key = PyTuple_New(3);
         if (key == NULL) goto fail;
         for (int k = 0; k < 3; k++) {
@@ -879,7 +1099,7 @@ static PyObject *WindowTallies_profile_counts(WindowTallies *self, PyObject *unu
             }
             PyTuple_SET_ITEM(key, k, text);
         }
-        PyObject *count = PyLong_FromUnsignedLongLong(entry->count);
+        PyObject *count = PyLong_FromUnsignedLongLong(entry_count(table, entry));
         int failed = count == NULL || PyDict_SetItem(result, key, count) < 0;
         Py_DECREF(key);
         Py_XDECREF(count);
@@ -919,8 +1139,8 @@ static size_t rank_ips(const KeyTable *table, Ranked *ranked, size_t n) {
         size_t r = 0;
         for (size_t i = 0; i <= table->mask && table->entries; i++) {
             const Entry *entry = &table->entries[i];
-            if (entry->count == 0) continue;
-            ranked[r++] = (Ranked){entry->count, table->arena + entry->offset, entry->length};
+            if (entry->offset == 0) continue;
+            ranked[r++] = (Ranked){entry_count(table, entry), entry_key(table, entry), entry->length};
         }
         qsort(ranked, used, sizeof(Ranked), by_count_then_key);
         return n < used ? n : used;
@@ -928,8 +1148,8 @@ static size_t rank_ips(const KeyTable *table, Ranked *ranked, size_t n) {
     size_t kept = 0;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        Ranked candidate = {entry->count, table->arena + entry->offset, entry->length};
+        if (entry->offset == 0) continue;
+        Ranked candidate = {entry_count(table, entry), entry_key(table, entry), entry->length};
         if (kept == n && by_count_then_key(&candidate, &ranked[n - 1]) >= 0) continue;
         size_t at = kept < n ? kept++ : n - 1; /* the last place, freed or dropped */
         while (at > 0 && by_count_then_key(&candidate, &ranked[at - 1]) < 0) {
@@ -968,9 +1188,9 @@ static PyObject *table_keys(const KeyTable *table, int with_counts) {
     if (result == NULL) return NULL;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
-        PyObject *key = decode_key(table->arena + entry->offset, entry->length);
-        PyObject *count = key ? PyLong_FromUnsignedLongLong(entry->count) : NULL;
+        if (entry->offset == 0) continue;
+        PyObject *key = decode_key(entry_key(table, entry), entry->length);
+        PyObject *count = key ? PyLong_FromUnsignedLongLong(entry_count(table, entry)) : NULL;
         int failed = count == NULL ||
                      (with_counts ? PyDict_SetItem(result, key, count) : PySet_Add(result, key)) < 0;
         Py_XDECREF(key);
@@ -1074,7 +1294,7 @@ static PyObject *pack_table(const KeyTable *table, int with_counts) {
     size_t size = 0;
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
+        if (entry->offset == 0) continue;
         if (entry->length > 0xffff) {
             PyErr_SetString(PyExc_ValueError, "a value longer than 65535 bytes cannot be packed");
             return NULL;
@@ -1087,12 +1307,12 @@ static PyObject *pack_table(const KeyTable *table, int with_counts) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t i = 0; i <= table->mask && table->entries; i++) {
         const Entry *entry = &table->entries[i];
-        if (entry->count == 0) continue;
+        if (entry->offset == 0) continue;
         put_u16(out, entry->length);
-        memcpy(out + 2, table->arena + entry->offset, entry->length);
+        memcpy(out + 2, entry_key(table, entry), entry->length);
         out += 2 + entry->length;
         if (with_counts) {
-            put_u64(out, entry->count);
+            put_u64(out, entry_count(table, entry));
             out += 8;
         }
     }
@@ -1216,6 +1436,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__login_columns(void) {
     for (int c = 0x20; c <= 0x7E; c++) PLAIN[c] = c != '"' && c != '\\';
+    choose_hash();
     if (PyType_Ready(&LoginBatchType) < 0 || PyType_Ready(&WindowTalliesType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
