@@ -52,7 +52,7 @@ class WindowCloser:
         self._aggregator = aggregator
         self._parts = parts
         self._producer = producer
-        self._dead_letters = dead_letters
+        self.dead_letters = dead_letters
         self._commits = commits
         self._health = health
         self._report = report
@@ -105,7 +105,7 @@ class WindowCloser:
     def safe_offsets(self) -> dict[int, int]:
         """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
         copy, still needs."""
-        return safe_offsets(self._aggregator.committable_offsets(), self._dead_letters.holds())
+        return safe_offsets(self._aggregator.committable_offsets(), self.dead_letters.holds())
 
     def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
         return encode_part(

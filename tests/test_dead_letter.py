@@ -177,7 +177,9 @@ def test_the_processor_commits_past_an_invalid_record_only_once_its_copy_is_stor
     )
     dlq_producer.produce("dlq", b"warm-up")
     assert dlq_producer.flush(10) == 0
-    processor.dead_letters = DeadLetterQueue(dlq_producer, "dlq", "test-host", processor.stop_requested.is_set)
+    # The poll loop copies to it and the window closer holds offsets for it: one queue.
+    dead_letters = DeadLetterQueue(dlq_producer, "dlq", "test-host", processor.stop_requested.is_set)
+    processor.dead_letters = processor.closer.dead_letters = dead_letters
     exit_code: list[int] = []
     runner = threading.Thread(target=lambda: exit_code.append(processor.run()))
     try:
