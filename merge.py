@@ -389,6 +389,16 @@ class MergeState:
     def pending_windows(self) -> int:
         return len(self._windows)
 
+    def holding_partitions(self) -> list[int]:
+        """The input partitions the next window waits on: those not heard from yet, else
+        those that have closed the fewest windows."""
+        count = self._partition_count
+        missing = [p for p in range(count) if p not in self._closed_until]
+        if missing or count == 0:
+            return missing
+        lowest = min(self._closed_until[p] for p in range(count))
+        return [p for p in range(count) if self._closed_until[p] == lowest]
+
     def incomplete_parts(self) -> list[tuple[int, int, int, int]]:
         """(window start, partition, pieces received, pieces) of every part begun and not
         complete, oldest window first: what a window that should be due waits for."""
@@ -397,3 +407,29 @@ class MergeState:
             for window in self._windows.values()
             for (partition, _), part in window.assembling.items()
         )
+
+
+class MergeStall:
+    """Whether to warn that the merge is stuck: newer parts are in, yet no window was
+    published for `after_seconds`, and no warning was given for as long. An operator
+    then learns which partitions hold it (their processor is stuck, or that partition
+    is far behind the others); catching up on a backlog takes seconds, not this long.
+    The caller passes the time (monotonic seconds), so this stays pure."""
+
+    def __init__(self, after_seconds: float) -> None:
+        self.after_seconds = after_seconds
+        self._published_until: int | None = None
+        self._since: float | None = None  # no progress since
+        self._warned_at: float | None = None
+
+    def due(self, now: float, published_until: int, newest_part_end: int | None) -> bool:
+        behind = newest_part_end is not None and newest_part_end > published_until
+        if not behind or published_until != self._published_until or self._since is None:
+            self._published_until, self._since, self._warned_at = published_until, now, None
+            return False
+        if now - self._since < self.after_seconds:
+            return False
+        if self._warned_at is not None and now - self._warned_at < self.after_seconds:
+            return False
+        self._warned_at = now
+        return True

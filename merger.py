@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from aggregator import ClosedWindow, iso_utc
 from config import Settings
 from kafka_io import BrokerHealth, close_within
-from merge import MergeState
+from merge import MergeStall, MergeState
 from parts import BadPartialRecord, UnknownPartFormat, decode_partial
 
 log = logging.getLogger("merger")
@@ -36,6 +36,8 @@ log = logging.getLogger("merger")
 _PUBLISH_ATTEMPT_SECONDS = 5.0
 # At shutdown: how long the merger goes on reading the last parts of this processor.
 _DRAIN_SECONDS = 5.0
+# How long the merge may stand still, with newer parts in, before it says what it waits on.
+_STALL_SECONDS = 60.0
 
 
 def merge_group_id(settings: Settings) -> str:
@@ -65,6 +67,7 @@ class WindowMerger:
         )
         self._producer = Producer({**producer_config, "error_cb": health.on_error})
         self._state: MergeState | None = None
+        self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
         self._in_flight: dict[int, ClosedWindow] = {}
         self._delivered: dict[int, float] = {}
@@ -114,6 +117,7 @@ class WindowMerger:
                 for message in messages:
                     self._add(message)
                 self._publish_due()
+                self._warn_if_stalled()
                 if drain_until is not None and (
                     time.monotonic() > drain_until or (not self._in_flight and self._read_to(drain_to))
                 ):
@@ -124,6 +128,29 @@ class WindowMerger:
             self.stop.set()
         finally:
             self._close()
+
+    def _warn_if_stalled(self) -> None:
+        """Name what the merge waits on when it has stood still for long (`MergeStall`)."""
+        state = self._state
+        if state is None or not self._stall.due(time.monotonic(), state.published_until, state.newest_part_end()):
+            return
+        closed = state.closed_until()
+        holding = [
+            f"{p} (closed up to {iso_utc(closed[p])})" if p in closed else f"{p} (no window closed there yet)"
+            for p in state.holding_partitions()
+        ]
+        incomplete = [
+            f"partition {p} of window {iso_utc(start)} ({received} of {pieces} pieces)"
+            for start, p, received, pieces in state.incomplete_parts()[:3]
+        ]
+        log.warning(
+            "no window published for %.0fs or more although parts up to %s are in: waiting for input partition(s) %s%s;"
+            " their processor is stuck or far behind",
+            self._stall.after_seconds,
+            iso_utc(state.newest_part_end()),
+            ", ".join(holding) or "none",
+            "; incomplete: " + ", ".join(incomplete) if incomplete else "",
+        )
 
     def _end_offset(self) -> int | None:
         """Where the partials topic ends now (None if not the merger or unknown)."""

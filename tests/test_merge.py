@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import DEFAULT_MAX_DISTINCT, WindowTallies, iso_utc, render_window_value, tallies_for
-from merge import MergedTallies, MergeState
+from merge import MergedTallies, MergeStall, MergeState
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from parts import decode_partial, encode_part, encode_progress
 from tests.oracle import expected_windows
@@ -436,6 +436,36 @@ class TestPublishedAndOffsets:
         feeder(encode_progress(1, 2, T0 + W))
         feeder.state.mark_published([T0])
         assert feeder.state.newest_part_end() - feeder.state.published_until == 3 * W
+
+    def test_the_partitions_a_window_waits_on_are_named(self):
+        feeder = Feeder()
+        feeder(encode_progress(0, 3, T0 + 2 * W))
+        assert feeder.state.holding_partitions() == [1, 2]  # nothing from them yet
+        feeder(encode_progress(1, 3, T0 + W), encode_progress(2, 3, T0 + 2 * W))
+        assert feeder.state.holding_partitions() == [1]  # the one that closed the fewest
+        feeder(encode_progress(1, 3, T0 + 2 * W))
+        assert feeder.state.holding_partitions() == [0, 1, 2]
+
+
+class TestMergeStall:
+    """The operator's warning: newer parts in, nothing published for a while."""
+
+    def test_warns_once_per_period_while_stuck_and_not_while_moving(self):
+        stall = MergeStall(after_seconds=60)
+        assert not stall.due(0, published_until=T0, newest_part_end=T0 + 5 * W)
+        assert not stall.due(59, published_until=T0, newest_part_end=T0 + 6 * W)
+        assert stall.due(60, published_until=T0, newest_part_end=T0 + 6 * W)
+        assert not stall.due(100, published_until=T0, newest_part_end=T0 + 6 * W)  # said already
+        assert stall.due(120, published_until=T0, newest_part_end=T0 + 6 * W)  # still stuck: again
+        assert not stall.due(121, published_until=T0 + W, newest_part_end=T0 + 6 * W)  # it moved
+        assert not stall.due(180, published_until=T0 + W, newest_part_end=T0 + 6 * W)
+        assert stall.due(181, published_until=T0 + W, newest_part_end=T0 + 6 * W)
+
+    def test_nothing_newer_to_publish_is_no_stall(self):
+        stall = MergeStall(after_seconds=60)
+        for now in range(0, 600, 30):  # a quiet input: parts stop, and so do windows
+            assert not stall.due(now, published_until=T0 + W, newest_part_end=T0 + W)
+        assert not stall.due(601, published_until=T0 + W, newest_part_end=None)
 
 
 # ---- bounds -------------------------------------------------------------------------------------------
