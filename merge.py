@@ -410,8 +410,9 @@ class MergeState:
 
 
 class MergeStall:
-    """Whether to warn that the merge is stuck: newer parts are in, yet no window was
-    published for `after_seconds`, and no warning was given for as long. An operator
+    """Whether to warn that the merge is stuck: windows are held (some partitions have
+    closed them, not all), yet no window was published for `after_seconds`, and no
+    warning was given for as long. An operator
     then learns which partitions hold it (their processor is stuck, or that partition
     is far behind the others); catching up on a backlog takes seconds, not this long.
     The caller passes the time (monotonic seconds), so this stays pure."""
@@ -422,9 +423,8 @@ class MergeStall:
         self._since: float | None = None  # no progress since
         self._warned_at: float | None = None
 
-    def due(self, now: float, published_until: int, newest_part_end: int | None) -> bool:
-        behind = newest_part_end is not None and newest_part_end > published_until
-        if not behind or published_until != self._published_until or self._since is None:
+    def due(self, now: float, published_until: int, windows_held: int) -> bool:
+        if not windows_held or published_until != self._published_until or self._since is None:
             self._published_until, self._since, self._warned_at = published_until, now, None
             return False
         if now - self._since < self.after_seconds:

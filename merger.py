@@ -132,7 +132,7 @@ class WindowMerger:
     def _warn_if_stalled(self) -> None:
         """Name what the merge waits on when it has stood still for long (`MergeStall`)."""
         state = self._state
-        if state is None or not self._stall.due(time.monotonic(), state.published_until, state.newest_part_end()):
+        if state is None or not self._stall.due(time.monotonic(), state.published_until, state.pending_windows()):
             return
         closed = state.closed_until()
         holding = [
@@ -144,10 +144,11 @@ class WindowMerger:
             for start, p, received, pieces in state.incomplete_parts()[:3]
         ]
         log.warning(
-            "no window published for %.0fs or more although parts up to %s are in: waiting for input partition(s) %s%s;"
-            " their processor is stuck or far behind",
+            "no window published for %.0fs or more although %d window(s) up to %s wait: waiting for input"
+            " partition(s) %s%s; their processor is stuck or far behind",
             self._stall.after_seconds,
-            iso_utc(state.newest_part_end()),
+            state.pending_windows(),
+            iso_utc(state.newest_part_end() or state.published_until),
             ", ".join(holding) or "none",
             "; incomplete: " + ", ".join(incomplete) if incomplete else "",
         )

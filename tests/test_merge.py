@@ -452,20 +452,19 @@ class TestMergeStall:
 
     def test_warns_once_per_period_while_stuck_and_not_while_moving(self):
         stall = MergeStall(after_seconds=60)
-        assert not stall.due(0, published_until=T0, newest_part_end=T0 + 5 * W)
-        assert not stall.due(59, published_until=T0, newest_part_end=T0 + 6 * W)
-        assert stall.due(60, published_until=T0, newest_part_end=T0 + 6 * W)
-        assert not stall.due(100, published_until=T0, newest_part_end=T0 + 6 * W)  # said already
-        assert stall.due(120, published_until=T0, newest_part_end=T0 + 6 * W)  # still stuck: again
-        assert not stall.due(121, published_until=T0 + W, newest_part_end=T0 + 6 * W)  # it moved
-        assert not stall.due(180, published_until=T0 + W, newest_part_end=T0 + 6 * W)
-        assert stall.due(181, published_until=T0 + W, newest_part_end=T0 + 6 * W)
+        assert not stall.due(0, published_until=T0, windows_held=5)
+        assert not stall.due(59, published_until=T0, windows_held=6)
+        assert stall.due(60, published_until=T0, windows_held=6)
+        assert not stall.due(100, published_until=T0, windows_held=6)  # said already
+        assert stall.due(120, published_until=T0, windows_held=6)  # still stuck: again
+        assert not stall.due(121, published_until=T0 + W, windows_held=5)  # it moved
+        assert not stall.due(180, published_until=T0 + W, windows_held=5)
+        assert stall.due(181, published_until=T0 + W, windows_held=5)
 
-    def test_nothing_newer_to_publish_is_no_stall(self):
+    def test_no_window_held_is_no_stall(self):
         stall = MergeStall(after_seconds=60)
         for now in range(0, 600, 30):  # a quiet input: parts stop, and so do windows
-            assert not stall.due(now, published_until=T0 + W, newest_part_end=T0 + W)
-        assert not stall.due(601, published_until=T0 + W, newest_part_end=None)
+            assert not stall.due(now, published_until=T0 + W, windows_held=0)
 
 
 # ---- bounds -------------------------------------------------------------------------------------------
