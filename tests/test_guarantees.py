@@ -32,16 +32,17 @@ def published_values(bootstrap: str, topic: str) -> dict[str, dict]:
 
 
 def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
-    """160k records, 8 minutes of event time, 4 partitions; killed up to 5 times, restarted each time."""
+    """100k records, 8 minutes of event time, 4 partitions; killed up to 5 times, restarted each time."""
     rng = random.Random(20261125)
     topics.create(input_partitions=4)
     start = aligned_past(30)
-    records = login_workload(start, seconds=480, count=160_000, partitions=4, seed=11)
+    records = login_workload(start, seconds=480, count=100_000, partitions=4, seed=11)
     produce(topics.bootstrap, topics.input, records)
     expected = expected_windows(oracle_input(records))
     assert len(expected) == 16
-    # Tiny batches make a run last seconds, so that kills land mid-stream.
-    env = topics.env(CONSUME_BATCH_SIZE="5")
+    # Tiny batches make a run last seconds, so that kills land mid-stream. A short
+    # session: each restart waits for the group to expire the member just killed.
+    env = topics.env(CONSUME_BATCH_SIZE="5", KAFKA_SESSION_TIMEOUT_MS="3000", KAFKA_HEARTBEAT_INTERVAL_MS="1000")
 
     # An uninterrupted run, into its own output topic and group, as the yardstick.
     reference_topics = Topics(topics.bootstrap, topics.input, f"{topics.output}-ref", topics.dlq, f"{topics.group}-ref")
