@@ -162,10 +162,15 @@ def ensure_topics(
                 raise
             health.raise_if_refused(admin)
             health.on_error(KafkaError(KafkaError._TRANSPORT, str(kafka_error or error)))
-            deadline = time.monotonic() + retry_seconds
-            while time.monotonic() < deadline and not should_stop():
-                time.sleep(0.1)
+            sleep_unless_stopped(retry_seconds, should_stop)
     return False
+
+
+def sleep_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> None:
+    """Wait `seconds` before retrying, but answer a stop request within 0.1 s."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not should_stop():
+        time.sleep(0.1)
 
 
 def partition_runs(messages: list[Message]) -> tuple[list[tuple[int, list[Message]]], list[KafkaError]]:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, KafkaException
 
 from config import Settings
-from kafka_io import BrokerHealth, ensure_topics, read_topic_tail
+from kafka_io import BrokerHealth, ensure_topics, read_topic_tail, sleep_unless_stopped
 from processor_report import epoch_of
 
 log = logging.getLogger("processor")
@@ -80,9 +80,7 @@ class PipelineTopics:
                 return self.published_until()
             except KafkaException as error:
                 self._health.on_error(KafkaError(KafkaError._TRANSPORT, str(error)))
-            retry_at = time.monotonic() + _RETRY_SECONDS
-            while time.monotonic() < retry_at and not self._should_stop():
-                time.sleep(0.1)
+            sleep_unless_stopped(_RETRY_SECONDS, self._should_stop)
         return None
 
     def published_until_or_unknown(self) -> int:

@@ -33,9 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from embedded_broker import EmbeddedBroker  # noqa: E402
-from tests.conftest import ProcessorProcess, Topics, aligned_past, latest_by_key, produce, read_topic  # noqa: E402
-from tests.oracle import decode_object, expected_windows  # noqa: E402
-from tests.workloads import login_workload  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ProcessorProcess,
+    Topics,
+    aligned_past,
+    latest_by_key,
+    produce,
+    read_topic,
+    wait_until,
+)
+from tests.oracle import expected_windows  # noqa: E402
+from tests.workloads import invalid_record_positions, login_workload  # noqa: E402
 
 PARTITIONS = 6
 
@@ -53,13 +61,11 @@ def backlog(topics: Topics, records: int, seed: int) -> tuple[list, dict]:
 
 
 def wait_for(condition, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(interval)
-    return None
+    """`wait_until`, with None on a timeout: the script reports, it does not raise."""
+    try:
+        return wait_until(condition, timeout, interval)
+    except AssertionError:
+        return None
 
 
 def windows_now(topics: Topics) -> dict[str, bytes]:
@@ -90,24 +96,11 @@ def last_assignment(processor: ProcessorProcess) -> str:
     return "all" if words[0] == "all" else words[1]
 
 
-def invalid_positions(workload: list) -> set[tuple[bytes, bytes]]:
-    """(partition, offset) of each invalid record, as the DLQ headers spell them: the
-    topic was new, so the n-th record produced to a partition has offset n."""
-    next_offset: dict[int, int] = {}
-    positions = set()
-    for partition, value, _ in workload:
-        offset = next_offset.get(partition, 0)
-        next_offset[partition] = offset + 1
-        if decode_object(value) is None:  # the oracle's rule: not a JSON object
-            positions.add((str(partition).encode(), str(offset).encode()))
-    return positions
-
-
 def check_group_sizes(bootstrap: str, records: int, logs: Path) -> bool:
     topics = make_topics(bootstrap, "sizes")
     workload, expected = backlog(topics, records, seed=11)
     print(f"(1) {records:,} records, {PARTITIONS} partitions, 10 min of event time: {len(expected)} windows expected")
-    invalid = invalid_positions(workload)
+    invalid = invalid_record_positions(workload)
     outputs, ok = {}, True
     for count in (1, 2, 3):
         # The same input; output, DLQ, partials topic and group of this run's own.
@@ -119,7 +112,7 @@ def check_group_sizes(bootstrap: str, records: int, logs: Path) -> bool:
         exact = same_windows(published, expected)
         exits = all(code == 0 for code, _ in members)
         copies = [dict(m.headers()) for m in read_topic(run.bootstrap, run.dlq)]
-        in_dlq = invalid <= {(h["dlq.source.partition"], h["dlq.source.offset"]) for h in copies}
+        in_dlq = invalid <= {(int(h["dlq.source.partition"]), int(h["dlq.source.offset"])) for h in copies}
         ok &= exact and exits and in_dlq
         owned = " | ".join(partitions for _, partitions in members)
         print(

@@ -18,7 +18,7 @@ from confluent_kafka import Consumer
 from embedded_broker import EmbeddedBroker, free_port
 from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
 from tests.oracle import decode_object, expected_windows
-from tests.workloads import login_workload
+from tests.workloads import invalid_record_positions, login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -97,17 +97,11 @@ def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
     assert sum(1 for _, windows_out in kills if windows_out < len(expected)) >= 3, kills
     assert published_values(topics.bootstrap, topics.output) == uninterrupted, kills
     # Every invalid record reached the DLQ at least once (copies may repeat after a kill).
-    invalid_positions = Counter()
-    per_partition: dict[int, int] = Counter()
-    for partition, value, _ in records:
-        if decode_object(value) is None:
-            invalid_positions[(partition, per_partition[partition])] += 1
-        per_partition[partition] += 1
     dead = {
         (int(h["dlq.source.partition"]), int(h["dlq.source.offset"]))
         for h in ({k: v.decode() for k, v in m.headers()} for m in read_topic(topics.bootstrap, topics.dlq))
     }
-    assert set(invalid_positions) <= dead
+    assert invalid_record_positions(records) <= dead
 
 
 def test_a_consumer_joining_and_leaving_the_group_changes_nothing(topics, start_processor):

@@ -50,3 +50,19 @@ def login_workload(
             event["timestamp"] = rng.choice([None, "soon", True, 9_999_999_999])  # falls back to Kafka time
         records.append((partition, json.dumps(event).encode(), kafka_ms))
     return records
+
+
+def invalid_record_positions(records: list[tuple[int, bytes | None, int]]) -> set[tuple[int, int]]:
+    """(partition, offset) of every record the contract calls invalid (the oracle's rule),
+    once `records` are produced in order to a new topic: the n-th record of a partition
+    has offset n. What the dead-letter headers must cover."""
+    from tests.oracle import decode_object
+
+    next_offset: dict[int, int] = {}
+    positions = set()
+    for partition, value, _ in records:
+        offset = next_offset.get(partition, 0)
+        next_offset[partition] = offset + 1
+        if decode_object(value) is None:
+            positions.add((partition, offset))
+    return positions
