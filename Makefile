@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test lint bench clean
+.PHONY: run broker test test-fast lint bench clean
 
 # requirements.txt names ./native, the native parser (native/login_columns.c) as a
 # local package: pip compiles and installs it with the rest. pip rebuilds and
@@ -35,6 +35,9 @@ lint: $(BIN)/.installed  ## ruff: lint and format check
 
 test: lint  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/python -m pytest
+
+test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker (under a minute)
+	$(BIN)/python -m pytest -m "not broker"
 
 bench: $(BIN)/.installed  ## throughput and memory figures (see README, Performance)
 	$(BIN)/python benchmarks/throughput.py
