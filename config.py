@@ -98,7 +98,9 @@ class Settings:
     input_topic: str = "user-login"
     output_topic: str = "device-login-aggregates"
     # Internal: per-partition parts of windows, merged by one processor (see merge.py).
-    partials_topic: str = "device-login-aggregates-partials"
+    # Named after the group when not set (`<CONSUMER_GROUP_ID>-partials`), as Kafka
+    # Streams names internal topics after application.id: a pipeline's own by default.
+    partials_topic: str = ""
     dlq_topic: str = "user-login-dlq"
     consumer_group_id: str = "login-aggregator"
     window_seconds: int = 30
@@ -122,10 +124,27 @@ class Settings:
     consume_batch_size: int = 5000
     # Port of the Prometheus endpoint; 0 turns it off.
     metrics_port: int = 0
+    # The merger's memory bound while windows wait on a stuck member: past it, parts of
+    # later windows are read again once the held ones are published (merge.py).
+    merge_max_pending_windows: int = 64
+    merge_max_pending_mb: int = 512
     # Pass-through librdkafka properties (already lower-cased and dotted).
     kafka_common: Mapping[str, str] = field(default_factory=dict)
     kafka_consumer: Mapping[str, str] = field(default_factory=dict)
     kafka_producer: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.partials_topic:
+            object.__setattr__(self, "partials_topic", f"{self.consumer_group_id}-partials")
+
+    @property
+    def merge_max_pending_bytes(self) -> int:
+        return self.merge_max_pending_mb * 1024 * 1024
+
+    def window_shaping(self) -> dict[str, int]:
+        """The settings that shape a window's value, by environment name: every part
+        carries them, and a merger never merges parts made under others (merge.py)."""
+        return {name: getattr(self, _SETTINGS[name][0]) for name in WINDOW_SHAPING_SETTINGS}
 
     def consumer_config(self) -> dict[str, str]:
         """librdkafka settings a consumer should see: common + consumer-only."""
@@ -266,7 +285,40 @@ _SETTINGS = {
     "CLOSE_INTERVAL_SECONDS": ("close_interval_seconds", _positive_float, "how often windows are checked"),
     "CONSUME_BATCH_SIZE": ("consume_batch_size", _positive_int, "records per consume() call"),
     "METRICS_PORT": ("metrics_port", _port, "Prometheus endpoint port, 0 = off"),
+    "MERGE_MAX_PENDING_WINDOWS": (
+        "merge_max_pending_windows",
+        _positive_int,
+        "windows the merger holds while one waits on a stuck member; later ones are read again after",
+    ),
+    "MERGE_MAX_PENDING_MB": (
+        "merge_max_pending_mb",
+        _positive_int,
+        "megabytes of parts the merger holds while windows wait on a stuck member",
+    ),
 }
+
+
+# Settings that change what a window's value is (not only where or how fast it goes).
+# Members of one group must agree on them; changing one means stopping the group or a
+# new CONSUMER_GROUP_ID (docs/operations.md).
+WINDOW_SHAPING_SETTINGS = (
+    "WINDOW_SECONDS",
+    "ALLOWED_LATENESS_SECONDS",
+    "MAX_EVENT_TIME_SKEW_SECONDS",
+    "TOP_IPS",
+    "MAX_FIELD_LENGTH",
+    "MAX_DISTINCT_PER_WINDOW",
+    "MAX_PROFILES_PER_WINDOW",
+)
+
+
+# Defaults that are derived from another setting, as --help shows them.
+_DERIVED_DEFAULTS = {"PARTIALS_TOPIC": "<CONSUMER_GROUP_ID>-partials"}
+
+
+def shown_default(env_name: str, default: object) -> str:
+    """A setting's default as --help and the README show it."""
+    return _DERIVED_DEFAULTS.get(env_name, str(default))
 
 
 def _flag(env_name: str) -> str:
@@ -325,7 +377,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, only: Iterable[str] 
     group = parser.add_argument_group("settings (flags override environment and .env)")
     for env_name in names:
         field_name, _, help_text = _SETTINGS[env_name]
-        text = f"{help_text} (default: {defaults[field_name]}; env {env_name})"
+        text = f"{help_text} (default: {shown_default(env_name, defaults[field_name])}; env {env_name})"
         group.add_argument(*_flags(env_name), dest=env_name, metavar="VALUE", help=text.replace("%", "%%"))
     group.add_argument("--env-file", default=".env", help="file of KEY=VALUE settings (default: .env)")
     if parser.epilog is None:
@@ -355,7 +407,21 @@ def build_settings(
         elif env_name in environ:
             values[field_name] = parse(env_name, environ[env_name])
     common, consumer, producer = _kafka_passthrough(environ)
+    _refuse_cooperative_assignment(consumer, environ)
     return Settings(**values, kafka_common=common, kafka_consumer=consumer, kafka_producer=producer)
+
+
+def _refuse_cooperative_assignment(consumer: Mapping[str, str], environ: Mapping[str, str]) -> None:
+    """The incremental (cooperative) rebalance protocol is refused at start: with it,
+    confluent-kafka aborted a processor stopping on SIGTERM (an assertion in its
+    rebalance callback state, exit -6), so the group's windows cannot be promised.
+    The eager assignors (range, the default, and roundrobin) are what is tested."""
+    strategy = consumer.get("partition.assignment.strategy", "")
+    if "cooperative" in strategy.lower():
+        raise ConfigError(
+            env_name_of("partition.assignment.strategy", environ),
+            f"{strategy!r} is not supported (the cooperative protocol); use range (the default) or roundrobin",
+        )
 
 
 def _kafka_passthrough(environ: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:

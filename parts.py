@@ -10,7 +10,16 @@ holds a window.
 Format: MessagePack (msgspec), each record an array whose first two elements are
 its tag ("part" or "progress") and `PARTS_FORMAT_VERSION`. Leading with both is
 what lets a decoder tell a record of another format version from a damaged one,
-whatever that version's layout is. A part larger than `max_bytes` (the broker's
+whatever that version's layout is.
+
+Evolution: a field added at the *end* of a record keeps the version, because a
+reader of the same version ignores trailing elements it does not know (msgspec's
+array-like structs do) and a writer of the previous release's records leaves them
+out (they decode to their defaults). That is how the pipeline identity and the
+window-shaping settings (`PartOrigin`) were added, so that a group can be upgraded
+one member at a time from the release before them. The version changes only for a
+layout older readers cannot read; a merger that meets a newer version leaves the
+merge to a member that knows it (merger.py). A part larger than `max_bytes` (the broker's
 message size) is split into *pieces*: the additive scalars (message, missing,
 invalid and late counts) ride in piece 0 only, so that summing every piece of a
 part counts them once; profiles, device ids and IP counts are spread over the
@@ -38,6 +47,31 @@ _MAX_PIECES = 2**32 - 1  # the widest integer a piece number is sized for (5 byt
 _LIST_HEADER_SLACK = 4  # an empty array's header is 1 byte, a long one's up to 5
 
 
+class PartOrigin(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """Whose a partials record is and under which settings it was made.
+
+    `input_topic` and `group` name the pipeline: a merger skips another pipeline's
+    records (a shared or reused partials topic). `shaping` holds the settings that
+    shape a window's value (config.Settings.window_shaping): a merger never merges a
+    part made under other settings than its own. Records of the release before these
+    fields decode with them empty: unknown, taken as this pipeline's and this merger's.
+    """
+
+    input_topic: str = ""
+    group: str = ""
+    shaping: dict[str, int] = msgspec.field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.group)
+
+    def describe(self) -> str:
+        return f"input {self.input_topic!r}, group {self.group!r}" if self.known else "an older release"
+
+
+UNKNOWN_ORIGIN = PartOrigin()
+
+
 class PartialRecordError(ValueError):
     """A partials-topic record this merger cannot use."""
 
@@ -48,12 +82,25 @@ class BadPartialRecord(PartialRecordError):
 
 
 class UnknownPartFormat(PartialRecordError):
-    """A record of another format version: a publisher newer (or older) than this merger.
-    Skipping it would publish windows without that publisher's parts, so the merger
-    must not treat it as damage."""
+    """A record of a newer format version than this merger reads. Skipping it would
+    publish windows without that publisher's parts, so the merger must not treat it as
+    damage: it leaves the merge to a member that reads it."""
 
     def __init__(self, version: object) -> None:
-        super().__init__(f"partials record of format version {version!r}; this merger reads {PARTS_FORMAT_VERSION}")
+        super().__init__(
+            f"partials record of format version {version!r}, newer than this processor's {PARTS_FORMAT_VERSION}"
+        )
+        self.version = version
+
+
+class ObsoletePartFormat(BadPartialRecord):
+    """A record of a format older than the previous release's: no member of a group
+    upgraded one release at a time can still be writing it."""
+
+    def __init__(self, version: object) -> None:
+        super().__init__(
+            f"partials record of format version {version!r}, older than this processor reads ({PARTS_FORMAT_VERSION})"
+        )
         self.version = version
 
 
@@ -77,6 +124,8 @@ class PartPiece(msgspec.Struct, tag="part", array_like=True, frozen=True, gc=Fal
     capped: list[str]  # the part's tallies' capped(): output fields that are lower bounds
     invalid_message_count: int
     late_message_count: int
+    # Added at the end (see "Evolution" above): empty in the previous release's records.
+    origin: PartOrigin = UNKNOWN_ORIGIN
 
     @property
     def device_ids(self) -> list[str]:
@@ -103,6 +152,7 @@ class Progress(msgspec.Struct, tag="progress", array_like=True, frozen=True, gc=
     partition: int
     partition_count: int
     closed_until: int
+    origin: PartOrigin = UNKNOWN_ORIGIN  # added at the end, like PartPiece.origin
 
     def __post_init__(self) -> None:
         _check_partition(self.partition, self.partition_count)
@@ -214,6 +264,7 @@ def encode_part(
     late: int,
     max_bytes: int,
     part_id: str | None = None,
+    origin: PartOrigin = UNKNOWN_ORIGIN,
 ) -> list[bytes]:
     """One publication of `partition`'s part of a window, as pieces of at most `max_bytes`.
 
@@ -253,6 +304,7 @@ def encode_part(
             capped=capped if first else [],
             invalid_message_count=invalid if first else 0,
             late_message_count=late if first else 0,
+            origin=origin,
         )
 
     # The usual part fits in one piece: no sizes to work out.
@@ -307,25 +359,32 @@ def _cut_packed(packed: bytes, with_counts: bool, limit: int) -> list[bytes]:
     return chunks
 
 
-def encode_progress(partition: int, partition_count: int, closed_until: int) -> bytes:
+def encode_progress(
+    partition: int, partition_count: int, closed_until: int, origin: PartOrigin = UNKNOWN_ORIGIN
+) -> bytes:
     """Partition `partition` has closed every window ending at or before `closed_until`:
     the merger need not wait for its parts of those windows any longer."""
-    return _encode(Progress(PARTS_FORMAT_VERSION, partition, partition_count, closed_until))
+    return _encode(Progress(PARTS_FORMAT_VERSION, partition, partition_count, closed_until, origin))
 
 
 def decode_partial(data: bytes) -> PartPiece | Progress:
-    """A partials-topic record; `UnknownPartFormat` for another format version,
-    `BadPartialRecord` for anything else that is not a record."""
+    """A partials-topic record; `UnknownPartFormat` for a newer format version,
+    `ObsoletePartFormat` for an older one, `BadPartialRecord` for anything else that
+    is not a record."""
     try:
         record = _decode(data)
     except (msgspec.DecodeError, TypeError) as error:
         version = _version_of(data)
         if version is not None and version != PARTS_FORMAT_VERSION:
-            raise UnknownPartFormat(version) from error
+            raise _other_version(version) from error
         raise BadPartialRecord(f"not a partials record: {error}") from error
     if record.version != PARTS_FORMAT_VERSION:
-        raise UnknownPartFormat(record.version)
+        raise _other_version(record.version)
     return record
+
+
+def _other_version(version: int) -> PartialRecordError:
+    return UnknownPartFormat(version) if version > PARTS_FORMAT_VERSION else ObsoletePartFormat(version)
 
 
 def _version_of(data: bytes) -> int | None:

@@ -78,7 +78,8 @@ def test_topics_created_are_the_ones_the_code_uses(compose):
     }
     for name in ("processor", "processor-2"):
         env = compose["services"][name]["environment"]
-        assert (env["INPUT_TOPIC"], env["OUTPUT_TOPIC"], env["DLQ_TOPIC"], env["PARTIALS_TOPIC"]) == (
+        partials = env.get("PARTIALS_TOPIC", Settings(consumer_group_id=env["CONSUMER_GROUP_ID"]).partials_topic)
+        assert (env["INPUT_TOPIC"], env["OUTPUT_TOPIC"], env["DLQ_TOPIC"], partials) == (
             defaults.input_topic,
             defaults.output_topic,
             defaults.dlq_topic,

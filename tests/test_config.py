@@ -22,6 +22,7 @@ from config import (
     load_settings_or_exit,
     read_environment,
     redact,
+    shown_default,
 )
 from tests.conftest import run_script
 
@@ -225,7 +226,7 @@ def test_help_shows_each_setting_with_its_default_and_variable_and_no_secret(scr
         listed = f"{flag} VALUE" in text
         assert listed == (env_name in SCRIPT_SETTINGS[script]), f"{script}: {flag}"
         if listed:
-            default = getattr(defaults, _SETTINGS[env_name][0])
+            default = shown_default(env_name, getattr(defaults, _SETTINGS[env_name][0]))
             assert f"(default: {default}; env {env_name})" in text.replace("- ", "-"), env_name
     # The pass-through, explained once, with examples; never the values.
     assert "KAFKA_SECURITY_PROTOCOL=SASL_SSL -> security.protocol" in text
