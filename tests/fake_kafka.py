@@ -1,0 +1,425 @@
+"""An in-memory Kafka at the client boundary, for faults a real broker will not make on cue.
+
+The processor makes every client through `kafka_io.KafkaClients`; `FakeClients` hands
+in these instead: the subset of confluent-kafka's `Producer` and `Consumer` the
+processor uses, over logs kept in a `FakeCluster`, with real `confluent_kafka.Message`
+objects. Faults come from a `Faults` plan, decided per call: a full local queue
+(`BufferError`) at any produce, a delivery refused or delayed, a failed read of
+committed offsets or of a topic's tail.
+
+It is a harsher world than a broker, on purpose: a group hands the new assignment to
+each member as soon as that member next polls, so a member that has not polled yet
+(a paused one, a zombie) still acts on partitions that are already someone else's,
+and commits are never fenced. Real brokers do no worse.
+
+Used by tests/test_part_publisher.py, tests/test_merger.py and the seeded
+fault-schedule test (tests/test_fault_schedules.py). Not a model of the processor:
+the processor's own code runs on it.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    TIMESTAMP_CREATE_TIME,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from kafka_io import KafkaClients
+
+
+@dataclass
+class Faults:
+    """Which faults happen, decided per call. Probabilities (0..1) with a seeded random,
+    plus explicit one-off schedules (`buffer_errors_at`: the n-th produce calls, 1-based)."""
+
+    seed: int = 0
+    buffer_error: float = 0.0  # a produce() call raises BufferError
+    refuse: float = 0.0  # a delivery is refused (the callback gets an error)
+    delay: float = 0.0  # a delivery is not made at this flush (it stays queued, in order)
+    committed_fails: float = 0.0  # consumer.committed() raises
+    tail_read_fails: float = 0.0  # reading a topic's end (get_watermark_offsets uncached) raises
+    buffer_errors_at: set[int] = field(default_factory=set)
+    deliveries: list[str] = field(default_factory=list)  # explicit outcomes, used first: "ok", "refuse", "delay"
+    produce_calls: int = 0
+    enabled: bool = True
+    # Topics whose produce/delivery faults apply (None: every topic).
+    topics: set[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.random = random.Random(self.seed)
+
+    def _roll(self, probability: float) -> bool:
+        return self.enabled and probability > 0 and self.random.random() < probability
+
+    def applies(self, topic: str) -> bool:
+        return self.topics is None or topic in self.topics
+
+    def on_produce(self, topic: str) -> bool:
+        """True: raise BufferError for this produce call."""
+        self.produce_calls += 1
+        if not self.applies(topic):
+            return False
+        return (self.enabled and self.produce_calls in self.buffer_errors_at) or self._roll(self.buffer_error)
+
+    def on_delivery(self, topic: str) -> str:
+        if not self.applies(topic):
+            return "ok"
+        if self.deliveries:
+            return self.deliveries.pop(0)
+        if self._roll(self.delay):
+            return "delay"
+        if self._roll(self.refuse):
+            return "refuse"
+        return "ok"
+
+
+def _partition_for(key: bytes | None, partitions: int) -> int:
+    return 0 if partitions == 1 or key is None else zlib.crc32(key) % partitions
+
+
+class FakeCluster:
+    """Topics (logs of Messages), committed offsets, consumer groups; a clock for timestamps."""
+
+    def __init__(self, clock: Callable[[], float], faults: Faults | None = None) -> None:
+        self.clock = clock
+        self.faults = faults or Faults(enabled=False)
+        self.logs: dict[str, list[list[Message]]] = {}
+        self.committed: dict[tuple[str, str, int], int] = {}
+        self.groups: dict[str, FakeGroup] = {}
+        self.on_commit: Callable[[str, str, int, int], None] | None = None  # (group, topic, partition, offset)
+
+    def create_topic(self, name: str, partitions: int) -> None:
+        self.logs.setdefault(name, [[] for _ in range(partitions)])
+
+    def add_partitions(self, name: str, total: int) -> None:
+        log = self.logs[name]
+        log.extend([] for _ in range(total - len(log)))
+        for group in self.groups.values():
+            if any(name in member.topics for member in group.members):
+                group.rebalance()
+
+    def append(self, topic, partition, key, value, headers=None, timestamp_ms=None) -> Message:
+        if topic not in self.logs:
+            raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, topic))
+        log = self.logs[topic][partition]
+        millis = int(self.clock() * 1000) if timestamp_ms is None else timestamp_ms
+        message = Message(
+            topic=topic,
+            partition=partition,
+            offset=len(log),
+            key=key,
+            value=value,
+            headers=list(headers) if headers else None,
+            timestamp=(TIMESTAMP_CREATE_TIME, millis),
+        )
+        log.append(message)
+        return message
+
+    def group(self, group_id: str) -> FakeGroup:
+        return self.groups.setdefault(group_id, FakeGroup(self))
+
+    def end(self, topic: str, partition: int) -> int:
+        return len(self.logs[topic][partition])
+
+
+class FakeGroup:
+    """An eager-protocol consumer group: range assignment over the members in join order.
+    A change of members gives each member, on its next poll, a revoke of what it had and
+    then its new assignment."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+        self.members: list[FakeConsumer] = []
+        self.assignment: dict[int, list[tuple[str, int]]] = {}  # id(member) -> partitions
+
+    def join(self, member: FakeConsumer) -> None:
+        if member not in self.members:
+            self.members.append(member)
+        self.rebalance()
+
+    def leave(self, member: FakeConsumer) -> None:
+        if member in self.members:
+            self.members.remove(member)
+            self.rebalance()
+
+    def rebalance(self) -> None:
+        new: dict[int, list[tuple[str, int]]] = {id(m): [] for m in self.members}
+        topics = sorted({t for m in self.members for t in m.topics})
+        for topic in topics:
+            subscribed = [m for m in self.members if topic in m.topics]
+            partitions = range(len(self.cluster.logs.get(topic, [])))
+            for index, member in enumerate(subscribed):
+                share = [p for p in partitions if p * len(subscribed) // max(len(partitions), 1) == index]
+                new[id(member)].extend((topic, p) for p in share)
+        self.assignment = new
+        for member in self.members:
+            member.pending_rebalance = True
+
+
+class FakeProducer:
+    def __init__(self, cluster: FakeCluster, config: dict) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.queue: list[tuple] = []  # (topic, partition, key, value, headers, on_delivery, timestamp)
+
+    def produce(self, topic, value=None, key=None, partition=-1, on_delivery=None, timestamp=0, headers=None):
+        if self.cluster.faults.on_produce(topic):
+            raise BufferError("Local: Queue full")
+        if topic not in self.cluster.logs:
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, topic))
+        if partition is None or partition < 0:
+            partition = _partition_for(key, len(self.cluster.logs[topic]))
+        self.queue.append((topic, partition, key, value, headers, on_delivery, timestamp or None))
+
+    def poll(self, timeout: float = 0) -> int:
+        return self._deliver()
+
+    def flush(self, timeout: float = 0) -> int:
+        self._deliver()
+        return len(self.queue)
+
+    def _deliver(self) -> int:
+        served = 0
+        while self.queue:
+            topic, partition, key, value, headers, on_delivery, timestamp = self.queue[0]
+            outcome = self.cluster.faults.on_delivery(topic)
+            if outcome == "delay":
+                break  # this and the rest stay queued, in order (one request in flight)
+            self.queue.pop(0)
+            served += 1
+            if outcome == "refuse":
+                error = KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, "refused (injected)")
+                message = Message(topic=topic, partition=partition, key=key, value=value, headers=headers)
+                if on_delivery:
+                    on_delivery(error, message)
+                continue
+            message = self.cluster.append(topic, partition, key, value, headers, timestamp)
+            if on_delivery:
+                on_delivery(None, message)
+        return served
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+class FakeConsumer:
+    def __init__(self, cluster: FakeCluster, config: dict) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.group_id = config.get("group.id", "")
+        self.eof = str(config.get("enable.partition.eof", "false")).lower() == "true"
+        self.reset_earliest = str(config.get("auto.offset.reset", "earliest")) in ("earliest", "smallest", "beginning")
+        self.topics: list[str] = []
+        self.callbacks: dict[str, Callable] = {}
+        self.owned: list[tuple[str, int]] = []
+        self.positions: dict[tuple[str, int], int] = {}  # next offset to read; absent: not fetched yet
+        self.cached_high: dict[tuple[str, int], int] = {}
+        self.eof_sent: set[tuple[str, int]] = set()
+        self.paused_at: set[tuple[str, int]] = set()
+        self.pending_rebalance = False
+        self.lost_pending = False
+        self.in_group = False
+        self.closed = False
+
+    # -- group membership ---------------------------------------------------------
+
+    def subscribe(self, topics, on_assign=None, on_revoke=None, on_lost=None) -> None:
+        self.topics = list(topics)
+        self.callbacks = {"assign": on_assign, "revoke": on_revoke, "lost": on_lost}
+        self.in_group = True
+        self.cluster.group(self.group_id).join(self)
+
+    def unsubscribe(self) -> None:
+        if self.in_group:
+            self.in_group = False
+            self.cluster.group(self.group_id).leave(self)
+            self.pending_rebalance = False
+            self._set_owned([], "revoke")
+
+    def expire(self) -> None:
+        """The group lost this member (its session timed out): it learns on its next poll."""
+        if self.in_group:
+            self.cluster.group(self.group_id).leave(self)
+            self.in_group = False
+            self.lost_pending = True
+
+    def _serve_rebalance(self) -> None:
+        if self.lost_pending:
+            self.lost_pending = False
+            self._set_owned([], "lost")
+            # librdkafka rejoins by itself after a lost session
+            self.in_group = True
+            self.cluster.group(self.group_id).join(self)
+        if self.pending_rebalance and self.in_group:
+            self.pending_rebalance = False
+            new = list(self.cluster.group(self.group_id).assignment.get(id(self), []))
+            self._set_owned([], "revoke")
+            self._set_owned(new, "assign")
+
+    def _set_owned(self, new: list[tuple[str, int]], how: str) -> None:
+        if how in ("revoke", "lost"):
+            old, self.owned = self.owned, []
+            for tp in old:
+                self.positions.pop(tp, None)
+                self.cached_high.pop(tp, None)
+            callback = self.callbacks.get("lost" if how == "lost" else "revoke")
+            if how == "lost" and callback is None:
+                callback = self.callbacks.get("revoke")
+            if callback is not None and (old or how == "revoke"):
+                callback(self, [TopicPartition(t, p) for t, p in old])
+            return
+        self.owned = list(new)
+        for topic, partition in new:
+            committed = self.cluster.committed.get((self.group_id, topic, partition))
+            if committed is not None:
+                self.positions[(topic, partition)] = committed
+        callback = self.callbacks.get("assign")
+        if callback is not None:
+            callback(self, [TopicPartition(t, p) for t, p in new])
+
+    # -- manual assignment -------------------------------------------------------------
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.owned = [(tp.topic, tp.partition) for tp in partitions]
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if tp.offset == OFFSET_END:
+                self.positions[key] = self.cluster.end(tp.topic, tp.partition)
+            elif tp.offset in (OFFSET_BEGINNING, OFFSET_INVALID) or tp.offset < 0:
+                self.positions[key] = 0
+            else:
+                self.positions[key] = tp.offset
+
+    def assignment(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in self.owned]
+
+    # -- reading ------------------------------------------------------------------------
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        if self.closed:
+            raise RuntimeError("Consumer closed")
+        self._serve_rebalance()
+        out: list[Message] = []
+        for key in list(self.owned):
+            topic, partition = key
+            if key in self.paused_at or topic not in self.cluster.logs:
+                continue
+            log = self.cluster.logs[topic][partition]
+            if key not in self.positions:
+                committed = self.cluster.committed.get((self.group_id, topic, partition))
+                self.positions[key] = committed if committed is not None else (0 if self.reset_earliest else len(log))
+            self.cached_high[key] = len(log)
+            start = self.positions[key]
+            taken = log[start : start + max(0, num_messages - len(out))]
+            out.extend(taken)
+            self.positions[key] = start + len(taken)
+            if taken:
+                self.eof_sent.discard(key)
+            if self.eof and self.positions[key] >= len(log) and key not in self.eof_sent:
+                self.eof_sent.add(key)
+                out.append(
+                    Message(
+                        topic=topic,
+                        partition=partition,
+                        offset=len(log),
+                        error=KafkaError(KafkaError._PARTITION_EOF),
+                    )
+                )
+            if len(out) >= num_messages:
+                break
+        return out
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.positions[(partition.topic, partition.partition)] = partition.offset
+        self.eof_sent.discard((partition.topic, partition.partition))
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused_at.update((tp.topic, tp.partition) for tp in partitions)
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused_at.difference_update((tp.topic, tp.partition) for tp in partitions)
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [
+            TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), OFFSET_INVALID))
+            for tp in partitions
+        ]
+
+    def get_watermark_offsets(self, partition: TopicPartition, timeout=None, cached=False) -> tuple[int, int]:
+        key = (partition.topic, partition.partition)
+        if cached:
+            high = self.cached_high.get(key)
+            return (OFFSET_INVALID, OFFSET_INVALID) if high is None else (0, high)
+        if self.cluster.faults._roll(self.cluster.faults.tail_read_fails):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "list offsets timed out (injected)"))
+        return 0, self.cluster.end(partition.topic, partition.partition)
+
+    def list_topics(self, topic=None, timeout=-1):
+        topics = {}
+        for name, partitions in self.cluster.logs.items():
+            if topic is None or name == topic:
+                topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
+        return SimpleNamespace(topics=topics)
+
+    # -- offsets -------------------------------------------------------------------------
+
+    def commit(self, message=None, offsets=None, asynchronous=True):
+        for tp in offsets or []:
+            self.cluster.committed[(self.group_id, tp.topic, tp.partition)] = tp.offset
+            if self.cluster.on_commit is not None:
+                self.cluster.on_commit(self.group_id, tp.topic, tp.partition, tp.offset)
+        return offsets
+
+    def committed(self, partitions: list[TopicPartition], timeout=None) -> list[TopicPartition]:
+        if self.cluster.faults._roll(self.cluster.faults.committed_fails):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "committed offsets timed out (injected)"))
+        return [
+            TopicPartition(
+                tp.topic, tp.partition, self.cluster.committed.get((self.group_id, tp.topic, tp.partition), -1001)
+            )
+            for tp in partitions
+        ]
+
+    def close(self) -> None:
+        if self.in_group:
+            self.in_group = False
+            self.cluster.group(self.group_id).leave(self)
+        self.closed = True
+
+    def poll(self, timeout=None):
+        messages = self.consume(1, timeout or 0)
+        return messages[0] if messages else None
+
+
+class FakeClients(KafkaClients):
+    """`KafkaClients` over a `FakeCluster`; remembers what it made (to crash a member:
+    its clients are abandoned, never closed)."""
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+        self.made: list[FakeConsumer | FakeProducer] = []
+
+    def consumer(self, config: dict) -> FakeConsumer:
+        consumer = FakeConsumer(self.cluster, config)
+        self.made.append(consumer)
+        return consumer
+
+    def producer(self, config: dict) -> FakeProducer:
+        producer = FakeProducer(self.cluster, config)
+        self.made.append(producer)
+        return producer
+
+    def admin(self, config: dict):
+        raise NotImplementedError("topics are created by the test")
