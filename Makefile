@@ -36,8 +36,8 @@ lint: $(BIN)/.installed  ## ruff: lint and format check
 test: lint  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/python -m pytest
 
-test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker (under a minute)
-	$(BIN)/python -m pytest -m "not broker"
+test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
+	$(BIN)/python -m pytest -m "not broker and not slow"
 
 bench: $(BIN)/.installed  ## throughput and memory figures (see README, Performance)
 	$(BIN)/python benchmarks/throughput.py

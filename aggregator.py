@@ -23,8 +23,16 @@ that tests decide what "now" is.
 
 Offsets: every open (window, partition) remembers the lowest offset of a record
 it holds. `committable_offsets` gives, per partition, the lowest offset still
-needed by a part that is open or closed but not yet acknowledged by the broker;
-committing exactly that is what makes a crash lose nothing.
+needed by a part that is open, or closed and not yet acknowledged by the broker, or
+acknowledged but of a window not yet published (the output topic says what is:
+`release_published`). Committing exactly that is what makes a crash lose nothing,
+and what lets a member restarted with corrected settings count again the records
+whose parts the merger refused (merge.py).
+
+"Caught up" is as of a time: the poll loop confirms that a partition is read to its
+end (`mark_caught_up(..., at=now)`), and the watermark's clock part is that time, not
+the timer's own clock. A member paused for a while (a stopped process, a starved
+machine) therefore never closes windows on records it has not read yet.
 """
 
 from __future__ import annotations
@@ -405,6 +413,7 @@ class PartitionProgress:
     stream_time: int | None = None  # highest event time seen
     caught_up: bool = False  # read to its end and nothing newer since
     next_offset: int | None = None  # offset after the last record handed to add_batch
+    caught_up_at: float | None = None  # when the poll loop last found it read to its end
 
 
 @dataclass(slots=True, eq=False)
@@ -421,15 +430,17 @@ class PartitionWindows:
     # replayed records are skipped, not counted as late.
     replayed_until: int = 0
 
-    def advance_watermark(self, now: int, lateness: int) -> int | None:
+    def advance_watermark(self, lateness: int) -> int | None:
         """The watermark now (and remembered: it never moves back): the stream time
-        minus the lateness, and never behind the clock minus it once caught up."""
+        minus the lateness, and, once caught up, never behind the time it was last found
+        read to its end minus the lateness."""
         progress = self.progress
         candidate = None
         if progress.stream_time is not None:
             candidate = progress.stream_time - lateness
-        if progress.caught_up:
-            candidate = max(candidate if candidate is not None else now - lateness, now - lateness)
+        if progress.caught_up and progress.caught_up_at is not None:
+            clock = int(progress.caught_up_at) - lateness
+            candidate = clock if candidate is None else max(candidate, clock)
         if candidate is not None and (self.watermark is None or candidate > self.watermark):
             self.watermark = candidate
         return self.watermark
@@ -502,9 +513,14 @@ class Aggregator:
         self._partitions: dict[int, PartitionWindows] = {}
         # Closed, handed to the publisher, not yet acknowledged: still hold offsets.
         self._unacknowledged: dict[tuple[int, int], WindowAggregate] = {}
+        # Acknowledged parts of windows not yet published: (partition, start) -> the
+        # lowest offset of the part's records, held until the window is on the output.
+        self._awaiting_publication: dict[tuple[int, int], int] = {}
         self.total_partitions = 0
-        # Windows ending at or before this are on the output topic already.
+        # Windows ending at or before this are on the output topic already, merged with
+        # this many input partitions (None: not said, an older release's record).
         self._published_until = 0
+        self._published_partition_count: int | None = None
 
     # ---- partitions -------------------------------------------------------------
 
@@ -517,38 +533,83 @@ class Aggregator:
         with self._lock:
             for partition in partitions:
                 if partition not in self._partitions:
+                    # A partition added to the input after the newest published window
+                    # was merged is in none of the published windows: its records of
+                    # them are late (counted), not replays (skipped).
+                    count = self._published_partition_count
+                    replayed = self._published_until if count is None or partition < count else 0
                     self._partitions[partition] = PartitionWindows(
                         PartitionProgress(next_offset=start_offsets.get(partition)),
                         closed_until=self._published_until,
-                        replayed_until=self._published_until,
+                        replayed_until=replayed,
                     )
             self.total_partitions = total_partitions
 
-    def revoke_all(self) -> None:
-        """Forget every partition and what is open on it: the next owner (maybe us)
-        rebuilds it from the committed offsets. Call only after the unacknowledged
-        parts are acknowledged (or given up)."""
+    def set_start_offset(self, partition: int, offset: int) -> None:
+        """Where `partition` is read from (its committed offset), learnt after `assign`
+        (the look-up failed then): only while nothing of it has been read."""
         with self._lock:
-            self._partitions.clear()
-            self._unacknowledged.clear()
+            state = self._partitions.get(partition)
+            if state is not None and state.progress.next_offset is None:
+                state.progress.next_offset = offset
 
-    def restore_published_until(self, window_end: int) -> None:
-        """Every window ending at or before `window_end` is published already (an
-        earlier run, or another processor): on every partition it counts as closed,
-        and replayed records of it are skipped."""
+    def revoke(self, partitions: Iterable[int] | None = None) -> None:
+        """Forget these partitions (None: every one) and what is open, closed or held on
+        them: the next owner (maybe us) rebuilds it from the committed offsets. Call
+        only after what could be committed was."""
         with self._lock:
-            self._published_until = max(self._published_until, window_end)
+            gone = set(self._partitions) if partitions is None else set(partitions)
+            for partition in gone:
+                self._partitions.pop(partition, None)
+            for held in (self._unacknowledged, self._awaiting_publication):
+                for key in [key for key in held if key[0] in gone]:
+                    del held[key]
+
+    def revoke_all(self) -> None:
+        self.revoke(None)
+
+    def restore_published_until(self, window_end: int, partition_count: int | None = None) -> None:
+        """Every window ending at or before `window_end` is published already (an
+        earlier run, or another processor; merged with `partition_count` input
+        partitions, if known): on every partition it counts as closed, and replayed
+        records of it are skipped. Acknowledged parts of those windows stop holding
+        their offsets."""
+        self.release_published(window_end, partition_count)
+        with self._lock:
             for state in self._partitions.values():
                 state.closed_until = max(state.closed_until, window_end)
                 state.replayed_until = max(state.replayed_until, window_end)
 
-    def mark_caught_up(self, partition: int, next_offset: int) -> None:
-        """The consumer reached the end of `partition`: its watermark follows the clock."""
+    def release_published(self, window_end: int, partition_count: int | None = None) -> None:
+        """The output topic now holds every window ending at or before `window_end`
+        (merged with `partition_count` input partitions, if said): acknowledged parts of
+        those windows stop holding their offsets, and partitions assigned from now on
+        skip replayed records of them. Partitions owned already are left as they are: a
+        record arriving there for a published window is late, not a replay."""
+        with self._lock:
+            if window_end > self._published_until:
+                self._published_until = window_end
+                if partition_count is not None:
+                    self._published_partition_count = partition_count
+            width = self.window_seconds
+            for key in [key for key in self._awaiting_publication if key[1] + width <= window_end]:
+                del self._awaiting_publication[key]
+
+    @property
+    def published_until(self) -> int:
+        with self._lock:
+            return self._published_until
+
+    def mark_caught_up(self, partition: int, next_offset: int, at: float | None = None) -> None:
+        """The consumer had read `partition` to its end at time `at` (epoch seconds; the
+        injected clock when not given): its watermark follows that time."""
+        at = self.clock() if at is None else at
         with self._lock:
             state = self._partitions.get(partition)
             if state is not None:
                 state.progress.caught_up = True
                 state.progress.next_offset = next_offset
+                state.progress.caught_up_at = at
 
     def mark_active(self, partition: int) -> None:
         """`partition` has records not handed over yet: its stream time rules again."""
@@ -628,9 +689,8 @@ class Aggregator:
         """The lowest watermark over the owned partitions (None while one is unknown):
         for logs and metrics."""
         with self._lock:
-            now = int(self.clock())
             lateness = self.allowed_lateness_seconds
-            marks = [state.advance_watermark(now, lateness) for state in self._partitions.values()]
+            marks = [state.advance_watermark(lateness) for state in self._partitions.values()]
             if not marks or any(mark is None for mark in marks):
                 return None
             return min(marks)
@@ -651,11 +711,10 @@ class Aggregator:
         with self._lock:
             if self.total_partitions <= 0:  # a part must say how many parts its window has
                 return ClosedParts(parts=[], progress={}, partition_count=0)
-            now = int(self.clock())
             closing: list[tuple[int, WindowAggregate]] = []
             progress: dict[int, int] = {}
             for partition, state in sorted(self._partitions.items()):
-                watermark = state.advance_watermark(now, self.allowed_lateness_seconds)
+                watermark = state.advance_watermark(self.allowed_lateness_seconds)
                 if watermark is None:
                     continue
                 closed_until = max(state.closed_until, watermark - watermark % width)
@@ -676,11 +735,18 @@ class Aggregator:
         return ClosedParts(parts=parts, progress=progress, partition_count=partition_count)
 
     def acknowledge(self, keys: Iterable[tuple[int, int]]) -> None:
-        """The broker has these (partition, window start) parts: their records no longer
-        need replaying."""
+        """The broker has these (partition, window start) parts. Their records still need
+        replaying if the merger never publishes the window (it refused the part, made
+        under other settings, say): they hold their offsets until it is published."""
+        width = self.window_seconds
         with self._lock:
             for key in keys:
-                self._unacknowledged.pop(key, None)
+                window = self._unacknowledged.pop(key, None)
+                if window is None or key[1] + width <= self._published_until:
+                    continue
+                offset = window.min_offsets.get(key[0])
+                if offset is not None:
+                    self._awaiting_publication[key] = offset
 
     def committable_offsets(self) -> dict[int, int]:
         """Per partition, the offset to commit: the lowest one any unpublished state needs."""
@@ -695,6 +761,7 @@ class Aggregator:
                     for (p, _), w in self._unacknowledged.items()
                     if p == partition and partition in w.min_offsets
                 ]
+                held += [offset for (p, _), offset in self._awaiting_publication.items() if p == partition]
                 offsets[partition] = min(held) if held else state.progress.next_offset
             return offsets
 

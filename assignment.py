@@ -27,8 +27,10 @@ log = logging.getLogger("processor")
 
 # How long a rebalance waits for queued parts and dead-letter copies before it commits.
 _REVOKE_FLUSH_SECONDS = 5.0
-# How often to ask again for the input's partition count after a failed look-up.
+# How often to ask again for the input's partition count, or for committed offsets,
+# after a failed look-up.
 _PARTITION_COUNT_RETRY_SECONDS = 2.0
+_COMMITTED_RETRY_SECONDS = 2.0
 
 
 class InputAssignment:
@@ -56,6 +58,9 @@ class InputAssignment:
         self._topics = topics
         self._safe_offsets = safe_offsets
         self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
+        # Partitions whose committed offset could not be read at assignment, and when to ask again.
+        self._committed_unknown: set[int] = set()
+        self._committed_retry_at = 0.0
 
     def partition_count(self, consumer: Consumer) -> int | None:
         """The input topic's partition count (0: no such topic), or None if the broker
@@ -84,15 +89,39 @@ class InputAssignment:
             self._aggregator.assign([], total)
             log.info("partition count of %s is %d", self.settings.input_topic, total)
 
+    def retry_committed(self, consumer: Consumer) -> None:
+        """From the poll loop: ask again for committed offsets that could not be read at
+        assignment. Until they are known, an idle partition cannot tell that it is read
+        to its end (nothing arrives to say where it is), so its windows would wait."""
+        if not self._committed_unknown or time.monotonic() < self._committed_retry_at:
+            return
+        partitions = [TopicPartition(self.settings.input_topic, p) for p in sorted(self._committed_unknown)]
+        committed = self._read_committed(consumer, partitions)
+        if committed is None:
+            return
+        for partition in sorted(self._committed_unknown):
+            offset = committed.get(partition)
+            if offset is not None:
+                self._aggregator.set_start_offset(partition, offset)
+        self._committed_unknown.clear()
+        log.info("read the committed offsets of partition(s) %s", ",".join(map(str, sorted(committed))) or "none")
+
+    def _read_committed(self, consumer: Consumer, partitions: list[TopicPartition]) -> dict[int, int] | None:
+        """{partition: committed offset} (absent: none committed); None if the broker did not answer."""
+        try:
+            answer = consumer.committed(partitions, timeout=10)
+        except KafkaException as error:
+            log.warning("could not read committed offsets (%s); asking again in %.0fs", error, _COMMITTED_RETRY_SECONDS)
+            self._committed_unknown.update(tp.partition for tp in partitions)
+            self._committed_retry_at = time.monotonic() + _COMMITTED_RETRY_SECONDS
+            return None
+        return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
+
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         total = self.partition_count(consumer)
         owned = sorted(tp.partition for tp in partitions)
-        try:
-            committed = {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10) if tp.offset >= 0}
-        except KafkaException as error:
-            log.warning("could not read committed offsets (%s); partitions wait for their first fetch", error)
-            committed = {}
-        self._aggregator.assign(owned, total or 0, committed)
+        committed = self._read_committed(consumer, partitions) if partitions else {}
+        self._aggregator.assign(owned, total or 0, committed or {})
         self._health.mark_reachable()
         if total is None:
             pass  # said above; retried from the poll loop
@@ -112,6 +141,9 @@ class InputAssignment:
             log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Only the revoked partitions are forgotten (under a cooperative assignor the
+        others stay), after what is safe is committed."""
+        revoked = sorted({tp.partition for tp in partitions})
         # Wait for an in-flight publish; after a bug, no commit at all.
         with self._publish_lock:
             self._commits.slot.clear()
@@ -121,14 +153,21 @@ class InputAssignment:
                 offsets = self._safe_offsets()
                 if offsets:
                     self._commits.commit(offsets)
-            self._aggregator.revoke_all()
-            self._parts.clear()
-            self._commits.slot.clear()
-        log.info("partitions revoked; open windows dropped, to be rebuilt from committed offsets")
+            self._forget(revoked)
+        log.info(
+            "partition(s) %s revoked; their open windows dropped, to be rebuilt from committed offsets",
+            ",".join(map(str, revoked)) or "none",
+        )
 
     def on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        lost = sorted({tp.partition for tp in partitions})
         with self._publish_lock:
             self._commits.slot.clear()
-            self._aggregator.revoke_all()
-            self._parts.clear()
+            self._forget(lost)
         log.warning("partitions lost (session timed out); open windows dropped, to be rebuilt")
+
+    def _forget(self, partitions: list[int]) -> None:
+        self._aggregator.revoke(partitions)
+        self._parts.drop(partitions)
+        self._committed_unknown.difference_update(partitions)
+        self._commits.slot.clear()

@@ -46,6 +46,24 @@ def _without_client_noise(text: str) -> str:
     return re.sub(r" \(after \d+ms in state \w+\)$", "", text)
 
 
+class KafkaClients:
+    """Makes the Kafka clients. Every client of the processor is made here, so that a
+    test can hand in clients that fail on cue (tests/fake_kafka.py): a full queue at
+    the third piece, a refused delivery, a failed read at a hand-over."""
+
+    def consumer(self, config: dict) -> Consumer:
+        return Consumer(config)
+
+    def producer(self, config: dict) -> Producer:
+        return Producer(config)
+
+    def admin(self, config: dict) -> AdminClient:
+        return AdminClient(config)
+
+
+REAL_CLIENTS = KafkaClients()
+
+
 # librdkafka logs every failed reconnect (several a second while a broker is
 # down). Errors reach us through `error_cb` instead, which `BrokerHealth` turns
 # into one line per change of state; its own log keeps only critical lines.
@@ -244,14 +262,21 @@ def topic_partition_count(consumer: Consumer, topic: str) -> int:
     return len(entry.partitions) if entry is not None and entry.error is None else 0
 
 
-def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, timeout: float = 10.0) -> list:
-    """The last few records of every partition of `topic` (unordered across partitions).
+def read_topic_tail(
+    settings: Settings,
+    topic: str,
+    records_per_partition: int | None,
+    timeout: float = 10.0,
+    clients: KafkaClients = REAL_CLIENTS,
+) -> list:
+    """The last few records of every partition of `topic` (unordered across partitions;
+    `records_per_partition` None: all of them).
 
     Reads from `high - n` to the partition end reported by an EOF event, not to the
     listed high watermark: some brokers (Tansu) list the last batch's base offset as
     the high watermark, and the EOF is the only end marker every broker agrees on.
     """
-    consumer = Consumer(
+    consumer = clients.consumer(
         {
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
@@ -267,7 +292,8 @@ def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, 
         for partition in range(count):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
             if high > low:
-                assignment.append(TopicPartition(topic, partition, max(low, high - records_per_partition)))
+                first = low if records_per_partition is None else max(low, high - records_per_partition)
+                assignment.append(TopicPartition(topic, partition, first))
         if not assignment:
             return []
         consumer.assign(assignment)

@@ -25,9 +25,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
 from assignment import InputAssignment
@@ -42,13 +42,21 @@ from config import (
     load_settings_or_exit,
 )
 from dead_letter import DeadLetterQueue
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, close_within, partition_runs
+from kafka_io import (
+    QUIET_CLIENT_LOGS,
+    REAL_CLIENTS,
+    AuthenticationFailed,
+    BrokerHealth,
+    KafkaClients,
+    close_within,
+    partition_runs,
+)
 from log_setup import configure_logging
-from merger import WindowMerger
+from merger import WindowMerger, pipeline_origin
 from metrics import MetricsSnapshot, ProcessorMetrics
 from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from part_publisher import PartPublisher
-from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
+from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
 from processor_report import ProcessorReport
 from window_closer import WindowCloser
 
@@ -63,6 +71,12 @@ _STOP_DEADLINE_SECONDS = 15.0
 # How long shutdown lets the merger publish the windows this run's last parts complete
 # (it stops reading after 5 s of draining: merger.py).
 _MERGER_DRAIN_SECONDS = 7.0
+# A poll-loop turn that comes this long after the previous one means the process was
+# paused (stopped, starved): what the client cached of the partitions' ends is stale.
+_PAUSE_SECONDS = 2.0
+# After a pause, how long "read to its end" is not believed: more than a fetch round
+# trip (fetch.wait.max.ms is 500 ms), so that the ends are fresh again.
+_AFTER_PAUSE_SECONDS = 1.5
 
 
 def _tune_garbage_collector() -> None:
@@ -136,12 +150,21 @@ class Processor:
     the window closer (timer thread), the part publisher, the dead-letter queue, the
     commits, the assignment callbacks, the merger thread and the report."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clients: KafkaClients = REAL_CLIENTS,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
+        self._clock = clock
+        self._monotonic = monotonic
         self.aggregator = Aggregator(
             window_seconds=settings.window_seconds,
             allowed_lateness_seconds=settings.allowed_lateness_seconds,
             top_ips=settings.top_ips,
+            clock=clock,
             max_distinct_per_window=settings.max_distinct_per_window,
             max_profiles_per_window=settings.max_profiles_per_window,
         )
@@ -159,11 +182,13 @@ class Processor:
         self.stats = self.report.stats
         self.metrics = ProcessorMetrics(self.metrics_snapshot)
         self.report.publish_latency = self.metrics.publish_latency.observe
-        self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set)
-        self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
-        self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
+        self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
+        self.published = PublishedFollower(settings, clients, Published())
+        origin = pipeline_origin(settings)
+        self._producer = clients.producer({**producer_settings(settings), "error_cb": self.health.on_error})
+        self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
-        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host)
+        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
         self.closer = WindowCloser(
             settings,
@@ -174,6 +199,8 @@ class Processor:
             self.commits,
             self.health,
             self.report,
+            self.published,
+            origin,
         )
         self.assignment = InputAssignment(
             settings,
@@ -192,10 +219,14 @@ class Processor:
             merge_consumer_settings(settings),
             producer_settings(settings),
             self.health,
-            self.topics.published_until_or_unknown,
+            self.topics.newest_published,
             self._window_published,
             self.host,
+            clients,
+            monotonic,
         )
+        self._last_turn_at: float | None = None  # monotonic, of the poll loop's previous turn
+        self._ends_believed_from = 0.0  # monotonic: "read to its end" is not believed before (a pause)
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -203,16 +234,29 @@ class Processor:
         """Topics exist and we know what an earlier run published. False if stopped first."""
         if not self.topics.ensure():
             return False
-        published_until = self.topics.published_until_retrying()
-        if published_until is None:
+        published = self.topics.newest_published_retrying()
+        if published is None:
             return False
-        if published_until:
-            self.aggregator.restore_published_until(published_until)
-            log.info(
-                "resuming: windows up to %s were already published; their replayed records are skipped",
-                iso_utc(published_until),
-            )
+        self.resume_from(published)
         return True
+
+    def resume_from(self, published: Published) -> None:
+        """What this pipeline has on the output already: replayed records of those
+        windows are skipped (they were counted)."""
+        self.published.published = published
+        if published.until:
+            self.aggregator.restore_published_until(published.until, published.partition_count)
+            log.info(
+                "resuming: windows up to the one ending %s were already published; their replayed records are skipped",
+                iso_utc(published.until),
+            )
+
+    def start_consuming(self) -> None:
+        """Join the input group and the merge group."""
+        a = self.assignment
+        self._consumer.subscribe(
+            [self.settings.input_topic], on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost
+        )
 
     # ---- the poll loop -----------------------------------------------------------------
 
@@ -221,10 +265,7 @@ class Processor:
         if not self.prepare():
             self._consumer.close()
             return 0
-        a = self.assignment
-        self._consumer.subscribe(
-            [self.settings.input_topic], on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost
-        )
+        self.start_consuming()
         self.merger.start()
         if self.settings.metrics_port:
             self.metrics.serve(self.settings.metrics_port)
@@ -242,22 +283,12 @@ class Processor:
                 "native parser not installed (pip install -r requirements.txt builds it with a C compiler):"
                 " parsing in pure Python, at about 40%% of the native speed"
             )
-        batch_size = self.settings.consume_batch_size
         try:
             while not self.stop_requested.is_set():
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
-                self.commits.commit_if_requested()
-                self.topics.recreate_if_missing()
-                self.assignment.retry_partition_count(self._consumer)
-                self.dead_letters.retry_refused()
-                started = time.perf_counter()
-                messages = self._consumer.consume(batch_size, 0.5)
-                if messages:
-                    self.stats.consume_seconds += time.perf_counter() - started
-                    self._process(messages)
-                self._update_caught_up()
+                self.poll_once(0.5)
             self.stop_requested.set()
             timer.join()
             if not self._crashed.is_set():
@@ -266,6 +297,36 @@ class Processor:
             # A bug, not bad input (that goes to the DLQ).
             log.exception("processor crashed")
         return self._stop_without_committing(timer)
+
+    def poll_once(self, wait_seconds: float) -> None:
+        """One turn of the poll loop: commit what the timer thread found safe, chores,
+        one batch (parse, dead-letter, aggregate), then which partitions are read to
+        their end."""
+        self._note_turn()
+        self.commits.commit_if_requested()
+        self.topics.recreate_if_missing()
+        self.assignment.retry_partition_count(self._consumer)
+        self.assignment.retry_committed(self._consumer)
+        self.dead_letters.retry_refused()
+        started = time.perf_counter()
+        messages = self._consumer.consume(self.settings.consume_batch_size, wait_seconds)
+        if messages:
+            self.stats.consume_seconds += time.perf_counter() - started
+            self._process(messages)
+        self._update_caught_up()
+
+    def _note_turn(self) -> None:
+        """A turn long after the previous one means this process was paused: the ends
+        the client cached are stale, so "read to its end" waits for fresh fetches."""
+        now = self._monotonic()
+        if self._last_turn_at is not None and now - self._last_turn_at > _PAUSE_SECONDS:
+            self._ends_believed_from = now + _AFTER_PAUSE_SECONDS
+            log.warning(
+                "the poll loop did not turn for %.0fs (the process was paused or starved); windows close again"
+                " once the partitions' ends are fetched anew",
+                now - self._last_turn_at,
+            )
+        self._last_turn_at = now
 
     def _stop_without_committing(self, timer: threading.Thread) -> int:
         """After a bug: commit nothing more (the revoke run by close() included), so the
@@ -293,29 +354,51 @@ class Processor:
     def _update_caught_up(self) -> None:
         """A partition is caught up when everything up to the high watermark of its last
         fetch has been handed to the aggregator; records fetched but not yet consumed
-        make it active again. One local (cached) look-up per partition, per batch."""
+        make it active again. Each turn that finds it so says so again, with the time:
+        the watermark's clock part is that time (aggregator.py). Local (cached) look-ups
+        only, one per partition, per batch.
+
+        Where a partition is read from: the consumer's position when it has one (it
+        moves past the commit markers of transactional input, which no record does),
+        else the offset after the last record handed over, or the committed offset."""
+        summary = self.aggregator.partition_summary()
+        if not summary:
+            self.report.consumer_lag = {}
+            return
         topic = self.settings.input_topic
+        positions = self._positions(topic, summary)
+        believe_ends = self._monotonic() >= self._ends_believed_from
+        now = self._clock()
         lag = {}
-        for partition, progress in self.aggregator.partition_summary().items():
+        for partition, progress in summary.items():
             low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
             if high < 0:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
-            start = progress.next_offset
+            start = positions.get(partition, progress.next_offset)
             if start is None:  # nothing read and nothing committed: where the reset policy starts
                 start = low if self._reads_from_earliest else high
             lag[partition] = max(0, high - start)
             if start >= high:
-                if not progress.caught_up or progress.next_offset != start:
-                    self.aggregator.mark_caught_up(partition, start)
-                    self.health.mark_reachable()
+                if believe_ends:
+                    self.aggregator.mark_caught_up(partition, start, at=now)
+                    if not progress.caught_up:
+                        self.health.mark_reachable()
             elif progress.caught_up:
                 self.aggregator.mark_active(partition)
         self.report.consumer_lag = lag
 
+    def _positions(self, topic: str, summary: dict) -> dict[int, int]:
+        """The consumer's position per partition, where it has one (a local call)."""
+        try:
+            answer = self._consumer.position([TopicPartition(topic, p) for p in summary])
+        except KafkaException:
+            return {}
+        return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
+
     def _process_run(self, run: list[Message], partition: int) -> None:
         stats = self.stats
         started = time.perf_counter()
-        now = time.time()
+        now = self._clock()
         skew = self.settings.max_event_time_skew_seconds
         batch, invalid = parse_values(
             list(map(Message.value, run)),

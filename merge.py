@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 
 from aggregator import (
     DEFAULT_MAX_PROFILES,
@@ -53,7 +54,7 @@ from aggregator import (
     render_window_value,
 )
 from parsing import NativeWindowTallies
-from parts import PartPiece, Progress
+from parts import PartOrigin, PartPiece, Progress
 
 log = logging.getLogger("merger")
 
@@ -149,11 +150,17 @@ class _Part:
     pieces: int
     received: dict[int, PartPiece] = field(default_factory=dict)
     min_offset: int | None = None
+    size: int = 0  # bytes of the pieces received (the merger's memory bound)
 
-    def add(self, piece: PartPiece, offset: int) -> None:
-        self.received.setdefault(piece.piece, piece)  # a second copy (a producer retry) changes nothing
+    def add(self, piece: PartPiece, offset: int, size: int) -> int:
+        """Returns the bytes it now holds more (0 for a second copy of a piece)."""
         if self.min_offset is None or offset < self.min_offset:
             self.min_offset = offset
+        if piece.piece in self.received:
+            return 0  # a second copy (a producer retry) changes nothing
+        self.received[piece.piece] = piece
+        self.size += size
+        return size
 
     def complete(self) -> bool:
         return len(self.received) == self.pieces
@@ -172,13 +179,16 @@ class _Window:
     start: int
     winners: dict[int, _Part] = field(default_factory=dict)  # partition -> its first complete part
     assembling: dict[tuple[int, str], _Part] = field(default_factory=dict)  # (partition, part_id) -> incomplete
-    rendered: tuple[tuple, ClosedWindow] | None = None  # (the winners it was rendered from, the result)
+    rendered: tuple[tuple, ClosedWindow] | None = None  # (what it was rendered from, the result)
 
     def min_offset(self) -> int | None:
         offsets = [
             p.min_offset for p in (*self.winners.values(), *self.assembling.values()) if p.min_offset is not None
         ]
         return min(offsets) if offsets else None
+
+    def size(self) -> int:
+        return sum(p.size for p in (*self.winners.values(), *self.assembling.values()))
 
     def waits_for_a_part(self) -> bool:
         """Some partition began a part of this window and completed none (a partition's
@@ -187,6 +197,36 @@ class _Window:
 
     def has_content(self) -> bool:
         return any(part.holds_anything() for part in self.winners.values())
+
+
+class Verdict(Enum):
+    """What `MergeState.add` did with a record (the merger counts the skipped kinds)."""
+
+    MERGED = "merged"  # taken into the merge (or a harmless repeat of what it holds)
+    OTHER_PIPELINE = "other_pipeline"  # another group's or input's record: skipped
+    SETTINGS_MISMATCH = "settings_mismatch"  # made under other window-shaping settings: held, not merged
+    BEYOND_BOUND = "beyond_bound"  # a window past the memory bound: skipped now, read again later
+    MISALIGNED = "misaligned"  # not aligned to this merge's windows (a publisher of an older release)
+    LATE_PARTITION = "late_partition"  # a new partition's part of a published window: counted as late
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsConflict:
+    """A partition whose records were made under other window-shaping settings."""
+
+    partition: int
+    offset: int  # of its first such record: nothing is committed past it
+    theirs: tuple[tuple[str, int], ...]  # the settings that differ, their values
+    ours: tuple[tuple[str, int], ...]
+
+    def describe(self) -> str:
+        mine = dict(self.ours)
+        return ", ".join(f"{name}={value} (this merger: {mine[name]})" for name, value in self.theirs)
+
+
+# Defaults of the merger's memory bound (merger.py passes the settings).
+DEFAULT_MAX_PENDING_WINDOWS = 64
+DEFAULT_MAX_PENDING_BYTES = 512 * 1024 * 1024
 
 
 class MergeState:
@@ -201,44 +241,99 @@ class MergeState:
         top_ips: int,
         max_distinct_per_window: int,
         max_profiles_per_window: int = DEFAULT_MAX_PROFILES,
+        origin: PartOrigin | None = None,
+        published_until: int | None = 0,
+        max_pending_windows: int = DEFAULT_MAX_PENDING_WINDOWS,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> None:
         self.window_seconds = window_seconds
         self.top_ips = top_ips
         self.max_distinct_per_window = max_distinct_per_window
         self.max_profiles_per_window = max_profiles_per_window
+        # This merger's pipeline and settings (None: take every record, for tests of the rules).
+        self._origin = origin
+        self.max_pending_windows = max_pending_windows
+        self.max_pending_bytes = max_pending_bytes
         self._partition_count = 0
         self._closed_until: dict[int, int] = {}
         self._windows: dict[int, _Window] = {}
-        self._published_until = 0
+        self._bytes = 0
+        # None until the merger has read the output tail: nothing is due nor committed before.
+        self._published_until: int | None = published_until
+        # (end of a published window, the input partition count it was merged with), in order.
+        self._published_counts: list[tuple[int, int]] = []
         self._next_offset: int | None = None
         self._newest_part_end: int | None = None
+        self._conflicts: dict[int, SettingsConflict] = {}
+        # The memory bound: windows starting at or after `_horizon` are not held; their
+        # pieces are read again from `_reread_from` once the held windows are published.
+        self._horizon: int | None = None
+        self._reread_from: int | None = None
+        # Counts of a new partition's parts of windows already published, for the next
+        # window published (and the partials offset they hold until then).
+        self._late_carry = 0
+        self._invalid_carry = 0
+        self._carry_offset: int | None = None
+        self._carried: set[tuple[int, int, str]] = set()  # (window, partition, part id) counted so
 
     # ---- input ----------------------------------------------------------------------
 
-    def restore_published_until(self, window_end: int) -> None:
+    def restore_published_until(self, window_end: int, partition_count: int | None = None) -> None:
         """Every window ending at or before `window_end` is on the output topic already
-        (its tail says so): its parts are ignored and it is never published again."""
-        self._published_until = max(self._published_until, window_end)
+        (its tail says so; `partition_count`: the input partitions it was merged with,
+        if the record says): its parts are ignored and it is never published again."""
+        self._published_until = max(self._published_until or 0, window_end)
+        if partition_count:
+            self._note_published_count(window_end, partition_count)
         for start in [s for s in self._windows if s + self.window_seconds <= self._published_until]:
-            del self._windows[start]
+            self._forget(start)
 
-    def add(self, record: PartPiece | Progress, offset: int) -> None:
-        """Take one partials record, read at `offset`.
+    @property
+    def knows_published_until(self) -> bool:
+        return self._published_until is not None
 
-        A piece inconsistent with this merge (a window not aligned to its window
-        size: publishers configured with another WINDOW_SECONDS) is logged and
-        skipped; it holds no offset either way.
-        """
+    def add(self, record: PartPiece | Progress, offset: int, size: int = 0) -> Verdict:
+        """Take one partials record, read at `offset` (`size`: its bytes, for the bound)."""
         if self._next_offset is None or offset >= self._next_offset:
             self._next_offset = offset + 1
+        verdict = self._check_origin(record, offset)
+        if verdict is not None:
+            return verdict
         self._partition_count = max(self._partition_count, record.partition_count)
         if isinstance(record, Progress):
             self._advance(record.partition, record.closed_until)
+            verdict = Verdict.MERGED
         else:
-            self._add_piece(record, offset)
+            verdict = self._add_piece(record, offset, size)
         self._drop_settled_without_content()
+        return verdict
 
-    def _add_piece(self, piece: PartPiece, offset: int) -> None:
+    def _check_origin(self, record: PartPiece | Progress, offset: int) -> Verdict | None:
+        """Another pipeline's record, or one made under other settings: a verdict. None: merge it.
+
+        A settings conflict blocks its partition (its parts are not merged, so the
+        windows wait) and holds the commit at its first record, until a later record of
+        that partition agrees with this merger: its owner was restarted with our
+        settings, and will publish the held windows' records again (they were not
+        committed: input offsets wait for their windows to be published)."""
+        ours, theirs = self._origin, record.origin
+        if ours is None or not theirs.known:
+            return None  # an older release's record: taken as this pipeline's (upgrades)
+        if (theirs.input_topic, theirs.group) != (ours.input_topic, ours.group):
+            return Verdict.OTHER_PIPELINE
+        differing = tuple(
+            (name, value) for name, value in sorted(theirs.shaping.items()) if ours.shaping.get(name, value) != value
+        )
+        partition = record.partition
+        if differing:
+            if partition not in self._conflicts:
+                mine = tuple((name, ours.shaping[name]) for name, _ in differing)
+                self._conflicts[partition] = SettingsConflict(partition, offset, differing, mine)
+            return Verdict.SETTINGS_MISMATCH
+        self._conflicts.pop(partition, None)
+        return None
+
+    def _add_piece(self, piece: PartPiece, offset: int, size: int) -> Verdict:
         width = self.window_seconds
         start, partition = piece.window_start, piece.partition
         if start % width:
@@ -249,16 +344,22 @@ class MergeState:
                 offset,
                 width,
             )
-            return
+            return Verdict.MISALIGNED
         end = start + width
         self._newest_part_end = end if self._newest_part_end is None else max(self._newest_part_end, end)
         window = self._windows.get(start)
         if window is None:
-            if end <= self._published_until:
-                return  # a replay of a published window
+            if self._published_until is not None and end <= self._published_until:
+                return self._published_window_part(piece, offset)
+            if self._horizon is not None and start >= self._horizon:
+                return self._skip_beyond_bound(offset)
+            if self._over_bound(size):
+                self._make_room(start)
+                if self._horizon is not None and start >= self._horizon:
+                    return self._skip_beyond_bound(offset)
             window = self._windows[start] = _Window(start)
         if partition in window.winners:
-            return  # the (window, partition) already has its part: this is a replay
+            return Verdict.MERGED  # the (window, partition) already has its part: this is a replay
         key = (partition, piece.part_id)
         part = window.assembling.get(key)
         if part is None:
@@ -274,22 +375,104 @@ class MergeState:
                 piece.pieces,
                 part.pieces,
             )
-            return
-        part.add(piece, offset)
+            return Verdict.MERGED
+        self._bytes += part.add(piece, offset, size)
         if part.complete():
-            window.winners[partition] = part
+            window.winners[partition] = window.assembling.pop(key)
             for other in [k for k in window.assembling if k[0] == partition]:  # never to win now
-                del window.assembling[other]
+                self._bytes -= window.assembling.pop(other).size
             self._advance(partition, end)
+        return Verdict.MERGED
+
+    def _published_window_part(self, piece: PartPiece, offset: int) -> Verdict:
+        """A piece of a window already published: a replay, unless its partition was
+        added to the input after the window was merged. Then its records were never
+        counted: they count as late, in the next window published (never dropped unseen)."""
+        if piece.partition < self._count_published_with(piece.window_start + self.window_seconds):
+            return Verdict.MERGED  # a replay of what the window holds
+        if piece.piece == 0:  # the additive counts ride in piece 0
+            seen = (piece.window_start, piece.partition, piece.part_id)
+            if seen not in self._carried:
+                self._carried.add(seen)
+                self._late_carry += piece.message_count + piece.late_message_count
+                self._invalid_carry += piece.invalid_message_count
+                if self._carry_offset is None:
+                    self._carry_offset = offset
+        return Verdict.LATE_PARTITION
+
+    def _count_published_with(self, window_end: int) -> int:
+        """The input partition count a published window was merged with (as far as known:
+        windows published before this merger took over count with the newest known)."""
+        for end, count in self._published_counts:
+            if window_end <= end:
+                return count
+        return self._published_counts[-1][1] if self._published_counts else self._partition_count
+
+    def _note_published_count(self, window_end: int, partition_count: int) -> None:
+        counts = self._published_counts
+        if counts and counts[-1][1] == partition_count:
+            counts[-1] = (max(window_end, counts[-1][0]), partition_count)
+        else:
+            counts.append((window_end, partition_count))
+        del counts[:-64]  # counts only grow; a few transitions are all there ever are
+
+    # ---- the memory bound -----------------------------------------------------------
+
+    def _over_bound(self, size: int) -> bool:
+        return len(self._windows) >= self.max_pending_windows or self._bytes + size > self.max_pending_bytes
+
+    def _make_room(self, start: int) -> None:
+        """A new window `start` would pass the bound: let go of the newest windows held
+        after it (their pieces are read again later), or, if it is the newest, of it."""
+        newer = sorted((s for s in self._windows if s > start), reverse=True)
+        while newer and self._over_bound(0):
+            evicted = newer.pop(0)
+            offset = self._windows[evicted].min_offset()
+            self._forget(evicted)
+            self._horizon = evicted if self._horizon is None else min(self._horizon, evicted)
+            if offset is not None:
+                self._reread_from = offset if self._reread_from is None else min(self._reread_from, offset)
+        if self._over_bound(0):
+            self._horizon = start if self._horizon is None else min(self._horizon, start)
+
+    def _skip_beyond_bound(self, offset: int) -> Verdict:
+        self._reread_from = offset if self._reread_from is None else min(self._reread_from, offset)
+        return Verdict.BEYOND_BOUND
+
+    def reread_from(self) -> int | None:
+        """Where the merger must seek to read again the pieces it skipped past the bound:
+        set once every window it held is published (None: go on reading).
+
+        What is known of the partitions' progress is forgotten down to what is
+        published, because some of it came from records after that offset: reading
+        them again says it again (a partition's part always precedes its progress)."""
+        if self._reread_from is None or self._windows or self._published_until is None:
+            return None
+        offset, self._reread_from, self._horizon = self._reread_from, None, None
+        self._closed_until = {p: min(t, self._published_until) for p, t in self._closed_until.items()}
+        self._next_offset = offset
+        return offset
+
+    def is_bounded(self) -> bool:
+        """Windows past the bound are being skipped (to be read again)."""
+        return self._horizon is not None
+
+    def _forget(self, start: int) -> None:
+        window = self._windows.pop(start, None)
+        if window is not None:
+            self._bytes -= window.size()
+
+    # ---- progress --------------------------------------------------------------------
 
     def _advance(self, partition: int, closed_until: int) -> None:
         if closed_until > self._closed_until.get(partition, 0):
             self._closed_until[partition] = closed_until
 
     def _all_closed_until(self) -> int | None:
-        """The end of the newest window every input partition has closed (None: not known)."""
+        """The end of the newest window every input partition has closed (None: not known).
+        A partition in a settings conflict has closed nothing this merger can use."""
         count = self._partition_count
-        if count == 0 or any(p not in self._closed_until for p in range(count)):
+        if count == 0 or any(p not in self._closed_until or p in self._conflicts for p in range(count)):
             return None
         return min(self._closed_until[p] for p in range(count))
 
@@ -307,7 +490,7 @@ class MergeState:
             if start + width <= closed and not window.waits_for_a_part() and not window.has_content()
         ]
         for start in settled:
-            del self._windows[start]
+            self._forget(start)
 
     # ---- output ---------------------------------------------------------------------
 
@@ -317,9 +500,10 @@ class MergeState:
         that waits). Changes nothing that counts: call it again and the same windows come back
         (rendered once: a window's value is kept while its winning parts stay the
         same). `WindowRenderError` if a value cannot be made, with nothing changed.
+        Nothing is due before the merger knows what the output topic holds.
         """
         closed = self._all_closed_until()
-        if closed is None:
+        if closed is None or self._published_until is None:
             return []
         width = self.window_seconds
         due = []
@@ -328,15 +512,21 @@ class MergeState:
             if window.waits_for_a_part():
                 break  # and so do the windows after it
             if window.has_content():
-                due.append(self._rendered(window))
+                due.append(self._rendered(window, carry=not due))
         return due
 
-    def _rendered(self, window: _Window) -> ClosedWindow:
-        made_from = tuple(sorted((p, part.part_id) for p, part in window.winners.items()))
+    def next_due(self) -> ClosedWindow | None:
+        """The oldest due window (the merger publishes one at a time, in order)."""
+        due = self.due_windows()
+        return due[0] if due else None
+
+    def _rendered(self, window: _Window, carry: bool) -> ClosedWindow:
+        late_carry, invalid_carry = (self._late_carry, self._invalid_carry) if carry else (0, 0)
+        made_from = (tuple(sorted((p, part.part_id) for p, part in window.winners.items())), late_carry, invalid_carry)
         if window.rendered is not None and window.rendered[0] == made_from:
             return window.rendered[1]
         tallies = MergedTallies(self.max_distinct_per_window, self.max_profiles_per_window)
-        invalid = late = 0
+        invalid, late = invalid_carry, late_carry
         for partition in sorted(window.winners):
             received = window.winners[partition].received
             for number in sorted(received):
@@ -354,18 +544,32 @@ class MergeState:
 
     def mark_published(self, starts: list[int] | tuple[int, ...] | set[int]) -> None:
         """The broker acknowledged these windows: drop them; published-until becomes the
-        highest end. Only these are dropped: a window the broker refused stays due."""
-        starts = list(starts)
+        highest end. Only these are dropped: a window the broker refused stays due. The
+        oldest one took the late counts carried from new partitions, if any."""
+        starts = sorted(starts)
         for start in starts:
-            self._windows.pop(start, None)
+            window = self._windows.get(start)
+            if window is not None and window.rendered is not None and window.rendered[0][1:] != (0, 0):
+                self._late_carry = self._invalid_carry = 0
+                self._carry_offset = None
+            self._forget(start)
         if starts:
-            self._published_until = max(self._published_until, max(starts) + self.window_seconds)
+            end = starts[-1] + self.window_seconds
+            self._published_until = max(self._published_until or 0, end)
+            if self._partition_count:
+                self._note_published_count(end, self._partition_count)
 
     def committable_offset(self) -> int | None:
         """The partials offset the merger may commit: the lowest piece an unpublished
-        window still holds, else one past the last record added (None before any).
-        Progress holds nothing: publishers send it again as their watermarks move."""
+        window still holds (or a record it must read again, or the first record of a
+        settings conflict), else one past the last record added (None before any, or
+        while the output's tail is not known). Progress holds nothing: publishers send
+        it again as their watermarks move."""
+        if self._published_until is None:
+            return None
         held = [offset for w in self._windows.values() if (offset := w.min_offset()) is not None]
+        held += [conflict.offset for conflict in self._conflicts.values()]
+        held += [offset for offset in (self._reread_from, self._carry_offset) if offset is not None]
         return min(held) if held else self._next_offset
 
     # ---- introspection for logs and metrics ----------------------------------------------
@@ -377,7 +581,7 @@ class MergeState:
     @property
     def published_until(self) -> int:
         """Every window ending at or before this is on the output topic (0: none known)."""
-        return self._published_until
+        return self._published_until or 0
 
     def closed_until(self) -> dict[int, int]:
         return dict(self._closed_until)
@@ -389,11 +593,18 @@ class MergeState:
     def pending_windows(self) -> int:
         return len(self._windows)
 
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def conflicts(self) -> list[SettingsConflict]:
+        """Partitions whose records were made under other settings, by partition."""
+        return [self._conflicts[p] for p in sorted(self._conflicts)]
+
     def holding_partitions(self) -> list[int]:
-        """The input partitions the next window waits on: those not heard from yet, else
-        those that have closed the fewest windows."""
+        """The input partitions the next window waits on: those not heard from yet (or in
+        a settings conflict), else those that have closed the fewest windows."""
         count = self._partition_count
-        missing = [p for p in range(count) if p not in self._closed_until]
+        missing = [p for p in range(count) if p not in self._closed_until or p in self._conflicts]
         if missing or count == 0:
             return missing
         lowest = min(self._closed_until[p] for p in range(count))

@@ -6,12 +6,27 @@ so Kafka's group protocol makes exactly one member at a time the merger, and mov
 the job to another member when that one leaves or dies. Only the merger publishes
 to the output topic. The others wait, idle, until Kafka picks them.
 
-The merger publishes a window once every input partition has closed it (merge.py),
-waits for the broker's acknowledgement, and only then commits the partials offsets
-the published windows no longer need. A new merger (after a crash or a hand-over)
-reads the newest window on the output topic, ignores parts of windows up to it, and
-rebuilds the rest from the committed partials offset: a window published twice has
-the same key and the same bytes.
+What every turn keeps (each has a test that injects the fault at that step):
+
+- A new merger (after a crash or a hand-over) first reads the newest window of its
+  pipeline on the output topic, and asks again until it can: it publishes and commits
+  nothing before, because "unknown" taken as "nothing published" would publish a
+  window again from only its later parts.
+- Windows go out one at a time, in order: the next is produced only once the broker
+  has acknowledged the one before. A window the broker refuses holds every later one
+  (the output's newest window is what a new merger resumes from, so a later window
+  must never be there before an earlier one).
+- Partials offsets are committed only up to what the published windows no longer
+  need (merge.MergeState.committable_offset).
+- Records of another pipeline are skipped and counted; parts made under other
+  window-shaping settings are not merged (an error names the setting and both values)
+  and hold the windows and the commit until the members agree.
+- A record of a newer format than this processor reads makes it leave the merge
+  group, so that an upgraded member merges; it never exits over it.
+- Memory stays bounded while windows wait on a stuck member: past a number of
+  windows or bytes, pieces of later windows are skipped and read again (seek) once
+  the held windows are published. The merger keeps reading, because the parts that
+  unblock the oldest window (a new owner's replay) come at the end of the topic.
 """
 
 from __future__ import annotations
@@ -19,29 +34,47 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import ClosedWindow, iso_utc
 from config import Settings
-from kafka_io import BrokerHealth, close_within
-from merge import MergeStall, MergeState
-from parts import BadPartialRecord, UnknownPartFormat, decode_partial
+from kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within
+from merge import MergeStall, MergeState, Verdict
+from parts import BadPartialRecord, PartOrigin, UnknownPartFormat, decode_partial
+from pipeline_topics import Published, output_headers
 
 log = logging.getLogger("merger")
 
-# How long one publish attempt waits for the broker's acknowledgement.
+# How long one publish attempt waits for the broker's acknowledgement of a window.
 _PUBLISH_ATTEMPT_SECONDS = 5.0
+# How long one turn may go on publishing due windows before it reads again.
+_PUBLISH_TURN_SECONDS = 5.0
+# After a refusal, how long before the same window is produced again.
+_REFUSED_RETRY_SECONDS = 2.0
 # At shutdown: how long the merger goes on reading the last parts of this processor.
 _DRAIN_SECONDS = 5.0
 # How long the merge may stand still, with newer parts in, before it says what it waits on.
 _STALL_SECONDS = 60.0
+# How often a new merger asks again for the output's tail when it could not be read.
+_TAIL_RETRY_SECONDS = 2.0
+# How often the merger commits what it has read when it publishes nothing (replays,
+# progress, other pipelines' records), so that a new merger does not read them again.
+_IDLE_COMMIT_SECONDS = 5.0
+# At most one line per this many seconds about skipped records of one kind.
+_SKIP_LOG_SECONDS = 60.0
 
 
 def merge_group_id(settings: Settings) -> str:
     return f"{settings.consumer_group_id}-merge"
+
+
+def pipeline_origin(settings: Settings) -> PartOrigin:
+    """This processor's pipeline and window-shaping settings, as parts carry them."""
+    return PartOrigin(settings.input_topic, settings.consumer_group_id, settings.window_shaping())
 
 
 class WindowMerger:
@@ -54,25 +87,35 @@ class WindowMerger:
         consumer_config: dict,
         producer_config: dict,
         health: BrokerHealth,
-        published_until: Callable[[], int],
+        newest_published: Callable[[], Published],
         on_published: Callable[[ClosedWindow, float], None],
         host: str,
+        clients: KafkaClients = REAL_CLIENTS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self._published_until = published_until
+        self._newest_published = newest_published
         self._on_published = on_published
         self._host = host.encode()
-        self._consumer = Consumer(
+        self._clock = clock
+        self._origin = pipeline_origin(settings)
+        self._consumer = clients.consumer(
             {**consumer_config, "group.id": merge_group_id(settings), "error_cb": health.on_error}
         )
-        self._producer = Producer({**producer_config, "error_cb": health.on_error})
+        self._producer = clients.producer({**producer_config, "error_cb": health.on_error})
         self._state: MergeState | None = None
         self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
-        self._in_flight: dict[int, ClosedWindow] = {}
-        self._delivered: dict[int, float] = {}
-        self._refused: dict[int, str] = {}
+        self._tail_asked_at: float | None = None
+        # The window produced and not yet acknowledged (one at a time), and its outcome.
+        self._in_flight: ClosedWindow | None = None
+        self._outcome: tuple[str, float | str] | None = None  # ("delivered", at) or ("refused", why)
+        self._retry_at = 0.0
         self._committed: int | None = None
+        self._committed_at = 0.0
+        self.skipped: Counter[str] = Counter()  # partials records skipped, by Verdict value (metrics)
+        self._skip_logged_at: dict[str, float] = {}
+        self.left_the_merge = False  # met a newer format: an upgraded member merges
         self.stop = threading.Event()  # stop now
         self.drain = threading.Event()  # stop after the parts already written are merged
         self.failed = threading.Event()  # a bug: the processor stops without committing
@@ -80,10 +123,13 @@ class WindowMerger:
 
     # ---- lifecycle ----------------------------------------------------------------
 
-    def start(self) -> None:
+    def subscribe(self) -> None:
         self._consumer.subscribe(
             [self.settings.partials_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+
+    def start(self) -> None:
+        self.subscribe()
         self._thread.start()
 
     def finish(self, drain: bool, timeout: float) -> None:
@@ -104,22 +150,23 @@ class WindowMerger:
                 return None
             return max(0.0, float(state.newest_part_end() - state.published_until))
 
+    def pending_windows(self) -> int | None:
+        """Windows the merge holds, not yet published (None: not the merger)."""
+        with self._lock:
+            return None if self._state is None else self._state.pending_windows()
+
     # ---- the loop -----------------------------------------------------------------
 
     def _run(self) -> None:
         drain_until, drain_to = None, None
         try:
-            while not self.stop.is_set():
+            while not self.stop.is_set() and not self.left_the_merge:
                 if self.drain.is_set() and drain_until is None:
                     drain_until = time.monotonic() + _DRAIN_SECONDS
                     drain_to = self._end_offset()
-                messages = self._consumer.consume(1000, 0.2)
-                for message in messages:
-                    self._add(message)
-                self._publish_due()
-                self._warn_if_stalled()
+                self.turn(0.2)
                 if drain_until is not None and (
-                    time.monotonic() > drain_until or (not self._in_flight and self._read_to(drain_to))
+                    time.monotonic() > drain_until or (self._in_flight is None and self._read_to(drain_to))
                 ):
                     break
         except Exception:
@@ -129,14 +176,65 @@ class WindowMerger:
         finally:
             self._close()
 
+    def turn(self, wait_seconds: float) -> None:
+        """One turn: learn what is published (a new merger), read parts, publish what is
+        due, commit, and say so if the merge is stuck."""
+        self._learn_published()
+        for message in self._consumer.consume(1000, wait_seconds):
+            self._add(message)
+            if self.left_the_merge:
+                return
+        self._publish_due()
+        self._reread_if_due()
+        self._warn_if_stalled()
+
+    def _learn_published(self) -> None:
+        """A new merger reads its pipeline's newest window on the output topic before it
+        publishes or commits anything, asking again while the topic cannot be read."""
+        state = self._state
+        if state is None or state.knows_published_until:
+            return
+        now = self._clock()
+        if self._tail_asked_at is not None and now - self._tail_asked_at < _TAIL_RETRY_SECONDS:
+            return
+        self._tail_asked_at = now
+        try:
+            published = self._newest_published()
+        except KafkaException as error:
+            self._count_skipped(
+                "tail",
+                f"cannot read the newest window on {self.settings.output_topic} yet ({error}); merging waits"
+                " (nothing published, nothing committed) and asks again",
+                level=logging.WARNING,
+                metric="",
+            )
+            return
+        with self._lock:
+            state.restore_published_until(published.until, published.partition_count)
+        width = self.settings.window_seconds
+        if published.until:
+            log.info(
+                "this processor is now the merger: the output holds every window up to the one starting %s;"
+                " it publishes from %s on",
+                iso_utc(published.until - width),
+                iso_utc(published.until),
+            )
+        else:
+            log.info("this processor is now the merger: no window of this pipeline is on the output yet")
+
     def _warn_if_stalled(self) -> None:
         """Name what the merge waits on when it has stood still for long (`MergeStall`)."""
         state = self._state
-        if state is None or not self._stall.due(time.monotonic(), state.published_until, state.pending_windows()):
+        if state is None or not self._stall.due(self._clock(), state.published_until, state.pending_windows()):
             return
         closed = state.closed_until()
+        conflicts = {c.partition: c for c in state.conflicts()}
         holding = [
-            f"{p} (closed up to {iso_utc(closed[p])})" if p in closed else f"{p} (no window closed there yet)"
+            f"{p} (its parts were made with {conflicts[p].describe()})"
+            if p in conflicts
+            else f"{p} (closed up to {iso_utc(closed[p])})"
+            if p in closed
+            else f"{p} (no window closed there yet)"
             for p in state.holding_partitions()
         ]
         incomplete = [
@@ -145,12 +243,15 @@ class WindowMerger:
         ]
         log.warning(
             "no window published for %.0fs or more although %d window(s) up to %s wait: waiting for input"
-            " partition(s) %s%s; their processor is stuck or far behind",
+            " partition(s) %s%s; %s",
             self._stall.after_seconds,
             state.pending_windows(),
             iso_utc(state.newest_part_end() or state.published_until),
             ", ".join(holding) or "none",
             "; incomplete: " + ", ".join(incomplete) if incomplete else "",
+            "the members of the group must agree on these settings"
+            if conflicts
+            else "their processor is stuck or far behind",
         )
 
     def _end_offset(self) -> int | None:
@@ -179,6 +280,8 @@ class WindowMerger:
         if not close_within(self._consumer, 5.0):
             log.warning("the merge consumer did not leave its group within 5s; going on")
 
+    # ---- reading ------------------------------------------------------------------
+
     def _add(self, message: Message) -> None:
         error = message.error()
         if error is not None:
@@ -190,69 +293,146 @@ class WindowMerger:
             return  # not (or no longer) the merger
         try:
             record = decode_partial(message.value())
-        except UnknownPartFormat:
-            # A newer processor's parts: skipping them would publish windows without
-            # them. Stop (nothing more is committed) so that a newer member merges.
-            log.critical(
-                "partials record at offset %d has a newer format than this processor reads; upgrade it",
-                message.offset(),
-            )
-            raise
+        except UnknownPartFormat as newer:
+            self._leave_the_merge(newer, message.offset())
+            return
         except BadPartialRecord as problem:
-            log.error("skipping partials record at offset %d: %s", message.offset(), problem)
+            self._count_skipped("damaged", f"skipping partials record at offset {message.offset()}: {problem}")
             return
         with self._lock:
-            state.add(record, message.offset())
+            verdict = state.add(record, message.offset(), len(message.value()))
+        if verdict is Verdict.OTHER_PIPELINE:
+            self._count_skipped(
+                verdict.value,
+                f"skipping partials records of another pipeline ({record.origin.describe()}) on"
+                f" {self.settings.partials_topic}; this one is input {self.settings.input_topic!r},"
+                f" group {self.settings.consumer_group_id!r}",
+                level=logging.WARNING,
+            )
+        elif verdict is Verdict.SETTINGS_MISMATCH:
+            [conflict] = [c for c in state.conflicts() if c.partition == record.partition]
+            self._count_skipped(
+                f"{verdict.value}:{conflict.describe()}",
+                f"partials records of input partition {record.partition} were made with {conflict.describe()}:"
+                " not merged; the windows wait (nothing is committed past them) until every member of group"
+                f" {self.settings.consumer_group_id!r} runs with the same settings",
+                level=logging.ERROR,
+                metric=verdict.value,
+            )
+        elif verdict in (Verdict.BEYOND_BOUND, Verdict.MISALIGNED, Verdict.LATE_PARTITION):
+            self.skipped[verdict.value] += 1
 
-    def _publish_due(self) -> None:
+    def _count_skipped(self, kind: str, text: str, level: int = logging.ERROR, metric: str | None = None) -> None:
+        """Count a skipped record (under `metric`, else `kind`; "" counts nothing); log
+        about its kind at most once a minute."""
+        if metric != "":
+            self.skipped[metric or kind] += 1
+        now = self._clock()
+        logged_at = self._skip_logged_at.get(kind)
+        if logged_at is not None and now - logged_at < _SKIP_LOG_SECONDS:
+            return
+        self._skip_logged_at[kind] = now
+        log.log(level, "%s", text)
+
+    def _leave_the_merge(self, newer: UnknownPartFormat, offset: int) -> None:
+        """Leave the merge group: Kafka gives the partials topic to another member, an
+        upgraded one if there is any. Never exit over it: a crash-looping group merges
+        nothing at all. This processor goes on with its input partitions."""
+        log.error(
+            "partials record at offset %d: %s; leaving the merge to a member that reads it (upgrade this processor)",
+            offset,
+            newer,
+        )
+        self.skipped["newer_format"] += 1
+        with self._lock:
+            self._state = None
+        self.left_the_merge = True
+        try:
+            self._consumer.unsubscribe()
+        except (KafkaException, RuntimeError) as error:
+            log.warning("could not leave the merge group (%s); it will when the processor stops", error)
+
+    def _reread_if_due(self) -> None:
+        """Past the memory bound, skipped pieces are read again once the held windows
+        are published."""
         state = self._state
         if state is None:
             return
         with self._lock:
-            due = state.due_windows()
-        published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-        for window in due:
-            if window.start in self._in_flight:
-                continue
-            try:
-                self._producer.produce(
-                    self.settings.output_topic,
-                    key=window.key,
-                    value=window.value,
-                    headers=[("processor.host", self._host), ("published.at", published_at)],
-                    on_delivery=self._on_delivery(window.start),
-                )
-            except (KafkaException, BufferError) as error:
-                log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
-                break  # in order: nothing is skipped
-            self._in_flight[window.start] = window
-        if not self._in_flight:
+            offset = state.reread_from()
+        if offset is None:
             return
-        self._producer.flush(_PUBLISH_ATTEMPT_SECONDS)
-        done = [start for start in sorted(self._in_flight) if start in self._delivered]
-        for start, reason in list(self._refused.items()):
-            log.error("window %s was refused (%s); trying it again", iso_utc(start), reason)
-            self._in_flight.pop(start, None)
-            del self._refused[start]
-        if not done:
-            return
-        with self._lock:
-            state.mark_published(done)
-        for start in done:
-            self._on_published(self._in_flight.pop(start), self._delivered.pop(start))
-        self._commit(state)
+        log.info("reading the partials topic again from offset %d (windows were held back by the memory bound)", offset)
+        self._consumer.seek(TopicPartition(self.settings.partials_topic, 0, offset))
 
-    def _on_delivery(self, start: int):
+    # ---- publishing -----------------------------------------------------------------
+
+    def _publish_due(self) -> None:
+        """Publish due windows one at a time, in order, each only once the one before it
+        is acknowledged; stop at the first that is not (it holds every later one)."""
+        state = self._state
+        if state is None or not state.knows_published_until:
+            return
+        deadline = self._clock() + _PUBLISH_TURN_SECONDS
+        published = False
+        while self._clock() < deadline:
+            if self._in_flight is None:
+                if self._clock() < self._retry_at:
+                    break
+                with self._lock:
+                    window = state.next_due()
+                if window is None:
+                    break
+                if not self._produce(window, state.partition_count):
+                    break
+            self._producer.flush(_PUBLISH_ATTEMPT_SECONDS)
+            outcome, self._outcome = self._outcome, None
+            window = self._in_flight
+            if outcome is None:
+                break  # not acknowledged yet: the broker is slow or away; ask again next turn
+            self._in_flight = None
+            if outcome[0] == "refused":
+                log.error("window %s was refused (%s); later windows wait for it", iso_utc(window.start), outcome[1])
+                self._retry_at = self._clock() + _REFUSED_RETRY_SECONDS
+                break
+            with self._lock:
+                state.mark_published([window.start])
+            self._on_published(window, outcome[1])
+            published = True
+        if published or self._clock() - self._committed_at > _IDLE_COMMIT_SECONDS:
+            self._commit(state)
+
+    def _produce(self, window: ClosedWindow, partition_count: int) -> bool:
+        published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+        try:
+            self._producer.produce(
+                self.settings.output_topic,
+                key=window.key,
+                value=window.value,
+                headers=[
+                    ("processor.host", self._host),
+                    ("published.at", published_at),
+                    *output_headers(self.settings, partition_count),
+                ],
+                on_delivery=self._report_for(window),
+            )
+        except (KafkaException, BufferError) as error:
+            log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
+            return False
+        self._in_flight, self._outcome = window, None
+        return True
+
+    def _report_for(self, window: ClosedWindow):
         def report(error: KafkaError | None, _message: Message) -> None:
-            if error is None:
-                self._delivered[start] = time.time()
-            else:
-                self._refused[start] = error.str()
+            if self._in_flight is window:  # a report for the window in flight, not an older one
+                self._outcome = ("delivered", time.time()) if error is None else ("refused", error.str())
 
         return report
 
     def _commit(self, state: MergeState) -> None:
-        offset = state.committable_offset()
+        with self._lock:
+            offset = state.committable_offset()
+        self._committed_at = self._clock()
         if offset is None or offset == self._committed:
             return
         try:
@@ -265,26 +445,22 @@ class WindowMerger:
     # ---- rebalances (inside consume(), this thread) -----------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        if not partitions or self.drain.is_set() or self.stop.is_set():
+        if not partitions or self.drain.is_set() or self.stop.is_set() or self.left_the_merge:
             return  # this processor is leaving: another member merges
+        s = self.settings
         state = MergeState(
-            self.settings.window_seconds,
-            self.settings.top_ips,
-            self.settings.max_distinct_per_window,
-            self.settings.max_profiles_per_window,
+            s.window_seconds,
+            s.top_ips,
+            s.max_distinct_per_window,
+            s.max_profiles_per_window,
+            origin=self._origin,
+            published_until=None,  # unknown until the output's tail is read (_learn_published)
+            max_pending_windows=s.merge_max_pending_windows,
+            max_pending_bytes=s.merge_max_pending_bytes,
         )
-        published_until = self._published_until()
-        if published_until:
-            state.restore_published_until(published_until)
-        self._in_flight.clear()
-        self._delivered.clear()
-        self._committed = None
+        self._in_flight, self._outcome, self._committed, self._tail_asked_at = None, None, None, None
         with self._lock:
-            self._state = state
-        log.info(
-            "this processor is now the merger (windows up to %s already published)",
-            iso_utc(published_until) if published_until else "none",
-        )
+            self._state = state  # what is published is learnt on the next turn, not in this callback
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         if self._state is not None and not self.failed.is_set():
@@ -299,5 +475,5 @@ class WindowMerger:
             return
         with self._lock:
             self._state = None
-        self._in_flight.clear()
+        self._in_flight = None
         log.info(why)

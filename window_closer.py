@@ -20,7 +20,8 @@ from config import Settings
 from dead_letter import DeadLetterQueue
 from kafka_io import BrokerHealth
 from part_publisher import PartPublisher
-from parts import encode_part
+from parts import PartOrigin, encode_part
+from pipeline_topics import PublishedFollower
 from processor_report import ProcessorReport
 
 log = logging.getLogger("processor")
@@ -46,6 +47,8 @@ class WindowCloser:
         commits: InputCommits,
         health: BrokerHealth,
         report: ProcessorReport,
+        published: PublishedFollower,
+        origin: PartOrigin,
     ) -> None:
         self.settings = settings
         self.lock = threading.Lock()
@@ -56,6 +59,9 @@ class WindowCloser:
         self._commits = commits
         self._health = health
         self._report = report
+        self._published = published
+        self._origin = origin
+        self.last_turn_at: float | None = None  # monotonic: the timer thread is turning (health)
 
     def run(self, stop_requested: threading.Event, crashed: threading.Event) -> None:
         """The timer thread's loop, until `stop_requested`."""
@@ -85,17 +91,26 @@ class WindowCloser:
         """
         with self.lock:
             started = time.perf_counter()
+            self.last_turn_at = time.monotonic()
+            published = self._published.poll()
+            self._aggregator.release_published(published.until, published.partition_count)
             self._parts.add(self._aggregator.close_due_parts(self._encode_part))
-            self._parts.send()
-            # flush() also covers the DLQ copies produced so far.
-            still_queued = self._producer.flush(wait_seconds)
-            acknowledged = self._parts.take_acknowledged()
-            if acknowledged:
-                self._aggregator.acknowledge(acknowledged)
-                self._health.mark_reachable()
+            # A partition's publications go out one at a time (part_publisher.py): send
+            # what may go, wait for the broker, and again while that let more go.
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                self._parts.send()
+                # flush() also covers the DLQ copies produced so far.
+                still_queued = self._producer.flush(max(0.0, deadline - time.monotonic()))
+                acknowledged = self._parts.take_acknowledged()
+                if acknowledged:
+                    self._aggregator.acknowledge(acknowledged)
+                    self._health.mark_reachable()
+                if still_queued or not self._parts.has_sendable() or time.monotonic() >= deadline:
+                    break
             self._report.stats.publish_seconds += time.perf_counter() - started
-            # Safe even while some are unacknowledged: unacknowledged parts and
-            # dead-letter copies hold their offsets.
+            # Safe even while some are unacknowledged: unacknowledged parts, parts of
+            # unpublished windows and dead-letter copies hold their offsets.
             self._commits.slot.offer(self.safe_offsets())
             if self._parts.pending() or still_queued:
                 self._report.warn_unacknowledged(self._parts.pending(), len(self._producer))
@@ -116,4 +131,5 @@ class WindowCloser:
             window.invalid_message_count,
             window.late_message_count,
             PART_MAX_BYTES,
+            origin=self._origin,
         )

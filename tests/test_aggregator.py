@@ -67,6 +67,7 @@ def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
     from parts import decode_partial, encode_part, encode_progress
 
     merge = agg.__dict__.setdefault("test_merge", MergeState(W, agg.top_ips, agg.max_distinct_per_window))
+    poll_loop_turn(agg)
     closed = agg.close_due_parts(
         lambda partition, start, window: encode_part(
             start,
@@ -87,7 +88,17 @@ def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
         agg.acknowledge([(part.partition, part.start) for part in closed.parts])
     due = merge.due_windows()
     merge.mark_published([window.start for window in due])
+    if acknowledge:  # and the output topic tells the processor what is published
+        agg.release_published(merge.published_until)
     return due
+
+
+def poll_loop_turn(agg: Aggregator) -> None:
+    """What the poll loop does on every turn: a partition still read to its end is
+    confirmed so again, now (the watermark's clock follows that confirmation)."""
+    for partition, progress in agg.partition_summary().items():
+        if progress.caught_up:
+            agg.mark_caught_up(partition, progress.next_offset)
 
 
 def values(closed) -> dict[str, dict]:
@@ -246,7 +257,7 @@ class TestRestartAndRebalance:
 
 
 class TestOffsets:
-    def test_commit_holds_the_lowest_offset_of_open_and_unacknowledged_windows(self):
+    def test_commit_holds_the_lowest_offset_of_open_unacknowledged_and_unpublished_windows(self):
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock, partitions=(0, 1))
         feed(agg, 0, 100, [event(T0 + 1), event(T0 + 2)], clock.now)
@@ -258,7 +269,40 @@ class TestOffsets:
         assert [w.start for w in closed] == [T0]
         assert agg.committable_offsets() == {0: 100, 1: 7}  # not acknowledged yet
         agg.acknowledge([(0, T0)])
+        assert agg.committable_offsets() == {0: 100, 1: 7}  # acknowledged, but not published yet
+        agg.release_published(T0 + W)  # the output topic has the window
         assert agg.committable_offsets() == {0: 102, 1: 7}
+
+    def test_a_part_the_merger_never_publishes_keeps_its_records_uncommitted(self):
+        """A merger that refuses a part (made under other settings) never publishes its
+        window: its records must be read again once the settings agree, so its offsets
+        stay held however long the window waits."""
+        clock = FakeClock(T0 + 10_000)
+        agg = make_aggregator(clock)
+        feed(agg, 0, 100, [event(T0 + 1)], clock.now)
+        feed(agg, 0, 101, [event(T0 + 40)], clock.now)
+        agg.mark_caught_up(0, 102)
+        closed = agg.close_due_parts(lambda partition, start, window: [b"piece"])
+        agg.acknowledge([(part.partition, part.start) for part in closed.parts])
+        assert [part.start for part in closed.parts] == [T0, T0 + W]
+        assert agg.committable_offsets() == {0: 100}
+        agg.release_published(T0 + W)
+        assert agg.committable_offsets() == {0: 101}
+        agg.release_published(T0 + 2 * W)
+        assert agg.committable_offsets() == {0: 102}
+
+    def test_a_paused_member_closes_nothing_it_has_not_read(self):
+        """Caught up as of the poll loop's last look, not as of the timer's clock: after
+        a pause (a stopped or starved process) the timer must not close windows whose
+        records arrived meanwhile and are not read yet."""
+        clock = FakeClock(T0 + 20)
+        agg = make_aggregator(clock, lateness=5)
+        feed(agg, 0, 0, [event(T0 + 19)], clock.now)
+        agg.mark_caught_up(0, 1)
+        clock.now = T0 + 60  # the process was stopped for 40 s; the poll loop has not turned since
+        assert agg.close_due_parts(lambda partition, start, window: [b"piece"]).parts == []
+        agg.mark_caught_up(0, 1)  # the poll loop turned and found it still read to its end
+        assert [part.start for part in agg.close_due_parts(lambda *_: [b"piece"]).parts] == [T0]
 
     def test_nothing_open_commits_next_offset_but_a_carried_late_count_holds_its_own(self):
         clock = FakeClock(T0 + 10_000)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from aggregator import DEFAULT_MAX_DISTINCT, WindowTallies, iso_utc, render_window_value, tallies_for
 from merge import MergedTallies, MergeStall, MergeState
 from parsing import NATIVE_PARSER_AVAILABLE, parse_values
-from parts import decode_partial, encode_part, encode_progress
+from parts import UNKNOWN_ORIGIN, decode_partial, encode_part, encode_progress
 from tests.oracle import expected_windows
 
 W = 30
@@ -54,12 +54,14 @@ def single_processor(raws: list[bytes], kafka_s: list[int], native: bool) -> dic
     }
 
 
-def parts_of(raws, kafka_s, partition, partition_count, native, max_bytes=1 << 20, part_id=None) -> list[bytes]:
+def parts_of(
+    raws, kafka_s, partition, partition_count, native, max_bytes=1 << 20, part_id=None, origin=UNKNOWN_ORIGIN
+) -> list[bytes]:
     """Every piece of every part a partition's records make."""
     return [
         data
         for start, (tallies, invalid) in windows_of(raws, kafka_s, native).items()
-        for data in encode_part(start, partition, partition_count, tallies, invalid, 0, max_bytes, part_id)
+        for data in encode_part(start, partition, partition_count, tallies, invalid, 0, max_bytes, part_id, origin)
     ]
 
 

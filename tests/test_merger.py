@@ -1,31 +1,29 @@
-"""merger: the operator's warning when the merge stands still. No broker is contacted:
-the merger's clients are made but never used here."""
+"""merger: the merge stage's turns, driven through an in-memory Kafka (tests/fake_kafka.py)
+for the faults a broker will not make on cue: a failed read of the output's tail at a
+hand-over, a refused window, a newer format, another pipeline's records, parts made
+under other settings, a stuck partition; and the operator's warning when the merge
+stands still."""
 
 from __future__ import annotations
 
+import json
 import logging
+
+import msgspec
 
 from aggregator import iso_utc
 from config import build_settings
 from kafka_io import BrokerHealth
 from merge import MergeStall
-from merger import WindowMerger
-from parts import encode_progress
-from tests.test_merge import T0, Feeder, W, login, parts_of
+from merger import WindowMerger, pipeline_origin
+from parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress
+from pipeline_topics import newest_published
+from tests.fake_kafka import FakeClients, FakeCluster, Faults
+from tests.test_merge import T0, Feeder, W, login, parts_of, single_processor
 
 
 def test_a_stalled_merge_names_the_partitions_it_waits_on(caplog):
-    settings = build_settings({"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9", "WINDOW_SECONDS": str(W)})
-    log = logging.getLogger("test")
-    merger = WindowMerger(
-        settings,
-        {"bootstrap.servers": "127.0.0.1:9"},
-        {"bootstrap.servers": "127.0.0.1:9"},
-        BrokerHealth(settings.bootstrap_servers, log),
-        lambda: 0,
-        lambda *_: None,
-        "host",
-    )
+    merger = MergerRig().merger
     feeder = Feeder()
     # Partition 0 closed three windows; partition 1 closed one; partition 2 sent the
     # first of two pieces of its part of the first window (its publisher died, say).
@@ -43,3 +41,178 @@ def test_a_stalled_merge_names_the_partitions_it_waits_on(caplog):
     text = record.getMessage()
     assert "waiting for input partition(s) 2 (no window closed there yet)" in text
     assert f"incomplete: partition 2 of window {iso_utc(T0)} (1 of {len(pieces)} pieces)" in text
+
+
+# ---- the merger thread's turns, through an in-memory Kafka (tests/fake_kafka.py) ------------------
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MergerRig:
+    """A WindowMerger of pipeline ("in", "g") over a fake cluster: the test writes partials
+    records, turns the merger, and reads the output topic."""
+
+    def __init__(self, faults: Faults | None = None, **env: str) -> None:
+        self.settings = build_settings(
+            {"KAFKA_BOOTSTRAP_SERVERS": "fake:9", "INPUT_TOPIC": "in", "CONSUMER_GROUP_ID": "g"}
+            | {"WINDOW_SECONDS": str(W)}
+            | env
+        )
+        self.clock = Clock()
+        self.cluster = FakeCluster(lambda: T0 + 10_000.0, faults or Faults(enabled=False))
+        for topic in (self.settings.partials_topic, self.settings.output_topic):
+            self.cluster.create_topic(topic, 1)
+        self.clients = FakeClients(self.cluster)
+        self.origin = pipeline_origin(self.settings)
+        self.published: list[bytes] = []
+        self.merger = WindowMerger(
+            self.settings,
+            {},
+            {},
+            BrokerHealth(self.settings.bootstrap_servers, logging.getLogger("test")),
+            lambda: newest_published(self.settings, self.clients),
+            lambda window, _at: self.published.append(window.key),
+            "host",
+            self.clients,
+            self.clock,
+        )
+        self.merger.subscribe()
+
+    def write(self, *records: bytes) -> None:
+        for data in records:
+            self.cluster.append(self.settings.partials_topic, 0, b"k", data)
+
+    def parts(self, records, partition: int, count: int, **kw) -> list[bytes]:
+        kw.setdefault("origin", self.origin)
+        return parts_of(records, [T0] * len(records), partition, count, native=False, **kw)
+
+    def progress(self, partition: int, count: int, until: int, origin=None) -> bytes:
+        return encode_progress(partition, count, until, origin or self.origin)
+
+    def turns(self, n: int = 3, seconds: float = 3.0) -> None:
+        for _ in range(n):
+            self.merger.turn(0)
+            self.clock.now += seconds
+
+    def output(self) -> list[tuple[bytes, dict]]:
+        return [(m.key(), json.loads(m.value())) for m in self.cluster.logs[self.settings.output_topic][0]]
+
+    def committed(self) -> int | None:
+        return self.cluster.committed.get((f"{self.settings.consumer_group_id}-merge", self.settings.partials_topic, 0))
+
+
+def test_a_new_merger_that_cannot_read_the_output_tail_waits_and_asks_again():
+    """The hand-over hole: a window already published, then (after the partials commit)
+    only a part rebuilt from a replay of its later records. Taking "unknown" for "nothing
+    published" would publish it again with fewer records, over the right value."""
+    faults = Faults(tail_read_fails=1.0)
+    rig = MergerRig(faults)
+    records = [login(T0 + i, device_id=f"d{i}") for i in range(5)]
+    right = single_processor(records, [T0] * 5, native=False)[iso_utc(T0).encode()]
+    rig.cluster.append(rig.settings.output_topic, 0, iso_utc(T0).encode(), right)  # published before
+    rig.write(*rig.parts(records[3:], 0, 1), rig.progress(0, 1, T0 + W))  # a replay's rebuilt part
+    rig.turns(4)
+    assert rig.output() == [(iso_utc(T0).encode(), json.loads(right))]  # nothing published while unknown
+    assert rig.committed() is None  # and nothing committed
+    faults.tail_read_fails = 0.0
+    rig.turns(3)
+    assert [value for _, value in rig.output()] == [json.loads(right)]  # the rebuilt part was ignored
+    assert rig.committed() == 2
+
+
+def test_a_refused_window_holds_every_later_one():
+    faults = Faults(topics={"device-login-aggregates"}, deliveries=["refuse"])
+    rig = MergerRig(faults)
+    first, second = [login(T0 + 1)], [login(T0 + W + 1, device_id="d2")]
+    rig.write(*rig.parts(first, 0, 1), *rig.parts(second, 0, 1), rig.progress(0, 1, T0 + 2 * W))
+    rig.merger.turn(0)  # assigned; reads the (empty) output tail next turn
+    rig.merger.turn(0)  # the first window is refused
+    assert rig.output() == []  # and the second was not produced behind it
+    assert (rig.committed() or 0) == 0  # nothing committed past the first window's part
+    rig.clock.now += 5
+    rig.turns(2)
+    assert [key for key, _ in rig.output()] == [iso_utc(T0).encode(), iso_utc(T0 + W).encode()]
+    assert rig.published == [iso_utc(T0).encode(), iso_utc(T0 + W).encode()]
+
+
+def test_a_newer_format_makes_it_leave_the_merge_not_exit(caplog):
+    rig = MergerRig()
+    rig.write(msgspec.msgpack.encode(["part", PARTS_FORMAT_VERSION + 1, "whatever", "layout"]))
+    with caplog.at_level(logging.ERROR, logger="merger"):
+        rig.turns(2)
+    assert rig.merger.left_the_merge and not rig.merger.is_merger and not rig.merger.failed.is_set()
+    assert "newer than this processor's" in caplog.text and "leaving the merge" in caplog.text
+    assert rig.merger.skipped["newer_format"] == 1
+    assert rig.merger not in rig.cluster.group("g-merge").members or rig.merger._consumer not in (
+        rig.cluster.group("g-merge").members
+    )
+
+
+def test_another_pipelines_records_are_skipped_counted_and_logged_once_a_minute(caplog):
+    rig = MergerRig()
+    theirs = PartOrigin("in", "other-group", rig.origin.shaping)
+    mine = [login(T0 + 1)]
+    rig.write(*rig.parts([login(T0 + 2, device_id="x")], 0, 1, origin=theirs), rig.progress(0, 1, T0 + W, theirs))
+    rig.write(*rig.parts(mine, 0, 1), rig.progress(0, 1, T0 + W))
+    with caplog.at_level(logging.WARNING, logger="merger"):
+        rig.turns(3)
+    assert [value for _, value in rig.output()] == [
+        json.loads(single_processor(mine, [T0], False)[iso_utc(T0).encode()])
+    ]
+    assert rig.merger.skipped["other_pipeline"] == 2
+    lines = [r.getMessage() for r in caplog.records if "another pipeline" in r.getMessage()]
+    assert len(lines) == 1 and "group 'other-group'" in lines[0]
+
+
+def test_parts_made_under_another_window_length_are_never_merged_and_hold_the_windows(caplog):
+    rig = MergerRig()
+    sixty = PartOrigin("in", "g", rig.origin.shaping | {"WINDOW_SECONDS": 60})
+    rig.write(*rig.parts([login(T0 + 1)], 0, 2))
+    rig.write(*rig.parts([login(T0 + 2, device_id="x")], 1, 2, origin=sixty), rig.progress(1, 2, T0 + 60, sixty))
+    rig.write(rig.progress(0, 2, T0 + 60))
+    with caplog.at_level(logging.ERROR, logger="merger"):
+        rig.turns(3)
+    assert rig.output() == []  # nothing published from a mix
+    assert "WINDOW_SECONDS=60 (this merger: 30)" in caplog.text
+    assert rig.committed() is None or rig.committed() <= 1  # not past the first refused record
+    # Partition 1's owner restarts with this merger's settings and publishes its part again.
+    again = [login(T0 + 2, device_id="x")]
+    rig.write(*rig.parts(again, 1, 2), rig.progress(1, 2, T0 + W))
+    rig.turns(3)
+    assert [key for key, _ in rig.output()] == [iso_utc(T0).encode()]
+    assert rig.output()[0][1]["message_count"] == 2
+
+
+def test_memory_stays_bounded_while_a_partition_is_stuck_and_nothing_is_lost():
+    """Partition 1's member is stuck: partition 0 closes 40 windows. The merger holds at
+    most 5 of them; when partition 1's new owner writes its parts (at the end of the
+    topic), every window comes out, as one processor would publish them."""
+    rig = MergerRig(MERGE_MAX_PENDING_WINDOWS="5")
+    zero = [login(T0 + k * W + 1, device_id=f"a{k}") for k in range(40)]
+    one = [login(T0 + k * W + 2, device_id=f"b{k}") for k in range(40)]
+    for k in range(40):
+        rig.write(*parts_of([zero[k]], [T0 + k * W], 0, 2, native=False, origin=rig.origin))
+    rig.write(rig.progress(0, 2, T0 + 40 * W))
+    held = []
+    for _ in range(6):
+        rig.turns(1)
+        held.append(rig.merger.pending_windows())
+    assert max(held) <= 5 and rig.output() == []
+    for k in range(40):  # the new owner of partition 1 replays it
+        rig.write(*parts_of([one[k]], [T0 + k * W], 1, 2, native=False, origin=rig.origin))
+    rig.write(rig.progress(1, 2, T0 + 40 * W))
+    for _ in range(40):
+        rig.turns(1)
+        held.append(rig.merger.pending_windows() or 0)
+    assert max(held) <= 5
+    expected = single_processor(zero + one, [T0 + k * W for k in range(40)] * 2, native=False)
+    assert {key: json.dumps(value) for key, value in rig.output()} == {
+        key: json.dumps(json.loads(value)) for key, value in expected.items()
+    }
+    assert [key for key, _ in rig.output()] == sorted(expected)  # once each, in order
