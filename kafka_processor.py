@@ -46,6 +46,7 @@ from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, clos
 from log_setup import configure_logging
 from merger import WindowMerger
 from metrics import MetricsSnapshot, ProcessorMetrics
+from ops.health import HealthEndpoint, Probes
 from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from part_publisher import PartPublisher
 from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
@@ -54,6 +55,8 @@ from window_closer import WindowCloser
 
 log = logging.getLogger("processor")
 
+# How long one consume() call waits for records: the poll loop turns at least this often.
+_CONSUME_TIMEOUT_SECONDS = 0.5
 # How long shutdown waits for the broker to acknowledge the last parts.
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long shutdown waits for the consumer to leave its group.
@@ -159,6 +162,16 @@ class Processor:
         self.stats = self.report.stats
         self.metrics = ProcessorMetrics(self.metrics_snapshot)
         self.report.publish_latency = self.metrics.publish_latency.observe
+        # /healthz and /readyz beside /metrics (ops/health.py); the poll loop's period is
+        # its consume() timeout.
+        self.probes = Probes(
+            settings.consumer_group_id,
+            _CONSUME_TIMEOUT_SECONDS,
+            settings.close_interval_seconds,
+            lambda: self.health.down_since,
+            self.stop_requested.is_set,
+        )
+        self.endpoint: HealthEndpoint | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set)
         self._producer = Producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = Consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
@@ -218,20 +231,39 @@ class Processor:
 
     def run(self) -> int:
         """Consume until asked to stop; returns the exit code."""
+        self._serve_endpoint()
+        try:
+            return self._run()
+        finally:
+            if self.endpoint is not None:
+                self.endpoint.close()
+
+    def _serve_endpoint(self) -> None:
+        """From the start, so that probes answer while start-up waits for the broker."""
+        port = self.settings.metrics_port
+        if not port:
+            return
+        try:
+            self.endpoint = HealthEndpoint(port, self.metrics.registry, self.probes).start()
+        except OSError as error:
+            raise ConfigError("METRICS_PORT", f"cannot listen on port {port}: {error.strerror}") from None
+        log.info("metrics, health and readiness on http://0.0.0.0:%d/metrics, /healthz, /readyz", port)
+
+    def _run(self) -> int:
         if not self.prepare():
             self._consumer.close()
             return 0
         a = self.assignment
         self._consumer.subscribe(
-            [self.settings.input_topic], on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost
+            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=a.on_revoke, on_lost=self._on_lost
         )
         self.merger.start()
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
-            log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
         _tune_garbage_collector()
         timer = threading.Thread(
-            target=self.closer.run, args=(self.stop_requested, self._crashed), name="window-closer", daemon=True
+            target=self.closer.run,
+            args=(self.stop_requested, self._crashed, self.probes.window_closer.beat),
+            name="window-closer",
+            daemon=True,
         )
         timer.start()
         log.info("consuming %s (%s)", self.settings.input_topic, self.settings.describe())
@@ -245,6 +277,7 @@ class Processor:
         batch_size = self.settings.consume_batch_size
         try:
             while not self.stop_requested.is_set():
+                self.probes.poll_loop.beat()
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
@@ -253,7 +286,7 @@ class Processor:
                 self.assignment.retry_partition_count(self._consumer)
                 self.dead_letters.retry_refused()
                 started = time.perf_counter()
-                messages = self._consumer.consume(batch_size, 0.5)
+                messages = self._consumer.consume(batch_size, _CONSUME_TIMEOUT_SECONDS)
                 if messages:
                     self.stats.consume_seconds += time.perf_counter() - started
                     self._process(messages)
@@ -278,6 +311,14 @@ class Processor:
         self._consumer.close()
         self._producer.flush(2.0)
         return 1
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment.on_assign(consumer, partitions)
+        self.probes.group_joined()  # ready even with no partition: it stands by
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.probes.group_lost()
+        self.assignment.on_lost(consumer, partitions)
 
     def _process(self, messages: list[Message]) -> None:
         """Hand each partition's run of a consumed batch over; note client errors."""
@@ -408,6 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except ConfigError as error:  # METRICS_PORT taken
+        exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()
         os._exit(code)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Producer
 
@@ -57,10 +58,14 @@ class WindowCloser:
         self._health = health
         self._report = report
 
-    def run(self, stop_requested: threading.Event, crashed: threading.Event) -> None:
-        """The timer thread's loop, until `stop_requested`."""
+    def run(
+        self, stop_requested: threading.Event, crashed: threading.Event, heartbeat: Callable[[], None] = lambda: None
+    ) -> None:
+        """The timer thread's loop, until `stop_requested`; `heartbeat` once per turn (liveness)."""
         interval = self.settings.close_interval_seconds
+        heartbeat()
         while not stop_requested.wait(interval):
+            heartbeat()
             try:
                 self.close_and_publish(wait_seconds=PUBLISH_ATTEMPT_SECONDS)
                 self._report.maybe_log_progress()
