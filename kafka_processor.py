@@ -285,6 +285,7 @@ class Processor:
                 self.topics.recreate_if_missing()
                 self.assignment.retry_partition_count(self._consumer)
                 self.dead_letters.retry_refused()
+                self.health.recheck(self._consumer, self.settings.input_topic)
                 started = time.perf_counter()
                 messages = self._consumer.consume(batch_size, _CONSUME_TIMEOUT_SECONDS)
                 if messages:

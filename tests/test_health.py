@@ -9,8 +9,10 @@ injected in process: SIGSTOP would stop every thread), a lost broker turns
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from embedded_broker import EmbeddedBroker, free_port
+from embedded_broker import EmbeddedBroker, free_port, port_is_open
 from ops.health import STALL_SECONDS, HealthEndpoint, Probes
 from tests.conftest import ROOT, Topics, aligned_past, produce, run_script, wait_until
 from tests.workloads import login_workload
@@ -138,8 +140,6 @@ def test_endpoint_serves_metrics_health_and_readiness():
 
 def test_a_taken_metrics_port_is_a_bad_setting(tmp_path):
     """One line naming METRICS_PORT, exit 2; before any broker is needed."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
@@ -292,3 +292,100 @@ def test_the_healthcheck_command_is_what_the_dockerfile_says():
     assert command[1] == "-c" and "urllib" in command[2] and "/healthz" in command[2]
     assert "METRICS_PORT" in command[2]
     assert Path(command[0]).name.startswith("python")
+
+
+class CuttableProxy:
+    """A TCP proxy in front of a broker that advertises the proxy's address: `cut()` drops
+    every connection and refuses new ones (a network blip), `start()` lets them in again."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.port, self.target = port, target
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+
+    def start(self) -> CuttableProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(50)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._sockets = []
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_ready_again_after_a_network_blip_with_no_input(tmp_path):
+    """A 3 s network blip while nothing comes in: no acknowledgement follows to say the
+    broker is back, yet /readyz must turn green again. It stayed red for good before
+    (90 s and counting), reporting the broker unreachable although it was there."""
+    from config import build_settings
+    from kafka_processor import Processor
+
+    broker_port, proxy_port = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{proxy_port}"
+    log = open(tmp_path / "broker.log", "wb")  # noqa: SIM115 - closed below
+    broker = subprocess.Popen(
+        [EmbeddedBroker.binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}"]
+        + ["--advertised-listener-url", address],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    proxy = CuttableProxy(proxy_port, broker_port)
+    runner = None
+    try:
+        wait_until(lambda: port_is_open(broker_port), 15, 0.05, "the broker")
+        proxy.start()
+        topics = Topics(f"127.0.0.1:{proxy_port}", "in-blip", "out-blip", "dlq-blip", "group-blip")
+        topics.create(input_partitions=1)
+        produce(topics.bootstrap, topics.input, login_workload(aligned_past(5), 30, 20, 1, seed=7))
+        port = free_port()
+        processor = Processor(build_settings(topics.env(METRICS_PORT=str(port))))
+        runner = threading.Thread(target=processor.run)
+        runner.start()
+        wait_for_status(port, "/readyz", 200, 40)
+        wait_until(lambda: processor.stats.records == 20 and processor.stats.windows_published >= 1, 30, message="idle")
+        proxy.cut()
+        wait_for_status(port, "/readyz", 503, 10)
+        time.sleep(3)
+        assert get(port, "/readyz")[0] == 503  # the re-check does not take cached metadata for an answer
+        proxy.start()
+        took = wait_for_status(port, "/readyz", 200, 20)
+        print(f"network back: /readyz 200 after {took:.1f}s")
+        processor.stop_requested.set()
+    finally:
+        proxy.cut()
+        if runner is not None:
+            runner.join(30)
+        broker.kill()
+        broker.wait(10)
+        log.close()
