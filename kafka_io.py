@@ -89,6 +89,7 @@ class BrokerHealth:
         # The broker's last refusal of our credentials, if it refused them.
         self.authentication_error: str | None = None
         self._reached = False  # a request has succeeded since start-up
+        self._next_recheck = 0.0
 
     def on_error(self, error: KafkaError) -> None:
         """librdkafka `error_cb`."""
@@ -138,6 +139,21 @@ class BrokerHealth:
                     "broker %s reachable again after %.0fs", self.bootstrap_servers, time.monotonic() - self.down_since
                 )
                 self.down_since = None
+
+    def recheck(self, client: Consumer | Producer | AdminClient, topic: str, every: float = 2.0) -> None:
+        """While the broker is said to be down, ask it for `topic`'s metadata at most every
+        `every` seconds (a 1 s wait) and mark it reachable if it answers. Call once per loop
+        turn (costs nothing while it is up). Acknowledgements usually say the broker is back;
+        with nothing to send (no input) none comes, and the broker would stay "down" (and
+        the processor not ready, ops/health.py) for good after a blip."""
+        if self.down_since is None or time.monotonic() < self._next_recheck:
+            return
+        self._next_recheck = time.monotonic() + every
+        try:
+            client.list_topics(topic, timeout=1.0)
+        except KafkaException:
+            return
+        self.mark_reachable()
 
 
 def ensure_topics(

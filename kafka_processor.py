@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
 from assignment import InputAssignment
@@ -54,6 +54,7 @@ from kafka_io import (
 from log_setup import configure_logging
 from merger import WindowMerger, pipeline_origin
 from metrics import MetricsSnapshot, ProcessorMetrics
+from ops.health import HealthEndpoint, Probes
 from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from part_publisher import PartPublisher
 from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
@@ -62,6 +63,8 @@ from window_closer import WindowCloser
 
 log = logging.getLogger("processor")
 
+# How long one consume() call waits for records: the poll loop turns at least this often.
+_CONSUME_TIMEOUT_SECONDS = 0.5
 # How long shutdown waits for the broker to acknowledge the last parts.
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long shutdown waits for the consumer to leave its group.
@@ -182,6 +185,16 @@ class Processor:
         self.stats = self.report.stats
         self.metrics = ProcessorMetrics(self.metrics_snapshot)
         self.report.publish_latency = self.metrics.publish_latency.observe
+        # /healthz and /readyz beside /metrics (ops/health.py); the poll loop's period is
+        # its consume() timeout.
+        self.probes = Probes(
+            settings.consumer_group_id,
+            _CONSUME_TIMEOUT_SECONDS,
+            settings.close_interval_seconds,
+            lambda: self.health.down_since,
+            self.stop_requested.is_set,
+        )
+        self.endpoint: HealthEndpoint | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
         self.published = PublishedFollower(settings, clients, Published())
         origin = pipeline_origin(settings)
@@ -255,24 +268,43 @@ class Processor:
         """Join the input group and the merge group."""
         a = self.assignment
         self._consumer.subscribe(
-            [self.settings.input_topic], on_assign=a.on_assign, on_revoke=a.on_revoke, on_lost=a.on_lost
+            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=a.on_revoke, on_lost=self._on_lost
         )
 
     # ---- the poll loop -----------------------------------------------------------------
 
     def run(self) -> int:
         """Consume until asked to stop; returns the exit code."""
+        self._serve_endpoint()
+        try:
+            return self._run()
+        finally:
+            if self.endpoint is not None:
+                self.endpoint.close()
+
+    def _serve_endpoint(self) -> None:
+        """From the start, so that probes answer while start-up waits for the broker."""
+        port = self.settings.metrics_port
+        if not port:
+            return
+        try:
+            self.endpoint = HealthEndpoint(port, self.metrics.registry, self.probes).start()
+        except OSError as error:
+            raise ConfigError("METRICS_PORT", f"cannot listen on port {port}: {error.strerror}") from None
+        log.info("metrics, health and readiness on http://0.0.0.0:%d/metrics, /healthz, /readyz", port)
+
+    def _run(self) -> int:
         if not self.prepare():
             self._consumer.close()
             return 0
         self.start_consuming()
         self.merger.start()
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
-            log.info("metrics on http://0.0.0.0:%d/metrics", self.settings.metrics_port)
         _tune_garbage_collector()
         timer = threading.Thread(
-            target=self.closer.run, args=(self.stop_requested, self._crashed), name="window-closer", daemon=True
+            target=self.closer.run,
+            args=(self.stop_requested, self._crashed, self.probes.window_closer.beat),
+            name="window-closer",
+            daemon=True,
         )
         timer.start()
         log.info("consuming %s (%s)", self.settings.input_topic, self.settings.describe())
@@ -285,10 +317,11 @@ class Processor:
             )
         try:
             while not self.stop_requested.is_set():
+                self.probes.poll_loop.beat()
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
-                self.poll_once(0.5)
+                self.poll_once(_CONSUME_TIMEOUT_SECONDS)
             self.stop_requested.set()
             timer.join()
             if not self._crashed.is_set():
@@ -308,6 +341,7 @@ class Processor:
         self.assignment.retry_partition_count(self._consumer)
         self.assignment.retry_committed(self._consumer)
         self.dead_letters.retry_refused()
+        self.health.recheck(self._consumer, self.settings.input_topic)
         started = time.perf_counter()
         messages = self._consumer.consume(self.settings.consume_batch_size, wait_seconds)
         if messages:
@@ -339,6 +373,14 @@ class Processor:
         self._consumer.close()
         self._producer.flush(2.0)
         return 1
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment.on_assign(consumer, partitions)
+        self.probes.group_joined()  # ready even with no partition: it stands by
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.probes.group_lost()
+        self.assignment.on_lost(consumer, partitions)
 
     def _process(self, messages: list[Message]) -> None:
         """Hand each partition's run of a consumed batch over; note client errors."""
@@ -429,7 +471,14 @@ class Processor:
 
     def metrics_snapshot(self) -> MetricsSnapshot:
         """Read by the metrics endpoint when scraped (another thread): copies only."""
-        return self.report.snapshot(self.parts.parts_published, self.merger.is_merger, self.merger.merge_lag_seconds())
+        merger = self.merger
+        return self.report.snapshot(
+            self.parts.parts_published,
+            merger.is_merger,
+            merger.merge_lag_seconds(),
+            partials_skipped=dict(merger.skipped),
+            merge_pending_windows=merger.pending_windows(),
+        )
 
     # ---- shutdown ---------------------------------------------------------------------------
 
@@ -491,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except ConfigError as error:  # METRICS_PORT taken
+        exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()
         os._exit(code)

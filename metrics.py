@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,6 +37,14 @@ class MetricsSnapshot:
     parts_published: int = 0  # (window, partition) parts acknowledged on the partials topic
     is_merger: bool = False  # this processor merges the parts and publishes the windows
     merge_lag_seconds: float | None = None  # newest part's window end - newest published window end
+    # For the alert rules (monitoring/alerts.yml), so that their thresholds follow the settings.
+    window_seconds: int = 0
+    allowed_lateness_seconds: int = 0
+    # Wall clock of this processor's last acknowledged window; its start time before the first.
+    last_publish_time: float | None = None
+    capped_windows: int = 0  # windows published with `capped_counts` (a bound was reached)
+    partials_skipped: Mapping[str, int] = field(default_factory=dict)  # partials records the merger skipped, by reason
+    merge_pending_windows: int | None = None  # windows the merger holds, not yet published (merger only)
 
 
 class _SnapshotCollector(Collector):
@@ -77,6 +85,33 @@ class _SnapshotCollector(Collector):
                 f"{PREFIX}_merge_lag_seconds",
                 "Newest part's window end minus the newest published window's end (merger only)",
                 value=s.merge_lag_seconds,
+            )
+        if s.merge_pending_windows is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_merge_pending_windows",
+                "Windows the merger holds, not yet published (merger only)",
+                value=s.merge_pending_windows,
+            )
+        skipped = CounterMetricFamily(
+            f"{PREFIX}_partials_skipped", "Partials records the merger skipped, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(s.partials_skipped.items()):
+            skipped.add_metric([reason], count)
+        yield skipped
+        yield CounterMetricFamily(
+            f"{PREFIX}_capped_windows",
+            "Windows published with capped_counts: a MAX_*_PER_WINDOW bound was reached",
+            value=s.capped_windows,
+        )
+        yield GaugeMetricFamily(f"{PREFIX}_window_seconds", "WINDOW_SECONDS", value=s.window_seconds)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_allowed_lateness_seconds", "ALLOWED_LATENESS_SECONDS", value=s.allowed_lateness_seconds
+        )
+        if s.last_publish_time is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_last_publish_time_seconds",
+                "When this processor last had a window acknowledged (epoch s, wall clock); its start before the first",
+                value=s.last_publish_time,
             )
         if s.watermark is not None:
             yield GaugeMetricFamily(f"{PREFIX}_watermark_seconds", "Stream watermark (epoch s)", value=s.watermark)
@@ -129,7 +164,3 @@ class ProcessorMetrics:
             buckets=(1, 2, 5, 6, 7, 10, 15, 30, 60, 120, 300, 900),
             registry=self.registry,
         )
-
-    def serve(self, port: int, address: str = "0.0.0.0") -> None:
-        """Expose /metrics on `port` (a daemon thread; stops with the process)."""
-        start_http_server(port, addr=address, registry=self.registry)

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -38,6 +38,7 @@ class ProcessorStats:
     invalid: int = 0
     late: int = 0
     windows_published: int = 0
+    capped_windows: int = 0  # published with `capped_counts`: a per-window bound was reached
     consume_seconds: float = 0.0
     parse_seconds: float = 0.0
     dead_letter_seconds: float = 0.0
@@ -62,6 +63,9 @@ class ProcessorReport:
         self.publish_latency: Callable[[float], None] = lambda _seconds: None
         self._missing_fields: Counter[str] = Counter()  # over published windows
         self._last_window: dict | None = None
+        # Wall clock of the last acknowledged window, the start until then: the alert on
+        # "no window published for too long" then also covers a processor that never published.
+        self._last_publish_time = time.time()
         self._progress_mark = (time.monotonic(), ProcessorStats())
         self._last_unacknowledged_warning = 0.0
         self._lock = threading.Lock()  # windows are published on the merger's thread
@@ -72,8 +76,10 @@ class ProcessorReport:
         value = msgspec.json.decode(window.value)
         with self._lock:
             self.stats.windows_published += 1
+            self.stats.capped_windows += "capped_counts" in value
             self._missing_fields.update(value["missing_field_counts"])
             self._last_window = value
+            self._last_publish_time = acknowledged_at
         self.publish_latency(max(0.0, acknowledged_at - end))
         missing = value["missing_field_counts"]
         log.info(
@@ -134,11 +140,19 @@ class ProcessorReport:
             "unknown" if watermark is None else iso_utc(watermark),
         )
 
-    def snapshot(self, parts_published: int, is_merger: bool, merge_lag_seconds: float | None) -> MetricsSnapshot:
+    def snapshot(
+        self,
+        parts_published: int,
+        is_merger: bool,
+        merge_lag_seconds: float | None,
+        partials_skipped: Mapping[str, int] | None = None,
+        merge_pending_windows: int | None = None,
+    ) -> MetricsSnapshot:
         with self._lock:
             stats = replace(self.stats)
             last = self._last_window
             missing = dict(self._missing_fields)
+            last_publish_time = self._last_publish_time
         return MetricsSnapshot(
             records=stats.records,
             invalid=stats.invalid,
@@ -160,4 +174,10 @@ class ProcessorReport:
             parts_published=parts_published,
             is_merger=is_merger,
             merge_lag_seconds=merge_lag_seconds,
+            window_seconds=self.settings.window_seconds,
+            allowed_lateness_seconds=self.settings.allowed_lateness_seconds,
+            last_publish_time=last_publish_time,
+            capped_windows=stats.capped_windows,
+            partials_skipped=dict(partials_skipped or {}),
+            merge_pending_windows=merge_pending_windows,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Producer
 
@@ -61,12 +62,15 @@ class WindowCloser:
         self._report = report
         self._published = published
         self._origin = origin
-        self.last_turn_at: float | None = None  # monotonic: the timer thread is turning (health)
 
-    def run(self, stop_requested: threading.Event, crashed: threading.Event) -> None:
-        """The timer thread's loop, until `stop_requested`."""
+    def run(
+        self, stop_requested: threading.Event, crashed: threading.Event, heartbeat: Callable[[], None] = lambda: None
+    ) -> None:
+        """The timer thread's loop, until `stop_requested`; `heartbeat` once per turn (liveness)."""
         interval = self.settings.close_interval_seconds
+        heartbeat()
         while not stop_requested.wait(interval):
+            heartbeat()
             try:
                 self.close_and_publish(wait_seconds=PUBLISH_ATTEMPT_SECONDS)
                 self._report.maybe_log_progress()
@@ -91,7 +95,6 @@ class WindowCloser:
         """
         with self.lock:
             started = time.perf_counter()
-            self.last_turn_at = time.monotonic()
             published = self._published.poll()
             self._aggregator.release_published(published.until, published.partition_count)
             self._parts.add(self._aggregator.close_due_parts(self._encode_part))

@@ -95,22 +95,28 @@ def test_two_processors_share_a_six_partition_input(compose):
 
 
 def _local_imports(module: str, seen: set[str]) -> set[str]:
-    path = ROOT / f"{module}.py"
-    if module in seen or not path.is_file():
+    """The project's modules `module` imports, transitively, as paths ("ops/health.py")."""
+    path = ROOT / f"{module.replace('.', '/')}.py"
+    if not path.is_file():
+        path = ROOT / module.replace(".", "/") / "__init__.py"  # a package
+    relative = str(path.relative_to(ROOT))
+    if relative in seen or not path.is_file():
         return seen
-    seen.add(module)
+    seen.add(relative)
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module]
         for name in names:
-            _local_imports(name.split(".")[0], seen)
+            _local_imports(name, seen)
     return seen
 
 
 def test_image_contains_every_module_the_scripts_import(compose):
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    copied = set(re.findall(r"(\w+)\.py", dockerfile))
+    dockerfile = _dockerfile_stages()[""]
+    copied = {f"{name}.py" for name in re.findall(r"(\w+)\.py", dockerfile)}
+    for directory in re.findall(r"^COPY (\w+)/ \1/$", dockerfile, flags=re.MULTILINE):  # whole packages
+        copied |= {str(path.relative_to(ROOT)) for path in (ROOT / directory).rglob("*.py")}
     needed: set[str] = set()
     for name in APP_SERVICES:
         _local_imports(compose["services"][name]["command"][1].removesuffix(".py"), needed)
@@ -148,6 +154,23 @@ def test_image_builds_the_native_parser():
     assert f"COPY --from={builder} /wheels /wheels" in final
     assert "pip install --no-cache-dir --no-index /wheels/*.whl" in final
     assert 'python -c "import _login_columns"' in final
+
+
+def test_processors_use_the_images_healthcheck_and_the_others_turn_it_off(compose):
+    """The image's HEALTHCHECK asks the processor's /healthz on METRICS_PORT (tests/test_health.py
+    runs it against a live processor); the generator and the monitor serve no endpoint."""
+    final = _dockerfile_stages()[""]
+    env = dict(re.findall(r"^ENV (?:\S+=\S+ )*?(METRICS_PORT)=(\d+)", final, flags=re.MULTILINE))
+    healthcheck = re.search(r"^HEALTHCHECK (.*)$", final.replace("\\\n", " "), flags=re.MULTILINE).group(1)
+    assert "/healthz" in healthcheck and "METRICS_PORT" in healthcheck and "urllib" in healthcheck
+    assert re.search(r"EXPOSE (\d+)", final).group(1) == env["METRICS_PORT"]
+    for name in ("processor", "processor-2"):
+        service = compose["services"][name]
+        assert "healthcheck" not in service  # the image's own
+        assert str(service["environment"]["METRICS_PORT"]) == env["METRICS_PORT"]
+        assert service["expose"] == [env["METRICS_PORT"]]
+    for name in ("generator", "monitor"):
+        assert compose["services"][name]["healthcheck"] == {"test": ["NONE"]}  # disable: true
 
 
 # ---- the monitoring profile -------------------------------------------------------------------

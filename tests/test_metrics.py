@@ -1,5 +1,6 @@
 """The processor's Prometheus endpoint, scraped directly and by a real Prometheus server;
-and its JSON log format, from the same run."""
+and its JSON log format, from the same run. First the metric families the alert rules
+need (monitoring/alerts.yml), from a given snapshot."""
 
 from __future__ import annotations
 
@@ -13,10 +14,47 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedded_broker import free_port
+from metrics import MetricsSnapshot, ProcessorMetrics
 from tests.conftest import published_backlog, require_tool, wait_until
 from tests.oracle import decode_object
 
-pytestmark = pytest.mark.broker
+
+def rendered(snapshot: MetricsSnapshot) -> dict[tuple[str, tuple], float]:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(ProcessorMetrics(lambda: snapshot).registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_the_alert_rules_figures_are_exported():
+    samples = rendered(
+        MetricsSnapshot(
+            window_seconds=30,
+            allowed_lateness_seconds=5,
+            last_publish_time=1_800_000_000.5,
+            capped_windows=2,
+            partials_skipped={"damaged": 3, "other_pipeline": 1},
+            merge_pending_windows=4,
+        )
+    )
+    assert samples[("login_processor_window_seconds", ())] == 30
+    assert samples[("login_processor_allowed_lateness_seconds", ())] == 5
+    assert samples[("login_processor_last_publish_time_seconds", ())] == 1_800_000_000.5
+    assert samples[("login_processor_capped_windows_total", ())] == 2
+    assert samples[("login_processor_partials_skipped_total", (("reason", "damaged"),))] == 3
+    assert samples[("login_processor_partials_skipped_total", (("reason", "other_pipeline"),))] == 1
+    assert samples[("login_processor_merge_pending_windows", ())] == 4
+
+
+def test_merger_only_figures_are_absent_on_other_processors():
+    names = {name for name, _ in rendered(MetricsSnapshot())}
+    assert "login_processor_merge_pending_windows" not in names
+    assert "login_processor_last_publish_time_seconds" not in names
+    assert "login_processor_capped_windows_total" in names  # a counter: 0 from the start
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -38,6 +76,7 @@ def processor_with_metrics(topics, start_processor):
     return processor, port, records, expected
 
 
+@pytest.mark.broker
 def test_metrics_report_what_was_processed(processor_with_metrics):
     processor, port, records, expected = processor_with_metrics
     invalid = sum(1 for _, v, _ in records if decode_object(v) is None)
@@ -63,6 +102,8 @@ def test_metrics_report_what_was_processed(processor_with_metrics):
         assert samples[("login_window_device_logins", (("device_type", device),))] == count
     assert samples[("login_processor_publish_latency_seconds_count", ())] == len(expected)
     assert samples[("login_processor_stage_seconds_total", (("stage", "parse"),))] > 0
+    assert samples[("login_processor_capped_windows_total", ())] == 0
+    assert samples[("login_processor_window_seconds", ())] == 30
 
     # The same run logged JSON: one object per line, with a level and a message.
     processor.terminate()
@@ -72,6 +113,7 @@ def test_metrics_report_what_was_processed(processor_with_metrics):
     assert sum("published window" in entry["message"] for entry in entries) == len(expected)
 
 
+@pytest.mark.broker
 def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_path):
     binary = require_tool("prometheus", "prometheus")
     _processor, port, records, _expected = processor_with_metrics
@@ -109,3 +151,23 @@ def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_pat
     finally:
         server.terminate()
         server.wait(10)
+
+
+@pytest.mark.broker
+def test_windows_past_a_bound_are_counted(topics, start_processor):
+    """MAX_DISTINCT_PER_WINDOW=20: every window with more distinct devices names them in
+    capped_counts, and the counter the BoundReached alert watches counts those windows."""
+    from tests.conftest import latest_by_key
+
+    topics.create(input_partitions=4)
+    port = free_port()
+    published_backlog(topics, start_processor, 120, 1500, seed=22, METRICS_PORT=str(port), MAX_DISTINCT_PER_WINDOW="20")
+    windows = [json.loads(value) for value in latest_by_key(topics.bootstrap, topics.output).values()]
+    capped = sum("capped_counts" in window for window in windows)
+    assert capped > 0
+    samples = wait_until(
+        lambda: (s := scrape(port)) and s.get(("login_processor_windows_published_total", ())) == len(windows) and s,
+        20,
+        message="metrics of every window",
+    )
+    assert samples[("login_processor_capped_windows_total", ())] == capped
