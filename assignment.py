@@ -46,7 +46,9 @@ class InputAssignment:
         health: BrokerHealth,
         topics: PipelineTopics,
         safe_offsets: Callable[[], dict[int, int]],
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._monotonic = monotonic
         self.settings = settings
         self._aggregator = aggregator
         self._parts = parts
@@ -74,7 +76,7 @@ class InputAssignment:
                 self.settings.input_topic,
                 error,
             )
-            self._partition_count_retry_at = time.monotonic() + _PARTITION_COUNT_RETRY_SECONDS
+            self._partition_count_retry_at = self._monotonic() + _PARTITION_COUNT_RETRY_SECONDS
             return None
         self._partition_count_retry_at = None
         return total
@@ -82,7 +84,7 @@ class InputAssignment:
     def retry_partition_count(self, consumer: Consumer) -> None:
         """From the poll loop: ask again after a failed look-up."""
         retry_at = self._partition_count_retry_at
-        if retry_at is None or time.monotonic() < retry_at:
+        if retry_at is None or self._monotonic() < retry_at:
             return
         total = self.partition_count(consumer)
         if total is not None:
@@ -93,7 +95,7 @@ class InputAssignment:
         """From the poll loop: ask again for committed offsets that could not be read at
         assignment. Until they are known, an idle partition cannot tell that it is read
         to its end (nothing arrives to say where it is), so its windows would wait."""
-        if not self._committed_unknown or time.monotonic() < self._committed_retry_at:
+        if not self._committed_unknown or self._monotonic() < self._committed_retry_at:
             return
         partitions = [TopicPartition(self.settings.input_topic, p) for p in sorted(self._committed_unknown)]
         committed = self._read_committed(consumer, partitions)
@@ -113,7 +115,7 @@ class InputAssignment:
         except KafkaException as error:
             log.warning("could not read committed offsets (%s); asking again in %.0fs", error, _COMMITTED_RETRY_SECONDS)
             self._committed_unknown.update(tp.partition for tp in partitions)
-            self._committed_retry_at = time.monotonic() + _COMMITTED_RETRY_SECONDS
+            self._committed_retry_at = self._monotonic() + _COMMITTED_RETRY_SECONDS
             return None
         return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 

@@ -226,6 +226,7 @@ class Processor:
             self.health,
             self.topics,
             self.closer.safe_offsets,
+            monotonic,
         )
         self.merger = WindowMerger(
             settings,

@@ -227,6 +227,9 @@ class FakeConsumer:
         self.positions: dict[tuple[str, int], int] = {}  # next offset to read; absent: not fetched yet
         self.cached_high: dict[tuple[str, int], int] = {}
         self.eof_sent: set[tuple[str, int]] = set()
+        # librdkafka reports a position only once a message was handed over (seen on the
+        # embedded broker: -1001 for a partition read to its end before any record came).
+        self.delivered_from: set[tuple[str, int]] = set()
         self.paused_at: set[tuple[str, int]] = set()
         self.pending_rebalance = False
         self.lost_pending = False
@@ -274,6 +277,7 @@ class FakeConsumer:
             for tp in old:
                 self.positions.pop(tp, None)
                 self.cached_high.pop(tp, None)
+                self.delivered_from.discard(tp)
             callback = self.callbacks.get("lost" if how == "lost" else "revoke")
             if how == "lost" and callback is None:
                 callback = self.callbacks.get("revoke")
@@ -327,6 +331,7 @@ class FakeConsumer:
             self.positions[key] = start + len(taken)
             if taken:
                 self.eof_sent.discard(key)
+                self.delivered_from.add(key)
             if self.eof and self.positions[key] >= len(log) and key not in self.eof_sent:
                 self.eof_sent.add(key)
                 out.append(
@@ -352,10 +357,10 @@ class FakeConsumer:
         self.paused_at.difference_update((tp.topic, tp.partition) for tp in partitions)
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        return [
-            TopicPartition(tp.topic, tp.partition, self.positions.get((tp.topic, tp.partition), OFFSET_INVALID))
-            for tp in partitions
-        ]
+        def position(key: tuple[str, int]) -> int:
+            return self.positions.get(key, OFFSET_INVALID) if key in self.delivered_from else OFFSET_INVALID
+
+        return [TopicPartition(tp.topic, tp.partition, position((tp.topic, tp.partition))) for tp in partitions]
 
     def get_watermark_offsets(self, partition: TopicPartition, timeout=None, cached=False) -> tuple[int, int]:
         key = (partition.topic, partition.partition)

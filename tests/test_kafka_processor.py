@@ -340,3 +340,33 @@ def test_kafka_timestamps_far_ahead_are_counted_at_the_wall_clock_and_hold_no_co
     recent = [w for w in windows if w["window_start"] >= iso_utc(int(started) - 20)]
     assert sum(w["invalid_message_count"] for w in recent) == 1
     assert sum(w["missing_field_counts"].get("timestamp", 0) for w in recent) == 1
+
+
+def test_input_written_in_transactions_is_read_to_its_end(topics, start_processor):
+    """A transactional producer's commit marker takes an offset of its own after the
+    last record: the partition's end is one past it. The consumer's position moves past
+    the marker; "the offset after the last record" never reaches the end, so the
+    partition never counted as caught up and its last window never closed."""
+    from confluent_kafka import Producer
+
+    topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}
+    topics.create(input_partitions=2)
+    records = login_workload(aligned_past(2, window=10), seconds=40, count=400, partitions=2, seed=31)
+    producer = Producer(
+        {"bootstrap.servers": topics.bootstrap, "transactional.id": f"tx-{topics.group}", "log_level": 2}
+    )
+    producer.init_transactions(10)
+    producer.begin_transaction()
+    for partition, value, kafka_ms in records:
+        producer.produce(topics.input, value=value, partition=partition, timestamp=kafka_ms)
+    producer.commit_transaction(10)
+    expected = expected_windows(as_oracle_input(records), window=10)
+    processor = start_processor(topics.env())
+
+    def published() -> dict[str, dict]:
+        return {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()}
+
+    wait_until(lambda: expected.keys() <= published().keys(), 40, message="every window, the last one too")
+    assert published() == expected
+    code, _ = processor.terminate()
+    assert code == 0, processor.log()

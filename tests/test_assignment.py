@@ -1,0 +1,61 @@
+"""assignment: which partitions this processor owns and where each is read from. The
+faults a broker will not make on cue (a failed read of the committed offsets at an
+assignment) are injected at the client boundary (tests/fake_kafka.py), with the
+processor's own poll loop, timer and merger turning over them."""
+
+from __future__ import annotations
+
+import json
+
+from aggregator import iso_utc
+from config import build_settings
+from kafka_processor import Processor
+from pipeline_topics import Published
+from tests.fake_kafka import FakeClients, FakeCluster, Faults
+
+W = 30
+NOW = 1_800_000_000 - 1_800_000_000 % W
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def login(t: int) -> bytes:
+    return json.dumps(
+        {"device_type": "iOS", "locale": "RU", "device_id": "d", "ip": "1.1.1.1", "timestamp": t}
+    ).encode()
+
+
+def test_an_idle_partition_whose_committed_offset_could_not_be_read_still_catches_up():
+    """Partition 1 is idle, read to its end by an earlier run (committed there). If the
+    committed offsets cannot be read at assignment and nobody asks again, nothing ever
+    says where partition 1 is read from: it never counts as caught up, and every window
+    waits for it."""
+    clock = Clock(NOW + 100.0)
+    faults = Faults(committed_fails=1.0)
+    cluster = FakeCluster(clock, faults)
+    settings = build_settings({"KAFKA_BOOTSTRAP_SERVERS": "fake:9", "INPUT_TOPIC": "in", "WINDOW_SECONDS": str(W)})
+    for topic, count in (("in", 2), (settings.output_topic, 1), (settings.dlq_topic, 1), (settings.partials_topic, 1)):
+        cluster.create_topic(topic, count)
+    for t in (NOW - 60, NOW - 50):
+        cluster.append("in", 1, None, login(t), timestamp_ms=t * 1000)
+    cluster.committed[(settings.consumer_group_id, "in", 1)] = 2  # an earlier run read it all
+    cluster.append("in", 0, None, login(NOW - 20), timestamp_ms=(NOW - 20) * 1000)
+    processor = Processor(settings, clients=FakeClients(cluster), clock=clock, monotonic=clock)
+    processor.resume_from(Published(NOW - 30, 2))  # the earlier run published up to NOW - 30
+    processor.start_consuming()
+    processor.merger.subscribe()
+    processor.poll_once(0)  # assigned: the committed offsets cannot be read
+    faults.committed_fails = 0.0
+    for _ in range(20):
+        clock.now += 0.5
+        processor.poll_once(0)
+        processor.closer.close_and_publish(0)
+        processor.merger.turn(0)
+    published = [json.loads(m.value()) for m in cluster.logs[settings.output_topic][0]]
+    assert [(w["window_start"], w["message_count"]) for w in published] == [(iso_utc(NOW - W), 1)]
