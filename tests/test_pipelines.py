@@ -1,0 +1,130 @@
+"""A pipeline is its consumer group (real broker): pipelines sharing a cluster, and even a
+partials topic, never change each other's windows; members of one group that disagree
+on a window-shaping setting publish nothing from the mix, and say which setting; the
+cooperative assignor is refused at start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tests.conftest import ROOT, aligned_past, produce, read_topic, wait_until
+from tests.oracle import expected_windows
+from tests.workloads import login_workload
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def create(bootstrap: str, *topics: tuple[str, int]) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics([NewTopic(name, count, 1) for name, count in topics]).values():
+        future.result(10)
+
+
+def pipeline_env(topics, input_topic: str, output: str, group: str, **extra: str) -> dict[str, str]:
+    """A pipeline with every setting at its default but its topics and group (no
+    PARTIALS_TOPIC: `<group>-partials`, unless given)."""
+    env = topics.env(INPUT_TOPIC=input_topic, OUTPUT_TOPIC=output, DLQ_TOPIC=f"{output}-dlq", CONSUMER_GROUP_ID=group)
+    del env["PARTIALS_TOPIC"]
+    return env | extra
+
+
+def windows_of_group(bootstrap: str, output: str, group: str) -> dict[str, dict]:
+    """The latest window per key that `group` published on `output`."""
+    found = {}
+    for message in read_topic(bootstrap, output):
+        if dict(message.headers() or []).get("pipeline.group") == group.encode():
+            found[message.key().decode()] = json.loads(message.value())
+    return found
+
+
+def latest(bootstrap: str, output: str) -> dict[str, dict]:
+    return {m.key().decode(): json.loads(m.value()) for m in read_topic(bootstrap, output)}
+
+
+def test_pipelines_sharing_a_broker_and_a_partials_topic_publish_exactly_their_own_windows(topics, start_processor):
+    tag = topics.group
+    a_in, b_in, a_out, b_out = f"a-in-{tag}", f"b-in-{tag}", f"a-out-{tag}", f"b-out-{tag}"
+    create(topics.bootstrap, (a_in, 2), (b_in, 2))
+    a_records = login_workload(aligned_past(12), seconds=240, count=4000, partitions=2, seed=41)
+    b_records = login_workload(aligned_past(12), seconds=240, count=3000, partitions=2, seed=42)
+    produce(topics.bootstrap, a_in, a_records)
+    produce(topics.bootstrap, b_in, b_records)
+    a_expected = expected_windows([(v, ms) for _, v, ms in a_records])
+    b_expected = expected_windows([(v, ms) for _, v, ms in b_records])
+
+    def run(*envs_and_outputs, group_of=None):
+        processors = [start_processor(env) for env, _, _ in envs_and_outputs]
+        for env, output, expected in envs_and_outputs:
+            group = env["CONSUMER_GROUP_ID"]
+            wait_until(
+                lambda output=output, group=group, expected=expected: (
+                    windows_of_group(topics.bootstrap, output, group) == expected
+                ),
+                90,
+                message=f"{group}'s windows on {output}",
+            )
+        for processor in processors:
+            assert processor.terminate()[0] == 0, processor.log()
+        return processors
+
+    # One after the other, each with the defaults: its own partials topic.
+    run((pipeline_env(topics, a_in, a_out, f"a-{tag}"), a_out, a_expected))
+    run((pipeline_env(topics, b_in, b_out, f"b-{tag}"), b_out, b_expected))
+    # Both reprocessed under new group ids, at once, on one partials topic that already
+    # holds the first run's records (a shared or reused topic): each its own windows.
+    shared = f"a-{tag}-partials"
+    a2, b2 = (
+        pipeline_env(topics, a_in, a_out, f"a2-{tag}", PARTIALS_TOPIC=shared),
+        pipeline_env(topics, b_in, b_out, f"b2-{tag}", PARTIALS_TOPIC=shared),
+    )
+    a_proc, b_proc = run((a2, a_out, a_expected), (b2, b_out, b_expected))
+    assert latest(topics.bootstrap, a_out) == a_expected and latest(topics.bootstrap, b_out) == b_expected
+    logs = a_proc.log() + b_proc.log()
+    assert "skipping partials records of another pipeline" in logs
+
+
+def test_members_with_another_window_length_publish_nothing_from_the_mix_and_say_so(topics, start_processor):
+    topics.create(input_partitions=4)
+    records = login_workload(aligned_past(12), seconds=300, count=20_000, partitions=4, seed=43)
+    produce(topics.bootstrap, topics.input, records)
+    expected = expected_windows([(v, ms) for _, v, ms in records])
+    env = topics.env(CONSUME_BATCH_SIZE="50")  # slow enough that both members share the backlog
+    thirty, sixty = start_processor(env), start_processor(env | {"WINDOW_SECONDS": "60"})
+    line = wait_until(
+        lambda: next(
+            (
+                text
+                for text in ("WINDOW_SECONDS=60 (this merger: 30)", "WINDOW_SECONDS=30 (this merger: 60)")
+                if text in thirty.log() + sixty.log()
+            ),
+            None,
+        ),
+        60,
+        message="an error naming WINDOW_SECONDS and both values",
+    )
+    assert line
+    sixty_expected = expected_windows([(v, ms) for _, v, ms in records], window=60)
+    for key, value in latest(topics.bootstrap, topics.output).items():  # no wrong window, whoever made it
+        length = 60 if value["window_end"] != expected.get(key, {}).get("window_end") else 30
+        assert value == (sixty_expected if length == 60 else expected)[key]
+    # The member with the other setting is restarted with the group's: its records were
+    # never committed (their windows were not published), so they are counted now.
+    assert sixty.terminate()[0] == 0
+    start_processor(env)
+    wait_until(lambda: latest(topics.bootstrap, topics.output) == expected, 90, message="every window, exact")
+
+
+def test_the_cooperative_assignor_is_refused_at_start_in_one_line(topics):
+    env = topics.env(KAFKA_PARTITION_ASSIGNMENT_STRATEGY="cooperative-sticky")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "kafka_processor.py")], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith("kafka_processor.py: bad setting KAFKA_PARTITION_ASSIGNMENT_STRATEGY:")
+    assert "cooperative-sticky" in result.stderr and "Traceback" not in result.stderr
