@@ -101,6 +101,8 @@ class Settings:
     partials_topic: str = "device-login-aggregates-partials"
     dlq_topic: str = "user-login-dlq"
     consumer_group_id: str = "login-aggregator"
+    # This processor's name in its log lines, with its process id: "processor-2[4711]".
+    processor_name: str = "processor"
     window_seconds: int = 30
     allowed_lateness_seconds: int = 5
     max_event_time_skew_seconds: int = 300
@@ -240,6 +242,11 @@ _SETTINGS = {
     ),
     "DLQ_TOPIC": ("dlq_topic", _non_empty, "dead-letter topic for invalid records"),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _non_empty, "consumer group of the processor"),
+    "PROCESSOR_NAME": (
+        "processor_name",
+        _non_empty,
+        "this processor's name in its log lines, with its process id (processor-2[4711])",
+    ),
     "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),
     "ALLOWED_LATENESS_SECONDS": ("allowed_lateness_seconds", _non_negative_int, "grace period"),
     "MAX_EVENT_TIME_SKEW_SECONDS": (
