@@ -70,7 +70,7 @@ CONSUMER_DEFAULTS = {
     # How long a silent group member keeps its partitions, and so how fast a dead
     # processor's partitions move to the others. librdkafka's default is 45 s. On
     # the embedded broker (Tansu) a member also waits about half of it before it
-    # joins, so 45 s made the processor of the two-terminal flow take 24 s to its
+    # joins, so 45 s made the processor of the three-terminal flow take 24 s to its
     # first window; 10 s takes about 6 s. 10 s (Apache Kafka's own default before
     # 3.0) is above the 6 s brokers accept at least (group.min.session.timeout.ms)
     # and leaves room for three heartbeats (heartbeat.interval.ms, 3 s). Override

@@ -387,7 +387,7 @@ class Crew:
 
     def merging(self) -> str:
         if self.merger:
-            return f"{self.merger} merges"
+            return f"{_listing([self.merger])} merges"
         if not self.merger_known:
             return "the merger is not known (LOG_LEVEL hides its log line)"
         return "no processor merges yet" if any(c.running for c in self.processors) else "nothing merges"
@@ -407,7 +407,7 @@ class Crew:
         dead = self.dead()
         if dead:
             now = time.monotonic()
-            deaths = ", ".join(f"{c.name} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
+            deaths = ", ".join(f"{_listing([c.name])} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
             return [f"! {deaths}; {self.state()}", f"{restart_hint}; Ctrl-C stops everything"]
         lines = [f"{self.running().replace(' running', ' processors running')}; {self.merging()}"]
         if self.events and time.time() - self.events[-1][0] < 60:
@@ -620,7 +620,7 @@ class LocalStack:
     def restart(self, child: Child) -> None:
         env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
         child.start(env)
-        self.tell(self.crew.note(f"{child.name} started again (pid {child.process.pid})"))
+        self.tell(self.crew.note(f"{_listing([child.name])} started again (pid {child.process.pid})"))
 
     def watch(self) -> int:
         """Until Ctrl-C: report deaths and merger changes, start dead parts again on request."""
@@ -634,16 +634,16 @@ class LocalStack:
                 if child.check_ended():
                     if child.name == crew.merger:
                         crew.merger = None
-                    self.tell(crew.note(f"{child.name} {child.ended()}"))
+                    self.tell(crew.note(f"{_listing([child.name])} {child.ended()}"))
                     if child.log_path and child.status != 0:
                         self.tell(f"  its log: {_shown(child.log_path)}; {self.restart_hint([child])}")
             for name, merges in self.merger_watch.changes():
                 if merges and crew.merger != name:
                     crew.merger = name
-                    self.tell(crew.note(f"{name} is now the merger", with_merger=False))
+                    self.tell(crew.note(f"{_listing([name])} is now the merger", with_merger=False))
                 elif not merges and crew.merger == name:
                     crew.merger = None
-                    self.tell(crew.note(f"{name} is no longer the merger"))
+                    self.tell(crew.note(f"{_listing([name])} is no longer the merger"))
             pressed = self.keys.read(_WATCH_SECONDS) if self.keys else (time.sleep(_WATCH_SECONDS) or "")
             if self.stopping:
                 break

@@ -345,9 +345,9 @@ def test_a_dead_part_is_started_again_after_the_pause_given(start_stack):
     stack.wait_for("Ctrl-C stops the generator and the broker")
     [generator] = [p for p in _children(stack.process.pid) if "data_generator.py" in _cmdline(p)]
     os.kill(generator, signal.SIGKILL)
-    assert stack.wait_for("generator died") == "generator died (SIGKILL)"
+    assert stack.wait_for("generator died") == "the generator died (SIGKILL)"
     assert "starts again 1s after it ended" in stack.wait_for("its log:")
-    restarted = stack.wait_for("generator started again", timeout=10)
+    restarted = stack.wait_for("the generator started again", timeout=10)
     new_pid = int(restarted.split("pid ")[1].rstrip(")"))
     assert new_pid != generator and "data_generator.py" in _cmdline(new_pid)
     assert stack.interrupt() == 0, stack.output()
