@@ -409,7 +409,12 @@ class Crew:
             now = time.monotonic()
             deaths = ", ".join(f"{_listing([c.name])} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
             return [f"! {deaths}; {self.state()}", f"{restart_hint}; Ctrl-C stops everything"]
-        lines = [f"{self.running().replace(' running', ' processors running')}; {self.merging()}"]
+        running = [c for c in self.processors if c.running]
+        if len(running) == 1:
+            pids = f"pid {running[0].process.pid}"
+        else:  # where `kill` and `ps` find them
+            pids = ", ".join(f"{c.name} pid {c.process.pid}" for c in running)
+        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}"]
         if self.events and time.time() - self.events[-1][0] < 60:
             when, line = self.events[-1]
             lines.append(f"{time.strftime('%H:%M:%S', time.localtime(when))} {line}")

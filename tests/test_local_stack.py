@@ -441,7 +441,9 @@ def test_the_dashboard_says_a_processor_died_without_tearing_and_r_starts_it_aga
         assert f"press r to start {victim} again" in lines[2]
 
         subprocess.run(["tmux", "send-keys", "-t", session, "r"], check=True)
-        wait_until(lambda: "3 of 3 processors running" in screen(), 10, message="the processor started again")
+        again = wait_until(lambda: re.search(r"3 of 3 processors running \((.*?)\)", screen()), 10, message="r")
+        restarted = re.search(rf"{victim} pid (\d+)", again.group(1))
+        assert restarted and int(restarted.group(1)) != processors[victim]  # a new process, its pid shown
 
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
         wait_until(lambda: "exit status" in screen(), 40, message="the stack to stop")
