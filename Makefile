@@ -20,13 +20,14 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt native/pyproject.toml n
 		"(needs a C compiler and the Python headers): pure Python" >&2
 	touch $@
 
-# PROCESSORS=3 make run: three processors in one consumer group (scale-out, failover).
+# PROCESSORS=3 make run: three processors in one consumer group (scale-out, failover:
+# kill one, and the others carry on while the dashboard says so).
 PROCESSORS ?= 1
 
-run: $(BIN)/.installed  ## broker + generator + processor(s) + monitor; Ctrl-C stops all
+run: $(BIN)/.installed  ## broker + generator + processor(s) + monitor; r restarts a dead part; Ctrl-C stops all
 	$(BIN)/python local_stack.py --processors $(PROCESSORS)
 
-broker: $(BIN)/.installed  ## broker + generator only (two-terminal flow)
+broker: $(BIN)/.installed  ## broker + generator only (the three-terminal flow)
 	$(BIN)/python local_stack.py --broker-only
 
 lint: $(BIN)/.installed  ## ruff: lint and format check
@@ -39,7 +40,7 @@ test: lint  ## lint, then every test (unit and real-broker integration)
 test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
 	$(BIN)/python -m pytest -m "not broker and not slow"
 
-bench: $(BIN)/.installed  ## throughput and memory figures (see README, Performance)
+bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance.md)
 	$(BIN)/python benchmarks/throughput.py
 
 # _login_columns*.so and .native-built in the root: left by the in-place build of

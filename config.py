@@ -70,7 +70,7 @@ CONSUMER_DEFAULTS = {
     # How long a silent group member keeps its partitions, and so how fast a dead
     # processor's partitions move to the others. librdkafka's default is 45 s. On
     # the embedded broker (Tansu) a member also waits about half of it before it
-    # joins, so 45 s made the processor of the two-terminal flow take 24 s to its
+    # joins, so 45 s made the processor of the three-terminal flow take 24 s to its
     # first window; 10 s takes about 6 s. 10 s (Apache Kafka's own default before
     # 3.0) is above the 6 s brokers accept at least (group.min.session.timeout.ms)
     # and leaves room for three heartbeats (heartbeat.interval.ms, 3 s). Override
@@ -103,6 +103,8 @@ class Settings:
     partials_topic: str = ""
     dlq_topic: str = "user-login-dlq"
     consumer_group_id: str = "login-aggregator"
+    # This processor's name in its log lines, with its process id: "processor-2[4711]".
+    processor_name: str = "processor"
     window_seconds: int = 30
     allowed_lateness_seconds: int = 5
     max_event_time_skew_seconds: int = 300
@@ -259,6 +261,11 @@ _SETTINGS = {
     ),
     "DLQ_TOPIC": ("dlq_topic", _non_empty, "dead-letter topic for invalid records"),
     "CONSUMER_GROUP_ID": ("consumer_group_id", _non_empty, "consumer group of the processor"),
+    "PROCESSOR_NAME": (
+        "processor_name",
+        _non_empty,
+        "this processor's name in its log lines, with its process id (processor-2[4711])",
+    ),
     "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),
     "ALLOWED_LATENESS_SECONDS": ("allowed_lateness_seconds", _non_negative_int, "grace period"),
     "MAX_EVENT_TIME_SKEW_SECONDS": (

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from config import (
     GENERATOR_SETTINGS,
@@ -37,7 +37,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics
+from kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics
 from log_setup import configure_logging
 
 log = logging.getLogger("generator")
@@ -216,12 +216,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     health = BrokerHealth(settings.bootstrap_servers, log)
     try:
         if not ensure_topics(settings, {settings.input_topic: settings.input_partitions}, stop.is_set, health):
-            return 0
+            if health.reached:
+                return 0
+            log.warning(
+                "stopped; it never reached the broker at %s (exit status %d)",
+                settings.bootstrap_servers,
+                EXIT_NEVER_REACHED_BROKER,
+            )
+            return EXIT_NEVER_REACHED_BROKER
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())
     except KafkaException as error:
-        print(f"data_generator.py: {error}", file=sys.stderr)
+        reason = error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else str(error)
+        print(f"data_generator.py: stopped: {reason}", file=sys.stderr)
         return 1
     return 0
 

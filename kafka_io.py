@@ -63,6 +63,11 @@ class KafkaClients:
 
 REAL_CLIENTS = KafkaClients()
 
+# The exit status of a script stopped (Ctrl-C, SIGTERM) before it ever reached its
+# broker: not 0, so that a supervisor or a script can tell "ran and stopped cleanly"
+# from "never got anywhere" (a wrong address, a broker that never came up).
+EXIT_NEVER_REACHED_BROKER = 3
+
 
 # librdkafka logs every failed reconnect (several a second while a broker is
 # down). Errors reach us through `error_cb` instead, which `BrokerHealth` turns
@@ -128,6 +133,11 @@ class BrokerHealth:
         client.poll(0)
         if self.authentication_error is not None and not self._reached:
             raise AuthenticationFailed(self.bootstrap_servers, self.authentication_error)
+
+    @property
+    def reached(self) -> bool:
+        """Whether a broker request has succeeded since start-up."""
+        return self._reached
 
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded."""
@@ -272,8 +282,8 @@ def close_within(consumer: Consumer, seconds: float) -> bool:
     return done.wait(seconds)
 
 
-def topic_partition_count(consumer: Consumer, topic: str) -> int:
-    metadata = consumer.list_topics(topic, timeout=10)
+def topic_partition_count(consumer: Consumer, topic: str, timeout: float = 10.0) -> int:
+    metadata = consumer.list_topics(topic, timeout=timeout)
     entry = metadata.topics.get(topic)
     return len(entry.partitions) if entry is not None and entry.error is None else 0
 
@@ -330,3 +340,19 @@ def read_topic_tail(
         return records
     finally:
         consumer.close()
+
+
+def newest_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """The offset of the newest record of each non-empty partition of `topic`.
+
+    Read, not listed: the embedded broker (Tansu) lists the last batch's base offset + 1
+    as a partition's end, so "listed end - 1" is the first record of the last batch
+    (a processor catching up publishes several windows in one batch). Reading the last
+    few offsets to the partition's end finds the newest record on any broker; a few,
+    not one, so that transaction markers at the end (Apache Kafka) do not hide it.
+    """
+    newest: dict[int, int] = {}
+    for message in read_topic_tail(settings, topic, 10, timeout):
+        partition = message.partition()
+        newest[partition] = max(newest.get(partition, -1), message.offset())
+    return newest

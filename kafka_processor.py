@@ -43,6 +43,7 @@ from config import (
 )
 from dead_letter import DeadLetterQueue
 from kafka_io import (
+    EXIT_NEVER_REACHED_BROKER,
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
     AuthenticationFailed,
@@ -297,7 +298,14 @@ class Processor:
     def _run(self) -> int:
         if not self.prepare():
             self._consumer.close()
-            return 0
+            if self.health.reached:
+                return 0
+            log.warning(
+                "stopped; it never reached the broker at %s (exit status %d)",
+                self.settings.bootstrap_servers,
+                EXIT_NEVER_REACHED_BROKER,
+            )
+            return EXIT_NEVER_REACHED_BROKER
         self.start_consuming()
         self.merger.start()
         _tune_garbage_collector()
@@ -521,12 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings, _args, environ = load_settings_or_exit(build_parser(), argv)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, tag=settings.processor_name)
     try:
         processor = Processor(settings)
     except KafkaException as error:  # librdkafka refused a KAFKA_* setting
         text = error.args[0].str() if isinstance(error.args[0], KafkaError) else str(error)
         exit_with_config_error("kafka_processor.py", ConfigError(_setting_in(text, environ), text))
+    # The first line (after the settings are known good): which process this is.
+    log.info("%s starting: pid %d on host %s", settings.processor_name, os.getpid(), socket.gethostname())
 
     def request_stop(signum: int, _frame: object) -> None:
         if processor.stop_requested.is_set():

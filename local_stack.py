@@ -1,14 +1,15 @@
-"""The whole pipeline on one machine, no Docker: broker, generator, processor, monitor.
+"""The whole pipeline on one machine, no Docker: broker, generator, processor(s), monitor.
 
-    python local_stack.py                 # everything; the monitor in this terminal
-    python local_stack.py --broker-only   # broker + generator, for the two-terminal flow
+    python local_stack.py                 # everything; the monitor's dashboard in this terminal
+    python local_stack.py --processors 3  # three processors in one group: scale-out, failover
+    python local_stack.py --broker-only   # broker + generator, for the three-terminal flow
                                           # (it prints the commands for terminals 2 and 3)
 
 Where: the same `KAFKA_BOOTSTRAP_SERVERS` setting as the scripts (environment,
 `.env`, or `--bootstrap-servers`), default localhost:29092. It must be one
 `localhost:PORT` or `127.0.0.1:PORT`: the stack starts its embedded broker
 (Tansu) on that port of this machine and gives the same address to the
-generator, processor and monitor. Another port:
+generator, processors and monitor, with every other setting it was given. Another port:
 
     KAFKA_BOOTSTRAP_SERVERS=localhost:29093 make run
     python local_stack.py --bootstrap-servers localhost:29093
@@ -23,9 +24,30 @@ Ctrl-C leaves it running. Reuse rather than refusal, because the likely causes
 are a stack or the compose Kafka running on purpose, where joining it is what
 the user wants; and the message comes before anything is written.
 
+A part that dies (a processor killed with SIGKILL, a crash) does not stop the
+stack: the other processors carry on (Kafka moves the dead one's partitions to
+them, and the merge if it merged), and the stack says so, under the dashboard's
+header in a terminal ("processor-3 died (SIGKILL); 2 of 3 running; processor-1
+merges"), as one line per event otherwise (`--plain`, or when stdout is not a
+terminal). Which processor merges comes from the processors' own log lines
+("this processor is now the merger" / "no longer the merger"). Press r in the
+terminal to start the dead parts again, or give `--restart-after SECONDS`. Only
+Ctrl-C (or SIGTERM) stops everything, monitor first, then the processors (so
+they commit cleanly), the generator and the broker; then the stack prints what
+happened and what it stopped. It stops by itself (exit status 1) only when its
+own broker dies, which takes every topic with it.
+
 The embedded broker keeps data in memory: stopping the stack forgets every
-topic. Logs of the background parts go to `.local-stack/` (`--log-dir`).
-Ctrl-C stops what the stack started, processor first so it commits cleanly.
+topic. Logs of the background parts go to a folder of each run's own under
+`.local-stack/` (`--log-dir`), such as `.local-stack/2026-12-07T21-00-00/`, with
+`.local-stack/latest` pointing to the newest; the ten newest runs are kept. So a
+search in a run's logs never finds an earlier run's lines, and two stacks at once
+(`make broker` here, `make run` there) never write into the same files. A part
+started again appends to its log.
+
+Exit status: 0 stopped by Ctrl-C or SIGTERM; 1 the broker could not start or
+died, something that is not Kafka listens on the port, or the backlog could not
+be written; 2 a bad setting or flag.
 """
 
 from __future__ import annotations
@@ -33,11 +55,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
+import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import termios
 import time
+import tty
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -55,7 +83,7 @@ from config import (
     load_settings_or_exit,
 )
 from embedded_broker import BrokerError, EmbeddedBroker, port_is_open
-from kafka_io import QUIET_CLIENT_LOGS
+from kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS
 
 HERE = Path(__file__).resolve().parent
 PROG = "local_stack.py"
@@ -127,19 +155,270 @@ def _command(script: str, *args: str) -> str:
     return " ".join(shlex.quote(part) for part in (python, shown(str(HERE / script)), *args))
 
 
-def _spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path, to_log: bool = True) -> subprocess.Popen:
-    log_file = open(log_dir / f"{name}.log", "ab") if to_log else None  # noqa: SIM115 - lives with the child
-    return subprocess.Popen(
-        [sys.executable, *args],
-        cwd=HERE,
-        env=env,
-        stdout=log_file,
-        stderr=subprocess.STDOUT if log_file else None,
-        stdin=subprocess.DEVNULL,
-        # Own process group: Ctrl-C in this terminal reaches only us; we stop the
-        # children in the right order ourselves.
-        start_new_session=to_log,
-    )
+# What the processors log when the merge moves (merger.py): how the stack knows who merges.
+NOW_THE_MERGER = "this processor is now the merger"
+NO_LONGER_THE_MERGER = "no longer the merger"
+# A run's log folder: its start time, sortable (and the pid if two start in one second).
+_RUN_FOLDER = re.compile(r"^\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d(-\d+)?$")
+# How many runs' log folders are kept.
+_RUNS_KEPT = 10
+# The files older versions of the stack wrote straight into the log directory.
+_LEGACY_LOGS = ("broker.log", "generator.log", "processor.log", "processor-*.log")
+# How often the stack looks at its children and its keys.
+_WATCH_SECONDS = 0.25
+# How long the monitor gets to leave the terminal's full screen before the stack prints.
+_MONITOR_STOP_SECONDS = 5.0
+# The processors' own stop takes at most 15 s (kafka_processor.py); then they are killed.
+_PROCESSOR_STOP_SECONDS = 20.0
+
+
+def describe_exit(status: int) -> str:
+    """How a child ended, the way people say it: "SIGKILL", "exit status 1 (a crash)"."""
+    if status < 0:
+        try:
+            return signal.Signals(-status).name
+        except ValueError:
+            return f"signal {-status}"
+    meaning = {
+        0: "stopped",
+        1: "a crash or an error it cannot retry",
+        2: "a bad setting",
+        EXIT_NEVER_REACHED_BROKER: "it never reached the broker",
+    }.get(status)
+    return f"exit status {status}" + (f": {meaning}" if meaning else "")
+
+
+def _listing(names: list[str]) -> str:
+    """["processor-1", "generator", "broker"] -> "processor-1, the generator and the broker"
+    (a numbered processor is a name; "processor", "generator"... are roles)."""
+    named = [name if "-" in name else f"the {name}" for name in names]
+    if not named:
+        return "nothing"
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def _shown(path: Path) -> str:
+    """A path as short as it can be said from the current directory."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else str(path)
+
+
+def new_run_folder(log_dir: Path, keep: int = _RUNS_KEPT) -> Path:
+    """A fresh folder for this run's logs under `log_dir`, `log_dir/latest` pointing to it;
+    the oldest runs' folders beyond `keep` are removed.
+
+    A folder per run, not files shared by every run: a search in it (or the stack's own
+    look for the merger's line) never finds an earlier run, and a second stack started
+    meanwhile (reusing this one's broker) never deletes or mixes into its files."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name = time.strftime("%Y-%m-%dT%H-%M-%S")
+    if (log_dir / name).exists():
+        name += f"-{os.getpid()}"
+    run = log_dir / name
+    run.mkdir()
+    with contextlib.suppress(OSError):  # a convenience: a file system without symlinks goes without
+        pointer = log_dir / f".latest-{os.getpid()}"
+        pointer.unlink(missing_ok=True)
+        pointer.symlink_to(name, target_is_directory=True)
+        os.replace(pointer, log_dir / "latest")
+    runs = sorted(path for path in log_dir.iterdir() if path.is_dir() and _RUN_FOLDER.match(path.name))
+    for old in runs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for pattern in _LEGACY_LOGS:  # from before runs had folders: they would only mislead
+        for path in log_dir.glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return run
+
+
+@dataclass
+class Child:
+    """One process the stack runs and may start again: a script of this directory, its
+    log (None: it writes to this terminal, as the monitor does), and how it ended."""
+
+    name: str
+    args: list[str]
+    log_path: Path | None
+    process: subprocess.Popen | None = None
+    ended_at: float | None = None  # when the stack noticed it had ended
+    status: int | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - the child's now
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, *self.args],
+                cwd=HERE,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                stdin=subprocess.DEVNULL,
+                # Own session for the parts that log to files: Ctrl-C in this terminal
+                # reaches only the stack (and the monitor), which stops them in order.
+                start_new_session=log is not None,
+            )
+        finally:
+            if log:
+                log.close()  # the child has its own copy
+        self.ended_at = self.status = None
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.ended_at is None
+
+    def check_ended(self) -> bool:
+        """True once, when the stack first sees that the process has ended."""
+        if self.process is None or self.ended_at is not None:
+            return False
+        status = self.process.poll()
+        if status is None:
+            return False
+        self.ended_at, self.status = time.monotonic(), status
+        return True
+
+    def how_it_ended(self) -> str:
+        return describe_exit(self.status if self.status is not None else 0)
+
+    def ended(self) -> str:
+        """How it ended, as an event says it: died (SIGKILL), or stopped (exit status 0)."""
+        return "stopped (exit status 0)" if self.status == 0 else f"died ({self.how_it_ended()})"
+
+    def stop(self) -> None:
+        """Ask it to stop (SIGTERM); `wait_stopped` waits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class MergerWatch:
+    """Which processor merges, from the lines each processor logs when it becomes or
+    stops being the merger. The stack owns the log files (one per processor, in a
+    folder of this run's own), so a line is known to be this run's and whose it is."""
+
+    def __init__(self, logs: dict[str, Path]) -> None:
+        self._logs = logs
+        self._offsets = dict.fromkeys(logs, 0)
+        self._partial = dict.fromkeys(logs, b"")
+
+    def changes(self) -> list[tuple[str, bool]]:
+        """(processor, merges now?) for each such line logged since the last call."""
+        found = []
+        for name, path in self._logs.items():
+            try:
+                with open(path, "rb") as log:
+                    log.seek(self._offsets[name])
+                    data = log.read()
+            except OSError:
+                continue
+            self._offsets[name] += len(data)
+            *lines, self._partial[name] = (self._partial[name] + data).split(b"\n")
+            for line in lines:
+                if NOW_THE_MERGER.encode() in line:
+                    found.append((name, True))
+                elif NO_LONGER_THE_MERGER.encode() in line:
+                    found.append((name, False))
+        return found
+
+
+class Keys:
+    """Single key presses from this terminal, without Enter and without echo (cbreak
+    mode; Ctrl-C still interrupts). Nothing when stdin is not a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._fd: int | None = None
+        self._saved = None
+        with contextlib.suppress(AttributeError, OSError, termios.error):
+            if stream.isatty():
+                fd = stream.fileno()
+                self._saved = termios.tcgetattr(fd)
+                tty.setcbreak(fd)
+                self._fd = fd
+
+    @property
+    def enabled(self) -> bool:
+        return self._fd is not None
+
+    def read(self, timeout: float) -> str:
+        """What was typed within `timeout` seconds ("" if nothing); waits that long otherwise."""
+        if self._fd is None:
+            time.sleep(timeout)
+            return ""
+        try:
+            ready, _, _ = select.select([self._fd], [], [], timeout)
+            return os.read(self._fd, 64).decode(errors="replace") if ready else ""
+        except InterruptedError:
+            return ""
+
+    def restore(self) -> None:
+        if self._fd is not None and self._saved is not None:
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+        self._fd = None
+
+
+@dataclass
+class Crew:
+    """The stack's restartable parts and what it tells the user about them: one line per
+    event, and the state as "2 of 3 running; processor-1 merges"."""
+
+    processors: list[Child]
+    others: list[Child]  # the generator, the monitor
+    merger_known: bool = True  # False when LOG_LEVEL hides the merger's lines
+    merger: str | None = None
+    events: list[tuple[float, str]] = field(default_factory=list)  # (wall clock, line)
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.processors, *self.others]
+
+    def dead(self) -> list[Child]:
+        return [child for child in self.children if child.process is not None and not child.running]
+
+    def running(self) -> str:
+        return f"{sum(child.running for child in self.processors)} of {len(self.processors)} running"
+
+    def merging(self) -> str:
+        if self.merger:
+            return f"{_listing([self.merger])} merges"
+        if not self.merger_known:
+            return "the merger is not known (LOG_LEVEL hides its log line)"
+        return "no processor merges yet" if any(c.running for c in self.processors) else "nothing merges"
+
+    def state(self) -> str:
+        return f"{self.running()}; {self.merging()}"
+
+    def note(self, event: str, with_merger: bool = True) -> str:
+        """Record an event; the line to show: the event and the state it leaves."""
+        state = self.state() if with_merger else self.running()
+        line = f"{event}; {state}" if self.processors else event  # --broker-only: the generator alone
+        self.events.append((time.time(), line))
+        return line
+
+    def dashboard_lines(self, restart_hint: str) -> list[str]:
+        """The lines under the dashboard's header ("! " marks a warning)."""
+        dead = self.dead()
+        if dead:
+            now = time.monotonic()
+            deaths = ", ".join(f"{_listing([c.name])} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
+            return [f"! {deaths}; {self.state()}", f"{restart_hint}; Ctrl-C stops everything"]
+        running = [c for c in self.processors if c.running]
+        if len(running) == 1:
+            pids = f"pid {running[0].process.pid}"
+        else:  # where `kill` and `ps` find them
+            pids = ", ".join(f"{c.name} pid {c.process.pid}" for c in running)
+        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}"]
+        if self.events and time.time() - self.events[-1][0] < 60:
+            when, line = self.events[-1]
+            lines.append(f"{time.strftime('%H:%M:%S', time.localtime(when))} {line}")
+        return lines
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:
@@ -149,21 +428,11 @@ def _say(text: str, stream: TextIO | None = None) -> None:
         print(text, file=stream or sys.stdout, flush=True)
 
 
-def _stop(process: subprocess.Popen | None, timeout: float = 15.0) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _listing(names: list[str]) -> str:
-    """["processor", "broker"] -> "the processor and the broker"."""
-    named = [f"the {name}" for name in names]
-    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` in one step: the monitor reads it at every redraw."""
+    partial = path.with_name(path.name + ".new")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _at_least_one(text: str) -> int:
@@ -173,6 +442,16 @@ def _at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more, got {text!r}")
     return value
 
 
@@ -193,10 +472,229 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir",
         type=Path,
         default=HERE / ".local-stack",
-        help="logs of the background parts (default: .local-stack)",
+        help="logs of the background parts, started afresh by each run (default: .local-stack)",
+    )
+    parser.add_argument(
+        "--plain",
+        action="store_true",
+        help="no dashboard: the monitor prints a line per window, the stack a line per event"
+        " (the default when stdout is not a terminal)",
+    )
+    parser.add_argument(
+        "--restart-after",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="start a part that died again after SECONDS (default: never; in a terminal, press r)",
     )
     add_settings_arguments(parser, only=LOCAL_STACK_SETTINGS)
     return parser
+
+
+class LocalStack:
+    """Runs the parts, watches them until Ctrl-C, and stops them in order."""
+
+    def __init__(
+        self, args: argparse.Namespace, settings: Settings, environ: dict[str, str], host: str, port: int
+    ) -> None:
+        self.args = args
+        self.settings = settings
+        self.address = f"{host}:{port}"
+        self.host, self.port = host, port
+        self.log_dir = new_run_folder(args.log_dir.resolve())  # absolute: the children run elsewhere
+        # The children see what we saw (.env included) and the address we settled on.
+        self.env = {**environ, "KAFKA_BOOTSTRAP_SERVERS": self.address}
+        child_settings = build_settings(environ)
+        self.input_topic = child_settings.input_topic
+        self.group = child_settings.consumer_group_id
+        self.broker: EmbeddedBroker | None = None
+        self.stopping = False
+        self.dashboard = False  # the monitor draws in this terminal
+        self.keys: Keys | None = None
+        self.status_path = self.log_dir / "status.txt"
+        names = ["processor"] if args.processors == 1 else [f"processor-{n}" for n in range(1, args.processors + 1)]
+        processors = [] if args.broker_only else [Child(n, ["kafka_processor.py"], self._log(n)) for n in names]
+        live = ["data_generator.py", "--profile", args.profile, "--rate", str(args.rate)]
+        self.generator = Child("generator", live, self._log("generator"))
+        self.monitor = Child("monitor", ["monitor_aggregated_data.py", "--from-beginning"], None)
+        others = [self.generator] if args.broker_only else [self.generator, self.monitor]
+        merger_known = child_settings.log_level in ("DEBUG", "INFO")
+        self.crew = Crew(processors, others, merger_known=merger_known)
+        self.merger_watch = MergerWatch({c.name: c.log_path for c in processors if c.log_path})
+
+    def _log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    # ---- start-up -----------------------------------------------------------------
+
+    def start_broker(self) -> int | None:
+        """Start or reuse the broker; an exit status if the stack cannot go on."""
+        if port_is_open(self.port, self.host):
+            problem = answers_as_kafka(self.settings)
+            if problem is not None:
+                _say(
+                    f"{PROG}: something listens on {self.address} but does not answer as a Kafka broker ({problem}); "
+                    f"choose a free port: {_how_to_choose(self.host, self.port, self.args.broker_only)}",
+                    sys.stderr,
+                )
+                return 1
+            _say(
+                f"broker: reusing the broker already listening on {self.address}, not started by this stack "
+                f"(Ctrl-C leaves it running); the generator writes into its topic {self.input_topic}"
+            )
+            choose = _how_to_choose(self.host, self.port, self.args.broker_only)
+            _say(f"        for a broker of its own, choose a free port: {choose}")
+            return None
+        try:
+            self.broker = EmbeddedBroker(self.port, log_path=self._log("broker")).start()
+        except BrokerError as error:
+            _say(f"{PROG}: {error}", sys.stderr)
+            return 1
+        _say(f"broker: Tansu on {self.address} (in memory; log {_shown(self._log('broker'))})")
+        return None
+
+    def what_stops(self, names: list[str]) -> str:
+        """What Ctrl-C stops, in that order, saying so when the broker is not ours."""
+        stopped = [*names, "broker"] if self.broker else names
+        return _listing(stopped) + ("" if self.broker else f" (not the broker at {self.address}: it keeps running)")
+
+    def fill_backlog(self) -> None:
+        """Two minutes of past events first, so closed windows show up at once."""
+        backlog = ["data_generator.py", "--profile", self.args.profile, "--count", "2400", "--backlog-seconds", "120"]
+        with open(self._log("generator"), "ab") as generator_log:
+            subprocess.run(
+                [sys.executable, *backlog],
+                cwd=HERE,
+                env=self.env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=generator_log,
+            )
+
+    def start_parts(self) -> None:
+        self.keys = Keys(sys.stdin)
+        self.generator.start(self.env)
+        log = _shown(self._log("generator"))
+        _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
+        if self.args.broker_only:
+            extra = [] if self.address == DEFAULT_BOOTSTRAP else ["--bootstrap-servers", self.address]
+            if self.args.env_file != ".env":
+                extra += ["--env-file", self.args.env_file]
+            _say("ready: run the processor and the monitor in two more terminals, from this directory:")
+            _say(f"  {_command('kafka_processor.py', *extra)}")
+            _say(f"  {_command('monitor_aggregated_data.py', *extra)}")
+            _say(f"Ctrl-C stops {self.what_stops(['generator'])}")
+            return
+        for processor in self.crew.processors:
+            processor.start({**self.env, "PROCESSOR_NAME": processor.name})
+            _say(f"{processor.name}: pid {processor.process.pid} (log {_shown(processor.log_path)})")
+        if len(self.crew.processors) > 1:
+            _say(f"  {len(self.crew.processors)} processors in group {self.group} share out the input partitions;")
+            _say("  one merges the parts into windows; when one dies, the others carry on")
+        self.dashboard = not self.args.plain and sys.stdout.isatty()
+        parts = [c.name for c in self.crew.processors] + ["generator", "monitor"]
+        if self.dashboard:
+            _write_atomically(self.status_path, "")
+            self.monitor.args = [*self.monitor.args, "--status-file", str(self.status_path)]
+            _say(f"monitor: the dashboard takes this terminal (Ctrl-C stops {self.what_stops(parts)})")
+        else:
+            _say(f"monitor: windows appear below as they close (Ctrl-C stops {self.what_stops(parts)})\n")
+        self.monitor.start(self.env)
+
+    # ---- watching -------------------------------------------------------------------
+
+    def restart_hint(self, dead: list[Child]) -> str:
+        """How the dead parts start again: a key, or --restart-after."""
+        them = _listing([c.name for c in dead])
+        keys = self.keys is not None and self.keys.enabled
+        if self.args.restart_after is not None:
+            again = f"{them} starts again {self.args.restart_after:g}s after it ended"
+            return again + (" (or press r)" if keys else "")
+        if keys:
+            return f"press r to start {them} again"
+        return "to start a part that died again, run the stack with --restart-after SECONDS"
+
+    def tell(self, line: str) -> None:
+        """An event: a line of its own, unless the dashboard is up (then under its header)."""
+        if not (self.dashboard and self.monitor.running):
+            _say(line)
+
+    def restart(self, child: Child) -> None:
+        env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
+        child.start(env)
+        self.tell(self.crew.note(f"{_listing([child.name])} started again (pid {child.process.pid})"))
+
+    def watch(self) -> int:
+        """Until Ctrl-C: report deaths and merger changes, start dead parts again on request."""
+        crew = self.crew
+        while not self.stopping:
+            if self.broker and self.broker.process and self.broker.process.poll() is not None:
+                status = describe_exit(self.broker.process.returncode)
+                _say(f"{PROG}: the broker died ({status}; log {_shown(self._log('broker'))}), and every topic with it")
+                return 1
+            for child in crew.children:
+                if child.check_ended():
+                    if child.name == crew.merger:
+                        crew.merger = None
+                    self.tell(crew.note(f"{_listing([child.name])} {child.ended()}"))
+                    if child.log_path and child.status != 0:
+                        self.tell(f"  its log: {_shown(child.log_path)}; {self.restart_hint([child])}")
+            for name, merges in self.merger_watch.changes():
+                if merges and crew.merger != name:
+                    crew.merger = name
+                    self.tell(crew.note(f"{_listing([name])} is now the merger", with_merger=False))
+                elif not merges and crew.merger == name:
+                    crew.merger = None
+                    self.tell(crew.note(f"{_listing([name])} is no longer the merger"))
+            pressed = self.keys.read(_WATCH_SECONDS) if self.keys else (time.sleep(_WATCH_SECONDS) or "")
+            if self.stopping:
+                break
+            now = time.monotonic()
+            for child in crew.dead():
+                after = self.args.restart_after
+                if "r" in pressed.lower() or (after is not None and now - child.ended_at >= after):
+                    self.restart(child)
+            if self.dashboard:
+                with contextlib.suppress(OSError):
+                    lines = crew.dashboard_lines(self.restart_hint(crew.dead()))
+                    _write_atomically(self.status_path, "\n".join(lines) + "\n")
+        return 0
+
+    # ---- stopping -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Monitor first (so that the terminal is ours to print in), then the processors
+        together (each publishes and commits what is complete), the generator, the broker."""
+        self.monitor.stop()
+        self.monitor.wait_stopped(_MONITOR_STOP_SECONDS)
+        if self.keys is not None:
+            self.keys.restore()
+        if self.dashboard and self.crew.events:
+            _say("while the dashboard was up:")
+            for when, line in self.crew.events[-20:]:
+                _say(f"  {time.strftime('%H:%M:%S', time.localtime(when))} {line}")
+        running = [c for c in self.crew.processors if c.process is not None and c.process.poll() is None]
+        if self.generator.process is not None and self.generator.process.poll() is None:
+            running.append(self.generator)
+        names = [c.name for c in running]
+        if self.monitor.process is not None:
+            names.append("monitor")
+        _say(f"\nstopping {self.what_stops(names)}")
+        for processor in self.crew.processors:
+            processor.stop()
+        deadline = time.monotonic() + _PROCESSOR_STOP_SECONDS
+        for processor in self.crew.processors:
+            processor.wait_stopped(deadline - time.monotonic())
+        self.generator.stop()
+        self.generator.wait_stopped(15)
+        if self.broker:
+            self.broker.stop()
+        with contextlib.suppress(OSError):
+            self.status_path.unlink(missing_ok=True)
+        _say(f"stopped; this run's logs are in {_shown(self.log_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,113 +704,29 @@ def main(argv: list[str] | None = None) -> int:
         host, port = local_address(settings.bootstrap_servers, given_as)
         # The children read every other setting from the same environment: a bad one
         # stops the stack now, in one line, rather than a child later in its log.
-        input_topic = build_settings(environ).input_topic
+        build_settings(environ)
     except ConfigError as error:
         exit_with_config_error(PROG, error)
-    address = f"{host}:{port}"
-    log_dir: Path = args.log_dir
-    log_dir.mkdir(parents=True, exist_ok=True)
-    # The children see what we saw (.env included) and the address we settled on.
-    env = {**environ, "KAFKA_BOOTSTRAP_SERVERS": address}
+    stack = LocalStack(args, settings, environ, host, port)
     # From here on Ctrl-C only asks to stop: a broker being started is still stopped.
-    children: list[tuple[str, subprocess.Popen]] = []
-    stopping = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    def running() -> bool:
-        return not stopping and all(child.poll() is None for _, child in children)
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGHUP, request_stop)  # the terminal closed: stop the stack, leave nothing behind
-
-    broker = None
-    if port_is_open(port, host):
-        problem = answers_as_kafka(settings)
-        if problem is not None:
-            _say(
-                f"{PROG}: something listens on {address} but does not answer as a Kafka broker ({problem}); "
-                f"choose a free port: {_how_to_choose(host, port, args.broker_only)}",
-                sys.stderr,
-            )
-            return 1
-        _say(
-            f"broker: reusing the broker already listening on {address}, not started by this stack "
-            f"(Ctrl-C leaves it running); the generator writes into its topic {input_topic}"
-        )
-        _say(f"        for a broker of its own, choose a free port: {_how_to_choose(host, port, args.broker_only)}")
-    else:
-        try:
-            broker = EmbeddedBroker(port, log_path=log_dir / "broker.log").start()
-        except BrokerError as error:
-            _say(f"{PROG}: {error}", sys.stderr)
-            return 1
-        _say(f"broker: Tansu on {address} (in memory; log {log_dir / 'broker.log'})")
-
-    def what_stops(*names: str) -> str:
-        """What Ctrl-C stops, in that order, saying so when the broker is not ours."""
-        stopped = [*names, "broker"] if broker else list(names)
-        return _listing(stopped) + ("" if broker else f" (not the broker at {address}: it keeps running)")
-
+    signal.signal(signal.SIGINT, stack.request_stop)
+    signal.signal(signal.SIGTERM, stack.request_stop)
+    signal.signal(signal.SIGHUP, stack.request_stop)  # the terminal closed: stop the stack, leave nothing behind
+    failed = stack.start_broker()
+    if failed is not None:
+        return failed
     try:
-        if stopping:
+        if stack.stopping:
             return 0
-        # Two minutes of past events first, so closed windows show up at once...
-        backlog = ["data_generator.py", "--profile", args.profile, "--count", "2400", "--backlog-seconds", "120"]
-        with open(log_dir / "generator.log", "ab") as generator_log:
-            subprocess.run(
-                [sys.executable, *backlog],
-                cwd=HERE,
-                env=env,
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=generator_log,
-            )
-        # ...then a live stream.
-        live = ["data_generator.py", "--profile", args.profile, "--rate", str(args.rate)]
-        children.append(("generator", _spawn("generator", live, env, log_dir)))
-        _say(f"generator: {args.profile} profile, {args.rate:g} events/s (log {log_dir / 'generator.log'})")
-        if args.broker_only:
-            extra = [] if address == DEFAULT_BOOTSTRAP else ["--bootstrap-servers", address]
-            if args.env_file != ".env":
-                extra += ["--env-file", args.env_file]
-            _say("ready: run the processor and the monitor in two more terminals, from this directory:")
-            _say(f"  {_command('kafka_processor.py', *extra)}")
-            _say(f"  {_command('monitor_aggregated_data.py', *extra)}")
-            _say(f"Ctrl-C stops {what_stops('generator')}")
-            while running():
-                time.sleep(0.5)
-            return 0
-        names = ["processor"] if args.processors == 1 else [f"processor-{n}" for n in range(1, args.processors + 1)]
-        for name in reversed(names):
-            children.insert(0, (name, _spawn(name, ["kafka_processor.py"], env, log_dir)))
-        for name in names:
-            _say(f"{name}: running (log {log_dir / (name + '.log')})")
-        if len(names) > 1:
-            _say(f"  {len(names)} processors in group {build_settings(environ).consumer_group_id}: Kafka shares out")
-            _say("  the input partitions; one of them merges the parts (its log says so)")
-        stopped = what_stops("processors" if len(names) > 1 else "processor", "generator", "monitor")
-        _say(f"monitor: windows appear below as they close (Ctrl-C stops {stopped})\n")
-        monitor = _spawn("monitor", ["monitor_aggregated_data.py", "--from-beginning"], env, log_dir, to_log=False)
-        children.append(("monitor", monitor))
-        while running():
-            time.sleep(0.5)
-        failed = [(name, child) for name, child in children if child.poll() not in (None, 0)]
-        for name, child in failed:
-            _say(f"{name} exited with status {child.returncode}; see {log_dir}", sys.stderr)
-        return 1 if failed else 0
+        stack.fill_backlog()
+        stack.start_parts()
+        return stack.watch()
     except subprocess.CalledProcessError:
-        _say(f"{PROG}: the generator could not fill the backlog; see {log_dir / 'generator.log'}", sys.stderr)
+        backlog_log = _shown(stack.log_dir / "generator.log")
+        _say(f"{PROG}: the generator could not fill the backlog; see {backlog_log}", sys.stderr)
         return 1
     finally:
-        _say(f"\nstopping {what_stops(*(name for name, _ in children))}")
-        for _, child in children:  # processor first: it publishes and commits what is complete
-            _stop(child)
-        if broker:
-            broker.stop()
+        stack.stop()
 
 
 if __name__ == "__main__":

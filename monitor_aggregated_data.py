@@ -10,12 +10,20 @@ each window's value as one JSON object per line, for machines.
 The monitor keeps the latest record per window key: a window republished after a
 processor restart carries the same bytes and is not shown twice. It never joins a
 consumer group's offsets (it commits nothing), so any number can watch.
+
+A broker that is not there (yet) is waited for, like the processor does: one line
+when it goes, one when it is back. A reader that goes away (`| head -3`) ends the
+monitor quietly, status 0. Exit statuses: 0 stopped (Ctrl-C, SIGTERM, --exit-after,
+--idle-timeout, a closed pipe); 1 a Kafka error it cannot retry (one plain sentence);
+2 a bad setting or refused credentials; 3 stopped before it ever reached the broker.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -23,8 +31,9 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from rich import box
 from rich.bar import Bar
 from rich.console import Console, Group
@@ -40,13 +49,25 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, topic_partition_count
+from kafka_io import (
+    EXIT_NEVER_REACHED_BROKER,
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    newest_offsets,
+    topic_partition_count,
+)
 from log_setup import configure_logging
+
+log = logging.getLogger("monitor")
 
 _BAR_WIDTH = 10
 _ROWS = 5
 # From this width the dashboard puts tables side by side.
 _WIDE = 110
+# How long start-up waits for one metadata answer before asking again: short, so that
+# Ctrl-C is answered at once while the broker is away.
+_METADATA_TIMEOUT_SECONDS = 2.0
 
 
 def _share_table(title: str, name: str, counts: dict[str, int], total: int, rows: int = _ROWS) -> Table:
@@ -126,29 +147,31 @@ class WindowTail:
         self.latest: dict[bytes, bytes] = {}
 
     def start(self, stop: threading.Event) -> bool:
-        """Assign every partition of the output topic (waiting for it to exist)."""
+        """Assign every partition of the output topic, waiting for the broker to answer
+        and for the topic to exist. False if asked to stop first."""
         topic = self.settings.output_topic
         while not stop.is_set():
             try:
-                count = topic_partition_count(self.consumer, topic)
-            except KafkaException:
+                count = topic_partition_count(self.consumer, topic, timeout=_METADATA_TIMEOUT_SECONDS)
+                self.health.mark_reachable()
+                if count:
+                    # Start at the newest window so there is something to show at once.
+                    newest = {} if self.from_beginning else newest_offsets(self.settings, topic)
+                    break
+            except KafkaException as error:
                 self.health.raise_if_refused(self.consumer)
-                raise
-            if count:
-                break
+                # Gone or not there yet: say so once (BrokerHealth), then ask again.
+                self.health.on_error(KafkaError(KafkaError._TRANSPORT, _reason(error)))
             stop.wait(1.0)
         else:
             return False
-        assignment = []
-        for partition in range(count):
-            tp = TopicPartition(topic, partition)
-            if self.from_beginning:
-                tp.offset = OFFSET_BEGINNING
-            else:  # start at the newest window so there is something to show at once
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
-                tp.offset = max(low, high - 1)
-            assignment.append(tp)
-        self.consumer.assign(assignment)
+        # An empty partition: from its end, that is from its first window.
+        self.consumer.assign(
+            [
+                TopicPartition(topic, p, OFFSET_BEGINNING if self.from_beginning else newest.get(p, OFFSET_END))
+                for p in range(count)
+            ]
+        )
         return True
 
     def poll(self, timeout: float) -> list[dict]:
@@ -174,6 +197,12 @@ class WindowTail:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def _reason(error: KafkaException) -> str:
+    """A client exception as the plain sentence librdkafka wrote, not `KafkaError{...}`."""
+    first = error.args[0] if error.args else None
+    return first.str() if isinstance(first, KafkaError) else str(first or error)
 
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -204,14 +233,17 @@ def render_dashboard(
     source: str,
     window_seconds: int = 30,
     size: tuple[int, int] = (160, 50),
+    notes: Sequence[Text] = (),
 ):
     """The whole screen for a terminal of `size` (columns, lines), most important first:
-    status line, headline figures with trends, then the latest window's tables (side by
-    side when the terminal is wide, with fewer rows when it is short).
+    status line, `notes` (what the local stack or the monitor itself has to say),
+    headline figures with trends, then the latest window's tables (side by side when
+    the terminal is wide, with fewer rows when it is short).
 
     `windows` are the windows seen, oldest first (latest per key).
     """
     width, height = size
+    height -= len(notes)
     if seconds_since_last is None:
         status = Text(f"{source} | waiting for the first window…", style="yellow")
     else:
@@ -223,7 +255,7 @@ def render_dashboard(
             style="bold red" if stalled else "green",
         )
     if not windows:
-        return Group(status)
+        return Group(status, *notes)
     latest = windows[-1]
     recent = windows[-TREND_WINDOWS:]
     trends = Table(
@@ -252,11 +284,11 @@ def render_dashboard(
     versions = _versions_table(latest["app_version_by_device"])
     missing_line = Text("missing fields: " + (", ".join(f"{k} {v:,}" for k, v in missing.items()) or "none"))
     if width < _WIDE:
-        return Group(status, trends, missing_line, devices, locales, ips, versions)
+        return Group(status, *notes, trends, missing_line, devices, locales, ips, versions)
     grid = Table.grid(padding=(0, 4))
     grid.add_row(trends, devices)
     grid.add_row(locales, ips)
-    return Group(status, grid, missing_line, versions)
+    return Group(status, *notes, grid, missing_line, versions)
 
 
 def window_length(window: dict) -> int | None:
@@ -288,38 +320,103 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop after S seconds without a window (default: 0 = never)",
     )
+    parser.add_argument(
+        "--status-file",
+        type=Path,
+        metavar="FILE",
+        help="dashboard only: show the lines of FILE under the header, read again at every redraw"
+        " (local_stack.py writes its processors' state there; a line starting with '! ' is a warning)",
+    )
     # Only what the monitor reads: the window length comes from the windows themselves.
     add_settings_arguments(parser, only=MONITOR_SETTINGS)
     return parser
 
 
+def status_notes(path: Path | None, limit: int = 3) -> list[Text]:
+    """The first lines of the status file (see --status-file), as dashboard notes."""
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    notes = []
+    for line in lines[:limit]:
+        warning = line.startswith("! ")
+        notes.append(Text(line[2:] if warning else line, style="bold yellow" if warning else "cyan"))
+    return notes
+
+
+class RecentLogLine(logging.Handler):
+    """While the dashboard is up, the monitor's own log lines (the broker gone, back
+    again) are shown under its header for a minute: written to the terminal, they
+    would land in the middle of the dashboard and tear it."""
+
+    SHOWN_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latest: tuple[float, int, str] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.latest = (time.monotonic(), record.levelno, f"{record.name}: {record.getMessage()}")
+
+    def notes(self) -> list[Text]:
+        latest = self.latest
+        if latest is None or time.monotonic() - latest[0] > self.SHOWN_SECONDS:
+            return []
+        _, level, text = latest
+        return [Text(text, style="bold yellow" if level >= logging.WARNING else "dim")]
+
+
 def _live_dashboard(
     console: Console, tail: WindowTail, stop: threading.Event, source: str, window_seconds: int, args
 ) -> int:
-    """Redraw the dashboard as windows arrive, and every second for the "last one Ns ago"."""
+    """Redraw the dashboard as windows arrive, and every second for the "last one Ns ago".
+
+    Full screen (the terminal's alternate screen, as `top` does): every redraw starts at
+    the top-left corner, so nothing written to the terminal meanwhile (by the local
+    stack, by a child of it) can leave a stale header above the live one. On exit the
+    terminal shows again what was there before (the local stack's start-up lines)."""
     seen: dict[str, dict] = {}
     last_arrival: float | None = None
     started = time.monotonic()
+    recent_log = RecentLogLine()
+    root = logging.getLogger()
+    stderr_handlers = root.handlers[:]
+    root.handlers[:] = [recent_log]
 
     def screen():
         since = None if last_arrival is None else time.monotonic() - last_arrival
         ordered = [seen[key] for key in sorted(seen)]
         length = window_length(ordered[-1]) if ordered else None
-        return render_dashboard(ordered, since, source, length or window_seconds, tuple(console.size))
+        notes = status_notes(args.status_file) + recent_log.notes()
+        return render_dashboard(ordered, since, source, length or window_seconds, tuple(console.size), notes)
 
-    with Live(screen(), console=console, refresh_per_second=2, screen=False) as live:
-        while not stop.is_set():
-            fresh = tail.poll(1.0)
-            for window in fresh:
-                seen[window["window_start"]] = window
-                last_arrival = time.monotonic()
-            live.update(screen())
-            if args.exit_after and len(seen) >= args.exit_after:
-                return 0
-            idle_since = last_arrival or started
-            if args.idle_timeout and time.monotonic() - idle_since > args.idle_timeout:
-                return 0
+    try:
+        with Live(screen(), console=console, refresh_per_second=2, screen=True) as live:
+            while not stop.is_set():
+                fresh = tail.poll(1.0)
+                for window in fresh:
+                    seen[window["window_start"]] = window
+                    last_arrival = time.monotonic()
+                live.update(screen())
+                if args.exit_after and len(seen) >= args.exit_after:
+                    return 0
+                idle_since = last_arrival or started
+                if args.idle_timeout and time.monotonic() - idle_since > args.idle_timeout:
+                    return 0
+    finally:
+        root.handlers[:] = stderr_handlers
     return 0
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (`| head`): point stdout at /dev/null, so that
+    the interpreter's last flush at exit does not complain about the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -334,15 +431,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = 0
     try:
         if not tail.start(stop):
-            return 0
+            if tail.health.reached:
+                return 0
+            log.warning(
+                "stopped; it never reached the broker at %s (exit status %d)",
+                settings.bootstrap_servers,
+                EXIT_NEVER_REACHED_BROKER,
+            )
+            return EXIT_NEVER_REACHED_BROKER
         if not args.json and console.is_terminal:
             return _live_dashboard(console, tail, stop, source, settings.window_seconds, args)
         last_window = time.monotonic()
         while not stop.is_set():
             for window in tail.poll(0.5):
                 line = json.dumps(window, ensure_ascii=False) if args.json else headline(window)
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()
+                try:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                except BrokenPipeError:  # a normal end, as for `cat`
+                    _quiet_stdout()
+                    return 0
                 shown += 1
                 last_window = time.monotonic()
                 if args.exit_after and shown >= args.exit_after:
@@ -352,7 +460,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuthenticationFailed as refused:
         exit_with_config_error("monitor_aggregated_data.py", refused.as_config_error())
     except KafkaException as error:
-        print(f"monitor_aggregated_data.py: {error}", file=sys.stderr)
+        print(
+            f"monitor_aggregated_data.py: stopped: could not read {settings.output_topic} from"
+            f" {settings.bootstrap_servers}: {_reason(error)}",
+            file=sys.stderr,
+        )
         return 1
     finally:
         tail.close()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
 
 import pytest
 
 from data_generator import US_STATES, RealisticProfile, event_times, reference_event
-from tests.conftest import read_topic, run_script
+from tests.conftest import ROOT, read_topic, run_script, wait_until
 
 
 def test_reference_profile_matches_the_original_generator():
@@ -76,3 +79,26 @@ def test_generator_produces_its_count_to_a_real_broker(topics, tmp_path):
     result = run_script("data_generator.py", *generator_args, env=topics.env(), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(read_topic(topics.bootstrap, topics.input)) == 500
+
+
+def test_stopped_before_ever_reaching_the_broker_exits_3(tmp_path):
+    """Issue 18, item 8 (for the generator too): 0 would read as a clean run."""
+    from embedded_broker import free_port
+
+    log_path = tmp_path / "generator.log"
+    with open(log_path, "w") as log:
+        generator = subprocess.Popen(
+            [sys.executable, str(ROOT / "data_generator.py"), "--bootstrap-servers", f"127.0.0.1:{free_port()}"],
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+            stderr=log,
+        )
+    try:
+        wait_until(lambda: "unreachable" in log_path.read_text(), 20, message="the unreachable broker's line")
+        generator.send_signal(signal.SIGINT)
+        assert generator.wait(15) == 3
+        assert "never reached the broker" in log_path.read_text()
+    finally:
+        if generator.poll() is None:
+            generator.kill()
+            generator.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections import Counter
 
@@ -370,3 +371,22 @@ def test_input_written_in_transactions_is_read_to_its_end(topics, start_processo
     assert published() == expected
     code, _ = processor.terminate()
     assert code == 0, processor.log()
+
+
+def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(tmp_path, start_processor):
+    """Issue 18, items 5 and 8: a processor that never reached its broker exited 0 on
+    Ctrl-C, which scripts and supervisors read as a clean run; and its log lines did not
+    say which processor (or process) wrote them."""
+    from embedded_broker import free_port
+    from tests.conftest import Topics
+
+    topics = Topics(f"127.0.0.1:{free_port()}", "in-never", "out-never", "dlq-never", "group-never")
+    processor = start_processor(topics.env(PROCESSOR_NAME="processor-7"))
+    processor.wait_for_log("unreachable", timeout=30)
+    processor.process.send_signal(signal.SIGINT)
+    assert processor.wait(20) == 3
+    pid = processor.process.pid
+    lines = processor.log().splitlines()
+    assert f"processor-7 starting: pid {pid} on host" in lines[0]
+    assert all(f" processor-7[{pid}] " in line for line in lines), lines
+    assert "it never reached the broker at 127.0.0.1:" in lines[-1] and "exit status 3" in lines[-1]

@@ -1,9 +1,14 @@
 """local_stack.py as a user runs it: its port setting, reusing a broker already
-listening (and saying so), the commands it prints for the two-terminal flow, and
-the first window of that flow within seconds. Real processes, real brokers, never 29092."""
+listening (and saying so), the commands it prints for the three-terminal flow, the
+first window of that flow within seconds, and processors dying under it (the others
+carry on, the stack says so, in plain lines and on the dashboard in a real terminal).
+Real processes, real brokers, never 29092; the pure parts are tested on their own."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shlex
 import signal
 import socket
@@ -11,14 +16,19 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from embedded_broker import free_port, port_is_open
-from tests.conftest import ROOT, read_topic
+from local_stack import MergerWatch, describe_exit, new_run_folder
+from tests.conftest import ROOT, read_topic, require_tool, wait_until
 
-pytestmark = pytest.mark.broker
+# The output topic the stack's processors write (its default).
+OUTPUT = "device-login-aggregates"
+TEXT = {"capture_output": True, "text": True, "check": True}
 
 
 class Stack:
@@ -85,8 +95,9 @@ def user_env(**settings: str) -> dict[str, str]:
     return {"PATH": "/usr/bin:/bin", **settings}
 
 
+@pytest.mark.broker
 def test_starts_its_own_broker_on_the_port_it_is_given_and_the_printed_flow_works(start_stack, tmp_path):
-    """Item 4 of issue 12: the two-terminal flow, as printed by `make broker`, shows its
+    """Item 4 of issue 12: the three-terminal flow, as printed by `make broker`, shows its
     first window within seconds (the 45 s librdkafka session timeout made it 24 s)."""
     port = free_port()
     stack = start_stack("--broker-only", env=user_env(KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}"))
@@ -132,6 +143,7 @@ def test_starts_its_own_broker_on_the_port_it_is_given_and_the_printed_flow_work
     assert not port_is_open(port)
 
 
+@pytest.mark.broker
 def test_reuses_a_broker_already_listening_and_names_it(broker, topics, start_stack):
     env = user_env(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, INPUT_TOPIC=topics.input)
     stack = start_stack("--broker-only", env=env)
@@ -149,6 +161,7 @@ def test_reuses_a_broker_already_listening_and_names_it(broker, topics, start_st
     assert len(read_topic(broker.bootstrap_servers, topics.input)) >= 2400  # the backlog went into it
 
 
+@pytest.mark.broker
 def test_suggests_the_make_command_when_make_started_it(broker, topics, start_stack):
     env = user_env(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, INPUT_TOPIC=topics.input, MAKELEVEL="1")
     stack = start_stack("--broker-only", env=env)
@@ -157,6 +170,7 @@ def test_suggests_the_make_command_when_make_started_it(broker, topics, start_st
     assert stack.interrupt() == 0
 
 
+@pytest.mark.broker
 def test_refuses_a_port_where_something_else_listens(tmp_path):
     with socket.socket() as listener:  # accepts connections, never speaks Kafka
         listener.bind(("127.0.0.1", 0))
@@ -176,6 +190,7 @@ def test_refuses_a_port_where_something_else_listens(tmp_path):
     assert "broker:" not in result.stdout and "generator:" not in result.stdout
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize(
     ("bootstrap", "problem"),
     [
@@ -196,3 +211,249 @@ def test_a_bootstrap_it_cannot_serve_exits_2_in_one_line(bootstrap, problem, tmp
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "KAFKA_BOOTSTRAP_SERVERS" in result.stderr
     assert problem in result.stderr and result.stdout == ""
+
+
+# ---- the pure parts ---------------------------------------------------------------------
+
+
+def test_an_ending_is_said_the_way_people_say_it():
+    assert describe_exit(-signal.SIGKILL) == "SIGKILL"
+    assert describe_exit(3) == "exit status 3: it never reached the broker"
+    assert describe_exit(1).startswith("exit status 1: a crash")
+    assert describe_exit(7) == "exit status 7"
+
+
+def test_the_merger_is_followed_in_each_processors_own_log(tmp_path):
+    logs = {name: tmp_path / f"{name}.log" for name in ("processor-1", "processor-2")}
+    for path in logs.values():
+        path.write_bytes(b"")
+    watch = MergerWatch(logs)
+    assert watch.changes() == []
+    with open(logs["processor-2"], "ab") as log:
+        log.write(b"... INFO    processor-2[11] merger: this processor is now the merger (windows up to")
+        assert watch.changes() == []  # half a line: not yet
+        log.write(b" none already published)\n")
+    assert watch.changes() == [("processor-2", True)]
+    with open(logs["processor-2"], "ab") as log:
+        log.write(b"... INFO    processor-2[11] merger: no longer the merger (session lost)\n")
+    with open(logs["processor-1"], "ab") as log:
+        log.write(b"... INFO    processor-1[10] merger: this processor is now the merger (windows up to none)\n")
+    assert sorted(watch.changes()) == [("processor-1", True), ("processor-2", False)]
+    assert watch.changes() == []  # each line once
+
+
+def test_each_run_logs_into_a_fresh_folder_and_old_runs_go(tmp_path):
+    """Issue 18, item 5: `.local-stack/` kept earlier runs' logs in the same files, so
+    `grep 'now the merger'` found a stale line. Each run now has a folder of its own."""
+    (tmp_path / "processor-3.log").write_text("this processor is now the merger\n")  # as older stacks left it
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for n in range(12):
+        (tmp_path / f"2026-01-01T00-00-{n:02d}").mkdir()
+    run = new_run_folder(tmp_path)
+    assert run.parent == tmp_path and list(run.iterdir()) == []
+    assert (tmp_path / "latest").resolve() == run.resolve()
+    assert not (tmp_path / "processor-3.log").exists() and (tmp_path / "notes.txt").exists()
+    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.is_symlink())
+    assert len(runs) == 10 and runs[-1] == run.name and "2026-01-01T00-00-00" not in runs
+    again = new_run_folder(tmp_path)
+    assert again != run and (tmp_path / "latest").resolve() == again.resolve()
+
+
+# ---- processors dying under a running stack -----------------------------------------------
+
+
+def _line_after(stack: Stack, start: int, text: str, timeout: float) -> tuple[int, str]:
+    """The first line from index `start` on that contains `text`, and its index."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for index in range(start, len(stack.lines)):
+            if text in stack.lines[index]:
+                return index, stack.lines[index]
+        assert stack.process.poll() is None, f"stack exited:\n{stack.output()}"
+        assert time.monotonic() < deadline, f"no {text!r} from the stack:\n{stack.output()}"
+        time.sleep(0.1)
+
+
+def _window_starts(bootstrap: str) -> list[int]:
+    return sorted(int(iso_seconds(json.loads(m.value())["window_start"])) for m in read_topic(bootstrap, OUTPUT))
+
+
+def iso_seconds(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_three_processors_a_processor_and_then_the_merger_killed_the_windows_keep_coming(start_stack, tmp_path):
+    """Issue 18, item 1: with `--processors 3`, `kill -9` of one processor stopped the whole
+    stack within seconds. Now the others carry on and the stack says who died and who
+    merges; the windows keep coming, none missing, after the merger itself is killed."""
+    port = free_port()
+    env = user_env(
+        KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}",
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        WINDOW_SECONDS="2",
+        ALLOWED_LATENESS_SECONDS="1",
+    )
+    stack = start_stack("--processors", "3", env=env)
+    pids = {}
+    for n in (1, 2, 3):
+        line = stack.wait_for(f"processor-{n}: pid ")
+        pids[f"processor-{n}"] = int(line.split("pid ")[1].split()[0])
+    index, line = _line_after(stack, 0, " is now the merger", 60)
+    merger = line.split(" is now the merger")[0]
+    bystander = next(name for name in pids if name != merger)
+    run_logs = tmp_path / "logs" / "latest"
+    assert "this processor is now the merger" in (run_logs / f"{merger}.log").read_text()
+
+    os.kill(pids[bystander], signal.SIGKILL)
+    index, line = _line_after(stack, index, f"{bystander} died", 10)
+    assert line == f"{bystander} died (SIGKILL); 2 of 3 running; {merger} merges"
+    os.kill(pids[merger], signal.SIGKILL)
+    merger_killed = time.time()
+    index, line = _line_after(stack, index, f"{merger} died", 10)
+    assert line == f"{merger} died (SIGKILL); 1 of 3 running; no processor merges yet"
+    index, line = _line_after(stack, index, " is now the merger", 40)
+    survivor = next(name for name in pids if name not in (merger, bystander))
+    assert line == f"{survivor} is now the merger; 1 of 3 running"
+    print(f"new merger {time.time() - merger_killed:.1f}s after the merger was killed")
+
+    def newest_window() -> int:
+        starts = _window_starts(stack_bootstrap)
+        return starts[-1] if starts else 0
+
+    stack_bootstrap = f"127.0.0.1:{port}"
+    wait_until(lambda: newest_window() > merger_killed + 2, 30, message="windows after the merger was killed")
+    starts = [start for start in _window_starts(stack_bootstrap) if start >= merger_killed - 10]
+    assert starts == list(range(starts[0], starts[-1] + 2, 2)), "a window is missing"
+    assert stack.process.poll() is None, "the stack must carry on"
+
+    assert stack.interrupt() == 0, stack.output()
+    assert f"stopping {survivor}, the generator, the monitor and the broker" in stack.output()
+    assert "stopped; this run's logs are in" in stack.output()
+    assert not port_is_open(port)
+
+
+@pytest.mark.broker
+def test_a_dead_part_is_started_again_after_the_pause_given(start_stack):
+    """--restart-after: what pressing r does in a terminal, without one (here the
+    generator of `--broker-only`, the cheapest part to kill and watch come back)."""
+    port = free_port()
+    stack = start_stack(
+        "--broker-only", "--restart-after", "1", env=user_env(KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}")
+    )
+    stack.wait_for("Ctrl-C stops the generator and the broker")
+    [generator] = [p for p in _children(stack.process.pid) if "data_generator.py" in _cmdline(p)]
+    os.kill(generator, signal.SIGKILL)
+    assert stack.wait_for("generator died") == "the generator died (SIGKILL)"
+    assert "starts again 1s after it ended" in stack.wait_for("its log:")
+    restarted = stack.wait_for("the generator started again", timeout=10)
+    new_pid = int(restarted.split("pid ")[1].rstrip(")"))
+    assert new_pid != generator and "data_generator.py" in _cmdline(new_pid)
+    assert stack.interrupt() == 0, stack.output()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    """Every process under `pid` (Linux /proc), children first."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop(0)
+        kids = [child for child, of in parents.items() if of == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _merger_in_logs(log_dir: Path) -> str | None:
+    """The processor whose log says it became the merger (its log file's name)."""
+    for path in log_dir.rglob("processor-*.log"):
+        if "this processor is now the merger" in path.read_text(errors="replace"):
+            return path.stem
+    return None
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.decode().split("=", 1) for item in raw.split(b"\0") if b"=" in item)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_the_dashboard_says_a_processor_died_without_tearing_and_r_starts_it_again(tmp_path):
+    """Issue 18, items 1, 5, 6 and 9 in a real terminal: 3 processors in a 50-row pane with
+    more text above than fits, as `PROCESSORS=3 make run` left it. A processor killed,
+    the dashboard shows it under its one header (the stack used to print over the
+    dashboard: a stale header stayed above the live one), r starts it again, and after
+    Ctrl-C the terminal shows what happened and what was stopped."""
+    require_tool("tmux", "tmux")
+    port = free_port()
+    settings = {"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{port}", "KAFKA_SESSION_TIMEOUT_MS": "6000"}
+    session = f"stack-{uuid.uuid4().hex[:8]}"
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
+    run = f"env -u COLUMNS -u LINES {env} {sys.executable} {ROOT / 'local_stack.py'} --processors 3"
+    command = f"cd {shlex.quote(str(tmp_path))} && seq 1 12 && {run} --log-dir logs; echo exit status $?"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50"], check=True)
+
+    def screen(history: bool = False) -> str:
+        capture = ["tmux", "capture-pane", "-p", "-t", session, *(["-S", "-"] if history else [])]
+        return subprocess.run(capture, capture_output=True, text=True, check=True).stdout
+
+    try:
+        subprocess.run(["tmux", "set-option", "-t", session, "remain-on-exit", "on"], check=True)
+        subprocess.run(["tmux", "respawn-pane", "-k", "-t", session, command], check=True)
+        pane = int(subprocess.run(["tmux", "display", "-p", "-t", session, "#{pane_pid}"], **TEXT).stdout)
+        wait_until(lambda: "windows | last one" in screen(), 60, message="the dashboard")
+        processors = {}
+        for pid in _children(pane):
+            if "kafka_processor.py" in _cmdline(pid):
+                processors[_environ(pid).get("PROCESSOR_NAME", str(pid))] = pid
+        assert len(processors) == 3
+        merges = wait_until(lambda: _merger_in_logs(tmp_path / "logs"), 30, message="the merger's log line")
+        victim = next(name for name in sorted(processors) if name != merges)
+
+        os.kill(processors[victim], signal.SIGKILL)
+        time.sleep(2)  # the stack sees it within a second; then a few redraws
+        everything = screen(history=True)
+        print(everything)
+        assert everything.count("windows | last one") == 1, "a stale header above the live one"
+        shown = wait_until(lambda: (text := screen()) and f"{victim} died" in text and text, 10, message="the death")
+        lines = shown.splitlines()
+        assert "windows | last one" in lines[0]
+        assert re.match(rf"{victim} died \(SIGKILL\) \d+s ago; 2 of 3 running; {merges} merges", lines[1]), lines[1]
+        assert f"press r to start {victim} again" in lines[2]
+
+        subprocess.run(["tmux", "send-keys", "-t", session, "r"], check=True)
+        again = wait_until(lambda: re.search(r"3 of 3 processors running \((.*?)\)", screen()), 10, message="r")
+        restarted = re.search(rf"{victim} pid (\d+)", again.group(1))
+        assert restarted and int(restarted.group(1)) != processors[victim]  # a new process, its pid shown
+
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        wait_until(lambda: "exit status" in screen(), 40, message="the stack to stop")
+        after = screen(history=True)
+        print(after)
+        assert "exit status 0" in after
+        assert re.search(rf"\d\d:\d\d:\d\d {victim} died \(SIGKILL\); 2 of 3 running", after)
+        assert f"{victim} started again (pid " in after
+        stopping = "stopping processor-1, processor-2, processor-3, the generator, the monitor and the broker"
+        assert stopping in after and "stopped; this run's logs are in logs/" in after
+        assert not port_is_open(port)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -3,13 +3,18 @@ dashboard driven in a real terminal (tmux) against a real broker."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
 from monitor_aggregated_data import headline, render_dashboard, sparkline, window_length
@@ -160,3 +165,104 @@ def test_live_dashboard_in_a_real_terminal(topics, start_processor, tmp_path):
         )
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def _window_at(minute: int) -> dict:
+    start = f"2026-11-25T19:{minute:02d}:00Z"
+    return dict(WINDOW, window_start=start, window_end=f"2026-11-25T19:{minute:02d}:30Z", message_count=100 + minute)
+
+
+def _publish_windows(bootstrap: str, topic: str, minutes: list[int]) -> None:
+    """Windows as the processor publishes them: key the window start, value its JSON;
+    all of them in one produce batch (one flush, linger long enough to gather them)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 200, "log_level": 2})
+    for minute in minutes:
+        window = _window_at(minute)
+        producer.produce(topic, key=window["window_start"].encode(), value=json.dumps(window).encode())
+    assert producer.flush(30) == 0
+
+
+def _start_monitor(*args: str, env: dict[str, str], cwd) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "monitor_aggregated_data.py"), *args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.broker
+def test_starts_at_the_newest_window_after_several_were_published_in_one_batch(topics, tmp_path):
+    """Issue 18, item 4: the processor publishes catch-up windows in one batch, and the
+    embedded broker lists that batch's base offset + 1 as the partition's end: a monitor
+    that started at "listed end - 1" showed the batch's first window, not the newest."""
+    topics.create()
+    _publish_windows(topics.bootstrap, topics.output, [0, 1])
+    _publish_windows(topics.bootstrap, topics.output, [2, 3, 4, 5])
+    result = run_script(
+        "monitor_aggregated_data.py", "--json", "--exit-after", "1", env=topics.env(), cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert json.loads(line)["window_start"] == _window_at(5)["window_start"]
+
+
+@pytest.mark.broker
+def test_a_closed_pipe_ends_the_monitor_quietly(topics, tmp_path):
+    """Issue 18, item 3: `monitor_aggregated_data.py --json | head -3` ended in a
+    BrokenPipeError traceback. A reader that goes away is a normal end, as for `cat`."""
+    topics.create()
+    _publish_windows(topics.bootstrap, topics.output, [0, 1, 2])
+    monitor = _start_monitor("--json", "--from-beginning", env=topics.env(), cwd=tmp_path)
+    try:
+        for _ in range(3):  # what `head -3` reads before it exits
+            assert json.loads(monitor.stdout.readline())["window_start"]
+        monitor.stdout.close()
+        _publish_windows(topics.bootstrap, topics.output, [3])  # the next window meets the closed pipe
+        code = monitor.wait(30)
+        errors = monitor.stderr.read()
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    assert code == 0 and errors == "", errors
+
+
+@pytest.mark.broker
+def test_keeps_retrying_an_unreachable_broker_and_never_prints_a_raw_error(tmp_path):
+    """Issue 18, item 2: the monitor said "retrying until it is back", then gave up after
+    10 s with a raw `KafkaError{...}` and status 1. Now it waits for the broker like the
+    processor does: a name that does not resolve until Ctrl-C (status 3: it never reached
+    a broker), a port with no broker yet until one starts there (then it shows windows)."""
+    from embedded_broker import EmbeddedBroker, free_port
+
+    port = free_port()
+    later = dict(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", OUTPUT_TOPIC="out-later", PATH="/usr/bin:/bin")
+    waiting = _start_monitor("--json", "--exit-after", "1", env=later, cwd=tmp_path)
+    nowhere = _start_monitor("--bootstrap-servers", "nohost:9092", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    try:
+        time.sleep(12)  # past the 10 s metadata timeout that used to end it
+        assert waiting.poll() is None and nowhere.poll() is None, "the monitor must keep retrying"
+        nowhere.send_signal(signal.SIGINT)
+        assert nowhere.wait(15) == 3
+        nowhere_errors = nowhere.stderr.read()
+        assert "nohost:9092 unreachable" in nowhere_errors and "retrying until it is back" in nowhere_errors
+        assert "never reached the broker" in nowhere_errors
+        assert "KafkaError{" not in nowhere_errors and "Traceback" not in nowhere_errors, nowhere_errors
+
+        with EmbeddedBroker(port=port, log_path=tmp_path / "late-broker.log") as late:
+            admin = AdminClient({"bootstrap.servers": late.bootstrap_servers})
+            admin.create_topics([NewTopic("out-later", 1, 1)])["out-later"].result(10)
+            _publish_windows(late.bootstrap_servers, "out-later", [7])
+            assert waiting.wait(30) == 0
+            output, errors = waiting.stdout.read(), waiting.stderr.read()
+        assert json.loads(output)["window_start"] == _window_at(7)["window_start"]
+        assert "reachable again" in errors and "KafkaError{" not in errors, errors
+    finally:
+        for monitor in (waiting, nowhere):
+            if monitor.poll() is None:
+                monitor.kill()
+                monitor.wait()
