@@ -277,14 +277,15 @@ class Processor:
 
     def run(self) -> int:
         """Consume until asked to stop; returns the exit code."""
-        self._serve_endpoint()
+        if self.endpoint is None:
+            self.serve_endpoint()
         try:
             return self._run()
         finally:
             if self.endpoint is not None:
                 self.endpoint.close()
 
-    def _serve_endpoint(self) -> None:
+    def serve_endpoint(self) -> None:
         """From the start, so that probes answer while start-up waits for the broker."""
         port = self.settings.metrics_port
         if not port:
@@ -532,9 +533,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format, tag=settings.processor_name)
     try:
         processor = Processor(settings)
+        processor.serve_endpoint()  # before any line: a taken METRICS_PORT is a bad setting, in one line
     except KafkaException as error:  # librdkafka refused a KAFKA_* setting
         text = error.args[0].str() if isinstance(error.args[0], KafkaError) else str(error)
         exit_with_config_error("kafka_processor.py", ConfigError(_setting_in(text, environ), text))
+    except ConfigError as error:  # METRICS_PORT taken
+        exit_with_config_error("kafka_processor.py", error)
     # The first line (after the settings are known good): which process this is.
     log.info("%s starting: pid %d on host %s", settings.processor_name, os.getpid(), socket.gethostname())
 
@@ -551,8 +555,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
-    except ConfigError as error:  # METRICS_PORT taken
-        exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()
         os._exit(code)
