@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test test-fast lint bench clean
+.PHONY: run broker test test-fast test-chaos test-schedules lint bench clean
 
 # requirements.txt names ./native, the native parser (native/login_columns.c) as a
 # local package: pip compiles and installs it with the rest. pip rebuilds and
@@ -47,3 +47,14 @@ bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance
 # older trees (before native/ was a package); such a .so would shadow the installed one.
 clean:
 	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
+
+# Long runs, behind a flag of their own (not in `make test`):
+#   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule)
+#   make test-schedules             10,000 seeded fault schedules (about 45 minutes)
+CHAOS_SECONDS ?= 90
+test-chaos: $(BIN)/.installed
+	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python -m pytest tests/test_chaos.py
+
+FAULT_SCHEDULES ?= 10000
+test-schedules: $(BIN)/.installed
+	FAULT_SCHEDULES=$(FAULT_SCHEDULES) $(BIN)/python -m pytest tests/test_fault_schedules.py

@@ -319,7 +319,9 @@ class WindowMerger:
                 level=logging.ERROR,
                 metric=verdict.value,
             )
-        elif verdict in (Verdict.BEYOND_BOUND, Verdict.MISALIGNED, Verdict.LATE_PARTITION):
+        elif verdict is Verdict.BEYOND_BOUND:
+            self._count_skipped(verdict.value, self._bound_reached(state), level=logging.WARNING)
+        elif verdict in (Verdict.MISALIGNED, Verdict.LATE_PARTITION):
             self.skipped[verdict.value] += 1
 
     def _count_skipped(self, kind: str, text: str, level: int = logging.ERROR, metric: str | None = None) -> None:
@@ -333,6 +335,19 @@ class WindowMerger:
             return
         self._skip_logged_at[kind] = now
         log.log(level, "%s", text)
+
+    def _bound_reached(self, state: MergeState) -> str:
+        closed = state.closed_until()
+        waiting = ", ".join(
+            f"{p} (closed up to {iso_utc(closed[p])})" if p in closed else f"{p} (nothing closed yet)"
+            for p in state.holding_partitions()
+        )
+        return (
+            f"the merge holds {state.pending_windows()} window(s), its bound (MERGE_MAX_PENDING_WINDOWS"
+            f" {self.settings.merge_max_pending_windows}, MERGE_MAX_PENDING_MB {self.settings.merge_max_pending_mb}):"
+            f" waiting for input partition(s) {waiting or 'none'}; parts of later windows are read again once these"
+            " are published"
+        )
 
     def _leave_the_merge(self, newer: UnknownPartFormat, offset: int) -> None:
         """Leave the merge group: Kafka gives the partials topic to another member, an

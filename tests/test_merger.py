@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import time
 
 import msgspec
+import pytest
 
 from aggregator import iso_utc
 from config import build_settings
@@ -19,6 +22,7 @@ from merger import WindowMerger, pipeline_origin
 from parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress
 from pipeline_topics import newest_published
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
+from tests.test_chaos import merger_of
 from tests.test_merge import T0, Feeder, W, login, parts_of, single_processor
 
 
@@ -216,3 +220,73 @@ def test_memory_stays_bounded_while_a_partition_is_stuck_and_nothing_is_lost():
         key: json.dumps(json.loads(value)) for key, value in expected.items()
     }
     assert [key for key, _ in rig.output()] == sorted(expected)  # once each, in order
+
+
+# ---- real broker: memory while a member is stopped ----------------------------------------------
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def _pending_windows(port: int) -> float | None:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = [
+        line.split()[-1] for line in text.splitlines() if line.startswith("login_processor_merge_pending_windows ")
+    ]
+    return float(found[0]) if found else None
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_the_merger_stays_bounded_while_a_member_is_stopped_and_loses_nothing(topics, start_processor):
+    """Two members; the one that does not merge is SIGSTOPped for 16 s, within its 20 s
+    session, so nobody takes its partitions: 1-second windows pile up behind it. The
+    merger holds at most 3 (MERGE_MAX_PENDING_WINDOWS), says why in its log, and its
+    memory stays flat; once the member resumes, every window is exact."""
+    from embedded_broker import free_port
+    from tests.conftest import latest_by_key, wait_until
+    from tests.oracle import expected_windows
+    from tests.test_chaos import LiveStream
+
+    topics.create(input_partitions=4)
+    env = topics.env(
+        WINDOW_SECONDS="1",
+        ALLOWED_LATENESS_SECONDS="1",
+        KAFKA_SESSION_TIMEOUT_MS="20000",
+        MERGE_MAX_PENDING_WINDOWS="3",
+    )
+    ports = [free_port(), free_port()]
+    members = [start_processor(env | {"METRICS_PORT": str(port)}) for port in ports]
+    for member in members:
+        member.wait_for_log("assigned partitions", timeout=60)  # each owns some of them
+    merger = wait_until(lambda: merger_of(members), 30, message="a merger")
+    stopped = next(m for m in members if m is not merger)
+    port = ports[members.index(merger)]
+    stream = LiveStream(topics.bootstrap, topics.input, 4, per_second=2000, seed=3, long_values=True).start()
+    time.sleep(3)
+    stopped.process.send_signal(signal.SIGSTOP)
+    samples = []
+    for _ in range(16):
+        time.sleep(1)
+        samples.append((_rss_mb(merger.process.pid), _pending_windows(port)))
+    stopped.process.send_signal(signal.SIGCONT)
+    time.sleep(3)
+    stream.stop()
+    assert "its bound (MERGE_MAX_PENDING_WINDOWS 3" in merger.log()
+    assert "waiting for input partition(s)" in merger.log()
+    pending = [p for _, p in samples if p is not None]
+    assert pending and max(pending) <= 3, samples
+    rss = [r for r, _ in samples]
+    assert max(rss[4:]) - rss[4] < 3, f"merger RSS (MB) while windows waited: {rss}"  # unbounded: +6 to +8
+    expected = expected_windows(stream.records, window=1)
+    wait_until(
+        lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected,
+        60,
+        message="every window, exact",
+    )
+    for member in members:
+        assert member.terminate()[0] == 0

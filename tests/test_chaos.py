@@ -1,0 +1,135 @@
+"""Real-broker chaos: a live stream shared by 3 processors while, every few seconds (a
+seeded schedule), a random member (the merger among them) is SIGKILLed and replaced,
+or SIGSTOPped past its session and resumed, or a member joins. The output (latest
+record per key) must equal the oracle's windows for everything sent.
+
+In the suite at a small size (about 25 s of stream); CHAOS_SECONDS=90 CHAOS_SEED=N
+runs it larger, e.g. `for s in 1 2 3 4 5; do CHAOS_SEED=$s make test-chaos; done`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+from confluent_kafka import Producer
+
+from tests.conftest import latest_by_key, wait_until
+from tests.oracle import expected_windows
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+WINDOW, LATENESS = 5, 2
+
+
+class LiveStream:
+    """Login records of "now", spread over the partitions, at a steady rate, from a thread."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, per_second: int, seed: int, long_values: bool = False
+    ) -> None:
+        self.records: list[tuple[bytes, int]] = []
+        self._long = long_values  # 250-character distinct device ids and IPs: big parts
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 2})
+        self._topic, self._partitions, self._rate = topic, partitions, per_second
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> LiveStream:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        index, tick = 0, 0.1
+        while not self._stop.is_set():
+            now = time.time()
+            for _ in range(max(1, int(self._rate * tick))):
+                value = json.dumps(
+                    {
+                        "user_id": f"u{self._rng.randint(1, 300)}",
+                        "device_type": self._rng.choice(["android", "iOS", "web"]),
+                        "locale": self._rng.choice(["RU", "DE", "TX"]),
+                        "app_version": self._rng.choice(["2.3.0", "2.2.1"]),
+                        "device_id": f"{index:0250d}" if self._long else f"d{self._rng.randint(1, 2000)}",
+                        "ip": f"{index:0250d}"
+                        if self._long
+                        else f"10.0.{self._rng.randint(0, 9)}.{self._rng.randint(1, 250)}",
+                        "timestamp": int(now),
+                    }
+                ).encode()
+                millis = int(now * 1000)
+                while True:
+                    try:
+                        self._producer.produce(
+                            self._topic, value=value, partition=index % self._partitions, timestamp=millis
+                        )
+                        break
+                    except BufferError:
+                        self._producer.poll(0.05)
+                self.records.append((value, millis))
+                index += 1
+            self._producer.poll(0)
+            time.sleep(max(0.0, tick - (time.time() - now)))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert self._producer.flush(30) == 0
+
+
+def merger_of(processors) -> object | None:
+    """The member whose log last said it became the merger (and not since that it stopped)."""
+    for processor in processors:
+        lines = [
+            line for line in processor.log().splitlines() if "now the merger" in line or "no longer the merger" in line
+        ]
+        if lines and "now the merger" in lines[-1]:
+            return processor
+    return None
+
+
+def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_processor):
+    seed = int(os.environ.get("CHAOS_SEED", "1"))
+    seconds = float(os.environ.get("CHAOS_SECONDS", "25"))
+    rng = random.Random(seed)
+    topics.create(input_partitions=6)
+    env = topics.env(
+        WINDOW_SECONDS=str(WINDOW), ALLOWED_LATENESS_SECONDS=str(LATENESS), KAFKA_SESSION_TIMEOUT_MS="6000"
+    )
+    alive = [start_processor(env) for _ in range(3)]
+    for processor in alive:
+        processor.wait_for_log("assigned", timeout=30)
+    stream = LiveStream(topics.bootstrap, topics.input, 6, per_second=300, seed=seed).start()
+    events, started = [], time.monotonic()
+    while time.monotonic() - started < seconds:
+        time.sleep(rng.uniform(3, 6))
+        action = rng.choice(["kill", "kill-merger", "stop", "join"])
+        if action == "join" and len(alive) < 4:
+            alive.append(start_processor(env))
+        elif action in ("kill", "kill-merger"):
+            victim = (merger_of(alive) if action == "kill-merger" else None) or rng.choice(alive)
+            victim.kill()
+            alive.remove(victim)
+            alive.append(start_processor(env))
+        else:
+            victim = rng.choice(alive)
+            victim.process.send_signal(signal.SIGSTOP)
+            time.sleep(8)  # past its 6 s session: the group moves its partitions
+            victim.process.send_signal(signal.SIGCONT)
+        events.append(f"{time.monotonic() - started:.0f}s {action}")
+    stream.stop()
+    expected = expected_windows(stream.records, window=WINDOW)
+
+    def published() -> dict[str, dict]:
+        return {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()}
+
+    got = wait_until(lambda: (p := published()) == expected and p, 90, message=f"the oracle's windows (seed {seed})")
+    assert sum(w["message_count"] for w in got.values()) == len(stream.records), events
+    codes = [processor.terminate()[0] for processor in alive]
+    assert codes == [0] * len(alive), (events, [p.log()[-2000:] for p in alive])
