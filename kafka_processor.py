@@ -458,6 +458,7 @@ class Processor:
             skew,
             lambda position: kafka_time_of(run[position].timestamp(), now, skew),
             self.settings.max_field_length,
+            messages=run,
         )
         parsed = time.perf_counter()
         invalid_times = []

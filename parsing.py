@@ -193,13 +193,15 @@ def _holds_lone_surrogate(obj: object) -> bool:
     return False
 
 
-def event_time_of(value: object, now: float, max_skew_seconds: int) -> int | None:
+def event_time_of(value: object, kafka_seconds: float, max_skew_seconds: int) -> int | None:
     """Event time in whole epoch seconds, or None when `value` is not a usable time.
 
     Integers, floats and numeric strings count; above 10^12 they are
     milliseconds. Booleans, zero, negatives, NaN/inf and times more than the
-    skew ahead of `now` are not times (one device with a wrong clock must not
-    close every window early).
+    skew ahead of the record's own Kafka time (`kafka_seconds`, from
+    `kafka_time_of`) are not times: one device with a wrong clock must not close
+    every window early, and the rule is a function of the record, so a replay puts
+    it in the same window as the first reading did.
     """
     kind = type(value)
     if kind is int:
@@ -223,7 +225,7 @@ def event_time_of(value: object, now: float, max_skew_seconds: int) -> int | Non
     if seconds > MILLISECONDS_ABOVE:
         seconds = seconds // 1000 if type(seconds) is int else seconds / 1000
     whole = math.floor(seconds)
-    if whole <= 0 or whole > now + max_skew_seconds:
+    if whole <= 0 or whole > kafka_seconds + max_skew_seconds:
         return None
     return whole
 
@@ -247,23 +249,25 @@ def kafka_time_of(timestamp: tuple[int, int], now: float, max_skew_seconds: int)
 
 def event_times(
     timestamps: list[object],
-    now: float,
     max_skew_seconds: int,
-    fallback_time: Callable[[int], int],
+    kafka_time: Callable[[int], int],
 ) -> tuple[list[int], list[int]]:
     """Event times for a column of `timestamp` values.
 
-    A value that is not a usable time falls back to `fallback_time(index)` (the
-    Kafka record's timestamp). Returns the times and the indices that fell back,
-    which count as a missing `timestamp`.
+    `kafka_time(index)` is the record's Kafka time (`kafka_time_of`): an event
+    time may be at most the skew ahead of it, and a value that is not a usable
+    time falls back to it. Returns the times and the indices that fell back, which
+    count as a missing `timestamp`.
 
-    Common case, in C: every value an int within range. Otherwise only the values
-    that are not ints (string timestamps, nulls) are looked at one by one, unless
-    an int is out of range, which sends the whole column to the per-value rule.
+    Common case, in C: every value an int within range of the earliest Kafka time.
+    Otherwise only the values that are not ints (string timestamps, nulls) are
+    looked at one by one, unless an int is out of that range, which sends the
+    whole column to the per-value rule.
     """
     if not timestamps:
         return [], []
-    limit = now + max_skew_seconds
+    references = [kafka_time(index) for index in range(len(timestamps))]
+    limit = min(references) + max_skew_seconds
     kinds = list(map(type, timestamps))
     odd = _positions_not_of(kinds, int)
     times = timestamps if not odd else timestamps.copy()
@@ -274,9 +278,9 @@ def event_times(
         times = timestamps.copy()
     fell_back: list[int] = []
     for index in odd:
-        seconds = event_time_of(timestamps[index], now, max_skew_seconds)
+        seconds = event_time_of(timestamps[index], references[index], max_skew_seconds)
         if seconds is None:
-            seconds = fallback_time(index)
+            seconds = references[index]
             fell_back.append(index)
         times[index] = seconds
     return times, fell_back
@@ -393,9 +397,8 @@ class LoginColumns:
 
 def to_columns(
     records: list[msgspec.Struct],
-    now: float,
     max_skew_seconds: int,
-    fallback_time: Callable[[int], int],
+    kafka_time: Callable[[int], int],
     max_field_length: int = 256,
 ) -> LoginColumns:
     """Validate decoded records column by column (see the module docstring).
@@ -405,7 +408,7 @@ def to_columns(
     per-value rule.
     """
     # List comprehensions, not map(attrgetter): on 3.11 they are twice as fast here.
-    times, fell_back = event_times([r.timestamp for r in records], now, max_skew_seconds, fallback_time)
+    times, fell_back = event_times([r.timestamp for r in records], max_skew_seconds, kafka_time)
     irregular = _positions_not_of(list(map(type, records)), regular_record_type(max_field_length))
     if len(irregular) * 8 > len(records):  # mostly irregular (tests, odd producers): whole-column checks
 
@@ -443,37 +446,43 @@ def parse_values(
     values: list[bytes | None],
     now: float,
     max_skew_seconds: int,
-    fallback_time: Callable[[int], int],
+    kafka_time: Callable[[int], int],
     max_field_length: int = 256,
     native: bool = True,
+    messages: list | None = None,
 ) -> tuple[LoginColumns | NativeBatch, list[InvalidRecord]]:
     """The valid records among `values` (in order), and the invalid ones.
 
     The batch is a `NativeBatch` (C rows, no Python object per record) when the
     native module is built, else `LoginColumns`; the aggregator counts either into
-    the matching `WindowTallies`. `fallback_time(position)` is the Kafka timestamp
-    of `values[position]`, used when a record has no usable event time.
+    the matching `WindowTallies`. `kafka_time(position)` is the Kafka time of
+    `values[position]` (`kafka_time_of`): an event time more than the skew ahead of
+    it is not one, and a record without a usable event time falls back to it.
+    `messages`, when given, are the consumed records themselves: the native parser
+    reads their timestamps in C, without a Python call per record (same answer).
     `native=False` forces the pure-Python path (tests compare the two); without
     the native module it is always taken.
     """
     if native and _native is not None:
-        return _parse_values_native(values, now, max_skew_seconds, fallback_time, max_field_length)
+        return _parse_values_native(values, now, max_skew_seconds, kafka_time, max_field_length, messages)
     records, positions, invalid = decode_records(values, max_field_length)
 
-    def valid_fallback_time(index: int) -> int:
-        return fallback_time(index if positions is None else positions[index])
+    def valid_kafka_time(index: int) -> int:
+        return kafka_time(index if positions is None else positions[index])
 
-    return to_columns(records, now, max_skew_seconds, valid_fallback_time, max_field_length), invalid
+    return to_columns(records, max_skew_seconds, valid_kafka_time, max_field_length), invalid
 
 
 def _parse_values_native(
     values: list[bytes | None],
     now: float,
     max_skew_seconds: int,
-    fallback_time: Callable[[int], int],
+    kafka_time: Callable[[int], int],
     max_field_length: int,
+    messages: list | None,
 ) -> tuple[NativeBatch, list[InvalidRecord]]:
-    batch = _native.parse_batch(values, max_field_length, now, max_skew_seconds)
+    kafka = messages if messages is not None else [kafka_time(position) for position in range(len(values))]
+    batch = _native.parse_batch(values, max_field_length, now, max_skew_seconds, kafka)
     invalid: list[InvalidRecord] = []
     for position in batch.deferred():  # the few records outside the native subset: exact rules
         record = decode_exact(values[position])
@@ -489,8 +498,8 @@ def _parse_values_native(
             _clean_string(record.locale, max_field_length),
             _clean_string(record.ip, max_field_length),
             _clean_string(record.device_id, max_field_length),
-            event_time_of(record.timestamp, now, max_skew_seconds),
+            event_time_of(record.timestamp, kafka_time(position), max_skew_seconds),
         )
     for position in batch.fallback_rows():
-        batch.set_fallback_time(position, fallback_time(position))
+        batch.set_fallback_time(position, kafka_time(position))
     return batch, invalid

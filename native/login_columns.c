@@ -33,8 +33,8 @@
  *     -> missing; user_id only as "missing or not" (no aggregate reads it);
  *   - timestamp: an integer, or a string of plain digits -> seconds
  *     (milliseconds above 10^12); not a time (absent, null, true, false, <= 0,
- *     beyond the allowed skew) -> the Kafka timestamp, which Python supplies
- *     (LoginBatch.set_fallback_time);
+ *     more than the allowed skew ahead of the record's own Kafka timestamp)
+ *     -> the Kafka timestamp, which Python supplies (LoginBatch.set_fallback_time);
  *   - a key given twice: the last one counts (as msgspec and json.loads do).
  *
  * aggregator.WindowTallies is the pure-Python twin of WindowTallies; the tests
@@ -246,7 +246,8 @@ typedef struct {
 #define MILLISECONDS_ABOVE 1000000000000LL
 
 /* An integer timestamp under the contract's rule: seconds, or milliseconds above
-   10^12; not a time when <= 0 or more than the allowed skew ahead of now. */
+   10^12; not a time when <= 0 or more than the allowed skew ahead of `now`, the
+   record's Kafka time (parsing.kafka_time_of) when parse_batch is given them. */
 static int usable_time(long long value, double now, double max_skew, int64_t *seconds) {
     if (value > MILLISECONDS_ABOVE) value /= 1000;
     if (value <= 0 || (double)value > now + max_skew) return 0;
@@ -556,19 +557,94 @@ static PyTypeObject LoginBatchType = {
 };
 
 PyDoc_STRVAR(parse_batch_doc,
-             "parse_batch(values, max_field_length, now, max_skew_seconds) -> LoginBatch\n\n"
+             "parse_batch(values, max_field_length, now, max_skew_seconds[, kafka]) -> LoginBatch\n\n"
              "Parses every value without the GIL. Records outside the native subset are\n"
              "deferred (batch.deferred()); records without a usable event time wait for\n"
-             "their Kafka timestamp (batch.fallback_rows()).");
+             "their Kafka timestamp (batch.fallback_rows()). `kafka`, one per value: the\n"
+             "records' Kafka times in seconds, or the consumed messages themselves (their\n"
+             "timestamp() is read here, capped at now + skew as parsing.kafka_time_of does);\n"
+             "an event time more than the skew ahead of its record's Kafka time is not one.\n"
+             "Without it, the skew is counted from now (the rule of the release before).");
+
+/* Message.timestamp's C function, found once: calling it directly saves most of the
+   cost of a Python-level call per record (the tuple it returns is still made). */
+static PyTypeObject *timestamp_owner = NULL;
+static PyCFunction timestamp_function = NULL;
+
+/* A record's Kafka time in seconds, as parsing.kafka_time_of reads it: the wall
+   clock when it has none, or when it is more than the skew ahead of the clock.
+   Returns 0 with an exception set on failure. */
+static int kafka_seconds_of(PyObject *item, double now, double max_skew, int64_t *seconds) {
+    if (PyLong_Check(item)) {
+        long long value = PyLong_AsLongLong(item);
+        if (value == -1 && PyErr_Occurred()) return 0;
+        *seconds = value;
+        return 1;
+    }
+    PyObject *stamp;
+    if (Py_TYPE(item) == timestamp_owner) {
+        stamp = timestamp_function(item, NULL);
+    } else {
+        stamp = PyObject_CallMethod(item, "timestamp", NULL);
+        if (timestamp_owner == NULL && stamp != NULL) {
+            PyObject *descr = PyObject_GetAttrString((PyObject *)Py_TYPE(item), "timestamp");
+            if (descr != NULL && Py_IS_TYPE(descr, &PyMethodDescr_Type) &&
+                (((PyMethodDescrObject *)descr)->d_method->ml_flags & METH_NOARGS)) {
+                timestamp_function = ((PyMethodDescrObject *)descr)->d_method->ml_meth;
+                timestamp_owner = Py_TYPE(item); /* a C type of confluent_kafka: lives as long as we do */
+            }
+            Py_XDECREF(descr);
+            PyErr_Clear();
+        }
+    }
+    if (stamp == NULL) return 0;
+    if (!PyTuple_Check(stamp) || PyTuple_GET_SIZE(stamp) != 2) {
+        Py_DECREF(stamp);
+        PyErr_SetString(PyExc_TypeError, "timestamp() must return (type, milliseconds)");
+        return 0;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(stamp, 0));
+    long long millis = PyLong_AsLongLong(PyTuple_GET_ITEM(stamp, 1));
+    Py_DECREF(stamp);
+    if (PyErr_Occurred()) return 0;
+    long long whole_now = (long long)now; /* int(now), as kafka_time_of; now > 0 */
+    if (kind == 0 || millis <= 0) { /* TIMESTAMP_NOT_AVAILABLE */
+        *seconds = whole_now;
+        return 1;
+    }
+    long long value = millis / 1000;
+    *seconds = (double)value <= now + max_skew ? value : whole_now;
+    return 1;
+}
 
 static PyObject *parse_batch(PyObject *module, PyObject *args) {
     (void)module;
-    PyObject *values;
+    PyObject *values, *kafka = NULL;
     Py_ssize_t max_length;
     double now, max_skew;
-    if (!PyArg_ParseTuple(args, "O!ndd:parse_batch", &PyList_Type, &values, &max_length, &now, &max_skew)) return NULL;
+    if (!PyArg_ParseTuple(args, "O!ndd|O!:parse_batch", &PyList_Type, &values, &max_length, &now, &max_skew,
+                          &PyList_Type, &kafka))
+        return NULL;
+    if (kafka != NULL && PyList_GET_SIZE(kafka) != PyList_GET_SIZE(values)) {
+        PyErr_SetString(PyExc_ValueError, "kafka: one per value");
+        return NULL;
+    }
+    int64_t *references = NULL; /* per record: what its event time may be at most the skew ahead of */
+    if (kafka != NULL) {
+        references = PyMem_Malloc(sizeof(int64_t) * (size_t)(PyList_GET_SIZE(values) + 1));
+        if (references == NULL) return PyErr_NoMemory();
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(kafka); i++) {
+            if (!kafka_seconds_of(PyList_GET_ITEM(kafka, i), now, max_skew, &references[i])) {
+                PyMem_Free(references);
+                return NULL;
+            }
+        }
+    }
     LoginBatch *batch = PyObject_New(LoginBatch, &LoginBatchType);
-    if (batch == NULL) return NULL;
+    if (batch == NULL) {
+        PyMem_Free(references);
+        return NULL;
+    }
     batch->rows = NULL;
     batch->owned = PyList_New(0);
     batch->values = PyList_AsTuple(values);
@@ -582,6 +658,7 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         PyMem_Free(starts);
         PyMem_Free(lengths);
+        PyMem_Free(references);
         Py_DECREF(batch);
         return NULL;
     }
@@ -597,8 +674,9 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
         Row *row = &batch->rows[i];
         row->state = ROW_DEFERRED;
         row->has_time = 0;
+        double reference = references ? (double)references[i] : now;
         if (starts[i] != NULL && parse_record(starts[i], starts[i] + lengths[i], fields) &&
-            fill_row(row, fields, max_length, now, max_skew))
+            fill_row(row, fields, max_length, reference, max_skew))
             valid++;
         else
             row->state = ROW_DEFERRED;
@@ -609,6 +687,7 @@ static PyObject *parse_batch(PyObject *module, PyObject *args) {
     batch->pending = pending;
     PyMem_Free(starts);
     PyMem_Free(lengths);
+    PyMem_Free(references);
     return (PyObject *)batch;
 }
 

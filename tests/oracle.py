@@ -28,7 +28,7 @@ def _string(record: dict, name: str, max_length: int = 256) -> str | None:
     return None
 
 
-def _time(value, now: float, skew: int) -> int | None:
+def _time(value, kafka_s: int, skew: int) -> int | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -43,7 +43,7 @@ def _time(value, now: float, skew: int) -> int | None:
     if value > 10**12:
         value = value / 1000 if isinstance(value, float) else value // 1000
     seconds = math.floor(value)
-    if seconds <= 0 or seconds > now + skew:
+    if seconds <= 0 or seconds > kafka_s + skew:
         return None
     return seconds
 
@@ -80,15 +80,17 @@ def expected_windows(
         }
     )
     for raw, kafka_ms in records:
+        # The record's Kafka time: its timestamp, unless more than the skew ahead of the
+        # clock (then the clock). An event time may be at most the skew ahead of it.
+        kafka_s = kafka_ms // 1000 if 0 < kafka_ms // 1000 <= now + skew else int(now)
         record = decode_object(raw)
         if record is None:
-            start = (kafka_ms // 1000) // window * window
-            state[start]["invalid"] += 1
+            state[kafka_s // window * window]["invalid"] += 1
             continue
-        seconds = _time(record.get("timestamp"), now, skew)
+        seconds = _time(record.get("timestamp"), kafka_s, skew)
         s_missing = seconds is None
         if s_missing:
-            seconds = kafka_ms // 1000
+            seconds = kafka_s
         w = state[seconds // window * window]
         w["n"] += 1
         values = {name: _string(record, name) for name in FIELDS}

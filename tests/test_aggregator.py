@@ -195,7 +195,7 @@ class TestLateAndInvalid:
     def test_invalid_record_counts_in_window_of_its_kafka_timestamp(self):
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock)
-        feed(agg, 0, 0, [event(T0 + 1), b"{oops", event(T0 + 61)], clock.now, kafka_s=[0, T0 + 31, 0])
+        feed(agg, 0, 0, [event(T0 + 1), b"{oops", event(T0 + 61)], clock.now, kafka_s=[T0 + 1, T0 + 31, T0 + 61])
         agg.mark_caught_up(0, 3)
         closed = values(close(agg))
         assert closed[iso_utc(T0 + 30)] | {} == closed[iso_utc(T0 + 30)]
@@ -208,7 +208,7 @@ class TestLateAndInvalid:
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 40)], clock.now)
         close(agg)
-        feed(agg, 0, 2, [b"[]", event(T0 + 80)], clock.now, kafka_s=[T0 + 3, 0])
+        feed(agg, 0, 2, [b"[]", event(T0 + 80)], clock.now, kafka_s=[T0 + 3, T0 + 80])
         closed = values(close(agg))
         assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 1
 
@@ -230,7 +230,7 @@ class TestRestartAndRebalance:
         clock = FakeClock(T0 + 10_000)
         agg = make_aggregator(clock)
         agg.restore_published_until(T0 + 30)
-        late = feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31), b"{bad"], clock.now, kafka_s=[0, 0, T0 + 5])
+        late = feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31), b"{bad"], clock.now, kafka_s=[T0 + 1, T0 + 31, T0 + 5])
         assert late == 0
         agg.mark_caught_up(0, 3)
         closed = values(close(agg))

@@ -168,22 +168,30 @@ class TestEventTime:
 
     def test_column_fast_path_and_fallback_agree_with_per_value_rule(self):
         column = [NOW - 10, "bad", NOW + 10_000, None, NOW - 1]
-        times, fell_back = event_times(column, NOW, SKEW, fallback_time=lambda i: 1000 + i)
-        assert times == [NOW - 10, 1001, 1002, 1003, NOW - 1]
+        times, fell_back = event_times(column, SKEW, kafka_time=lambda i: NOW + i)
+        assert times == [NOW - 10, NOW + 1, NOW + 2, NOW + 3, NOW - 1]
         assert fell_back == [1, 2, 3]
 
     def test_all_int_column_uses_values_as_they_are(self):
         column = [NOW - 3, NOW - 2, NOW - 1]
-        assert event_times(column, NOW, SKEW, fallback_time=lambda i: 0) == (column, [])
+        assert event_times(column, SKEW, kafka_time=lambda i: NOW) == (column, [])
+
+    def test_the_skew_is_counted_from_the_records_own_kafka_time_not_the_clock(self):
+        """A function of the record: read live or replayed a day later, an event time
+        just past the skew of its own Kafka timestamp falls back, and one just within
+        it counts (the clock no longer decides)."""
+        written = NOW - 86_400
+        column = [written + SKEW, written + SKEW + 1]
+        assert event_times(column, SKEW, kafka_time=lambda i: written) == ([written + SKEW, written], [1])
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.one_of(st.integers(), st.floats(), st.text(), st.booleans(), st.none()), max_size=20))
     def test_column_equals_per_value(self, column):
-        times, fell_back = event_times(list(column), NOW, SKEW, fallback_time=lambda i: -i)
+        times, fell_back = event_times(list(column), SKEW, kafka_time=lambda i: NOW - 7 * i)
         for index, value in enumerate(column):
-            single = event_time_of(value, NOW, SKEW)
+            single = event_time_of(value, NOW - 7 * index, SKEW)
             if single is None:
-                assert index in fell_back and times[index] == -index
+                assert index in fell_back and times[index] == NOW - 7 * index
             else:
                 assert index not in fell_back and times[index] == single
 
@@ -245,12 +253,12 @@ def test_to_columns_builds_parallel_columns_with_fallbacks():
         ),
         LoginRecord(timestamp="soon"),
     ]
-    columns = to_columns(records, NOW, SKEW, fallback_time=lambda i: 42)
-    assert columns.event_time == [NOW, 42]
+    columns = to_columns(records, SKEW, kafka_time=lambda i: NOW - 42 * i)
+    assert columns.event_time == [NOW, NOW - 42]
     assert columns.profile == [("iOS", "2.3.0", "RU"), ("", "", "")]
     assert columns.timestamp_fallbacks == [1]
     subset = columns.take([1])
-    assert subset.event_time == [42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
+    assert subset.event_time == [NOW - 42] and subset.timestamp_fallbacks == [0] and subset.ip == [""]
     assert columns.slice(1, 2) == subset
     assert columns.slice(0, 1).timestamp_fallbacks == []
 
@@ -326,9 +334,9 @@ class TestRegularAndIrregularRecords:
         raws = [json.dumps(obj).encode() for obj in objects]
         records, _, invalid = decode_records(raws, max_field_length=16)
         assert invalid == []
-        fast = to_columns(records, NOW, SKEW, fallback_time=lambda i: 7, max_field_length=16)
+        fast = to_columns(records, SKEW, kafka_time=lambda i: NOW - 7, max_field_length=16)
         exact_records = [LoginRecord(**{k: obj.get(k) for k in LoginRecord.__struct_fields__}) for obj in objects]
-        exact = to_columns(exact_records, NOW, SKEW, fallback_time=lambda i: 7, max_field_length=16)
+        exact = to_columns(exact_records, SKEW, kafka_time=lambda i: NOW - 7, max_field_length=16)
         assert fast == exact
 
 
