@@ -24,19 +24,31 @@ log = logging.getLogger("kafka")
 AUTHENTICATION_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 # The settings a refused login is about, named the way the user writes them.
 CREDENTIAL_SETTINGS = "KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD"
+# The settings a failed TLS handshake is about: the CA that must vouch for the broker's
+# certificate, and the client's own certificate for a broker that demands one.
+CA_SETTING = "KAFKA_SSL_CA_LOCATION"
+CLIENT_CERTIFICATE_SETTINGS = "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
+# How often a broker must close a fresh TLS connection before start-up calls it a
+# refusal rather than bad luck (librdkafka reconnects within a second or so).
+_TLS_CLOSES_TO_REFUSE = 2
 
 
 class AuthenticationFailed(Exception):
-    """The broker refused the client's credentials. Not retried: a wrong password
-    stays wrong, and a processor that retries it forever looks merely "waiting"."""
+    """The broker refused who the client is: its SASL credentials, or its side of the TLS
+    handshake (it does not trust the broker's certificate, or the broker does not take
+    the client's). Not retried: a wrong password or certificate stays wrong, and a
+    processor that retries it forever looks merely "waiting"."""
 
-    def __init__(self, bootstrap_servers: str, reason: str) -> None:
+    def __init__(self, bootstrap_servers: str, reason: str, setting: str = CREDENTIAL_SETTINGS) -> None:
         super().__init__(reason)
         self.bootstrap_servers = bootstrap_servers
         self.reason = reason
+        self.setting = setting
 
     def as_config_error(self) -> ConfigError:
-        return ConfigError(CREDENTIAL_SETTINGS, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
+        if self.setting == CREDENTIAL_SETTINGS:
+            return ConfigError(self.setting, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
+        return ConfigError(self.setting, f"TLS with the broker at {self.bootstrap_servers} failed: {self.reason}")
 
 
 def _without_client_noise(text: str) -> str:
@@ -44,6 +56,23 @@ def _without_client_noise(text: str) -> str:
     "sasl_plaintext://h:p/bootstrap: SASL authentication error: X (after 24ms in state AUTH_REQ)" -> the middle."""
     text = re.sub(r"^\S+://\S+: ", "", text)
     return re.sub(r" \(after \d+ms in state \w+\)$", "", text)
+
+
+def tls_refusal(error_text: str) -> tuple[str, str]:
+    """The setting a failed TLS handshake (librdkafka's `_SSL` error) is about, and why.
+
+    "certificate verify failed" is this client not trusting the broker's certificate;
+    anything else in a handshake (an alert from the broker: "handshake failure",
+    "unknown ca", "certificate required", "bad certificate") is the broker not taking
+    this client's certificate, or the lack of one."""
+    reason = _without_client_noise(error_text)
+    if "certificate verify failed" in reason:
+        return CA_SETTING, f"its certificate is not trusted ({reason})"
+    return CLIENT_CERTIFICATE_SETTINGS, f"it did not accept this client's certificate ({reason})"
+
+
+def _uses_tls(config: dict[str, str]) -> bool:
+    return str(config.get("security.protocol", "")).lower() in ("ssl", "sasl_ssl")
 
 
 # librdkafka logs every failed reconnect (several a second while a broker is
@@ -68,9 +97,20 @@ class BrokerHealth:
         self.log = logger
         self._lock = threading.Lock()
         self.down_since: float | None = None
-        # The broker's last refusal of our credentials, if it refused them.
-        self.authentication_error: str | None = None
+        # The broker's last refusal of who we are, if it refused: (setting, reason).
+        self.refusal: tuple[str, str] | None = None
+        self._tls_closes = 0  # fresh TLS connections the broker closed before answering
         self._reached = False  # a request has succeeded since start-up
+
+    def callbacks(self, config: dict[str, str]) -> dict:
+        """The callback settings of a client made with `config`: `error_cb`, and with TLS
+        a log watcher. A broker that demands a client certificate accepts the TLS 1.3
+        handshake and then closes the connection; librdkafka reports that only as a log
+        line, never to `error_cb`, so start-up would take it for an outage."""
+        settings: dict = {"error_cb": self.on_error}
+        if _uses_tls(config):
+            settings.update({"log_level": 6, "logger": _TlsCloseWatcher(self, config)})
+        return settings
 
     def on_error(self, error: KafkaError) -> None:
         """librdkafka `error_cb`."""
@@ -78,6 +118,13 @@ class BrokerHealth:
             self.log.error("fatal client error: %s", error.str())
             return
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            return
+        if error.code() == KafkaError._SSL or (
+            error.code() == KafkaError._TRANSPORT and "SSL routines::" in error.str()
+        ):
+            # A failed handshake comes as _SSL, and again as a transport error carrying
+            # OpenSSL's reason: the broker is there, and says no.
+            self._refused(*tls_refusal(error.str()), "the TLS handshake")
             return
         if error.code() in self._DOWN_CODES:
             with self._lock:
@@ -88,38 +135,77 @@ class BrokerHealth:
                     )
             return
         if error.code() in AUTHENTICATION_CODES:
-            # librdkafka retries a refused login several times a second: one line, once.
-            # At start-up the caller turns it into the exit (see `raise_if_refused`).
-            with self._lock:
-                first = self.authentication_error is None
-                self.authentication_error = _without_client_noise(error.str())
-            if first and self._reached:  # before that, start-up exits with one line instead
-                self.log.error("broker %s refused the credentials: %s", self.bootstrap_servers, error.str())
+            self._refused(CREDENTIAL_SETTINGS, _without_client_noise(error.str()), "the credentials")
             return
         self.log.warning("kafka client: %s", error.str())
 
+    def on_tls_closed(self, setting: str, reason: str) -> None:
+        """The broker closed a fresh TLS connection before answering (`_TlsCloseWatcher`)."""
+        with self._lock:
+            self._tls_closes += 1
+            closes = self._tls_closes
+        if closes >= _TLS_CLOSES_TO_REFUSE:
+            self._refused(setting, reason, "the client certificate")
+
+    def _refused(self, setting: str, reason: str, what: str) -> None:
+        # librdkafka retries a refusal several times a second: one line, once.
+        # At start-up the caller turns it into the exit (see `raise_if_refused`).
+        with self._lock:
+            first = self.refusal is None
+            self.refusal = (setting, reason)
+        if first and self._reached:  # before that, start-up exits with one line instead
+            self.log.error("broker %s refused %s: %s", self.bootstrap_servers, what, reason)
+
     def raise_if_refused(self, client: Consumer | Producer | AdminClient) -> None:
         """Serve `client`'s pending callbacks; raise AuthenticationFailed if the broker
-        refused our credentials before ever accepting them. Call after a request
-        failed, before calling it "unreachable".
+        refused our credentials or TLS handshake before ever accepting us. Call after a
+        request failed, before calling it "unreachable".
 
         Only at start-up: a refusal after the broker once accepted us (a password
         rotated under a running processor) is logged by `on_error` and retried like
         an outage, so the open windows are not thrown away."""
         client.poll(0)
-        if self.authentication_error is not None and not self._reached:
-            raise AuthenticationFailed(self.bootstrap_servers, self.authentication_error)
+        refusal = self.refusal
+        if refusal is not None and not self._reached:
+            setting, reason = refusal
+            raise AuthenticationFailed(self.bootstrap_servers, reason, setting)
 
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded."""
         with self._lock:
-            self.authentication_error = None
+            self.refusal = None
+            self._tls_closes = 0
             self._reached = True
             if self.down_since is not None:
                 self.log.info(
                     "broker %s reachable again after %.0fs", self.bootstrap_servers, time.monotonic() - self.down_since
                 )
                 self.down_since = None
+
+
+class _TlsCloseWatcher:
+    """librdkafka `logger` for TLS clients: notices a broker that closes every fresh TLS
+    connection right after the handshake (what one requiring a client certificate does
+    under TLS 1.3: "SSL connection closed by peer ... in state APIVERSION_QUERY") and
+    tells `BrokerHealth`. Passes on critical lines only, as `QUIET_CLIENT_LOGS` would."""
+
+    _CLOSED = re.compile(r"Disconnected: (SSL connection closed|connection reset) by peer .*in state APIVERSION_QUERY")
+
+    def __init__(self, health: BrokerHealth, config: dict[str, str]) -> None:
+        self._health = health
+        if config.get("ssl.certificate.location") or config.get("ssl.certificate.pem"):
+            self._reason = "it closed the connection right after the handshake: it did not accept this client's"
+            self._reason += " certificate"
+        else:
+            self._reason = "it closed the connection right after the handshake: it requires a client certificate"
+            self._reason += " (mutual TLS) and none is set"
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        text = fmt % args if args else fmt
+        if self._CLOSED.search(text):
+            self._health.on_tls_closed(CLIENT_CERTIFICATE_SETTINGS, self._reason)
+        elif level >= logging.CRITICAL:
+            log.critical("%s", text)
 
 
 def ensure_topics(
@@ -133,7 +219,8 @@ def ensure_topics(
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first; raises
     AuthenticationFailed when the broker refuses the credentials."""
-    admin = AdminClient({**QUIET_CLIENT_LOGS, **settings.admin_config(), "error_cb": health.on_error})
+    config = settings.admin_config()
+    admin = AdminClient({**QUIET_CLIENT_LOGS, **config, **health.callbacks(config)})
     while not should_stop():
         try:
             existing = admin.list_topics(timeout=5).topics

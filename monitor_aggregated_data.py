@@ -120,7 +120,7 @@ class WindowTail:
                 # A private group that never commits: watching must not disturb anything.
                 "group.id": f"monitor-{uuid.uuid4()}",
                 "enable.auto.commit": False,
-                "error_cb": self.health.on_error,
+                **self.health.callbacks(settings.consumer_config()),
             }
         )
         self.latest: dict[bytes, bytes] = {}

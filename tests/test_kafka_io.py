@@ -69,3 +69,101 @@ def test_all_brokers_down_is_not_logged_and_an_outage_is_logged_once(caplog):
         health.on_error(DOWN)
         health.on_error(DOWN)
     assert len(caplog.records) == 1 and "unreachable" in caplog.records[0].getMessage()
+
+
+UNTRUSTED = KafkaError(
+    KafkaError._SSL,
+    "ssl://127.0.0.1:9/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: "
+    "broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA "
+    "certificates are installed (install ca-certificates package) (after 3ms in state SSL_HANDSHAKE)",
+)
+ALERT = KafkaError(
+    KafkaError._SSL,
+    "ssl://127.0.0.1:9/bootstrap: SSL handshake failed: error:0A000410:SSL routines::ssl/tls alert handshake "
+    "failure: SSL alert number 40 (after 2ms in state SSL_HANDSHAKE)",
+)
+# What librdkafka logs (and never hands to error_cb) when a broker that requires a client
+# certificate ends a TLS 1.3 connection after the handshake; seen through tests/tls_support.TlsProxy.
+CLOSED_AFTER_HANDSHAKE = (
+    "ssl://127.0.0.1:9/bootstrap: Disconnected: SSL connection closed by peer (after 0ms in state APIVERSION_QUERY)"
+)
+TLS_CONFIG = {"bootstrap.servers": "127.0.0.1:9", "security.protocol": "SSL", "ssl.ca.location": "/ca.pem"}
+
+
+def test_an_untrusted_broker_certificate_names_the_ca_setting():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    health.on_error(UNTRUSTED)
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    error = raised.value.as_config_error()
+    assert error.setting == "KAFKA_SSL_CA_LOCATION"
+    assert error.problem.startswith("TLS with the broker at 127.0.0.1:9 failed: its certificate is not trusted (")
+    assert "certificate verify failed" in error.problem and "after 3ms" not in error.problem
+
+
+def test_a_handshake_alert_from_the_broker_names_the_client_certificate_settings():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    health.on_error(ALERT)
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    assert raised.value.as_config_error().setting == "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
+
+
+def test_a_broker_closing_tls_connections_after_the_handshake_wants_a_client_certificate():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    watcher = health.callbacks(TLS_CONFIG)["logger"]
+    watcher.log(logging.INFO, "FAIL [rdkafka#producer-1] [thrd:x]: %s", CLOSED_AFTER_HANDSHAKE)
+    health.raise_if_refused(ClientWithoutCallbacks())  # once could be bad luck: retried
+    watcher.log(logging.INFO, "FAIL [rdkafka#producer-1] [thrd:x]: %s", CLOSED_AFTER_HANDSHAKE)
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    error = raised.value.as_config_error()
+    assert error.setting == "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
+    assert "requires a client certificate (mutual TLS) and none is set" in error.problem
+
+
+def test_with_a_client_certificate_the_close_says_it_was_not_accepted():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    watcher = health.callbacks({**TLS_CONFIG, "ssl.certificate.location": "/client.pem"})["logger"]
+    for _ in range(2):
+        watcher.log(logging.INFO, "%s", CLOSED_AFTER_HANDSHAKE)
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    assert "did not accept this client's certificate" in raised.value.as_config_error().problem
+
+
+def test_plaintext_clients_get_no_log_watcher_and_other_log_lines_change_nothing():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    assert set(health.callbacks({"bootstrap.servers": "127.0.0.1:9"})) == {"error_cb"}
+    watcher = health.callbacks(TLS_CONFIG)["logger"]
+    for _ in range(5):
+        watcher.log(
+            logging.INFO, "%s", "ssl://h:9/1: Disconnected: SSL connection closed by peer (after 9000ms in state UP)"
+        )
+    health.raise_if_refused(ClientWithoutCallbacks())  # an idle connection closed: not a refusal
+
+
+def test_a_tls_refusal_after_the_broker_accepted_us_is_logged_once_and_retried(caplog):
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    health.mark_reachable()
+    with caplog.at_level(logging.INFO, logger="test"):
+        for _ in range(3):
+            health.on_error(UNTRUSTED)
+        health.raise_if_refused(ClientWithoutCallbacks())
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+
+
+def test_the_transport_error_that_follows_a_failed_handshake_is_not_an_outage(caplog):
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    with caplog.at_level(logging.INFO, logger="test"):
+        health.on_error(
+            KafkaError(
+                KafkaError._TRANSPORT,
+                "ssl://127.0.0.1:9/bootstrap: error:0A000086:SSL routines::certificate verify failed "
+                "(after 1ms in state SSL_HANDSHAKE)",
+            )
+        )
+    assert health.down_since is None and not caplog.records
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    assert raised.value.as_config_error().setting == "KAFKA_SSL_CA_LOCATION"
