@@ -149,7 +149,15 @@ def produce(
     time_of = event_times(count, backlog_seconds, time.time())
     health = BrokerHealth(settings.bootstrap_servers, log)
     producer = Producer(
-        {**QUIET_CLIENT_LOGS, "linger.ms": 20, **settings.producer_config(), "error_cb": health.on_error}
+        {
+            **QUIET_CLIENT_LOGS,
+            "linger.ms": 20,
+            # Like the processor's: acknowledged by every in-sync replica, no duplicate from a retry.
+            "acks": "all",
+            "enable.idempotence": True,
+            **settings.producer_config(),
+            "error_cb": health.on_error,
+        }
     )
     sent = 0
     started = time.monotonic()

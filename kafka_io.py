@@ -226,7 +226,7 @@ def ensure_topics(
             existing = admin.list_topics(timeout=5).topics
             health.mark_reachable()
             missing = [
-                NewTopic(name, count, 1, config=(configs or {}).get(name, {}))
+                NewTopic(name, count, settings.topic_replication_factor, config=topic_config(settings, configs, name))
                 for name, count in partitions.items()
                 if name not in existing
             ]
@@ -251,6 +251,15 @@ def ensure_topics(
             health.on_error(KafkaError(KafkaError._TRANSPORT, str(kafka_error or error)))
             sleep_unless_stopped(retry_seconds, should_stop)
     return False
+
+
+def topic_config(settings: Settings, configs: dict[str, dict[str, str]] | None, name: str) -> dict[str, str]:
+    """The configs a created topic gets: its own, plus `min.insync.replicas` when set
+    (with acks=all, how many replicas must have a write before it is acknowledged)."""
+    config = dict((configs or {}).get(name, {}))
+    if settings.topic_min_insync_replicas:
+        config["min.insync.replicas"] = str(settings.topic_min_insync_replicas)
+    return config
 
 
 def sleep_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> None:

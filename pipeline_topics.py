@@ -43,7 +43,14 @@ class PipelineTopics:
         topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
         # The output is compacted: a consumer that keeps the latest record per key
         # (what the topic is for) never needs older copies of a republished window.
-        configs = {s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}}
+        configs = {
+            s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)},
+            # Kept for someone to look at and replay (docs/operations.md, "Recovery").
+            s.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(s.dlq_retention_days * 86_400_000)},
+            # Parts are needed until their window is published: minutes, or as long as a
+            # merge stall lasts. The merger commits past what it no longer needs.
+            s.partials_topic: {"cleanup.policy": "delete", "retention.ms": str(s.partials_retention_hours * 3_600_000)},
+        }
         return ensure_topics(s, topics, self._should_stop, self._health, configs=configs)
 
     def note_missing(self, now_too: bool = False) -> None:
