@@ -340,8 +340,9 @@ def topic_partition_count(consumer: Consumer, topic: str) -> int:
     return len(entry.partitions) if entry is not None and entry.error is None else 0
 
 
-def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, timeout: float = 10.0) -> list:
-    """The last few records of every partition of `topic` (unordered across partitions).
+def read_topic_tail(settings: Settings, topic: str, records_per_partition: int | None, timeout: float = 10.0) -> list:
+    """The last few records of every partition of `topic` (unordered across partitions);
+    every record with `records_per_partition=None`.
 
     Reads from `high - n` to the partition end reported by an EOF event, not to the
     listed high watermark: some brokers (Tansu) list the last batch's base offset as
@@ -363,7 +364,8 @@ def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, 
         for partition in range(count):
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
             if high > low:
-                assignment.append(TopicPartition(topic, partition, max(low, high - records_per_partition)))
+                first = low if records_per_partition is None else max(low, high - records_per_partition)
+                assignment.append(TopicPartition(topic, partition, first))
         if not assignment:
             return []
         consumer.assign(assignment)
@@ -384,3 +386,116 @@ def read_topic_tail(settings: Settings, topic: str, records_per_partition: int, 
         return records
     finally:
         consumer.close()
+
+
+def _first_record_at(consumer: Consumer, topic: str, partition: int, offset: int, timeout: float) -> Message | None:
+    """The first record of `partition` at or after `offset`, None at the partition's end.
+    `consumer` has `enable.partition.eof` on and is used for nothing else."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in consumer.consume(1, 0.5):
+            error = message.error()
+            if message.partition() != partition:
+                continue
+            if error is None:
+                if message.offset() >= offset:
+                    return message
+            elif error.code() == KafkaError._PARTITION_EOF:
+                return None
+            else:
+                raise KafkaException(error)
+    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} [{partition}] at {offset}"))
+
+
+def offsets_at_time(
+    settings: Settings, topic: str, partitions: list[int], timestamp_ms: int, timeout: float = 10.0
+) -> dict[int, int]:
+    """Per partition, the first offset whose record's Kafka timestamp is at or after
+    `timestamp_ms` (the partition's end if none is).
+
+    The broker is asked first (ListOffsets by timestamp) and its answer checked by
+    reading the records on either side of it. The embedded broker (Tansu 0.6.0) answers
+    0 for every time, so a wrong answer is replaced by a binary search over reads,
+    which assumes timestamps that grow along the partition (callers subtract a margin
+    for records that do not)."""
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            "group.id": f"time-search-{uuid.uuid4()}",  # assigns partitions itself, never commits
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            # One record per read, a few dozen reads: answer at once, not after the
+            # default 500 ms wait for more data, and fetch little.
+            "fetch.wait.max.ms": 10,
+            "fetch.queue.backoff.ms": 0,
+            "queued.min.messages": 1,
+        }
+    )
+    found: dict[int, int] = {}
+    try:
+        asked = consumer.offsets_for_times(
+            [TopicPartition(topic, p, timestamp_ms) for p in partitions], timeout=timeout
+        )
+        for answer in asked:
+            partition = answer.partition
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+
+            def at_or_after(offset: int, p: int = partition) -> Message | None:
+                return _first_record_at(consumer, topic, p, offset, timeout)
+
+            offset = answer.offset
+            if _is_first_at_time(at_or_after, low, offset, timestamp_ms):
+                found[partition] = _end_if_none(at_or_after, offset)
+                continue
+            found[partition] = _search(at_or_after, low, high, timestamp_ms)
+            log.warning(
+                "%s [%d]: the broker placed time %d ms at offset %d, but the records there say %d; found by reading",
+                topic,
+                partition,
+                timestamp_ms,
+                offset,
+                found[partition],
+            )
+        return found
+    finally:
+        consumer.close()
+
+
+def _is_first_at_time(at_or_after, low: int, offset: int, timestamp_ms: int) -> bool:
+    """Whether `offset` (a broker's answer, -1 for "after the end") is the first at or after the time."""
+    if offset < 0:
+        return False  # checked by the search instead (it also finds the real end)
+    here = at_or_after(offset)
+    if here is not None and here.timestamp()[1] < timestamp_ms:
+        return False
+    if offset <= low:
+        return True
+    before = at_or_after(offset - 1)
+    return before is not None and before.offset() < offset and before.timestamp()[1] < timestamp_ms
+
+
+def _end_if_none(at_or_after, offset: int) -> int:
+    record = at_or_after(offset)
+    return record.offset() if record is not None else offset
+
+
+def _search(at_or_after, low: int, high: int, timestamp_ms: int) -> int:
+    """Binary search over [low, high] by reading, then on past `high`: some brokers list
+    the last batch's base offset as the end, so the last batch is read through."""
+    lo, hi = low, max(low, high)
+    while lo < hi:
+        middle = (lo + hi) // 2
+        record = at_or_after(middle)
+        if record is None or record.timestamp()[1] >= timestamp_ms:
+            hi = middle
+        else:
+            lo = record.offset() + 1
+    while True:
+        record = at_or_after(lo)
+        if record is None:
+            return lo
+        if record.timestamp()[1] >= timestamp_ms:
+            return record.offset()
+        lo = record.offset() + 1

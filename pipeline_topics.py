@@ -69,8 +69,11 @@ class PipelineTopics:
         self.ensure()
 
     def published_until(self) -> int:
-        """End (epoch seconds) of the newest window on the output topic, 0 if none."""
-        newest = 0
+        """End (epoch seconds) of the newest window on the output topic, 0 if none; with
+        RECOMPUTE_FROM never before that time's window start: a recomputation counts
+        the windows before it as published (docs/operations.md, "Recovery")."""
+        s = self.settings
+        newest = s.recompute_from - s.recompute_from % s.window_seconds if s.recompute_from else 0
         for message in read_topic_tail(self.settings, self.settings.output_topic, _TAIL_RECORDS):
             try:
                 start = epoch_of(message.key().decode())

@@ -167,3 +167,38 @@ def test_the_transport_error_that_follows_a_failed_handshake_is_not_an_outage(ca
     with pytest.raises(AuthenticationFailed) as raised:
         health.raise_if_refused(ClientWithoutCallbacks())
     assert raised.value.as_config_error().setting == "KAFKA_SSL_CA_LOCATION"
+
+
+@pytest.mark.broker
+def test_offsets_at_time_are_exact_where_the_brokers_own_answer_is_not(topics):
+    """Kafka timestamps 1 s apart on 2 partitions, produced in several batches. The
+    embedded broker answers ListOffsets-by-time with 0 whatever the time (printed);
+    `offsets_at_time` finds the first record at or after each time by reading."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from config import build_settings
+    from kafka_io import offsets_at_time
+    from tests.conftest import produce
+
+    base = 1_790_000_000_000
+    topics.create(input_partitions=2)
+    for chunk in range(4):  # four batches per partition: the broker's listed end is the last one's base
+        produce(
+            topics.bootstrap,
+            topics.input,
+            [(p, b"x", base + i * 1000) for p in (0, 1) for i in range(chunk * 25, chunk * 25 + 25)],
+        )
+    settings = build_settings(topics.env())
+    consumer = Consumer({"bootstrap.servers": topics.bootstrap, "group.id": "probe", "log_level": 2})
+    try:
+        for seconds, expected in [(-5, 0), (0, 0), (0.5, 1), (37, 37), (37.2, 38), (99, 99), (99.5, 100), (500, 100)]:
+            at = base + int(seconds * 1000)
+            brokers = [
+                tp.offset
+                for tp in consumer.offsets_for_times([TopicPartition(topics.input, p, at) for p in (0, 1)], timeout=10)
+            ]
+            found = offsets_at_time(settings, topics.input, [0, 1], at)
+            print(f"time +{seconds}s: broker says {brokers}, found {found}, expected {expected}")
+            assert found == {0: expected, 1: expected}
+    finally:
+        consumer.close()
