@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from confluent_kafka import Producer
 
 from aggregator import iso_utc
 from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
@@ -89,3 +91,96 @@ def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, st
     # still learns that every window is published.
     last = read_topic(topics.bootstrap, topics.output)[-1]
     assert last.key().decode() == max(expected) and json.loads(last.value()) == before[max(expected)]
+
+
+def login(index: int, event_time: int) -> bytes:
+    return json.dumps(
+        {
+            "user_id": f"user-{index}",
+            "app_version": "2.3.0",
+            "device_type": "android",
+            "ip": f"10.0.0.{index % 250}",
+            "locale": "DE",
+            "device_id": f"device-{index}",
+            "timestamp": event_time,
+        }
+    ).encode()
+
+
+def totals(bootstrap: str, topic: str) -> dict[str, int]:
+    windows = values(bootstrap, topic).values()
+    fields = ("message_count", "invalid_message_count", "late_message_count")
+    return {name: sum(window[name] for window in windows) for name in fields}
+
+
+def test_a_dlq_replay_sends_each_fixed_record_once_and_it_is_counted_once(topics, start_processor, tmp_path):
+    """Broken records (a login followed by junk) go to the DLQ; two are copied there twice,
+    as after a processor crash. Exported, fixed, replayed twice: each reaches the input
+    once and is counted once, as a late record (its window was published already)."""
+    topics.extra_env = {"WINDOW_SECONDS": "5", "ALLOWED_LATENESS_SECONDS": "2"}
+    topics.create(input_partitions=2)
+    processor = start_processor(topics.env())
+    processor.wait_for_log("assigned all 2", timeout=60)
+    now = int(time.time())
+    valid = [(i % 2, login(i, now), now * 1000) for i in range(40)]
+    broken = [(i % 2, login(100 + i, now) + b" <- junk", now * 1000) for i in range(6)]
+    produce(topics.bootstrap, topics.input, valid + broken)
+    wait_until(
+        lambda: (
+            totals(topics.bootstrap, topics.output)
+            == {"message_count": 40, "invalid_message_count": 6, "late_message_count": 0}
+        ),
+        30,
+        message="the windows of the first records",
+    )
+    copies = read_topic(topics.bootstrap, topics.dlq)
+    assert len(copies) == 6
+    duplicate = Producer({"bootstrap.servers": topics.bootstrap, "log_level": 2})
+    for copy in copies[:2]:
+        duplicate.produce(topics.dlq, key=copy.key(), value=copy.value(), headers=copy.headers())
+    assert duplicate.flush(10) == 0
+
+    exported = tmp_path / "dlq.jsonl"
+    result = run_module("ops.dlq_replay", "export", str(exported), env=topics.env(), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "exported 6 record(s)" in result.stderr and "2 skipped" in result.stderr
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert len({line["source"] for line in lines}) == 6
+    for line in lines:  # the fix: drop the junk
+        assert line["reason"] and line["value"].endswith(" <- junk")
+        line["value"] = line["value"].removesuffix(" <- junk")
+    exported.write_text("".join(json.dumps(line) + "\n" for line in lines + lines[:1]))  # one twice, by mistake
+    input_size = len(read_topic(topics.bootstrap, topics.input))
+
+    dry = run_module("ops.dlq_replay", "replay", str(exported), "--dry-run", env=topics.env(), cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("would send ") == 7 and "would send 6 record(s), skipped 1" in dry.stdout, dry.stdout
+    assert len(read_topic(topics.bootstrap, topics.input)) == input_size
+    for attempt, wanted in [(1, "sent 6 record(s), skipped 1"), (2, "sent 0 record(s), skipped 7")]:
+        done = run_module("ops.dlq_replay", "replay", str(exported), env=topics.env(), cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert wanted in done.stdout, (attempt, done.stdout)
+    replayed = [
+        m for m in read_topic(topics.bootstrap, topics.input) if dict(m.headers() or []).get("dlq.replayed.from")
+    ]
+    assert sorted(m.value() for m in replayed) == sorted(login(100 + i, now) for i in range(6))
+    assert {(m.partition(), m.timestamp()[1]) for m in replayed} == {(0, now * 1000), (1, now * 1000)}
+    again = run_module("ops.dlq_replay", "export", "-", env=topics.env(), cwd=tmp_path)
+    assert again.stdout == "" and "exported 0 record(s)" in again.stderr
+
+    # New logins close the next windows of both partitions, which carry the late counts.
+    later = int(time.time())
+    produce(topics.bootstrap, topics.input, [(i % 2, login(200 + i, later), later * 1000) for i in range(10)])
+    wait_until(
+        lambda: totals(topics.bootstrap, topics.output)["message_count"] == 50,
+        30,
+        message="the windows after the replay",
+    )
+    wait_until(lambda: totals(topics.bootstrap, topics.output)["late_message_count"] >= 6, 15, message="late counts")
+    time.sleep(2)  # nothing more may come
+    assert totals(topics.bootstrap, topics.output) == {
+        "message_count": 50,
+        "invalid_message_count": 6,
+        "late_message_count": 6,
+    }
+    assert processor.terminate()[0] == 0
