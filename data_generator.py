@@ -31,13 +31,14 @@ from confluent_kafka import KafkaException, Producer
 
 from config import (
     GENERATOR_SETTINGS,
+    ConfigError,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics
+from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, client_setting_error, ensure_topics
 from log_setup import configure_logging
 
 log = logging.getLogger("generator")
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    settings, args, _ = load_settings_or_exit(parser, argv)
+    settings, args, environ = load_settings_or_exit(parser, argv)
     configure_logging(settings.log_level, settings.log_format)
     if args.count < 0 or (args.rate is not None and args.rate < 0):
         parser.error("--count and --rate must not be negative")
@@ -228,7 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())
+    except ConfigError as error:  # a topic setting the cluster refused
+        exit_with_config_error("data_generator.py", error)
     except KafkaException as error:
+        if (problem := client_setting_error(error, environ)) is not None:  # e.g. a TLS file it cannot read
+            exit_with_config_error("data_generator.py", problem)
         print(f"data_generator.py: {error}", file=sys.stderr)
         return 1
     return 0

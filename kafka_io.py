@@ -10,12 +10,12 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from config import ConfigError, Settings
+from config import ConfigError, Settings, env_name_of
 
 log = logging.getLogger("kafka")
 
@@ -49,6 +49,21 @@ class AuthenticationFailed(Exception):
         if self.setting == CREDENTIAL_SETTINGS:
             return ConfigError(self.setting, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
         return ConfigError(self.setting, f"TLS with the broker at {self.bootstrap_servers} failed: {self.reason}")
+
+
+def client_setting_error(error: KafkaException, environ: Mapping[str, str]) -> ConfigError | None:
+    """librdkafka refusing to create a client because of a `KAFKA_*` value (a property
+    it does not know, a TLS file it cannot read) as the setting it names; None for
+    any other error."""
+    kafka_error = error.args[0] if error.args else None
+    if not isinstance(kafka_error, KafkaError) or kafka_error.code() != KafkaError._INVALID_ARG:
+        return None
+    text = kafka_error.str()
+    for word in text.replace('"', " ").split():
+        word = word.strip(":,")
+        if "." in word and env_name_of(word, environ) != word:
+            return ConfigError(env_name_of(word, environ), text)
+    return ConfigError("KAFKA_* settings", text)
 
 
 def _without_client_noise(text: str) -> str:
@@ -218,7 +233,8 @@ def ensure_topics(
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first; raises
-    AuthenticationFailed when the broker refuses the credentials."""
+    AuthenticationFailed when the broker refuses the credentials, and ConfigError
+    when the cluster refuses TOPIC_REPLICATION_FACTOR."""
     config = settings.admin_config()
     admin = AdminClient({**QUIET_CLIENT_LOGS, **config, **health.callbacks(config)})
     while not should_stop():
@@ -235,6 +251,10 @@ def ensure_topics(
                     future.result()
                     log.info("created topic %s", name)
                 except KafkaException as error:
+                    if error.args[0].code() == KafkaError.INVALID_REPLICATION_FACTOR:  # more than the brokers
+                        factor = settings.topic_replication_factor
+                        problem = f"the cluster refused {factor} for topic {name}: {error.args[0].str()}"
+                        raise ConfigError("TOPIC_REPLICATION_FACTOR", problem) from None
                     if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
             return True

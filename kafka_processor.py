@@ -412,6 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except ConfigError as error:  # a topic setting the cluster refused
+        exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()
         os._exit(code)

@@ -34,13 +34,14 @@ from rich.text import Text
 
 from config import (
     MONITOR_SETTINGS,
+    ConfigError,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, topic_partition_count
+from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, client_setting_error, topic_partition_count
 from log_setup import configure_logging
 
 _BAR_WIDTH = 10
@@ -323,14 +324,20 @@ def _live_dashboard(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, args, _ = load_settings_or_exit(build_parser(), argv)
+    settings, args, environ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     console = Console(highlight=False)
     source = f"{settings.output_topic} on {settings.bootstrap_servers}"
-    tail = WindowTail(settings, args.from_beginning)
+    try:
+        tail = WindowTail(settings, args.from_beginning)
+    except KafkaException as error:  # librdkafka refused a KAFKA_* value (a TLS file it cannot read, ...)
+        exit_with_config_error(
+            "monitor_aggregated_data.py",
+            client_setting_error(error, environ) or ConfigError("KAFKA_* settings", str(error)),
+        )
     shown = 0
     try:
         if not tail.start(stop):

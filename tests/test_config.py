@@ -300,3 +300,16 @@ def test_recompute_from_has_the_short_flag_from():
     add_settings_arguments(parser)
     settings, _, _ = load_settings_or_exit(parser, ["--from", "2026-12-01T00:00:00Z", "--env-file", ""])
     assert settings.recompute_from == 1796083200
+
+
+@pytest.mark.parametrize("script", ["kafka_processor.py", "data_generator.py", "monitor_aggregated_data.py"])
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_LOCATION": "/nonexistent/ca.pem"}, "KAFKA_SSL_CA_LOCATION"),
+        ({"KAFKA_NO_SUCH_PROPERTY": "1"}, "KAFKA_NO_SUCH_PROPERTY"),
+    ],
+)
+def test_a_kafka_value_librdkafka_refuses_exits_2_in_every_script(script, env, named, tmp_path):
+    """The generator exited 1 with librdkafka's raw error, the monitor with a traceback."""
+    _exits_2_naming(script, {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", **env}, [], named, tmp_path)

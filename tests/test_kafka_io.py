@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, KafkaException
 
 from kafka_io import AuthenticationFailed, BrokerHealth
 
@@ -202,3 +202,40 @@ def test_offsets_at_time_are_exact_where_the_brokers_own_answer_is_not(topics):
             assert found == {0: expected, 1: expected}
     finally:
         consumer.close()
+
+
+def test_a_replication_factor_the_cluster_refuses_is_a_bad_setting(monkeypatch):
+    """Apache Kafka refuses a factor above its broker count (the embedded broker takes
+    any): injected at the admin client, the one place that sees it."""
+    from concurrent.futures import Future
+
+    import kafka_io
+    from config import ConfigError, build_settings
+    from kafka_io import ensure_topics
+
+    class RefusingAdmin:
+        def __init__(self, _config):
+            pass
+
+        def list_topics(self, timeout):
+            return type("Metadata", (), {"topics": {}})()
+
+        def create_topics(self, topics, operation_timeout):
+            refused = Future()
+            refused.set_exception(
+                KafkaException(
+                    KafkaError(
+                        KafkaError.INVALID_REPLICATION_FACTOR, "Replication factor: 3 larger than available brokers: 1."
+                    )
+                )
+            )
+            return {topic.topic: refused for topic in topics}
+
+    monkeypatch.setattr(kafka_io, "AdminClient", RefusingAdmin)
+    settings = build_settings({"TOPIC_REPLICATION_FACTOR": "3"})
+    with pytest.raises(ConfigError) as raised:
+        ensure_topics(settings, {"t": 1}, lambda: False, BrokerHealth("x", logging.getLogger("test")))
+    assert raised.value.setting == "TOPIC_REPLICATION_FACTOR"
+    assert raised.value.problem == (
+        "the cluster refused 3 for topic t: Replication factor: 3 larger than available brokers: 1."
+    )
