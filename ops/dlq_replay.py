@@ -170,6 +170,8 @@ def export(settings: Settings, out: TextIO) -> tuple[int, int]:
 def replay(settings: Settings, letters: list[DeadLetter]) -> int:
     """Produce `letters` to the input topic with their ledger entries, `_BATCH` per
     transaction. Returns how many were sent."""
+    if not letters:
+        return 0
     health = BrokerHealth(settings.bootstrap_servers, log)
     ledger = ledger_topic(settings)
     # Compacted: one entry per source record, kept as long as the DLQ might hold a copy.

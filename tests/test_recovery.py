@@ -16,7 +16,7 @@ from confluent_kafka import Producer
 from aggregator import iso_utc
 from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
 from tests.oracle import expected_windows
-from tests.workloads import login_workload
+from tests.workloads import invalid_record_positions, login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -55,6 +55,7 @@ def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, st
         CONSUMER_GROUP_ID=f"{topics.group}-recompute",
         OUTPUT_TOPIC=staging,
         PARTIALS_TOPIC=f"{staging}-partials",
+        DLQ_TOPIC=f"{topics.dlq}-recompute",
         RECOMPUTE_FROM=iso_utc(recompute_from),
         RECOMPUTE_MARGIN_SECONDS=str(margin),
     )
@@ -73,6 +74,16 @@ def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, st
     assert min(first.values()) > 0
     starts = ",".join(str(first[p]) for p in range(4))
     assert f"partition(s) 0,1,2,3 start at offset(s) {starts}," in recompute.log(), recompute.log()
+    # ...and read from there: it copied to its DLQ exactly the invalid records from there on.
+    copied = {
+        (int(h["dlq.source.partition"]), int(h["dlq.source.offset"]))
+        for h in (
+            {k: v.decode() for k, v in m.headers()} for m in read_topic(topics.bootstrap, f"{topics.dlq}-recompute")
+        )
+    }
+    invalid = invalid_record_positions(records)
+    assert copied == {(p, offset) for p, offset in invalid if offset >= first[p]}
+    assert len(copied) < len(invalid)
 
     # Copy onto the output: a dry run first (changes nothing), then windows 7 to 11.
     until = recompute_from + 150
