@@ -29,8 +29,10 @@ CREDENTIAL_SETTINGS = "KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD"
 CA_SETTING = "KAFKA_SSL_CA_LOCATION"
 CLIENT_CERTIFICATE_SETTINGS = "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
 # How often a broker must close a fresh TLS connection before start-up calls it a
-# refusal rather than bad luck (librdkafka reconnects within a second or so).
-_TLS_CLOSES_TO_REFUSE = 2
+# refusal rather than a blip. librdkafka reconnects after 0.1 s, then doubles the wait,
+# so three closes take the better part of a second. (No "over how long": the lines
+# reach us when the client is polled, all at once.)
+_TLS_CLOSES_TO_REFUSE = 3
 
 
 class AuthenticationFailed(Exception):
@@ -208,12 +210,14 @@ class _TlsCloseWatcher:
 
     def __init__(self, health: BrokerHealth, config: dict[str, str]) -> None:
         self._health = health
+        # Under TLS 1.3 librdkafka sees no alert, only the close; a TLS proxy in front
+        # of a broker that is down closes the same way, hence the second cause.
         if config.get("ssl.certificate.location") or config.get("ssl.certificate.pem"):
-            self._reason = "it closed the connection right after the handshake: it did not accept this client's"
-            self._reason += " certificate"
+            self._reason = "it closes every connection right after the handshake: it does not accept this client's"
+            self._reason += " certificate (or a TLS proxy in front of the broker cannot reach it)"
         else:
-            self._reason = "it closed the connection right after the handshake: it requires a client certificate"
-            self._reason += " (mutual TLS) and none is set"
+            self._reason = "it closes every connection right after the handshake: it requires a client certificate"
+            self._reason += " (mutual TLS) and none is set (or a TLS proxy in front of the broker cannot reach it)"
 
     def log(self, level: int, fmt: str, *args: object) -> None:
         text = fmt % args if args else fmt
