@@ -244,7 +244,7 @@ def _replication_factor(setting: str, raw: str) -> int:
     return value
 
 
-def _utc_time(setting: str, raw: str) -> int:
+def utc_time(setting: str, raw: str) -> int:
     """An ISO 8601 time with its zone (`2026-12-01T00:00:00Z`) or epoch seconds -> epoch
     seconds; empty means off (0). A time without a zone is refused: UTC or local?"""
     text = raw.strip()
@@ -329,7 +329,7 @@ _SETTINGS = {
     ),
     "RECOMPUTE_FROM": (
         "recompute_from",
-        _utc_time,
+        utc_time,
         "recompute windows from this time (2026-12-01T00:00:00Z), under a new CONSUMER_GROUP_ID: partitions without"
         " a committed offset start at this time less RECOMPUTE_MARGIN_SECONDS; 0 = off",
     ),

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     back = commands.add_parser("replay", help="send the records of FILE (as exported, then fixed) to the input")
     back.add_argument("file")
     back.add_argument("--dry-run", action="store_true", help="show what would be sent and skipped; send nothing")
-    add_settings_arguments(parser, only=SETTINGS)
+    for command in (out, back):  # the settings after the command: `replay FILE --bootstrap-servers ...`
+        add_settings_arguments(command, only=SETTINGS)
     return parser
 
 

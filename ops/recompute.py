@@ -30,13 +30,14 @@ from config import (
     ConfigError,
     OneLineArgumentParser,
     Settings,
-    _utc_time,
     add_settings_arguments,
     exit_with_config_error,
     load_settings_or_exit,
+    utc_time,
 )
 from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, read_topic_tail
 from log_setup import configure_logging
+from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES
 from processor_report import epoch_of
 
 log = logging.getLogger("recompute")
@@ -87,7 +88,7 @@ def copy(settings: Settings, windows: list[Message], source: str) -> int:
             "acks": "all",
             "enable.idempotence": True,
             "max.in.flight.requests.per.connection": 1,
-            "message.max.bytes": 16 * 1024 * 1024,
+            "message.max.bytes": OUTPUT_MESSAGE_MAX_BYTES,
             **health.callbacks(settings.producer_config()),
         }
     )
@@ -135,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args, _ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        start = _utc_time("--from", args.start)
-        until = _utc_time("--until", args.until) or None
+        start = utc_time("--from", args.start)
+        until = utc_time("--until", args.until) or None
     except ConfigError as error:
         exit_with_config_error(PROG, error)
     if args.source == settings.output_topic:
