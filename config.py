@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from dotenv import dotenv_values
@@ -172,7 +172,8 @@ class Settings:
             f"top_ips={self.top_ips}",
         ]
         if self.recompute_from:
-            parts.append(f"recompute_from={self.recompute_from}-{self.recompute_margin_seconds}s")
+            start = datetime.fromtimestamp(self.recompute_from, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            parts.append(f"recompute_from={start} margin={self.recompute_margin_seconds}s")
         passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
         if passthrough:
             shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))

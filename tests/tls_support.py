@@ -11,6 +11,7 @@ then the broker it is told about) goes through the proxy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -155,7 +156,8 @@ class TlsProxy:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer))
+        with contextlib.suppress(asyncio.CancelledError):  # the proxy is stopping
+            await asyncio.gather(self._pipe(client_reader, broker_writer), self._pipe(broker_reader, client_writer))
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
