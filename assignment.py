@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from aggregator import Aggregator
+from aggregator import Aggregator, iso_utc
 from commits import InputCommits
 from config import Settings
-from kafka_io import BrokerHealth, topic_partition_count
+from kafka_io import BrokerHealth, offsets_at_time, topic_partition_count
 from part_publisher import PartPublisher
 from pipeline_topics import PipelineTopics
 
@@ -123,7 +123,8 @@ class InputAssignment:
         total = self.partition_count(consumer)
         owned = sorted(tp.partition for tp in partitions)
         committed = self._read_committed(consumer, partitions) if partitions else {}
-        self._aggregator.assign(owned, total or 0, committed or {})
+        committed = {**self._recompute_starts(consumer, partitions, committed or {}), **(committed or {})}
+        self._aggregator.assign(owned, total or 0, committed)
         self._health.mark_reachable()
         if total is None:
             pass  # said above; retried from the poll loop
@@ -141,6 +142,30 @@ class InputAssignment:
             )
         else:
             log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
+
+    def _recompute_starts(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
+    ) -> dict[int, int]:
+        """With RECOMPUTE_FROM: start each partition this group never committed at the
+        first record of that time less the margin (docs/operations.md, "Recovery").
+        Partitions with a commit resume from it, so a restarted recomputation goes on."""
+        s = self.settings
+        fresh = [tp.partition for tp in partitions if tp.partition not in committed]
+        if not s.recompute_from or not fresh:
+            return {}
+        since = s.recompute_from - s.recompute_from % s.window_seconds - s.recompute_margin_seconds
+        starts = offsets_at_time(s, s.input_topic, fresh, since * 1000)
+        for tp in partitions:
+            if tp.partition in starts:
+                tp.offset = starts[tp.partition]
+        consumer.assign(partitions)  # the offsets above, instead of auto.offset.reset
+        log.info(
+            "recomputing: partition(s) %s start at offset(s) %s, the first records at or after %s",
+            ",".join(map(str, sorted(starts))),
+            ",".join(str(starts[p]) for p in sorted(starts)),
+            iso_utc(since),
+        )
+        return starts
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Only the revoked partitions are forgotten (under a cooperative assignor the

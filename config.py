@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from dotenv import dotenv_values
@@ -130,6 +131,18 @@ class Settings:
     # later windows are read again once the held ones are published (merge.py).
     merge_max_pending_windows: int = 64
     merge_max_pending_mb: int = 512
+    # Topics the scripts create when missing: -1 is the broker's own default.replication.factor.
+    topic_replication_factor: int = -1
+    # min.insync.replicas of the created topics; 0 leaves the broker's default.
+    topic_min_insync_replicas: int = 0
+    # retention.ms of the created DLQ (long enough for someone to look) and partials
+    # topic (an unfinished window and a hand-over need minutes; a day is plenty).
+    dlq_retention_days: int = 14
+    partials_retention_hours: int = 24
+    # Recomputation (docs/operations.md, "Recovery"): a new group starts each partition at
+    # this time (epoch seconds, 0 = off) less the margin, windows before it count as published.
+    recompute_from: int = 0
+    recompute_margin_seconds: int = 600
     # Pass-through librdkafka properties (already lower-cased and dotted).
     kafka_common: Mapping[str, str] = field(default_factory=dict)
     kafka_consumer: Mapping[str, str] = field(default_factory=dict)
@@ -179,6 +192,9 @@ class Settings:
             f"skew={self.max_event_time_skew_seconds}s",
             f"top_ips={self.top_ips}",
         ]
+        if self.recompute_from:
+            start = datetime.fromtimestamp(self.recompute_from, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            parts.append(f"recompute_from={start} margin={self.recompute_margin_seconds}s")
         passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
         if passthrough:
             shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))
@@ -243,6 +259,32 @@ def _choice(choices: Sequence[str]):
     return parse
 
 
+def _replication_factor(setting: str, raw: str) -> int:
+    value = _int(setting, raw)
+    if value == 0 or value < -1:
+        raise ConfigError(setting, f"must be -1 (the broker's default) or a whole number above 0, got {raw!r}")
+    return value
+
+
+def utc_time(setting: str, raw: str) -> int:
+    """An ISO 8601 time with its zone (`2026-12-01T00:00:00Z`) or epoch seconds -> epoch
+    seconds; empty means off (0). A time without a zone is refused: UTC or local?"""
+    text = raw.strip()
+    if not text:
+        return 0
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            setting, f"must be a time like 2026-12-01T00:00:00Z (or epoch seconds), got {raw!r}"
+        ) from None
+    if moment.tzinfo is None:
+        raise ConfigError(setting, f"must say its time zone (2026-12-01T00:00:00Z for UTC), got {raw!r}")
+    return int(moment.timestamp())
+
+
 def _non_empty(setting: str, raw: str) -> str:
     value = raw.strip()
     if not value:
@@ -302,6 +344,37 @@ _SETTINGS = {
         _positive_int,
         "megabytes of parts the merger holds while windows wait on a stuck member",
     ),
+    "TOPIC_REPLICATION_FACTOR": (
+        "topic_replication_factor",
+        _replication_factor,
+        "replication factor of the topics a script creates when missing; -1 = the broker's default",
+    ),
+    "TOPIC_MIN_INSYNC_REPLICAS": (
+        "topic_min_insync_replicas",
+        _non_negative_int,
+        "min.insync.replicas of the topics a script creates; 0 = the broker's default",
+    ),
+    "DLQ_RETENTION_DAYS": (
+        "dlq_retention_days",
+        _positive_int,
+        "retention of the DLQ topic when the processor creates it",
+    ),
+    "PARTIALS_RETENTION_HOURS": (
+        "partials_retention_hours",
+        _positive_int,
+        "retention of the partials topic when the processor creates it (must outlast the longest merge stall)",
+    ),
+    "RECOMPUTE_FROM": (
+        "recompute_from",
+        utc_time,
+        "recompute windows from this time (2026-12-01T00:00:00Z), under a new CONSUMER_GROUP_ID: partitions without"
+        " a committed offset start at this time less RECOMPUTE_MARGIN_SECONDS; 0 = off",
+    ),
+    "RECOMPUTE_MARGIN_SECONDS": (
+        "recompute_margin_seconds",
+        _non_negative_int,
+        "with RECOMPUTE_FROM: start reading this much earlier, for records whose Kafka time is behind their event time",
+    ),
 }
 
 
@@ -336,6 +409,8 @@ def _flags(env_name: str) -> list[str]:
     """A setting's flags, the one to show first (`--bootstrap-servers` is the short one)."""
     if env_name == "KAFKA_BOOTSTRAP_SERVERS":
         return ["--bootstrap-servers", _flag(env_name)]
+    if env_name == "RECOMPUTE_FROM":
+        return ["--from", _flag(env_name)]
     return [_flag(env_name)]
 
 
@@ -352,7 +427,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 # say, METRICS_PORT cannot stop the monitor. The generator creates the input topic
 # when it is first, hence INPUT_PARTITIONS.
 MONITOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT")
-GENERATOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "INPUT_TOPIC", "INPUT_PARTITIONS", "LOG_LEVEL", "LOG_FORMAT")
+GENERATOR_SETTINGS = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "INPUT_TOPIC",
+    "INPUT_PARTITIONS",
+    "TOPIC_REPLICATION_FACTOR",
+    "TOPIC_MIN_INSYNC_REPLICAS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
 LOCAL_STACK_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS",)
 
 SETTINGS_EPILOG = """\

@@ -31,13 +31,21 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from config import (
     GENERATOR_SETTINGS,
+    ConfigError,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics
+from kafka_io import (
+    EXIT_NEVER_REACHED_BROKER,
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    client_setting_error,
+    ensure_topics,
+)
 from log_setup import configure_logging
 
 log = logging.getLogger("generator")
@@ -149,7 +157,15 @@ def produce(
     time_of = event_times(count, backlog_seconds, time.time())
     health = BrokerHealth(settings.bootstrap_servers, log)
     producer = Producer(
-        {**QUIET_CLIENT_LOGS, "linger.ms": 20, **settings.producer_config(), "error_cb": health.on_error}
+        {
+            **QUIET_CLIENT_LOGS,
+            "linger.ms": 20,
+            # Like the processor's: acknowledged by every in-sync replica, no duplicate from a retry.
+            "acks": "all",
+            "enable.idempotence": True,
+            **settings.producer_config(),
+            "error_cb": health.on_error,
+        }
     )
     sent = 0
     started = time.monotonic()
@@ -201,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    settings, args, _ = load_settings_or_exit(parser, argv)
+    settings, args, environ = load_settings_or_exit(parser, argv)
     configure_logging(settings.log_level, settings.log_format)
     if args.count < 0 or (args.rate is not None and args.rate < 0):
         parser.error("--count and --rate must not be negative")
@@ -227,7 +243,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())
+    except ConfigError as error:  # a topic setting the cluster refused
+        exit_with_config_error("data_generator.py", error)
     except KafkaException as error:
+        if (problem := client_setting_error(error, environ)) is not None:  # e.g. a TLS file it cannot read
+            exit_with_config_error("data_generator.py", problem)
         reason = error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else str(error)
         print(f"data_generator.py: stopped: {reason}", file=sys.stderr)
         return 1

@@ -42,8 +42,17 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
 class EmbeddedBroker:
     """One Tansu broker process on 127.0.0.1:`port`."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None, authentication: bool = False) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: Path | None = None,
+        authentication: bool = False,
+        advertised_port: int | None = None,
+    ) -> None:
         self.port = port or free_port()
+        # Where clients are told to connect: another port when something sits in front
+        # of the broker (a TLS-terminating proxy in the tests).
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self.authentication = authentication
         self.process: subprocess.Popen | None = None
@@ -63,7 +72,8 @@ class EmbeddedBroker:
         if port_is_open(self.port):
             raise BrokerError(f"port {self.port} is already in use: is another broker running?")
         url = f"tcp://127.0.0.1:{self.port}"
-        command = [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
+        command = [self.binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised]
         if self.authentication:
             command.append("--authentication")
         if self.log_path:

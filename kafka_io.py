@@ -10,12 +10,12 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from config import ConfigError, Settings
+from config import ConfigError, Settings, env_name_of
 
 log = logging.getLogger("kafka")
 
@@ -24,19 +24,48 @@ log = logging.getLogger("kafka")
 AUTHENTICATION_CODES = frozenset({KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED})
 # The settings a refused login is about, named the way the user writes them.
 CREDENTIAL_SETTINGS = "KAFKA_SASL_USERNAME/KAFKA_SASL_PASSWORD"
+# The settings a failed TLS handshake is about: the CA that must vouch for the broker's
+# certificate, and the client's own certificate for a broker that demands one.
+CA_SETTING = "KAFKA_SSL_CA_LOCATION"
+CLIENT_CERTIFICATE_SETTINGS = "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
+# How often a broker must close a fresh TLS connection before start-up calls it a
+# refusal rather than a blip. librdkafka reconnects after 0.1 s, then doubles the wait,
+# so three closes take the better part of a second. (No "over how long": the lines
+# reach us when the client is polled, all at once.)
+_TLS_CLOSES_TO_REFUSE = 3
 
 
 class AuthenticationFailed(Exception):
-    """The broker refused the client's credentials. Not retried: a wrong password
-    stays wrong, and a processor that retries it forever looks merely "waiting"."""
+    """The broker refused who the client is: its SASL credentials, or its side of the TLS
+    handshake (it does not trust the broker's certificate, or the broker does not take
+    the client's). Not retried: a wrong password or certificate stays wrong, and a
+    processor that retries it forever looks merely "waiting"."""
 
-    def __init__(self, bootstrap_servers: str, reason: str) -> None:
+    def __init__(self, bootstrap_servers: str, reason: str, setting: str = CREDENTIAL_SETTINGS) -> None:
         super().__init__(reason)
         self.bootstrap_servers = bootstrap_servers
         self.reason = reason
+        self.setting = setting
 
     def as_config_error(self) -> ConfigError:
-        return ConfigError(CREDENTIAL_SETTINGS, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
+        if self.setting == CREDENTIAL_SETTINGS:
+            return ConfigError(self.setting, f"the broker at {self.bootstrap_servers} refused them: {self.reason}")
+        return ConfigError(self.setting, f"TLS with the broker at {self.bootstrap_servers} failed: {self.reason}")
+
+
+def client_setting_error(error: KafkaException, environ: Mapping[str, str]) -> ConfigError | None:
+    """librdkafka refusing to create a client because of a `KAFKA_*` value (a property
+    it does not know, a TLS file it cannot read) as the setting it names; None for
+    any other error."""
+    kafka_error = error.args[0] if error.args else None
+    if not isinstance(kafka_error, KafkaError) or kafka_error.code() != KafkaError._INVALID_ARG:
+        return None
+    text = kafka_error.str()
+    for word in text.replace('"', " ").split():
+        word = word.strip(":,")
+        if "." in word and env_name_of(word, environ) != word:
+            return ConfigError(env_name_of(word, environ), text)
+    return ConfigError("KAFKA_* settings", text)
 
 
 def _without_client_noise(text: str) -> str:
@@ -69,6 +98,23 @@ REAL_CLIENTS = KafkaClients()
 EXIT_NEVER_REACHED_BROKER = 3
 
 
+def tls_refusal(error_text: str) -> tuple[str, str]:
+    """The setting a failed TLS handshake (librdkafka's `_SSL` error) is about, and why.
+
+    "certificate verify failed" is this client not trusting the broker's certificate;
+    anything else in a handshake (an alert from the broker: "handshake failure",
+    "unknown ca", "certificate required", "bad certificate") is the broker not taking
+    this client's certificate, or the lack of one."""
+    reason = _without_client_noise(error_text)
+    if "certificate verify failed" in reason:
+        return CA_SETTING, f"its certificate is not trusted ({reason})"
+    return CLIENT_CERTIFICATE_SETTINGS, f"it did not accept this client's certificate ({reason})"
+
+
+def _uses_tls(config: dict[str, str]) -> bool:
+    return str(config.get("security.protocol", "")).lower() in ("ssl", "sasl_ssl")
+
+
 # librdkafka logs every failed reconnect (several a second while a broker is
 # down). Errors reach us through `error_cb` instead, which `BrokerHealth` turns
 # into one line per change of state; its own log keeps only critical lines.
@@ -91,10 +137,21 @@ class BrokerHealth:
         self.log = logger
         self._lock = threading.Lock()
         self.down_since: float | None = None
-        # The broker's last refusal of our credentials, if it refused them.
-        self.authentication_error: str | None = None
+        # The broker's last refusal of who we are, if it refused: (setting, reason).
+        self.refusal: tuple[str, str] | None = None
+        self._tls_closes = 0  # fresh TLS connections the broker closed before answering
         self._reached = False  # a request has succeeded since start-up
         self._next_recheck = 0.0
+
+    def callbacks(self, config: dict[str, str]) -> dict:
+        """The callback settings of a client made with `config`: `error_cb`, and with TLS
+        a log watcher. A broker that demands a client certificate accepts the TLS 1.3
+        handshake and then closes the connection; librdkafka reports that only as a log
+        line, never to `error_cb`, so start-up would take it for an outage."""
+        settings: dict = {"error_cb": self.on_error}
+        if _uses_tls(config):
+            settings.update({"log_level": 6, "logger": _TlsCloseWatcher(self, config)})
+        return settings
 
     def on_error(self, error: KafkaError) -> None:
         """librdkafka `error_cb`."""
@@ -102,6 +159,13 @@ class BrokerHealth:
             self.log.error("fatal client error: %s", error.str())
             return
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            return
+        if error.code() == KafkaError._SSL or (
+            error.code() == KafkaError._TRANSPORT and "SSL routines::" in error.str()
+        ):
+            # A failed handshake comes as _SSL, and again as a transport error carrying
+            # OpenSSL's reason: the broker is there, and says no.
+            self._refused(*tls_refusal(error.str()), "the TLS handshake")
             return
         if error.code() in self._DOWN_CODES:
             with self._lock:
@@ -112,27 +176,40 @@ class BrokerHealth:
                     )
             return
         if error.code() in AUTHENTICATION_CODES:
-            # librdkafka retries a refused login several times a second: one line, once.
-            # At start-up the caller turns it into the exit (see `raise_if_refused`).
-            with self._lock:
-                first = self.authentication_error is None
-                self.authentication_error = _without_client_noise(error.str())
-            if first and self._reached:  # before that, start-up exits with one line instead
-                self.log.error("broker %s refused the credentials: %s", self.bootstrap_servers, error.str())
+            self._refused(CREDENTIAL_SETTINGS, _without_client_noise(error.str()), "the credentials")
             return
         self.log.warning("kafka client: %s", error.str())
 
+    def on_tls_closed(self, setting: str, reason: str) -> None:
+        """The broker closed a fresh TLS connection before answering (`_TlsCloseWatcher`)."""
+        with self._lock:
+            self._tls_closes += 1
+            closes = self._tls_closes
+        if closes >= _TLS_CLOSES_TO_REFUSE:
+            self._refused(setting, reason, "the client certificate")
+
+    def _refused(self, setting: str, reason: str, what: str) -> None:
+        # librdkafka retries a refusal several times a second: one line, once.
+        # At start-up the caller turns it into the exit (see `raise_if_refused`).
+        with self._lock:
+            first = self.refusal is None
+            self.refusal = (setting, reason)
+        if first and self._reached:  # before that, start-up exits with one line instead
+            self.log.error("broker %s refused %s: %s", self.bootstrap_servers, what, reason)
+
     def raise_if_refused(self, client: Consumer | Producer | AdminClient) -> None:
         """Serve `client`'s pending callbacks; raise AuthenticationFailed if the broker
-        refused our credentials before ever accepting them. Call after a request
-        failed, before calling it "unreachable".
+        refused our credentials or TLS handshake before ever accepting us. Call after a
+        request failed, before calling it "unreachable".
 
         Only at start-up: a refusal after the broker once accepted us (a password
         rotated under a running processor) is logged by `on_error` and retried like
         an outage, so the open windows are not thrown away."""
         client.poll(0)
-        if self.authentication_error is not None and not self._reached:
-            raise AuthenticationFailed(self.bootstrap_servers, self.authentication_error)
+        refusal = self.refusal
+        if refusal is not None and not self._reached:
+            setting, reason = refusal
+            raise AuthenticationFailed(self.bootstrap_servers, reason, setting)
 
     @property
     def reached(self) -> bool:
@@ -142,7 +219,8 @@ class BrokerHealth:
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded."""
         with self._lock:
-            self.authentication_error = None
+            self.refusal = None
+            self._tls_closes = 0
             self._reached = True
             if self.down_since is not None:
                 self.log.info(
@@ -166,6 +244,33 @@ class BrokerHealth:
         self.mark_reachable()
 
 
+class _TlsCloseWatcher:
+    """librdkafka `logger` for TLS clients: notices a broker that closes every fresh TLS
+    connection right after the handshake (what one requiring a client certificate does
+    under TLS 1.3: "SSL connection closed by peer ... in state APIVERSION_QUERY") and
+    tells `BrokerHealth`. Passes on critical lines only, as `QUIET_CLIENT_LOGS` would."""
+
+    _CLOSED = re.compile(r"Disconnected: (SSL connection closed|connection reset) by peer .*in state APIVERSION_QUERY")
+
+    def __init__(self, health: BrokerHealth, config: dict[str, str]) -> None:
+        self._health = health
+        # Under TLS 1.3 librdkafka sees no alert, only the close; a TLS proxy in front
+        # of a broker that is down closes the same way, hence the second cause.
+        if config.get("ssl.certificate.location") or config.get("ssl.certificate.pem"):
+            self._reason = "it closes every connection right after the handshake: it does not accept this client's"
+            self._reason += " certificate (or a TLS proxy in front of the broker cannot reach it)"
+        else:
+            self._reason = "it closes every connection right after the handshake: it requires a client certificate"
+            self._reason += " (mutual TLS) and none is set (or a TLS proxy in front of the broker cannot reach it)"
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        text = fmt % args if args else fmt
+        if self._CLOSED.search(text):
+            self._health.on_tls_closed(CLIENT_CERTIFICATE_SETTINGS, self._reason)
+        elif level >= logging.CRITICAL:
+            log.critical("%s", text)
+
+
 def ensure_topics(
     settings: Settings,
     partitions: dict[str, int],
@@ -176,14 +281,16 @@ def ensure_topics(
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first; raises
-    AuthenticationFailed when the broker refuses the credentials."""
-    admin = AdminClient({**QUIET_CLIENT_LOGS, **settings.admin_config(), "error_cb": health.on_error})
+    AuthenticationFailed when the broker refuses the credentials, and ConfigError
+    when the cluster refuses TOPIC_REPLICATION_FACTOR."""
+    config = settings.admin_config()
+    admin = AdminClient({**QUIET_CLIENT_LOGS, **config, **health.callbacks(config)})
     while not should_stop():
         try:
             existing = admin.list_topics(timeout=5).topics
             health.mark_reachable()
             missing = [
-                NewTopic(name, count, 1, config=(configs or {}).get(name, {}))
+                NewTopic(name, count, settings.topic_replication_factor, config=topic_config(settings, configs, name))
                 for name, count in partitions.items()
                 if name not in existing
             ]
@@ -192,6 +299,10 @@ def ensure_topics(
                     future.result()
                     log.info("created topic %s", name)
                 except KafkaException as error:
+                    if error.args[0].code() == KafkaError.INVALID_REPLICATION_FACTOR:  # more than the brokers
+                        factor = settings.topic_replication_factor
+                        problem = f"the cluster refused {factor} for topic {name}: {error.args[0].str()}"
+                        raise ConfigError("TOPIC_REPLICATION_FACTOR", problem) from None
                     if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
             return True
@@ -208,6 +319,15 @@ def ensure_topics(
             health.on_error(KafkaError(KafkaError._TRANSPORT, str(kafka_error or error)))
             sleep_unless_stopped(retry_seconds, should_stop)
     return False
+
+
+def topic_config(settings: Settings, configs: dict[str, dict[str, str]] | None, name: str) -> dict[str, str]:
+    """The configs a created topic gets: its own, plus `min.insync.replicas` when set
+    (with acks=all, how many replicas must have a write before it is acknowledged)."""
+    config = dict((configs or {}).get(name, {}))
+    if settings.topic_min_insync_replicas:
+        config["min.insync.replicas"] = str(settings.topic_min_insync_replicas)
+    return config
 
 
 def sleep_unless_stopped(seconds: float, should_stop: Callable[[], bool]) -> None:
@@ -356,3 +476,116 @@ def newest_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dic
         partition = message.partition()
         newest[partition] = max(newest.get(partition, -1), message.offset())
     return newest
+
+
+def _first_record_at(consumer: Consumer, topic: str, partition: int, offset: int, timeout: float) -> Message | None:
+    """The first record of `partition` at or after `offset`, None at the partition's end.
+    `consumer` has `enable.partition.eof` on and is used for nothing else."""
+    consumer.assign([TopicPartition(topic, partition, offset)])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for message in consumer.consume(1, 0.5):
+            error = message.error()
+            if message.partition() != partition:
+                continue
+            if error is None:
+                if message.offset() >= offset:
+                    return message
+            elif error.code() == KafkaError._PARTITION_EOF:
+                return None
+            else:
+                raise KafkaException(error)
+    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} [{partition}] at {offset}"))
+
+
+def offsets_at_time(
+    settings: Settings, topic: str, partitions: list[int], timestamp_ms: int, timeout: float = 10.0
+) -> dict[int, int]:
+    """Per partition, the first offset whose record's Kafka timestamp is at or after
+    `timestamp_ms` (the partition's end if none is).
+
+    The broker is asked first (ListOffsets by timestamp) and its answer checked by
+    reading the records on either side of it. The embedded broker (Tansu 0.6.0) answers
+    0 for every time, so a wrong answer is replaced by a binary search over reads,
+    which assumes timestamps that grow along the partition (callers subtract a margin
+    for records that do not)."""
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            "group.id": f"time-search-{uuid.uuid4()}",  # assigns partitions itself, never commits
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            # One record per read, a few dozen reads: answer at once, not after the
+            # default 500 ms wait for more data, and fetch little.
+            "fetch.wait.max.ms": 10,
+            "fetch.queue.backoff.ms": 0,
+            "queued.min.messages": 1,
+        }
+    )
+    found: dict[int, int] = {}
+    try:
+        asked = consumer.offsets_for_times(
+            [TopicPartition(topic, p, timestamp_ms) for p in partitions], timeout=timeout
+        )
+        for answer in asked:
+            partition = answer.partition
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+
+            def at_or_after(offset: int, p: int = partition) -> Message | None:
+                return _first_record_at(consumer, topic, p, offset, timeout)
+
+            offset = answer.offset
+            if _is_first_at_time(at_or_after, low, offset, timestamp_ms):
+                found[partition] = _end_if_none(at_or_after, offset)
+                continue
+            found[partition] = _search(at_or_after, low, high, timestamp_ms)
+            log.warning(
+                "%s [%d]: the broker placed time %d ms at offset %d, but the records there say %d; found by reading",
+                topic,
+                partition,
+                timestamp_ms,
+                offset,
+                found[partition],
+            )
+        return found
+    finally:
+        consumer.close()
+
+
+def _is_first_at_time(at_or_after, low: int, offset: int, timestamp_ms: int) -> bool:
+    """Whether `offset` (a broker's answer, -1 for "after the end") is the first at or after the time."""
+    if offset < 0:
+        return False  # checked by the search instead (it also finds the real end)
+    here = at_or_after(offset)
+    if here is not None and here.timestamp()[1] < timestamp_ms:
+        return False
+    if offset <= low:
+        return True
+    before = at_or_after(offset - 1)
+    return before is not None and before.offset() < offset and before.timestamp()[1] < timestamp_ms
+
+
+def _end_if_none(at_or_after, offset: int) -> int:
+    record = at_or_after(offset)
+    return record.offset() if record is not None else offset
+
+
+def _search(at_or_after, low: int, high: int, timestamp_ms: int) -> int:
+    """Binary search over [low, high] by reading, then on past `high`: some brokers list
+    the last batch's base offset as the end, so the last batch is read through."""
+    lo, hi = low, max(low, high)
+    while lo < hi:
+        middle = (lo + hi) // 2
+        record = at_or_after(middle)
+        if record is None or record.timestamp()[1] >= timestamp_ms:
+            hi = middle
+        else:
+            lo = record.offset() + 1
+    while True:
+        record = at_or_after(lo)
+        if record is None:
+            return lo
+        if record.timestamp()[1] >= timestamp_ms:
+            return record.offset()
+        lo = record.offset() + 1

@@ -132,12 +132,16 @@ def producer_settings(settings: Settings) -> dict:
         **QUIET_CLIENT_LOGS,
         # Keep the DLQ copies and windows flowing without waiting for big batches.
         "linger.ms": 5,
+        # The broker drops a retried duplicate of a batch, so a DLQ copy is not written
+        # twice by a retry. A default, not forced: an idempotent producer waits forever
+        # on a broker that forgot its producer ids (the embedded broker, restarted), so
+        # KAFKA_ENABLE_IDEMPOTENCE=false there (docs/design.md).
+        "enable.idempotence": True,
         **settings.producer_config(),
         # Windows must reach the topic in the order they closed (a restart reads the
         # newest one to learn what is published): one request in flight at a time keeps
-        # retries in order. Not idempotence: a retried duplicate is harmless (same key,
-        # same bytes), while an idempotent producer wedges when a broker loses its
-        # producer state (an in-memory broker restarted).
+        # retries in order, idempotent or not. Every in-sync replica has a write before
+        # it is acknowledged, and so before the offsets it covers are committed.
         "acks": "all",
         "max.in.flight.requests.per.connection": 1,
         # A window with many distinct values can pass the 1 MB default; the output
@@ -556,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except ConfigError as error:  # a topic setting the cluster refused
+        exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()
         os._exit(code)

@@ -43,6 +43,7 @@ from rich.text import Text
 
 from config import (
     MONITOR_SETTINGS,
+    ConfigError,
     OneLineArgumentParser,
     Settings,
     add_settings_arguments,
@@ -54,6 +55,7 @@ from kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
     BrokerHealth,
+    client_setting_error,
     newest_offsets,
     topic_partition_count,
 )
@@ -141,7 +143,7 @@ class WindowTail:
                 # A private group that never commits: watching must not disturb anything.
                 "group.id": f"monitor-{uuid.uuid4()}",
                 "enable.auto.commit": False,
-                "error_cb": self.health.on_error,
+                **self.health.callbacks(settings.consumer_config()),
             }
         )
         self.latest: dict[bytes, bytes] = {}
@@ -420,14 +422,20 @@ def _quiet_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, args, _ = load_settings_or_exit(build_parser(), argv)
+    settings, args, environ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     console = Console(highlight=False)
     source = f"{settings.output_topic} on {settings.bootstrap_servers}"
-    tail = WindowTail(settings, args.from_beginning)
+    try:
+        tail = WindowTail(settings, args.from_beginning)
+    except KafkaException as error:  # librdkafka refused a KAFKA_* value (a TLS file it cannot read, ...)
+        exit_with_config_error(
+            "monitor_aggregated_data.py",
+            client_setting_error(error, environ) or ConfigError("KAFKA_* settings", str(error)),
+        )
     shown = 0
     try:
         if not tail.start(stop):

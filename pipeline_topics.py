@@ -62,7 +62,14 @@ class PipelineTopics:
         topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
         # The output is compacted: a consumer that keeps the latest record per key
         # (what the topic is for) never needs older copies of a republished window.
-        configs = {s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}}
+        configs = {
+            s.output_topic: {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)},
+            # Kept for someone to look at and replay (docs/operations.md, "Recovery").
+            s.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(s.dlq_retention_days * 86_400_000)},
+            # Parts are needed until their window is published: minutes, or as long as a
+            # merge stall lasts. The merger commits past what it no longer needs.
+            s.partials_topic: {"cleanup.policy": "delete", "retention.ms": str(s.partials_retention_hours * 3_600_000)},
+        }
         return ensure_topics(s, topics, self._should_stop, self._health, configs=configs)
 
     def note_missing(self, now_too: bool = False) -> None:
@@ -152,14 +159,18 @@ def newest_published(settings: Settings, clients: KafkaClients) -> Published:
     """The newest window of this pipeline on the output topic. Windows are published in
     order, so it is near the end; when other pipelines share the topic, further back:
     read more of the tail until one of ours, or the whole topic, has been read."""
+    # With RECOMPUTE_FROM, the windows before that time count as published (a
+    # recomputation: docs/operations.md, "Recovery").
+    start = settings.recompute_from
+    floor = start - start % settings.window_seconds if start else 0
     for records in (_TAIL_RECORDS, 20 * _TAIL_RECORDS, None):
         found = Published()
         messages = read_topic_tail(settings, settings.output_topic, records, clients=clients)
         for message in messages:
             found = newest(found, published_by(message, settings))
         if found.until or records is None or len(messages) < records:
-            return found
-    return Published()
+            break
+    return Published(max(found.until, floor), found.partition_count)
 
 
 class PublishedFollower:

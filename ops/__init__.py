@@ -1,0 +1,1 @@
+"""Operators' tools: recovery (recomputing windows, replaying the DLQ)."""

@@ -146,6 +146,14 @@ def test_secrets_are_masked_in_the_settings_line():
         ("CLOSE_INTERVAL_SECONDS", "never"),
         ("METRICS_PORT", "70000"),
         ("CONSUME_BATCH_SIZE", "-3"),
+        ("TOPIC_REPLICATION_FACTOR", "0"),
+        ("TOPIC_REPLICATION_FACTOR", "-2"),
+        ("TOPIC_MIN_INSYNC_REPLICAS", "-1"),
+        ("DLQ_RETENTION_DAYS", "0"),
+        ("PARTIALS_RETENTION_HOURS", "a day"),
+        ("RECOMPUTE_FROM", "yesterday"),
+        ("RECOMPUTE_FROM", "2026-12-01T00:00:00"),  # no zone: UTC or local?
+        ("RECOMPUTE_MARGIN_SECONDS", "-5"),
     ],
 )
 def test_bad_value_names_the_setting(name, value):
@@ -271,3 +279,38 @@ def test_window_bounds_default_to_the_aggregators_own():
 
     assert Settings().max_profiles_per_window == aggregator.DEFAULT_MAX_PROFILES
     assert Settings().max_distinct_per_window == aggregator.DEFAULT_MAX_DISTINCT
+
+
+def test_topic_settings_default_to_the_brokers_replication_and_documented_retention():
+    settings = build_settings({})
+    assert settings.topic_replication_factor == -1  # the broker's default.replication.factor
+    assert settings.topic_min_insync_replicas == 0  # not sent: the broker's default
+    assert (settings.dlq_retention_days, settings.partials_retention_hours) == (14, 24)
+    assert settings.recompute_from == 0
+
+
+@pytest.mark.parametrize(
+    "raw", ["2026-12-01T00:00:00Z", "2026-12-01T01:00:00+01:00", "2026-12-01 00:00:00z", "1796083200"]
+)
+def test_recompute_from_takes_a_utc_time_or_epoch_seconds(raw):
+    assert build_settings({"RECOMPUTE_FROM": raw}).recompute_from == 1796083200
+
+
+def test_recompute_from_has_the_short_flag_from():
+    parser = OneLineArgumentParser(prog="p")
+    add_settings_arguments(parser)
+    settings, _, _ = load_settings_or_exit(parser, ["--from", "2026-12-01T00:00:00Z", "--env-file", ""])
+    assert settings.recompute_from == 1796083200
+
+
+@pytest.mark.parametrize("script", ["kafka_processor.py", "data_generator.py", "monitor_aggregated_data.py"])
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CA_LOCATION": "/nonexistent/ca.pem"}, "KAFKA_SSL_CA_LOCATION"),
+        ({"KAFKA_NO_SUCH_PROPERTY": "1"}, "KAFKA_NO_SUCH_PROPERTY"),
+    ],
+)
+def test_a_kafka_value_librdkafka_refuses_exits_2_in_every_script(script, env, named, tmp_path):
+    """The generator exited 1 with librdkafka's raw error, the monitor with a traceback."""
+    _exits_2_naming(script, {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", **env}, [], named, tmp_path)
