@@ -129,7 +129,18 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
     def published() -> dict[str, dict]:
         return {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()}
 
-    got = wait_until(lambda: (p := published()) == expected and p, 90, message=f"the oracle's windows (seed {seed})")
+    try:
+        got = wait_until(
+            lambda: (p := published()) == expected and p, 90, message=f"the oracle's windows (seed {seed})"
+        )
+    except AssertionError:
+        now = published()
+        wrong = {
+            key: (expected.get(key, {}).get("message_count"), now.get(key, {}).get("message_count"))
+            for key in sorted(set(expected) | set(now))
+            if expected.get(key) != now.get(key)
+        }
+        raise AssertionError(f"seed {seed}: windows (expected, published message_count) {wrong}; events {events}")
     assert sum(w["message_count"] for w in got.values()) == len(stream.records), events
     codes = [processor.terminate()[0] for processor in alive]
     assert codes == [0] * len(alive), (events, [p.log()[-2000:] for p in alive])
