@@ -140,7 +140,9 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
             for key in sorted(set(expected) | set(now))
             if expected.get(key) != now.get(key)
         }
-        raise AssertionError(f"seed {seed}: windows (expected, published message_count) {wrong}; events {events}")
+        raise AssertionError(
+            f"seed {seed}: windows (expected, published message_count) {wrong}; events {events}"
+        ) from None
     assert sum(w["message_count"] for w in got.values()) == len(stream.records), events
     codes = [processor.terminate()[0] for processor in alive]
     assert codes == [0] * len(alive), (events, [p.log()[-2000:] for p in alive])
