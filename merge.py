@@ -35,6 +35,20 @@ Rules (why, in short):
 - Windows go out in start order: a window is due only once every earlier window
   the merge holds is due too (the output topic's tail tells a new merger where
   to resume, so a later window must never be on it before an earlier one).
+- Nothing is due, and nothing committable, until the merger knows what the output
+  holds (`published_until` None): "unknown" taken as "nothing published" would
+  publish a window again from only its later parts.
+- Another pipeline's records (`PartOrigin`: input topic and group) are skipped. A
+  record made under other window-shaping settings is not merged: its partition
+  counts as having closed nothing, and the commit stays before it, until a later
+  record of that partition agrees (its owner runs with this merger's settings now,
+  and publishes the windows' records again: they were never committed).
+- A part of a published window from a partition the window was not merged with
+  (one added to the input since) counts as late in the next window published.
+- Memory is bounded (`max_pending_windows`, `max_pending_bytes`): past the bound,
+  pieces of later windows are skipped and read again (`reread_from`) once the
+  held windows are published; what is known of the partitions' progress is then
+  forgotten down to what is published, since it came partly from those records.
 """
 
 from __future__ import annotations

@@ -132,11 +132,11 @@ def latest_by_key(bootstrap: str, topic: str) -> dict[str, bytes]:
 class ProcessorProcess:
     """kafka_processor.py as a real subprocess, its log kept for the test to read."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, script: Path = ROOT / "kafka_processor.py") -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "kafka_processor.py")],
+            [sys.executable, str(script)],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -182,8 +182,8 @@ class ProcessorProcess:
 def start_processor(tmp_path) -> Iterator:
     started: list[ProcessorProcess] = []
 
-    def start(env: dict[str, str]) -> ProcessorProcess:
-        processor = ProcessorProcess(env, tmp_path / f"processor-{len(started)}.log")
+    def start(env: dict[str, str], script: Path = ROOT / "kafka_processor.py") -> ProcessorProcess:
+        processor = ProcessorProcess(env, tmp_path / f"processor-{len(started)}.log", script)
         started.append(processor)
         return processor
 

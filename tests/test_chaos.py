@@ -36,7 +36,8 @@ class LiveStream:
         self.records: list[tuple[bytes, int]] = []
         self._long = long_values  # 250-character distinct device ids and IPs: big parts
         self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 2})
-        self._topic, self._partitions, self._rate = topic, partitions, per_second
+        self._topic, self._rate = topic, per_second
+        self.partitions = partitions  # may grow while it runs (partitions added to the topic)
         self._rng = random.Random(seed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -67,7 +68,7 @@ class LiveStream:
                 while True:
                     try:
                         self._producer.produce(
-                            self._topic, value=value, partition=index % self._partitions, timestamp=millis
+                            self._topic, value=value, partition=index % self.partitions, timestamp=millis
                         )
                         break
                     except BufferError:
