@@ -24,10 +24,10 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && python -c "import _login_columns" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app
-COPY config.py parsing.py aggregator.py parts.py merge.py kafka_io.py commits.py dead_letter.py part_publisher.py \
-     window_closer.py assignment.py pipeline_topics.py processor_report.py \
-     merger.py log_setup.py metrics.py kafka_processor.py \
-     monitor_aggregated_data.py data_generator.py ./
+COPY config.py aggregator.py kafka_processor.py monitor_aggregated_data.py data_generator.py ./
+COPY ingest/ ingest/
+COPY merging/ merging/
+COPY broker/ broker/
 COPY ops/ ops/
 USER app
 # Nothing is written at run time (a read-only root filesystem is fine): no .pyc files.

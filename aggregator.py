@@ -12,7 +12,7 @@ record for a window already closed on its partition is *late*.
 Why per partition: a processor may own only some partitions (several processors
 share one consumer group), and even one owning all of them receives a backlog in
 large per-partition chunks. Each (window, partition) is closed on its own and
-becomes a *part* (see parts.py); the merge (merge.py) publishes a window once
+becomes a *part* (see merging/parts.py); the merge (merging/merge.py) publishes a window once
 every partition has closed it, summing the parts into the same value one
 processor counting everything would give.
 
@@ -27,7 +27,7 @@ needed by a part that is open, or closed and not yet acknowledged by the broker,
 acknowledged but of a window not yet published (the output topic says what is:
 `release_published`). Committing exactly that is what makes a crash lose nothing,
 and what lets a member restarted with corrected settings count again the records
-whose parts the merger refused (merge.py).
+whose parts the merger refused (merging/merge.py).
 
 "Caught up" is as of a time: the poll loop confirms that a partition is read to its
 end (`mark_caught_up(..., at=now)`), and the watermark's clock part is that time, not
@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from parsing import LoginColumns, NativeBatch, NativeWindowTallies
+from ingest.parsing import LoginColumns, NativeBatch, NativeWindowTallies
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)

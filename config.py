@@ -98,7 +98,7 @@ class Settings:
     bootstrap_servers: str = "localhost:29092"
     input_topic: str = "user-login"
     output_topic: str = "device-login-aggregates"
-    # Internal: per-partition parts of windows, merged by one processor (see merge.py).
+    # Internal: per-partition parts of windows, merged by one processor (see merging/merge.py).
     # Named after the group when not set (`<CONSUMER_GROUP_ID>-partials`), as Kafka
     # Streams names internal topics after application.id: a pipeline's own by default.
     partials_topic: str = ""
@@ -128,7 +128,7 @@ class Settings:
     # Port of the Prometheus endpoint; 0 turns it off.
     metrics_port: int = 0
     # The merger's memory bound while windows wait on a stuck member: past it, parts of
-    # later windows are read again once the held ones are published (merge.py).
+    # later windows are read again once the held ones are published (merging/merge.py).
     merge_max_pending_windows: int = 64
     merge_max_pending_mb: int = 512
     # Topics the scripts create when missing: -1 is the broker's own default.replication.factor.
@@ -158,7 +158,7 @@ class Settings:
 
     def window_shaping(self) -> dict[str, int]:
         """The settings that shape a window's value, by environment name: every part
-        carries them, and a merger never merges parts made under others (merge.py)."""
+        carries them, and a merger never merges parts made under others (merging/merge.py)."""
         return {name: getattr(self, _SETTINGS[name][0]) for name in WINDOW_SHAPING_SETTINGS}
 
     def consumer_config(self) -> dict[str, str]:

@@ -29,6 +29,14 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from broker.kafka_io import (
+    EXIT_NEVER_REACHED_BROKER,
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    client_setting_error,
+    ensure_topics,
+)
 from config import (
     GENERATOR_SETTINGS,
     ConfigError,
@@ -38,15 +46,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import (
-    EXIT_NEVER_REACHED_BROKER,
-    QUIET_CLIENT_LOGS,
-    AuthenticationFailed,
-    BrokerHealth,
-    client_setting_error,
-    ensure_topics,
-)
-from log_setup import configure_logging
+from ops.log_setup import configure_logging
 
 log = logging.getLogger("generator")
 

@@ -30,19 +30,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
-from assignment import InputAssignment
-from commits import InputCommits
-from config import (
-    ConfigError,
-    OneLineArgumentParser,
-    Settings,
-    add_settings_arguments,
-    env_name_of,
-    exit_with_config_error,
-    load_settings_or_exit,
-)
-from dead_letter import DeadLetterQueue
-from kafka_io import (
+from broker.kafka_io import (
     EXIT_NEVER_REACHED_BROKER,
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -52,15 +40,27 @@ from kafka_io import (
     close_within,
     partition_runs,
 )
-from log_setup import configure_logging
-from merger import WindowMerger, pipeline_origin
-from metrics import MetricsSnapshot, ProcessorMetrics
+from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
+from config import (
+    ConfigError,
+    OneLineArgumentParser,
+    Settings,
+    add_settings_arguments,
+    env_name_of,
+    exit_with_config_error,
+    load_settings_or_exit,
+)
+from ingest.assignment import InputAssignment
+from ingest.commits import InputCommits
+from ingest.dead_letter import DeadLetterQueue
+from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
+from ingest.part_publisher import PartPublisher
+from ingest.window_closer import WindowCloser
+from merging.merger import WindowMerger, pipeline_origin
 from ops.health import HealthEndpoint, Probes
-from parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
-from part_publisher import PartPublisher
-from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
-from processor_report import ProcessorReport
-from window_closer import WindowCloser
+from ops.log_setup import configure_logging
+from ops.metrics import MetricsSnapshot, ProcessorMetrics
+from ops.report import ProcessorReport
 
 log = logging.getLogger("processor")
 
@@ -73,7 +73,7 @@ _CLOSE_SECONDS = 5.0
 # The longest a stop may take, whatever the broker does (docker-compose gives 30 s).
 _STOP_DEADLINE_SECONDS = 15.0
 # How long shutdown lets the merger publish the windows this run's last parts complete
-# (it stops reading after 5 s of draining: merger.py).
+# (it stops reading after 5 s of draining: merging/merger.py).
 _MERGER_DRAIN_SECONDS = 7.0
 # A poll-loop turn that comes this long after the previous one means the process was
 # paused (stopped, starved): what the client cached of the partitions' ends is stale.
@@ -122,7 +122,7 @@ def consumer_settings(settings: Settings) -> dict:
 
 
 def merge_consumer_settings(settings: Settings) -> dict:
-    """The merge stage's consumer: like the input's, in a group of its own (merger.py),
+    """The merge stage's consumer: like the input's, in a group of its own (merging/merger.py),
     and quick to hand over parts (a window's latency grows by one partials round trip)."""
     return {**consumer_settings(settings), "fetch.wait.max.ms": 100}
 

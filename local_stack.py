@@ -72,6 +72,8 @@ from typing import TextIO
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from broker.embedded_broker import BrokerError, EmbeddedBroker, port_is_open
+from broker.kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS
 from config import (
     LOCAL_STACK_SETTINGS,
     ConfigError,
@@ -82,8 +84,6 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from embedded_broker import BrokerError, EmbeddedBroker, port_is_open
-from kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS
 
 HERE = Path(__file__).resolve().parent
 PROG = "local_stack.py"
@@ -155,7 +155,7 @@ def _command(script: str, *args: str) -> str:
     return " ".join(shlex.quote(part) for part in (python, shown(str(HERE / script)), *args))
 
 
-# What the processors log when the merge moves (merger.py): how the stack knows who merges.
+# What the processors log when the merge moves (merging/merger.py): how the stack knows who merges.
 NOW_THE_MERGER = "this processor is now the merger"
 NO_LONGER_THE_MERGER = "no longer the merger"
 # A run's log folder: its start time, sortable (and the pid if two start in one second).

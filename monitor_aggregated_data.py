@@ -41,6 +41,15 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from broker.kafka_io import (
+    EXIT_NEVER_REACHED_BROKER,
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    client_setting_error,
+    newest_offsets,
+    topic_partition_count,
+)
 from config import (
     MONITOR_SETTINGS,
     ConfigError,
@@ -50,16 +59,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import (
-    EXIT_NEVER_REACHED_BROKER,
-    QUIET_CLIENT_LOGS,
-    AuthenticationFailed,
-    BrokerHealth,
-    client_setting_error,
-    newest_offsets,
-    topic_partition_count,
-)
-from log_setup import configure_logging
+from ops.log_setup import configure_logging
 
 log = logging.getLogger("monitor")
 

@@ -4,8 +4,8 @@
     python benchmarks/part_size.py --records 200000 --max-bytes 1000000
 
 A processor owning a partition publishes, for every window it closes there, the
-partition's part of it (parts.py); the merger decodes the pieces and sums them
-(merge.py). With one partition the part holds the whole window: the largest a
+partition's part of it (merging/parts.py); the merger decodes the pieces and sums them
+(merging/merge.py). With one partition the part holds the whole window: the largest a
 part of a window of that many records gets. No broker: the records are parsed
 and counted the way the processor counts them, then:
 
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from aggregator import DEFAULT_MAX_DISTINCT, render_window_value, tallies_for  # noqa: E402
-from merge import MergeState  # noqa: E402
-from parsing import NATIVE_PARSER_AVAILABLE, parse_values  # noqa: E402
-from parts import decode_partial, encode_part, encode_progress  # noqa: E402
+from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values  # noqa: E402
+from merging.merge import MergeState  # noqa: E402
+from merging.parts import decode_partial, encode_part, encode_progress  # noqa: E402
 from tests.workloads import login_workload  # noqa: E402
 
 WINDOW = 30

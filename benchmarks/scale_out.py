@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from embedded_broker import EmbeddedBroker  # noqa: E402
+from broker.embedded_broker import EmbeddedBroker  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ProcessorProcess,
     Topics,

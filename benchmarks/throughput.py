@@ -47,8 +47,8 @@ from confluent_kafka import (  # noqa: E402
 )
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
+from broker.embedded_broker import EmbeddedBroker  # noqa: E402
 from data_generator import RealisticProfile  # noqa: E402
-from embedded_broker import EmbeddedBroker  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import part_size  # noqa: E402
@@ -251,7 +251,7 @@ def main() -> int:
 
 
 def part_rows() -> list[dict]:
-    from parsing import NATIVE_PARSER_AVAILABLE
+    from ingest.parsing import NATIVE_PARSER_AVAILABLE
     from tests.workloads import login_workload
 
     realistic = login_workload(part_size.START, part_size.WINDOW, 50_000, 1)

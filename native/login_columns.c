@@ -24,7 +24,7 @@
  *
  * Anything else (nested values, floats, escapes, non-ASCII, control bytes,
  * malformed JSON, a value that is not an object, a timestamp string that is
- * not plain digits) is *deferred*: parsing.py decodes it with the exact rules
+ * not plain digits) is *deferred*: ingest/parsing.py decodes it with the exact rules
  * and sets the row's values (LoginBatch.set_record) or marks it invalid.
  *
  * For accepted records the contract's rules are applied here:
@@ -1348,7 +1348,7 @@ static PyGetSetDef WindowTallies_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-/* A window's distinct values, packed for a part on the partials topic (parts.py):
+/* A window's distinct values, packed for a part on the partials topic (merging/parts.py):
    device ids as [u16 length][bytes]..., IPs as [u16 length][bytes][u64 count]...,
    little-endian, in table order. Made and read here without the GIL and without a
    Python object per value; aggregator.WindowTallies packs the same bytes. */
@@ -1464,7 +1464,7 @@ static PyObject *WindowTallies_add_packed(WindowTallies *self, PyObject *args) {
 
 static PyMethodDef WindowTallies_methods[] = {
     {"pack_values", (PyCFunction)WindowTallies_pack_values, METH_NOARGS,
-     "pack_values() -> (device ids, ip counts) packed for a part (see parts.py)."},
+     "pack_values() -> (device ids, ip counts) packed for a part (see merging/parts.py)."},
     {"add_packed", (PyCFunction)WindowTallies_add_packed, METH_VARARGS,
      "add_packed(device_ids, ip_counts): union packed values into these tallies (bounded like add)."},
     {"add", (PyCFunction)WindowTallies_add, METH_VARARGS,

@@ -31,6 +31,7 @@ from typing import TextIO
 
 from confluent_kafka import KafkaException, Message, Producer
 
+from broker.kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics, read_topic_tail
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -39,8 +40,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, ensure_topics, read_topic_tail
-from log_setup import configure_logging
+from ops.log_setup import configure_logging
 
 log = logging.getLogger("dlq-replay")
 

@@ -1,7 +1,7 @@
 """The processor's HTTP endpoint: `/metrics` for Prometheus, `/healthz` and `/readyz`
 for whoever runs it (Kubernetes probes, Docker's HEALTHCHECK, a load balancer).
 
-* `/healthz`, liveness: the poll loop and the timer thread (window_closer.py) are
+* `/healthz`, liveness: the poll loop and the timer thread (ingest/window_closer.py) are
   turning. Each loop beats a `Heartbeat` once per turn (one clock read, never per
   record); a loop that has not beaten for `STALL_SECONDS` beyond its own period is
   stuck, and the answer is 503 naming it. Only a restart helps then: a stuck poll

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from confluent_kafka import KafkaException, Message, Producer
 
 from aggregator import iso_utc
+from broker.kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, read_topic_tail
+from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -35,10 +37,8 @@ from config import (
     load_settings_or_exit,
     utc_time,
 )
-from kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, read_topic_tail
-from log_setup import configure_logging
-from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES
-from processor_report import epoch_of
+from ops.log_setup import configure_logging
+from ops.report import epoch_of
 
 log = logging.getLogger("recompute")
 

@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from embedded_broker import EmbeddedBroker
+from broker.embedded_broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,7 +36,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from kafka_io import KafkaClients
+from broker.kafka_io import KafkaClients
 
 
 @dataclass

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import Aggregator, ClosedWindow, iso_utc
-from merge import MergeState
-from parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from merging.merge import MergeState
 from tests.oracle import expected_windows
 
 W = 30
@@ -64,7 +64,7 @@ def feed(aggregator: Aggregator, partition: int, first_offset: int, raws: list[b
 def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
     """What the pipeline publishes for what `agg` closes now: its parts and progress,
     through the partials encoding, into the merge (one merge per aggregator)."""
-    from parts import decode_partial, encode_part, encode_progress
+    from merging.parts import decode_partial, encode_part, encode_progress
 
     merge = agg.__dict__.setdefault("test_merge", MergeState(W, agg.top_ips, agg.max_distinct_per_window))
     poll_loop_turn(agg)
@@ -451,7 +451,7 @@ class TestClosingIsTotal:
     processor stops and the next run replays them."""
 
     def poisoned(self, clock: FakeClock) -> Aggregator:
-        from parsing import LoginColumns
+        from ingest.parsing import LoginColumns
 
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31)], clock.now)
@@ -477,7 +477,7 @@ class TestClosingIsTotal:
 
     def test_carried_counts_stay_held_when_rendering_fails(self):
         from aggregator import WindowRenderError
-        from parsing import LoginColumns
+        from ingest.parsing import LoginColumns
 
         clock = FakeClock(T0 + 45)
         agg = make_aggregator(clock)

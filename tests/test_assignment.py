@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 
 from aggregator import iso_utc
+from broker.pipeline_topics import Published
 from config import build_settings
 from kafka_processor import Processor
-from pipeline_topics import Published
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 
 W = 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from commits import CommitSlot, safe_offsets
+from ingest.commits import CommitSlot, safe_offsets
 
 
 def test_a_pending_dead_letter_copy_holds_its_partition_back():

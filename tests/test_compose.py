@@ -183,7 +183,7 @@ def _exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from metrics import MetricsSnapshot, ProcessorMetrics
+    from ops.metrics import MetricsSnapshot, ProcessorMetrics
 
     window = {
         "message_count": 1,

@@ -83,7 +83,7 @@ def test_generator_produces_its_count_to_a_real_broker(topics, tmp_path):
 
 def test_stopped_before_ever_reaching_the_broker_exits_3(tmp_path):
     """Issue 18, item 8 (for the generator too): 0 would read as a clean run."""
-    from embedded_broker import free_port
+    from broker.embedded_broker import free_port
 
     log_path = tmp_path / "generator.log"
     with open(log_path, "w") as log:

@@ -13,8 +13,8 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from dead_letter import DeadLetterQueue
-from embedded_broker import EmbeddedBroker
+from broker.embedded_broker import EmbeddedBroker
+from ingest.dead_letter import DeadLetterQueue
 from tests.conftest import Topics, produce, read_topic, wait_until
 
 pytestmark = [pytest.mark.broker]

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import pytest
 
-import window_closer
+from broker.pipeline_topics import newest_published
 from config import build_settings
+from ingest import window_closer
 from kafka_processor import Processor
-from pipeline_topics import newest_published
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 from tests.oracle import decode_object, expected_windows
 

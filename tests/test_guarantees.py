@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 from confluent_kafka import Consumer
 
-from embedded_broker import EmbeddedBroker, free_port
+from broker.embedded_broker import EmbeddedBroker, free_port
 from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
 from tests.oracle import decode_object, expected_windows
 from tests.workloads import invalid_record_positions, login_workload

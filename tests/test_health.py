@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from embedded_broker import EmbeddedBroker, free_port, port_is_open
+from broker.embedded_broker import EmbeddedBroker, free_port, port_is_open
 from ops.health import STALL_SECONDS, HealthEndpoint, Probes
 from tests.conftest import ROOT, Topics, aligned_past, produce, run_script, wait_until
 from tests.workloads import login_workload

@@ -12,7 +12,7 @@ import logging
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from kafka_io import AuthenticationFailed, BrokerHealth
+from broker.kafka_io import AuthenticationFailed, BrokerHealth
 
 REFUSED = KafkaError(
     KafkaError._AUTHENTICATION,
@@ -177,8 +177,8 @@ def test_offsets_at_time_are_exact_where_the_brokers_own_answer_is_not(topics):
     `offsets_at_time` finds the first record at or after each time by reading."""
     from confluent_kafka import Consumer, TopicPartition
 
+    from broker.kafka_io import offsets_at_time
     from config import build_settings
-    from kafka_io import offsets_at_time
     from tests.conftest import produce
 
     base = 1_790_000_000_000
@@ -210,9 +210,9 @@ def test_a_replication_factor_the_cluster_refuses_is_a_bad_setting(monkeypatch):
     any): injected at the admin client, the one place that sees it."""
     from concurrent.futures import Future
 
-    import kafka_io
+    from broker import kafka_io
+    from broker.kafka_io import ensure_topics
     from config import ConfigError, build_settings
-    from kafka_io import ensure_topics
 
     class RefusingAdmin:
         def __init__(self, _config):

@@ -111,7 +111,7 @@ def test_sigterm_publishes_what_is_complete_and_a_restart_continues_exactly(topi
 
 
 def test_waits_for_a_broker_that_is_not_there_yet(tmp_path, start_processor):
-    from embedded_broker import EmbeddedBroker, free_port
+    from broker.embedded_broker import EmbeddedBroker, free_port
     from tests.conftest import Topics
 
     port = free_port()
@@ -243,7 +243,7 @@ def test_a_failed_metadata_lookup_during_assignment_does_not_crash(topics, monke
 
     from confluent_kafka import KafkaError, KafkaException
 
-    import assignment
+    from ingest import assignment
 
     topics.create(input_partitions=1)
     start = aligned_past(10)
@@ -377,7 +377,7 @@ def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(t
     """Issue 18, items 5 and 8: a processor that never reached its broker exited 0 on
     Ctrl-C, which scripts and supervisors read as a clean run; and its log lines did not
     say which processor (or process) wrote them."""
-    from embedded_broker import free_port
+    from broker.embedded_broker import free_port
     from tests.conftest import Topics
 
     topics = Topics(f"127.0.0.1:{free_port()}", "in-never", "out-never", "dlq-never", "group-never")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from embedded_broker import free_port, port_is_open
+from broker.embedded_broker import free_port, port_is_open
 from local_stack import MergerWatch, describe_exit, new_run_folder
 from tests.conftest import ROOT, read_topic, require_tool, wait_until
 

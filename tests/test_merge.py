@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import DEFAULT_MAX_DISTINCT, WindowTallies, iso_utc, render_window_value, tallies_for
-from merge import MergedTallies, MergeStall, MergeState
-from parsing import NATIVE_PARSER_AVAILABLE, parse_values
-from parts import UNKNOWN_ORIGIN, decode_partial, encode_part, encode_progress
+from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from merging.merge import MergedTallies, MergeStall, MergeState
+from merging.parts import UNKNOWN_ORIGIN, decode_partial, encode_part, encode_progress
 from tests.oracle import expected_windows
 
 W = 30

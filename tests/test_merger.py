@@ -15,12 +15,12 @@ import msgspec
 import pytest
 
 from aggregator import iso_utc
+from broker.kafka_io import BrokerHealth
+from broker.pipeline_topics import newest_published
 from config import build_settings
-from kafka_io import BrokerHealth
-from merge import MergeStall
-from merger import WindowMerger, pipeline_origin
-from parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress
-from pipeline_topics import newest_published
+from merging.merge import MergeStall
+from merging.merger import WindowMerger, pipeline_origin
+from merging.parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 from tests.test_chaos import merger_of
 from tests.test_merge import T0, Feeder, W, login, parts_of, single_processor
@@ -247,7 +247,7 @@ def test_the_merger_stays_bounded_while_a_member_is_stopped_and_loses_nothing(to
     session, so nobody takes its partitions: 1-second windows pile up behind it. The
     merger holds at most 3 (MERGE_MAX_PENDING_WINDOWS), says why in its log, and its
     memory stays flat; once the member resumes, every window is exact."""
-    from embedded_broker import free_port
+    from broker.embedded_broker import free_port
     from tests.conftest import latest_by_key, wait_until
     from tests.oracle import expected_windows
     from tests.test_chaos import LiveStream

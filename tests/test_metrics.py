@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedded_broker import free_port
-from metrics import MetricsSnapshot, ProcessorMetrics
+from broker.embedded_broker import free_port
+from ops.metrics import MetricsSnapshot, ProcessorMetrics
 from tests.conftest import published_backlog, require_tool, wait_until
 from tests.oracle import decode_object
 

@@ -237,7 +237,7 @@ def test_keeps_retrying_an_unreachable_broker_and_never_prints_a_raw_error(tmp_p
     10 s with a raw `KafkaError{...}` and status 1. Now it waits for the broker like the
     processor does: a name that does not resolve until Ctrl-C (status 3: it never reached
     a broker), a port with no broker yet until one starts there (then it shows windows)."""
-    from embedded_broker import EmbeddedBroker, free_port
+    from broker.embedded_broker import EmbeddedBroker, free_port
 
     port = free_port()
     later = dict(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", OUTPUT_TOPIC="out-later", PATH="/usr/bin:/bin")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from parsing import NATIVE_PARSER_AVAILABLE
+from ingest.parsing import NATIVE_PARSER_AVAILABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"

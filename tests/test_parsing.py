@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator import tallies_for
-from parsing import (
+from ingest.parsing import (
     ALL_FIELDS,
     NATIVE_PARSER_AVAILABLE,
     LoginRecord,

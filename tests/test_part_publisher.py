@@ -6,8 +6,8 @@ injected at the client boundary (tests/fake_kafka.py)."""
 from __future__ import annotations
 
 from aggregator import ClosedPart, ClosedParts
-from part_publisher import PartPublisher
-from parts import decode_partial
+from ingest.part_publisher import PartPublisher
+from merging.parts import decode_partial
 from tests.fake_kafka import FakeCluster, FakeProducer, Faults
 
 T0 = 1_800_000_000 - 1_800_000_000 % 30

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import parts
 from aggregator import PROFILE_FIELDS, pack_device_ids, pack_ip_counts, tallies_for
-from parsing import NATIVE_PARSER_AVAILABLE, parse_values
-from parts import (
+from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
+from merging import parts
+from merging.parts import (
     MIN_PIECE_BYTES,
     PARTS_FORMAT_VERSION,
     BadPartialRecord,

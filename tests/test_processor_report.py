@@ -1,4 +1,4 @@
-"""processor_report.py: the figures it feeds the metrics with, from each published window."""
+"""ops/report.py: the figures it feeds the metrics with, from each published window."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 from aggregator import Aggregator, ClosedWindow
 from config import Settings
-from processor_report import ProcessorReport
+from ops.report import ProcessorReport
 
 
 def window(start: int, capped: list[str] | None = None) -> ClosedWindow:

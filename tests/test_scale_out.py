@@ -15,7 +15,7 @@ import time
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from processor_report import epoch_of
+from ops.report import epoch_of
 from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, wait_until
 from tests.oracle import expected_windows
 from tests.workloads import login_workload

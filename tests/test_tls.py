@@ -15,7 +15,7 @@ import uuid
 import pytest
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from embedded_broker import EmbeddedBroker, free_port
+from broker.embedded_broker import EmbeddedBroker, free_port
 from tests.conftest import ProcessorProcess, Topics, run_script, wait_until
 from tests.oracle import expected_windows
 from tests.tls_support import TlsProxy, make_pki

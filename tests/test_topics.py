@@ -11,9 +11,9 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource
 
+from broker.kafka_io import BrokerHealth
+from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
 from config import build_settings
-from kafka_io import BrokerHealth
-from pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
 
 pytestmark = pytest.mark.broker
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from parts import PartPiece, decode_partial
+from merging.parts import PartPiece, decode_partial
 from tests.conftest import ROOT, latest_by_key, read_topic, wait_until
 from tests.oracle import expected_windows
 from tests.test_chaos import LiveStream

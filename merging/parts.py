@@ -3,7 +3,7 @@
 When several processors share the input topic, each closes windows per input
 partition and publishes, for every (window, partition) it closes, that
 partition's exact *part* of the window; one merger sums the parts once every
-partition has closed the window (merge.py). *Progress* records say "partition p
+partition has closed the window (merging/merge.py). *Progress* records say "partition p
 has closed every window ending at or before t", so that an idle partition never
 holds a window.
 
@@ -19,7 +19,7 @@ out (they decode to their defaults). That is how the pipeline identity and the
 window-shaping settings (`PartOrigin`) were added, so that a group can be upgraded
 one member at a time from the release before them. The version changes only for a
 layout older readers cannot read; a merger that meets a newer version leaves the
-merge to a member that knows it (merger.py). A part larger than `max_bytes` (the broker's
+merge to a member that knows it (merging/merger.py). A part larger than `max_bytes` (the broker's
 message size) is split into *pieces*: the additive scalars (message, missing,
 invalid and late counts) ride in piece 0 only, so that summing every piece of a
 part counts them once; profiles, device ids and IP counts are spread over the

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from config import Settings
-from kafka_io import (
+from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
     BrokerHealth,
@@ -25,7 +24,8 @@ from kafka_io import (
     sleep_unless_stopped,
     topic_partition_count,
 )
-from processor_report import epoch_of
+from config import Settings
+from ops.report import epoch_of
 
 log = logging.getLogger("processor")
 

@@ -41,11 +41,11 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import ClosedWindow, iso_utc
+from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within
+from broker.pipeline_topics import Published, output_headers
 from config import Settings
-from kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within
-from merge import MergeStall, MergeState, Verdict
-from parts import BadPartialRecord, PartOrigin, UnknownPartFormat, decode_partial
-from pipeline_topics import Published, output_headers
+from merging.merge import MergeStall, MergeState, Verdict
+from merging.parts import BadPartialRecord, PartOrigin, UnknownPartFormat, decode_partial
 
 log = logging.getLogger("merger")
 

@@ -16,14 +16,14 @@ from collections.abc import Callable
 from confluent_kafka import Producer
 
 from aggregator import Aggregator, WindowAggregate
-from commits import InputCommits, safe_offsets
+from broker.kafka_io import BrokerHealth
+from broker.pipeline_topics import PublishedFollower
 from config import Settings
-from dead_letter import DeadLetterQueue
-from kafka_io import BrokerHealth
-from part_publisher import PartPublisher
-from parts import PartOrigin, encode_part
-from pipeline_topics import PublishedFollower
-from processor_report import ProcessorReport
+from ingest.commits import InputCommits, safe_offsets
+from ingest.dead_letter import DeadLetterQueue
+from ingest.part_publisher import PartPublisher
+from merging.parts import PartOrigin, encode_part
+from ops.report import ProcessorReport
 
 log = logging.getLogger("processor")
 
@@ -98,7 +98,7 @@ class WindowCloser:
             published = self._published.poll()
             self._aggregator.release_published(published.until, published.partition_count)
             self._parts.add(self._aggregator.close_due_parts(self._encode_part))
-            # A partition's publications go out one at a time (part_publisher.py): send
+            # A partition's publications go out one at a time (ingest/part_publisher.py): send
             # what may go, wait for the broker, and again while that let more go.
             deadline = time.monotonic() + wait_seconds
             while True:

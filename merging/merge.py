@@ -1,7 +1,7 @@
 """The merge: per-partition parts of windows in, the contract's windows out. Pure: no Kafka, no clock.
 
 Every processor closes windows per input partition and publishes each (window,
-partition) it closes as a *part* on the partials topic (parts.py), and *progress*
+partition) it closes as a *part* on the partials topic (merging/parts.py), and *progress*
 records as its partitions' watermarks advance. One merger reads that topic (it has
 one partition, so the merger sees records in the order they were written) and
 feeds every record to a `MergeState`. A window is due once every input partition
@@ -67,8 +67,8 @@ from aggregator import (
     iso_utc,
     render_window_value,
 )
-from parsing import NativeWindowTallies
-from parts import PartOrigin, PartPiece, Progress
+from ingest.parsing import NativeWindowTallies
+from merging.parts import PartOrigin, PartPiece, Progress
 
 log = logging.getLogger("merger")
 
@@ -238,7 +238,7 @@ class SettingsConflict:
         return ", ".join(f"{name}={value} (this merger: {mine[name]})" for name, value in self.theirs)
 
 
-# Defaults of the merger's memory bound (merger.py passes the settings).
+# Defaults of the merger's memory bound (merging/merger.py passes the settings).
 DEFAULT_MAX_PENDING_WINDOWS = 64
 DEFAULT_MAX_PENDING_BYTES = 512 * 1024 * 1024
 

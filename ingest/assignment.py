@@ -17,11 +17,11 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from aggregator import Aggregator, iso_utc
-from commits import InputCommits
+from broker.kafka_io import BrokerHealth, offsets_at_time, topic_partition_count
+from broker.pipeline_topics import PipelineTopics
 from config import Settings
-from kafka_io import BrokerHealth, offsets_at_time, topic_partition_count
-from part_publisher import PartPublisher
-from pipeline_topics import PipelineTopics
+from ingest.commits import InputCommits
+from ingest.part_publisher import PartPublisher
 
 log = logging.getLogger("processor")
 

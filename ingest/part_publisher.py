@@ -35,7 +35,7 @@ from enum import Enum
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from aggregator import ClosedParts, iso_utc
-from parts import UNKNOWN_ORIGIN, PartOrigin, encode_progress, part_key, progress_key
+from merging.parts import UNKNOWN_ORIGIN, PartOrigin, encode_progress, part_key, progress_key
 
 log = logging.getLogger("processor")
 

@@ -19,7 +19,7 @@ import msgspec
 
 from aggregator import Aggregator, ClosedWindow, iso_utc
 from config import Settings
-from metrics import MetricsSnapshot
+from ops.metrics import MetricsSnapshot
 
 log = logging.getLogger("processor")
 

@@ -1,0 +1,1 @@
+"""Talking to Kafka: the clients, broker health, the pipeline's topics, the embedded broker."""

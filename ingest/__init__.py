@@ -1,0 +1,4 @@
+"""The input stage: records in, parts of windows out.
+
+Parsing, the assignment, dead letters, closing windows, publishing parts, commits.
+"""
