@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from broker.kafka_io import (
-    EXIT_NEVER_REACHED_BROKER,
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
     BrokerHealth,
@@ -232,14 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     health = BrokerHealth(settings.bootstrap_servers, log)
     try:
         if not ensure_topics(settings, {settings.input_topic: settings.input_partitions}, stop.is_set, health):
-            if health.reached:
-                return 0
-            log.warning(
-                "stopped; it never reached the broker at %s (exit status %d)",
-                settings.bootstrap_servers,
-                EXIT_NEVER_REACHED_BROKER,
-            )
-            return EXIT_NEVER_REACHED_BROKER
+            return health.exit_status_when_stopped()
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())

@@ -31,7 +31,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from aggregator import Aggregator, iso_utc
 from broker.kafka_io import (
-    EXIT_NEVER_REACHED_BROKER,
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
     AuthenticationFailed,
@@ -303,14 +302,7 @@ class Processor:
     def _run(self) -> int:
         if not self.prepare():
             self._consumer.close()
-            if self.health.reached:
-                return 0
-            log.warning(
-                "stopped; it never reached the broker at %s (exit status %d)",
-                self.settings.bootstrap_servers,
-                EXIT_NEVER_REACHED_BROKER,
-            )
-            return EXIT_NEVER_REACHED_BROKER
+            return self.health.exit_status_when_stopped()
         self.start_consuming()
         self.merger.start()
         _tune_garbage_collector()

@@ -42,7 +42,6 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.kafka_io import (
-    EXIT_NEVER_REACHED_BROKER,
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
     BrokerHealth,
@@ -439,14 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = 0
     try:
         if not tail.start(stop):
-            if tail.health.reached:
-                return 0
-            log.warning(
-                "stopped; it never reached the broker at %s (exit status %d)",
-                settings.bootstrap_servers,
-                EXIT_NEVER_REACHED_BROKER,
-            )
-            return EXIT_NEVER_REACHED_BROKER
+            return tail.health.exit_status_when_stopped()
         if not args.json and console.is_terminal:
             return _live_dashboard(console, tail, stop, source, settings.window_seconds, args)
         last_window = time.monotonic()

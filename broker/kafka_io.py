@@ -216,6 +216,18 @@ class BrokerHealth:
         """Whether a broker request has succeeded since start-up."""
         return self._reached
 
+    def exit_status_when_stopped(self) -> int:
+        """The exit status of a script asked to stop during start-up: 0 if the broker
+        was ever reached, else EXIT_NEVER_REACHED_BROKER, said once in the log."""
+        if self._reached:
+            return 0
+        self.log.warning(
+            "stopped; it never reached the broker at %s (exit status %d)",
+            self.bootstrap_servers,
+            EXIT_NEVER_REACHED_BROKER,
+        )
+        return EXIT_NEVER_REACHED_BROKER
+
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded."""
         with self._lock:

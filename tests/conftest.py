@@ -94,10 +94,12 @@ def produce(bootstrap: str, topic: str, records: list[tuple[int, bytes | None, i
     assert producer.flush(30) == 0
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list:
-    """Every record of every partition of `topic`, read to the end."""
+def read_topic(bootstrap: str, topic: str, timeout: float = 20.0, client: dict | None = None) -> list:
+    """Every record of every partition of `topic`, read to the end (`client`: more
+    librdkafka settings, TLS say)."""
     consumer = Consumer(
         {
+            **(client or {}),
             "bootstrap.servers": bootstrap,
             "group.id": f"reader-{uuid.uuid4()}",
             "enable.auto.commit": False,

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import require_tool
+from tests.test_compose import exported_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "monitoring" / "alerts.yml"
@@ -65,38 +66,6 @@ def test_the_compose_prometheus_loads_the_rules(promtool):
     volumes = compose["services"]["prometheus"]["volumes"]
     assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
     assert f"./monitoring/{RULES.name}:/etc/prometheus/{RULES.name}:ro" in volumes
-
-
-def exported_metric_names() -> set[str]:
-    """Every name the processor's registry exposes, from a snapshot with every field set."""
-    from prometheus_client import generate_latest
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from ops.metrics import MetricsSnapshot, ProcessorMetrics
-
-    window = {
-        "message_count": 1,
-        "unique_device_count": 1,
-        "unique_ip_count": 1,
-        "invalid_message_count": 0,
-        "late_message_count": 0,
-        "device_counts": {"iOS": 1},
-        "locale_counts": {"TX": 1},
-    }
-    snapshot = MetricsSnapshot(
-        stage_seconds={"parse": 1.0},
-        missing_fields={"ip": 1},
-        consumer_lag={0: 0},
-        watermark=1,
-        last_window=window,
-        last_window_end=1,
-        merge_lag_seconds=0.0,
-        last_publish_time=1.0,
-        partials_skipped={"damaged": 1},
-        merge_pending_windows=1,
-    )
-    text = generate_latest(ProcessorMetrics(lambda: snapshot).registry).decode()
-    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def test_the_rules_use_only_metrics_the_processor_exports():

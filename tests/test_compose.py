@@ -178,8 +178,8 @@ def test_processors_use_the_images_healthcheck_and_the_others_turn_it_off(compos
 MONITORING = ROOT / "monitoring"
 
 
-def _exported_metric_names() -> set[str]:
-    """Every metric name the processor exposes, from the real collector with a full snapshot."""
+def exported_metric_names() -> set[str]:
+    """Every metric name the processor exposes, from the real collector with every snapshot field set."""
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -201,6 +201,10 @@ def _exported_metric_names() -> set[str]:
         watermark=1,
         last_window=window,
         last_window_end=1,
+        merge_lag_seconds=0.0,
+        last_publish_time=1.0,
+        partials_skipped={"damaged": 1},
+        merge_pending_windows=1,
     )
     registry = ProcessorMetrics(lambda: snapshot).registry
     text = generate_latest(registry).decode()
@@ -244,7 +248,7 @@ def test_dashboard_queries_only_metrics_the_processor_exports():
     import json
 
     dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "login-analytics.json").read_text())
-    exported = _exported_metric_names()
+    exported = exported_metric_names()
     queried = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -13,10 +13,9 @@ import time
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from broker.embedded_broker import EmbeddedBroker, free_port
-from tests.conftest import ProcessorProcess, Topics, run_script, wait_until
+from tests.conftest import ProcessorProcess, Topics, read_topic, run_script, wait_until
 from tests.oracle import expected_windows
 from tests.tls_support import TlsProxy, make_pki
 
@@ -44,32 +43,7 @@ def tls_env(pki, mutual: bool, ca=None) -> dict[str, str]:
 def read_all(bootstrap: str, topic: str, env: dict[str, str], timeout: float = 30.0) -> list:
     """Every record of `topic`, read over TLS to the end of each partition."""
     config = {k[len("KAFKA_") :].lower().replace("_", "."): v for k, v in env.items() if k.startswith("KAFKA_SSL")}
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "security.protocol": "SSL",
-            **config,
-            "group.id": f"reader-{uuid.uuid4()}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "log_level": 2,
-        }
-    )
-    try:
-        partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        waiting, records = set(partitions), []
-        deadline = time.monotonic() + timeout
-        while waiting and time.monotonic() < deadline:
-            for message in consumer.consume(1000, 0.5):
-                if message.error() is None:
-                    records.append(message)
-                elif message.error().code() == KafkaError._PARTITION_EOF:
-                    waiting.discard(message.partition())
-        assert not waiting, f"could not read {topic} to its end"
-        return records
-    finally:
-        consumer.close()
+    return read_topic(bootstrap, topic, timeout, {"security.protocol": "SSL", **config})
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["server-tls", "mutual-tls"])
