@@ -538,3 +538,45 @@ class TestNativeParser:
         [window] = tallied(native, 30, 1_000_000).values()
         assert window["unique_ip_count"] == 20_000
         assert len(window["profiles"]) == 5000
+
+
+class TestKafkaTimeFromMessages:
+    """The processor hands the native parser the consumed messages: it reads each one's
+    timestamp in C. That must be the Python rule (`kafka_time_of`) exactly, on records
+    whose event times sit on either side of the skew from their own Kafka time."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.integers(-400, 400),  # event time - Kafka time
+                st.sampled_from([0, 1, 2]),  # timestamp type: 0 is "not available"
+                st.one_of(st.integers(-5, 0), st.integers(NOW - 10_000, NOW + 2 * SKEW)),  # Kafka time, seconds
+                st.integers(0, 999),
+            ),
+            min_size=1,
+            max_size=30,
+        )
+    )
+    def test_native_reading_the_messages_equals_the_python_rule(self, rows):
+        from confluent_kafka import Message
+
+        values, messages = [], []
+        for offset, (seconds_ahead, kind, kafka_seconds, millis) in enumerate(rows):
+            stamp = (kind, kafka_seconds * 1000 + millis)
+            reference = kafka_time_of(stamp, NOW, SKEW)
+            values.append(json.dumps({"device_id": f"d{offset}", "timestamp": reference + seconds_ahead}).encode())
+            messages.append(Message(value=values[-1], offset=offset, timestamp=stamp))
+
+        def kafka_time(position: int) -> int:
+            return kafka_time_of(messages[position].timestamp(), NOW, SKEW)
+
+        from_messages, _ = parse_values(values, NOW, SKEW, kafka_time, native=True, messages=messages)
+        from_function, _ = parse_values(values, NOW, SKEW, kafka_time, native=True)
+        pure, _ = parse_values(values, NOW, SKEW, kafka_time, native=False)
+        assert tallied(from_messages, 1, 100) == tallied(from_function, 1, 100) == tallied(pure, 1, 100)
+        for position, (seconds_ahead, *_rest) in enumerate(rows):  # and each is the rule
+            expected = kafka_time(position) + seconds_ahead
+            if seconds_ahead > SKEW or expected <= 0:
+                expected = kafka_time(position)  # not a time: the Kafka time stands in
+            assert from_messages.window_counts(1).get(expected, 0) >= 1
