@@ -103,9 +103,15 @@ class FakeCluster:
     def create_topic(self, name: str, partitions: int) -> None:
         self.logs.setdefault(name, [[] for _ in range(partitions)])
 
-    def add_partitions(self, name: str, total: int) -> None:
+    def add_partitions(self, name: str, total: int, notice: bool = True) -> None:
+        """Partitions added to a topic; `notice=False`: the groups reading it learn of them
+        only at `notice_partitions` (a client's metadata refresh comes later)."""
         log = self.logs[name]
         log.extend([] for _ in range(total - len(log)))
+        if notice:
+            self.notice_partitions(name)
+
+    def notice_partitions(self, name: str) -> None:
         for group in self.groups.values():
             if any(name in member.topics for member in group.members):
                 group.rebalance()

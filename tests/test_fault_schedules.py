@@ -316,3 +316,58 @@ def test_random_fault_schedules_change_no_window_and_commit_nothing_unstored(cap
                 f"seed {seed}: {problem}\n"
                 f"reproduce: FAULT_SCHEDULE_SEED={seed} .venv/bin/python -m pytest tests/test_fault_schedules.py -q"
             )
+
+
+def test_a_partition_added_to_a_live_input_is_counted_never_dropped_unseen():
+    """Partitions added to the input while running: their records count in their window
+    while it is unpublished, otherwise as late (in the next window), never dropped
+    unseen; windows from after the change are exact. (The embedded broker cannot add
+    partitions, CreatePartitions being unsupported, so this runs over the in-memory
+    Kafka, with the processors' own code; a group of two, one of them merging.)"""
+    schedule = Schedule(seed=7)
+    schedule.faults.enabled = False
+    cluster, clock = schedule.cluster, schedule.clock
+    cluster.logs["in"] = [[] for _ in range(2)]
+    schedule.partitions, schedule.records = 2, []
+    schedule.start_member()
+    schedule.start_member()
+
+    def run(seconds: float, partitions: int) -> None:
+        end = clock.now + seconds
+        while clock.now < end:
+            clock.now += 0.25
+            for _ in range(3):
+                t = int(clock.now)
+                value = json.dumps({"device_id": f"d{len(schedule.records)}", "timestamp": t}).encode()
+                partition = len(schedule.records) % partitions
+                cluster.append("in", partition, None, value, timestamp_ms=int(clock.now * 1000))
+                schedule.records.append((value, int(clock.now * 1000)))
+            for member in schedule.members:
+                for kind in ("poll", "timer", "merge"):
+                    schedule.turn(member, kind)
+
+    run(40, 2)
+    cluster.add_partitions("in", 3, notice=False)  # written to at once; the group notices it later
+    added_at = clock.now
+    run(25, 3)  # windows close and are published meanwhile, without the new partition
+    cluster.notice_partitions("in")  # the metadata refresh: a rebalance, the new count
+    run(75, 3)
+    for _ in range(60):  # no more input: everything closes
+        clock.now += 0.5
+        for member in schedule.members:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+    output, expected = schedule.output(), schedule.expected()
+    counted = sum(w["message_count"] + w["late_message_count"] for w in output.values())
+    assert counted == len(schedule.records), "every record counted, in its window or as late"
+    later = [key for key in expected if key >= window_key_at(added_at + 25 + W)]
+    assert later and {k: output.get(k) for k in later} == {k: expected[k] for k in later}
+    late = sum(w["late_message_count"] for w in output.values())
+    assert late > 0, "some of the new partition's records were of windows published without it"
+
+
+def window_key_at(seconds: float) -> str:
+    from aggregator import iso_utc
+
+    start = int(seconds) - int(seconds) % W
+    return iso_utc(start)

@@ -15,7 +15,6 @@ import time
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from ops.report import epoch_of
 from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, wait_until
 from tests.oracle import expected_windows
 from tests.workloads import login_workload
@@ -180,50 +179,5 @@ def test_a_live_stream_shared_by_two_processors_publishes_every_window_on_time(t
         assert latency <= lateness + 3, f"window {key} published {latency:.1f}s after its end"
     published = {key: json.loads(value) for key, value in latest_by_key(topics.bootstrap, topics.output).items()}
     assert sum(v["message_count"] for v in published.values()) == len(sent)
-    for processor in processors:
-        assert processor.terminate()[0] == 0
-
-
-def test_a_partition_added_to_a_live_input_is_counted(topics, start_processor):
-    """A third partition is added to a live two-partition input. Its records count in
-    their window while it is unpublished, otherwise as late (in the next window closed
-    on it): never dropped unseen. Windows from well after the change are exact."""
-    from confluent_kafka.admin import AdminClient, NewPartitions
-
-    from tests.test_chaos import LiveStream
-
-    topics.create(input_partitions=2)
-    window = 5
-    env = topics.env(WINDOW_SECONDS=str(window), ALLOWED_LATENESS_SECONDS="2")
-    processors = [start_processor(env) for _ in range(2)]
-    for processor in processors:
-        processor.wait_for_log("assigned", timeout=30)
-    stream = LiveStream(topics.bootstrap, topics.input, 2, per_second=200, seed=9).start()
-    time.sleep(6)
-    admin = AdminClient({"bootstrap.servers": topics.bootstrap})
-    for future in admin.create_partitions([NewPartitions(topics.input, 3)]).values():
-        future.result(10)
-    added_at = time.time()
-    time.sleep(1)
-    stream.partitions = 3
-    time.sleep(22)
-    stream.stop()
-    sent = len(stream.records)
-    expected = expected_windows(stream.records, window=window)
-
-    def published() -> dict[str, dict]:
-        return {key: json.loads(value) for key, value in latest_by_key(topics.bootstrap, topics.output).items()}
-
-    def all_counted():
-        windows = published()
-        counted = sum(w["message_count"] + w["late_message_count"] for w in windows.values())
-        return counted == sent and windows
-
-    windows = wait_until(all_counted, 60, message=f"all {sent} records counted, in their windows or as late")
-    settled = added_at + 15  # the new partition is read by then (metadata refresh 5 s, a rebalance)
-    later = {key for key in expected if epoch_of(key) >= settled and epoch_of(key) + window < time.time() - 3}
-    assert later, "no window after the change to compare"
-    assert {key: windows[key] for key in later} == {key: expected[key] for key in later}
-    assert any(p.log().count("assigned") >= 2 for p in processors), "the new partition was never assigned"
     for processor in processors:
         assert processor.terminate()[0] == 0
