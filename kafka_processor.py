@@ -252,6 +252,15 @@ class Processor:
         """Topics exist and we know what an earlier run published. False if stopped first."""
         if not self.topics.ensure():
             return False
+        # Which process this is, once the broker has taken its settings (a refused login or
+        # TLS handshake before that is a bad setting: one line, nothing before it).
+        log.info(
+            "%s connected to %s: pid %d on host %s",
+            self.settings.processor_name,
+            self.settings.bootstrap_servers,
+            os.getpid(),
+            socket.gethostname(),
+        )
         published = self.topics.newest_published_retrying()
         if published is None:
             return False
@@ -536,8 +545,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_with_config_error("kafka_processor.py", ConfigError(_setting_in(text, environ), text))
     except ConfigError as error:  # METRICS_PORT taken
         exit_with_config_error("kafka_processor.py", error)
-    # The first line (after the settings are known good): which process this is.
-    log.info("%s starting: pid %d on host %s", settings.processor_name, os.getpid(), socket.gethostname())
 
     def request_stop(signum: int, _frame: object) -> None:
         if processor.stop_requested.is_set():

@@ -157,7 +157,7 @@ def test_a_consumer_joining_and_leaving_the_group_changes_nothing(topics, start_
     code, _ = processor.terminate()
     assert code == 0
     log = processor.log()
-    assert "partitions revoked" in log and "of 4 partitions" in log, log
+    assert "revoked; their open windows dropped" in log and "of 4 partitions" in log, log
     assert published_values(topics.bootstrap, topics.output) == expected
 
 

@@ -374,9 +374,9 @@ def test_input_written_in_transactions_is_read_to_its_end(topics, start_processo
 
 
 def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(tmp_path, start_processor):
-    """Issue 18, items 5 and 8: a processor that never reached its broker exited 0 on
-    Ctrl-C, which scripts and supervisors read as a clean run; and its log lines did not
-    say which processor (or process) wrote them."""
+    """A processor that never reached its broker exited 0 on Ctrl-C, which scripts and
+    supervisors read as a clean run; and its log lines did not say which processor (or
+    process) wrote them. (Where it runs is said once the broker took it: see below.)"""
     from broker.embedded_broker import free_port
     from tests.conftest import Topics
 
@@ -387,6 +387,5 @@ def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(t
     assert processor.wait(20) == 3
     pid = processor.process.pid
     lines = processor.log().splitlines()
-    assert f"processor-7 starting: pid {pid} on host" in lines[0]
     assert all(f" processor-7[{pid}] " in line for line in lines), lines
     assert "it never reached the broker at 127.0.0.1:" in lines[-1] and "exit status 3" in lines[-1]
