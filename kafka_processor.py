@@ -351,6 +351,7 @@ class Processor:
         one batch (parse, dead-letter, aggregate), then which partitions are read to
         their end."""
         self._note_turn()
+        turn_started = self._monotonic()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
         self.assignment.retry_partition_count(self._consumer)
@@ -362,20 +363,28 @@ class Processor:
         if messages:
             self.stats.consume_seconds += time.perf_counter() - started
             self._process(messages)
+        # A turn much longer than its wait was paused inside (consume(), say): the ends
+        # the client cached before the pause are as stale as after a pause between turns.
+        self._note_pause(self._monotonic() - turn_started - wait_seconds)
         self._update_caught_up()
 
     def _note_turn(self) -> None:
         """A turn long after the previous one means this process was paused: the ends
         the client cached are stale, so "read to its end" waits for fresh fetches."""
         now = self._monotonic()
-        if self._last_turn_at is not None and now - self._last_turn_at > _PAUSE_SECONDS:
-            self._ends_believed_from = now + _AFTER_PAUSE_SECONDS
-            log.warning(
-                "the poll loop did not turn for %.0fs (the process was paused or starved); windows close again"
-                " once the partitions' ends are fetched anew",
-                now - self._last_turn_at,
-            )
+        if self._last_turn_at is not None:
+            self._note_pause(now - self._last_turn_at)
         self._last_turn_at = now
+
+    def _note_pause(self, seconds: float) -> None:
+        if seconds <= _PAUSE_SECONDS:
+            return
+        self._ends_believed_from = self._monotonic() + _AFTER_PAUSE_SECONDS
+        log.warning(
+            "the poll loop did not turn for %.0fs (the process was paused or starved); windows close again"
+            " once the partitions' ends are fetched anew",
+            seconds,
+        )
 
     def _stop_without_committing(self, timer: threading.Thread) -> int:
         """After a bug: commit nothing more (the revoke run by close() included), so the

@@ -239,6 +239,7 @@ class FakeConsumer:
         self.paused_at: set[tuple[str, int]] = set()
         self.pending_rebalance = False
         self.lost_pending = False
+        self.inside_consume: Callable[[], None] | None = None
         self.in_group = False
         self.closed = False
 
@@ -318,6 +319,15 @@ class FakeConsumer:
     # -- reading ------------------------------------------------------------------------
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        """`inside_consume`, when set, runs once after the fetch (the cached ends are
+        taken) and before the call returns: a process paused inside its poll turn."""
+        messages = self._consume(num_messages)
+        pause, self.inside_consume = self.inside_consume, None
+        if pause is not None:
+            pause()
+        return messages
+
+    def _consume(self, num_messages: int) -> list[Message]:
         if self.closed:
             raise RuntimeError("Consumer closed")
         self._serve_rebalance()
