@@ -330,13 +330,15 @@ def test_random_fault_schedules_change_no_window_and_commit_nothing_unstored(cap
     only = os.environ.get("FAULT_SCHEDULE_SEED")
     first = int(os.environ.get("FAULT_SCHEDULE_FIRST", "0"))  # to split a long run over processes
     seeds = [int(only)] if only else range(first, first + int(os.environ.get("FAULT_SCHEDULES", DEFAULT_SCHEDULES)))
+    failed = []  # every failing seed of the run, not only the first
     for seed in seeds:
         problem = run_schedule(seed)
         if problem is not None:
-            pytest.fail(
+            failed.append(
                 f"seed {seed}: {problem}\n"
-                f"reproduce: FAULT_SCHEDULE_SEED={seed} .venv/bin/python -m pytest tests/test_fault_schedules.py -q"
+                f"  reproduce: FAULT_SCHEDULE_SEED={seed} .venv/bin/python -m pytest tests/test_fault_schedules.py -q"
             )
+    assert not failed, f"{len(failed)} of {len(seeds)} schedules failed:\n" + "\n".join(failed)
 
 
 def test_a_partition_added_to_a_live_input_is_counted_never_dropped_unseen():
