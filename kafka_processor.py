@@ -518,6 +518,7 @@ class Processor:
         self.merger.finish(drain=True, timeout=_MERGER_DRAIN_SECONDS)
         still_open = self.aggregator.open_window_count()  # before close() revokes and drops them
         self._producer.flush(2.0)
+        self.published.close()
         if not close_within(self._consumer, _CLOSE_SECONDS):
             log.warning(
                 "the consumer did not leave group %s within %.0fs (a rebalance in progress?); exiting anyway:"
