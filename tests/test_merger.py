@@ -290,3 +290,18 @@ def test_the_merger_stays_bounded_while_a_member_is_stopped_and_loses_nothing(to
     )
     for member in members:
         assert member.terminate()[0] == 0
+
+
+def test_a_new_merger_says_exactly_which_windows_are_published_and_where_it_resumes(caplog):
+    """'windows up to 21:01:00Z already published' was followed by the merger publishing
+    21:01:00Z itself: it named the end of the newest window, read as its start. The line
+    now names the newest window on the output by its start, and the first one to come."""
+    rig = MergerRig()
+    rig.cluster.append(rig.settings.output_topic, 0, iso_utc(T0).encode(), b"{}")  # the newest window: T0
+    with caplog.at_level(logging.INFO, logger="merger"):
+        rig.turns(2)
+    expected = (
+        f"this processor is now the merger: the output holds every window up to the one starting {iso_utc(T0)};"
+        f" it publishes from {iso_utc(T0 + W)} on"
+    )
+    assert expected in caplog.text
