@@ -47,80 +47,81 @@ class MetricsSnapshot:
     merge_pending_windows: int | None = None  # windows the merger holds, not yet published (merger only)
 
 
+# One row per metric read from the snapshot: (name after the prefix, kind, help, the
+# snapshot's field). A field that is None is not exported.
+_SCALARS = (
+    ("records", CounterMetricFamily, "Records consumed from the input topic", "records"),
+    ("invalid_records", CounterMetricFamily, "Records sent to the dead-letter topic", "invalid"),
+    ("late_records", CounterMetricFamily, "Records for windows already closed", "late"),
+    ("windows_published", CounterMetricFamily, "Windows acknowledged", "windows_published"),
+    ("open_windows", GaugeMetricFamily, "Windows open in memory", "open_windows"),
+    ("parts_published", CounterMetricFamily, "Window parts acknowledged on the partials topic", "parts_published"),
+    ("is_merger", GaugeMetricFamily, "1 if this processor merges parts and publishes windows", "is_merger"),
+    (
+        "merge_lag_seconds",
+        GaugeMetricFamily,
+        "Newest part's window end minus the newest published window's end (merger only)",
+        "merge_lag_seconds",
+    ),
+    (
+        "merge_pending_windows",
+        GaugeMetricFamily,
+        "Windows the merger holds, not yet published (merger only)",
+        "merge_pending_windows",
+    ),
+    (
+        "capped_windows",
+        CounterMetricFamily,
+        "Windows published with capped_counts: a MAX_*_PER_WINDOW bound was reached",
+        "capped_windows",
+    ),
+    ("window_seconds", GaugeMetricFamily, "WINDOW_SECONDS", "window_seconds"),
+    ("allowed_lateness_seconds", GaugeMetricFamily, "ALLOWED_LATENESS_SECONDS", "allowed_lateness_seconds"),
+    (
+        "last_publish_time_seconds",
+        GaugeMetricFamily,
+        "When this processor last had a window acknowledged (epoch s, wall clock); its start before the first",
+        "last_publish_time",
+    ),
+    ("watermark_seconds", GaugeMetricFamily, "Stream watermark (epoch s)", "watermark"),
+    ("last_window_end_seconds", GaugeMetricFamily, "End of the newest published window (epoch s)", "last_window_end"),
+)
+# (name after the prefix, kind, help, label, the snapshot's mapping of label value -> value)
+_LABELLED = (
+    (
+        "missing_fields",
+        CounterMetricFamily,
+        "Missing or invalid fields in published windows",
+        "field",
+        "missing_fields",
+    ),
+    ("stage_seconds", CounterMetricFamily, "Time spent per processing stage", "stage", "stage_seconds"),
+    ("consumer_lag", GaugeMetricFamily, "Records fetched-to-end not yet aggregated", "partition", "consumer_lag"),
+    (
+        "partials_skipped",
+        CounterMetricFamily,
+        "Partials records the merger skipped, by reason",
+        "reason",
+        "partials_skipped",
+    ),
+)
+
+
 class _SnapshotCollector(Collector):
     def __init__(self, snapshot: Callable[[], MetricsSnapshot]) -> None:
         self._snapshot = snapshot
 
     def collect(self):
         s = self._snapshot()
-        yield CounterMetricFamily(f"{PREFIX}_records", "Records consumed from the input topic", value=s.records)
-        yield CounterMetricFamily(f"{PREFIX}_invalid_records", "Records sent to the dead-letter topic", value=s.invalid)
-        yield CounterMetricFamily(f"{PREFIX}_late_records", "Records for windows already closed", value=s.late)
-        yield CounterMetricFamily(f"{PREFIX}_windows_published", "Windows acknowledged", value=s.windows_published)
-        missing = CounterMetricFamily(
-            f"{PREFIX}_missing_fields", "Missing or invalid fields in published windows", labels=["field"]
-        )
-        for name, count in sorted(s.missing_fields.items()):
-            missing.add_metric([name], count)
-        yield missing
-        stages = CounterMetricFamily(f"{PREFIX}_stage_seconds", "Time spent per processing stage", labels=["stage"])
-        for name, seconds in s.stage_seconds.items():
-            stages.add_metric([name], seconds)
-        yield stages
-        lag = GaugeMetricFamily(
-            f"{PREFIX}_consumer_lag", "Records fetched-to-end not yet aggregated", labels=["partition"]
-        )
-        for partition, records in sorted(s.consumer_lag.items()):
-            lag.add_metric([str(partition)], records)
-        yield lag
-        yield GaugeMetricFamily(f"{PREFIX}_open_windows", "Windows open in memory", value=s.open_windows)
-        yield CounterMetricFamily(
-            f"{PREFIX}_parts_published", "Window parts acknowledged on the partials topic", value=s.parts_published
-        )
-        yield GaugeMetricFamily(
-            f"{PREFIX}_is_merger", "1 if this processor merges parts and publishes windows", value=int(s.is_merger)
-        )
-        if s.merge_lag_seconds is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_merge_lag_seconds",
-                "Newest part's window end minus the newest published window's end (merger only)",
-                value=s.merge_lag_seconds,
-            )
-        if s.merge_pending_windows is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_merge_pending_windows",
-                "Windows the merger holds, not yet published (merger only)",
-                value=s.merge_pending_windows,
-            )
-        skipped = CounterMetricFamily(
-            f"{PREFIX}_partials_skipped", "Partials records the merger skipped, by reason", labels=["reason"]
-        )
-        for reason, count in sorted(s.partials_skipped.items()):
-            skipped.add_metric([reason], count)
-        yield skipped
-        yield CounterMetricFamily(
-            f"{PREFIX}_capped_windows",
-            "Windows published with capped_counts: a MAX_*_PER_WINDOW bound was reached",
-            value=s.capped_windows,
-        )
-        yield GaugeMetricFamily(f"{PREFIX}_window_seconds", "WINDOW_SECONDS", value=s.window_seconds)
-        yield GaugeMetricFamily(
-            f"{PREFIX}_allowed_lateness_seconds", "ALLOWED_LATENESS_SECONDS", value=s.allowed_lateness_seconds
-        )
-        if s.last_publish_time is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_last_publish_time_seconds",
-                "When this processor last had a window acknowledged (epoch s, wall clock); its start before the first",
-                value=s.last_publish_time,
-            )
-        if s.watermark is not None:
-            yield GaugeMetricFamily(f"{PREFIX}_watermark_seconds", "Stream watermark (epoch s)", value=s.watermark)
-        if s.last_window_end is not None:
-            yield GaugeMetricFamily(
-                f"{PREFIX}_last_window_end_seconds",
-                "End of the newest published window (epoch s)",
-                value=s.last_window_end,
-            )
+        for name, family, help_text, field_name in _SCALARS:
+            value = getattr(s, field_name)
+            if value is not None:  # None: not known here (not the merger, no window yet)
+                yield family(f"{PREFIX}_{name}", help_text, value=value)
+        for name, family, help_text, label, field_name in _LABELLED:
+            metric = family(f"{PREFIX}_{name}", help_text, labels=[label])
+            for key, value in sorted(getattr(s, field_name).items()):
+                metric.add_metric([str(key)], value)
+            yield metric
         yield from _window_gauges(s.last_window)
 
 
