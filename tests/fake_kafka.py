@@ -331,6 +331,12 @@ class FakeConsumer:
         if self.closed:
             raise RuntimeError("Consumer closed")
         self._serve_rebalance()
+        # librdkafka's fetcher asks for every assigned partition in each request, whatever
+        # the application consumes, so every partition's cached end is as fresh as the last
+        # fetch: here, this call.
+        for key in self.owned:
+            if key not in self.paused_at and key[0] in self.cluster.logs:
+                self.cached_high[key] = len(self.cluster.logs[key[0]][key[1]])
         out: list[Message] = []
         for key in list(self.owned):
             topic, partition = key
@@ -340,7 +346,6 @@ class FakeConsumer:
             if key not in self.positions:
                 committed = self.cluster.committed.get((self.group_id, topic, partition))
                 self.positions[key] = committed if committed is not None else (0 if self.reset_earliest else len(log))
-            self.cached_high[key] = len(log)
             start = self.positions[key]
             taken = log[start : start + max(0, num_messages - len(out))]
             out.extend(taken)
