@@ -26,6 +26,15 @@ from broker.embedded_broker import EmbeddedBroker
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that selected no test proves nothing: fail it (pytest's own status 5 is
+    lost behind `make`, which reports every failure as 2)."""
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if not hasattr(session.config, "workerinput"):  # once, from xdist's controller
+            sys.stderr.write("pytest ran no tests: check the -k, -m or path given; this counts as a failure\n")
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Iterator[EmbeddedBroker]:
     log_path = tmp_path_factory.mktemp("broker") / "broker.log"
