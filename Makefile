@@ -41,7 +41,7 @@ test: lint  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
-	$(BIN)/python -m pytest -m "not broker and not slow"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not broker and not slow"
 
 bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance.md)
 	$(BIN)/python benchmarks/throughput.py
