@@ -130,8 +130,13 @@ def event_maker(profile: str, rng: random.Random) -> EventMaker:
     return RealisticProfile(rng).event
 
 
-def event_times(count: int, backlog_seconds: int, now: float) -> Callable[[int], int]:
-    """Event time of the i-th event: spread over the backlog, or the wall clock."""
+def event_times(
+    count: int, backlog_seconds: int, now: float, since: float | None = None, rate: float = 0.0
+) -> Callable[[int], int]:
+    """Event time of the i-th event: from `since` at `rate` (a stream that carries on
+    exactly where another ended), spread over the backlog, or the wall clock."""
+    if since is not None:
+        return lambda index: int(since + index / rate)
     if backlog_seconds <= 0:
         return lambda _index: int(time.time())
     start = now - backlog_seconds
@@ -147,13 +152,16 @@ def produce(
     backlog_seconds: int,
     seed: int | None,
     stop: threading.Event,
+    since: float | None = None,
 ) -> int:
-    """Produce events until `count` (0 = forever) or stop. Returns how many were sent."""
+    """Produce events until `count` (0 = forever) or stop. Returns how many were sent.
+    With `since`, event i is stamped `since + i / rate` and sent no earlier than that
+    moment: what is already past goes at once, then the clock is kept."""
     rng = random.Random(seed)
     make = event_maker(profile, rng)
     if backlog_seconds > 0 and count <= 0:
         raise ValueError("--backlog-seconds needs --count")
-    time_of = event_times(count, backlog_seconds, time.time())
+    time_of = event_times(count, backlog_seconds, time.time(), since, rate)
     health = BrokerHealth(settings.bootstrap_servers, log)
     producer = Producer(
         {
@@ -168,6 +176,7 @@ def produce(
     )
     sent = 0
     started = time.monotonic()
+    ahead = 0.0 if since is None else since - time.time()  # < 0: the schedule began in the past
     last_report = started
     while not stop.is_set() and (count <= 0 or sent < count):
         value = make(rng, time_of(sent))
@@ -178,7 +187,7 @@ def produce(
             continue
         sent += 1
         if rate > 0:
-            stop.wait(max(0.0, started + sent / rate - time.monotonic()))
+            stop.wait(max(0.0, started + ahead + sent / rate - time.monotonic()))
         if sent % 10_000 == 0:
             producer.poll(0)
         now = time.monotonic()
@@ -209,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="spread event times over the past N seconds (default: 0 = now)",
     )
+    parser.add_argument(
+        "--since",
+        type=float,
+        default=None,
+        metavar="EPOCH",
+        help="stamp events from this moment (epoch seconds) on at --rate, sending at once what is already past,"
+        " so that one run carries on exactly where another ended (default: the clock)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable data (default: random)")
     add_settings_arguments(parser, only=GENERATOR_SETTINGS)
     return parser
@@ -225,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rate = args.rate if args.rate is not None else (2.0 if args.profile == "reference" else 50.0)
     if args.backlog_seconds > 0 and args.rate is None:
         rate = 0.0
+    if args.since is not None and (args.backlog_seconds > 0 or rate <= 0):
+        parser.error("--since needs a --rate above 0 and no --backlog-seconds")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -232,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not ensure_topics(settings, {settings.input_topic: settings.input_partitions}, stop.is_set, health):
             return health.exit_status_when_stopped()
-        produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop)
+        produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop, args.since)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())
     except ConfigError as error:  # a topic setting the cluster refused

@@ -65,6 +65,7 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -243,11 +244,12 @@ class Child:
     ended_at: float | None = None  # when the stack noticed it had ended
     status: int | None = None
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str], once: Sequence[str] = ()) -> None:
+        """`once`: arguments for this start only, not for a restart."""
         log = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - the child's now
         try:
             self.process = subprocess.Popen(
-                [sys.executable, *self.args],
+                [sys.executable, *self.args, *once],
                 cwd=HERE,
                 env=env,
                 stdout=log,
@@ -512,6 +514,7 @@ class LocalStack:
         self.dashboard = False  # the monitor draws in this terminal
         self.keys: Keys | None = None
         self.status_path = self.log_dir / "status.txt"
+        self.live_from = time.time()  # where the live stream begins; fill_backlog() sets it
         names = ["processor"] if args.processors == 1 else [f"processor-{n}" for n in range(1, args.processors + 1)]
         processors = [] if args.broker_only else [Child(n, ["kafka_processor.py"], self._log(n)) for n in names]
         live = ["data_generator.py", "--profile", args.profile, "--rate", str(args.rate)]
@@ -562,8 +565,13 @@ class LocalStack:
         return _listing(stopped) + ("" if self.broker else f" (not the broker at {self.address}: it keeps running)")
 
     def fill_backlog(self) -> None:
-        """Two minutes of past events first, so closed windows show up at once."""
-        backlog = ["data_generator.py", "--profile", self.args.profile, "--count", "2400", "--backlog-seconds", "120"]
+        """Two minutes of past events first, so closed windows show up at once. The live
+        generator carries on from the backlog's last moment (it takes a few seconds to
+        start), so no second of the stream is without events."""
+        self.live_from = time.time()
+        since = f"{self.live_from - 120:.3f}"
+        backlog = ["data_generator.py", "--profile", self.args.profile, "--count", "2400", "--rate", "20"]
+        backlog += ["--since", since]
         with open(self._log("generator"), "ab") as generator_log:
             subprocess.run(
                 [sys.executable, *backlog],
@@ -576,7 +584,7 @@ class LocalStack:
 
     def start_parts(self) -> None:
         self.keys = Keys(sys.stdin)
-        self.generator.start(self.env)
+        self.generator.start(self.env, once=["--since", f"{self.live_from:.3f}"])
         log = _shown(self._log("generator"))
         _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
         if self.args.broker_only:

@@ -60,11 +60,27 @@ def test_backlog_times_are_spread_over_the_past_in_order():
     assert times == sorted(times) and times[0] == 9_400 and times[-1] < 10_000
 
 
+def test_times_since_a_moment_advance_at_the_rate_so_two_runs_join_without_a_hole():
+    backlog = event_times(count=2400, backlog_seconds=0, now=0, since=9_880.0, rate=20)
+    live = event_times(count=0, backlog_seconds=0, now=0, since=10_000.0, rate=20)
+    seconds = [backlog(i) for i in range(2400)] + [live(i) for i in range(100)]
+    assert seconds == sorted(seconds)
+    assert Counter(seconds) == dict.fromkeys(range(9_880, 10_005), 20)
+
+
+@pytest.mark.parametrize("extra", [("--backlog-seconds", "60", "--count", "10"), ("--rate", "0")])
+def test_since_without_a_rate_to_advance_at_is_one_line_and_exit_2(tmp_path, extra):
+    result = run_script("data_generator.py", "--since", "1000", *extra, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith("--since needs a --rate above 0 and no --backlog-seconds")
+    assert "Traceback" not in result.stderr
+
+
 def test_help_lists_only_what_the_generator_reads_with_defaults(tmp_path):
     result = run_script("data_generator.py", "--help", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
-    for flag in ("--profile", "--rate", "--count", "--backlog-seconds", "--seed", "--bootstrap-servers"):
+    for flag in ("--profile", "--rate", "--count", "--backlog-seconds", "--since", "--seed", "--bootstrap-servers"):
         assert flag in text
     assert "--input-topic VALUE topic of login events (default: user-login; env INPUT_TOPIC)" in text
     assert "--input-partitions" in text  # it may be first to create the input topic

@@ -144,6 +144,28 @@ def test_starts_its_own_broker_on_the_port_it_is_given_and_the_printed_flow_work
 
 
 @pytest.mark.broker
+def test_the_live_stream_carries_on_where_the_backlog_ends(start_stack):
+    """The backlog and the live generator are two processes; the live one used to stamp
+    its first event when it had started (1-3 s after the backlog's last), so the stream
+    had a hole: a window with fewer logins, and with 2 s windows none at all (the
+    failover test below once lost a window that way)."""
+    port = free_port()
+    stack = start_stack("--broker-only", env=user_env(KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}"))
+    stack.wait_for("Ctrl-C stops the generator and the broker")
+    time.sleep(4)  # a few seconds of live events after the backlog
+    seconds = set()
+    for message in read_topic(f"127.0.0.1:{port}", "user-login"):
+        try:
+            seconds.add(int(json.loads(message.value())["timestamp"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # the generator's deliberately malformed records
+    assert stack.interrupt() == 0, stack.output()
+    assert max(seconds) - min(seconds) >= 122, "the backlog and some live seconds"
+    holes = sorted(set(range(min(seconds), max(seconds) + 1)) - seconds)
+    assert holes == [], f"seconds with no event: {holes}"
+
+
+@pytest.mark.broker
 def test_reuses_a_broker_already_listening_and_names_it(broker, topics, start_stack):
     env = user_env(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, INPUT_TOPIC=topics.input)
     stack = start_stack("--broker-only", env=env)
