@@ -44,7 +44,10 @@ Rules (why, in short):
   record of that partition agrees (its owner runs with this merger's settings now,
   and publishes the windows' records again: they were never committed).
 - A part of a published window from a partition the window was not merged with
-  (one added to the input since) counts as late in the next window published.
+  (one added to the input since) counts as late in the next window published. A
+  window handed to the producer (in flight) counts as published for this rule: its
+  value is fixed, and the input partition count it was merged with is the one it
+  is recorded with, whenever its acknowledgement comes.
 - Memory is bounded (`max_pending_windows`, `max_pending_bytes`): past the bound,
   pieces of later windows are skipped and read again (`reread_from`) once the
   held windows are published; what is known of the partitions' progress is then
@@ -289,6 +292,9 @@ class MergeState:
         self._invalid_carry = 0
         self._carry_offset: int | None = None
         self._carried: set[tuple[int, int, str]] = set()  # (window, partition, part id) counted so
+        # The window handed to the producer and not yet acknowledged, and the input
+        # partition count it was merged with (the merger publishes one at a time).
+        self._in_flight: tuple[int, int] | None = None
 
     # ---- input ----------------------------------------------------------------------
 
@@ -361,6 +367,8 @@ class MergeState:
             return Verdict.MISALIGNED
         end = start + width
         self._newest_part_end = end if self._newest_part_end is None else max(self._newest_part_end, end)
+        if self._in_flight is not None and self._in_flight[0] == start:
+            return self._published_window_part(piece, offset, merged_with=self._in_flight[1])
         window = self._windows.get(start)
         if window is None:
             if self._published_until is not None and end <= self._published_until:
@@ -398,11 +406,14 @@ class MergeState:
             self._advance(partition, end)
         return Verdict.MERGED
 
-    def _published_window_part(self, piece: PartPiece, offset: int) -> Verdict:
-        """A piece of a window already published: a replay, unless its partition was
-        added to the input after the window was merged. Then its records were never
-        counted: they count as late, in the next window published (never dropped unseen)."""
-        if piece.partition < self._count_published_with(piece.window_start + self.window_seconds):
+    def _published_window_part(self, piece: PartPiece, offset: int, merged_with: int | None = None) -> Verdict:
+        """A piece of a window already published (or in flight, merged from `merged_with`
+        partitions): a replay, unless its partition was added to the input after the
+        window was merged. Then its records were never counted: they count as late, in
+        the next window published (never dropped unseen)."""
+        if merged_with is None:
+            merged_with = self._count_published_with(piece.window_start + self.window_seconds)
+        if piece.partition < merged_with:
             return Verdict.MERGED  # a replay of what the window holds
         if piece.piece == 0:  # the additive counts ride in piece 0
             seen = (piece.window_start, piece.partition, piece.part_id)
@@ -556,22 +567,39 @@ class MergeState:
         window.rendered = (made_from, closed)
         return closed
 
+    def start_publishing(self, start: int) -> int:
+        """Window `start` (from `next_due`) is handed to the producer: from now on its
+        value is fixed. Returns the input partition count it was merged with, which it is
+        recorded with when acknowledged (`mark_published`), however late that comes, and
+        which a part of it from a partition added since is judged by (late, not lost)."""
+        self._in_flight = (start, self._partition_count)
+        return self._partition_count
+
+    def publishing_failed(self, start: int) -> None:
+        """The broker refused window `start`: it stays due, and is rendered anew."""
+        if self._in_flight is not None and self._in_flight[0] == start:
+            self._in_flight = None
+
     def mark_published(self, starts: list[int] | tuple[int, ...] | set[int]) -> None:
         """The broker acknowledged these windows: drop them; published-until becomes the
         highest end. Only these are dropped: a window the broker refused stays due. The
         oldest one took the late counts carried from new partitions, if any."""
         starts = sorted(starts)
+        count = self._partition_count
         for start in starts:
             window = self._windows.get(start)
             if window is not None and window.rendered is not None and window.rendered[0][1:] != (0, 0):
                 self._late_carry = self._invalid_carry = 0
                 self._carry_offset = None
             self._forget(start)
+            if self._in_flight is not None and self._in_flight[0] == start:
+                count = self._in_flight[1]  # what it was merged with, not what is known now
+                self._in_flight = None
         if starts:
             end = starts[-1] + self.window_seconds
             self._published_until = max(self._published_until or 0, end)
-            if self._partition_count:
-                self._note_published_count(end, self._partition_count)
+            if count:
+                self._note_published_count(end, count)
 
     def committable_offset(self) -> int | None:
         """The partials offset the merger may commit: the lowest piece an unpublished

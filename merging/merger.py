@@ -9,9 +9,13 @@ to the output topic. The others wait, idle, until Kafka picks them.
 What every turn keeps (each has a test that injects the fault at that step):
 
 - A new merger (after a crash or a hand-over) first reads the newest window of its
-  pipeline on the output topic, and asks again until it can: it publishes and commits
-  nothing before, because "unknown" taken as "nothing published" would publish a
-  window again from only its later parts.
+  pipeline on the output topic, and asks again until it can: it publishes, commits and
+  merges nothing before, because "unknown" taken as "nothing published" would publish
+  a window again from only its later parts, and a part of a published window from a
+  partition added since would be merged into it and forgotten with it (records read
+  meanwhile are read again once it knows).
+- A window handed to the producer keeps the input partition count it was merged
+  with, whenever its acknowledgement comes (merge.MergeState.start_publishing).
 - Windows go out one at a time, in order: the next is produced only once the broker
   has acknowledged the one before. A window the broker refuses holds every later one
   (the output's newest window is what a new merger resumes from, so a later window
@@ -107,6 +111,8 @@ class WindowMerger:
         self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
         self._tail_asked_at: float | None = None
+        # The first partials offset read before the output's tail was known: read again then.
+        self._reread_at: int | None = None
         # The window produced and not yet acknowledged (one at a time), and its outcome.
         self._in_flight: ClosedWindow | None = None
         self._outcome: tuple[str, float | str] | None = None  # ("delivered", at) or ("refused", why)
@@ -180,13 +186,28 @@ class WindowMerger:
         """One turn: learn what is published (a new merger), read parts, publish what is
         due, commit, and say so if the merge is stuck."""
         self._learn_published()
-        for message in self._consumer.consume(1000, wait_seconds):
+        messages = self._consumer.consume(1000, wait_seconds)
+        state = self._state
+        if state is not None and not state.knows_published_until:
+            messages = self._put_back(messages)
+        for message in messages:
             self._add(message)
             if self.left_the_merge:
                 return
         self._publish_due()
         self._reread_if_due()
         self._warn_if_stalled()
+
+    def _put_back(self, messages: list[Message]) -> list[Message]:
+        """Records read before this new merger knows what the output holds are not merged
+        yet: a part of a published window from a partition added since must count as
+        late, and only the output's tail tells which windows are published. They are
+        read again (seek) once it is known; client errors are kept."""
+        offsets = [m.offset() for m in messages if m.error() is None]
+        if offsets:
+            first = min(offsets)
+            self._reread_at = first if self._reread_at is None else min(self._reread_at, first)
+        return [m for m in messages if m.error() is not None]
 
     def _learn_published(self) -> None:
         """A new merger reads its pipeline's newest window on the output topic before it
@@ -211,6 +232,9 @@ class WindowMerger:
             return
         with self._lock:
             state.restore_published_until(published.until, published.partition_count)
+        if self._reread_at is not None:
+            self._consumer.seek(TopicPartition(self.settings.partials_topic, 0, self._reread_at))
+            self._reread_at = None
         width = self.settings.window_seconds
         if published.until:
             log.info(
@@ -398,7 +422,11 @@ class WindowMerger:
                     window = state.next_due()
                 if window is None:
                     break
-                if not self._produce(window, state.partition_count):
+                with self._lock:
+                    merged_with = state.start_publishing(window.start)
+                if not self._produce(window, merged_with):
+                    with self._lock:
+                        state.publishing_failed(window.start)
                     break
             self._producer.flush(_PUBLISH_ATTEMPT_SECONDS)
             outcome, self._outcome = self._outcome, None
@@ -407,6 +435,8 @@ class WindowMerger:
                 break  # not acknowledged yet: the broker is slow or away; ask again next turn
             self._in_flight = None
             if outcome[0] == "refused":
+                with self._lock:
+                    state.publishing_failed(window.start)
                 log.error("window %s was refused (%s); later windows wait for it", iso_utc(window.start), outcome[1])
                 self._retry_at = self._clock() + _REFUSED_RETRY_SECONDS
                 break
@@ -474,6 +504,7 @@ class WindowMerger:
             max_pending_bytes=s.merge_max_pending_bytes,
         )
         self._in_flight, self._outcome, self._committed, self._tail_asked_at = None, None, None, None
+        self._reread_at = None
         with self._lock:
             self._state = state  # what is published is learnt on the next turn, not in this callback
 
