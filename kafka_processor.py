@@ -441,7 +441,10 @@ class Processor:
             if high < 0:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
             start = positions.get(partition, progress.next_offset)
-            if start is None:  # nothing read and nothing committed: where the reset policy starts
+            if start is None:
+                if self.assignment.committed_unknown(partition):
+                    continue  # where it is read from is unknown until the commit is read: it holds
+                # Nothing read and nothing committed: where the reset policy starts.
                 start = low if self._reads_from_earliest else high
             lag[partition] = max(0, high - start)
             if start >= high:

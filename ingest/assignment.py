@@ -91,6 +91,12 @@ class InputAssignment:
             self._aggregator.assign([], total)
             log.info("partition count of %s is %d", self.settings.input_topic, total)
 
+    def committed_unknown(self, partition: int) -> bool:
+        """Whether `partition`'s committed offset could not be read yet: until it is, nobody
+        knows where the consumer reads it from (the client fetches from the commit it reads
+        itself), so "read to its end" cannot be judged without a record of it."""
+        return partition in self._committed_unknown
+
     def retry_committed(self, consumer: Consumer) -> None:
         """From the poll loop: ask again for committed offsets that could not be read at
         assignment. Until they are known, an idle partition cannot tell that it is read
