@@ -765,6 +765,15 @@ class Aggregator:
                 offsets[partition] = min(held) if held else state.progress.next_offset
             return offsets
 
+    def first_partition_closed_until(self) -> tuple[int, int] | None:
+        """(partition, closed until) of the lowest owned partition, None if none: what a
+        progress record may say of it at any time."""
+        with self._lock:
+            if not self._partitions:
+                return None
+            partition = min(self._partitions)
+            return partition, self._partitions[partition].closed_until
+
     # ---- introspection for logs and metrics ------------------------------------------
 
     def open_window_count(self) -> int:

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
+from broker.broker_clock import BrokerClock
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -54,6 +55,7 @@ from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from ingest.part_publisher import PartPublisher
+from ingest.poll_turns import PollTurns
 from ingest.window_closer import WindowCloser
 from merging.merger import WindowMerger, pipeline_origin
 from ops.health import HealthEndpoint, Probes
@@ -74,12 +76,6 @@ _STOP_DEADLINE_SECONDS = 15.0
 # How long shutdown lets the merger publish the windows this run's last parts complete
 # (it stops reading after 5 s of draining: merging/merger.py).
 _MERGER_DRAIN_SECONDS = 7.0
-# A poll-loop turn that comes this long after the previous one means the process was
-# paused (stopped, starved): what the client cached of the partitions' ends is stale.
-_PAUSE_SECONDS = 2.0
-# After a pause, how long "read to its end" is not believed: more than a fetch round
-# trip (fetch.wait.max.ms is 500 ms), so that the ends are fresh again.
-_AFTER_PAUSE_SECONDS = 1.5
 
 
 def _tune_garbage_collector() -> None:
@@ -165,13 +161,15 @@ class Processor:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self._clock = clock
+        # "Now" for the windows: the broker's time, measured from the partials topic's
+        # acknowledgements (broker/broker_clock.py); `clock` is this machine's wall clock.
+        self.clock = BrokerClock(clock, where=f"topic {settings.partials_topic}")
         self._monotonic = monotonic
         self.aggregator = Aggregator(
             window_seconds=settings.window_seconds,
             allowed_lateness_seconds=settings.allowed_lateness_seconds,
             top_ips=settings.top_ips,
-            clock=clock,
+            clock=self.clock.now,
             max_distinct_per_window=settings.max_distinct_per_window,
             max_profiles_per_window=settings.max_profiles_per_window,
         )
@@ -205,7 +203,7 @@ class Processor:
         self._producer = clients.producer({**producer_settings(settings), "error_cb": self.health.on_error})
         self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
-        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
+        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin, self.clock)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
         self.closer = WindowCloser(
             settings,
@@ -218,6 +216,7 @@ class Processor:
             self.report,
             self.published,
             origin,
+            self.clock,
         )
         self.assignment = InputAssignment(
             settings,
@@ -242,9 +241,9 @@ class Processor:
             self.host,
             clients,
             monotonic,
+            wall=self.clock.now,
         )
-        self._last_turn_at: float | None = None  # monotonic, of the poll loop's previous turn
-        self._ends_believed_from = 0.0  # monotonic: "read to its end" is not believed before (a pause)
+        self.turns = PollTurns(monotonic)
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -350,8 +349,7 @@ class Processor:
         """One turn of the poll loop: commit what the timer thread found safe, chores,
         one batch (parse, dead-letter, aggregate), then which partitions are read to
         their end."""
-        self._note_turn()
-        turn_started = self._monotonic()
+        turn_started = self.turns.turn_started()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
         self.assignment.retry_partition_count(self._consumer)
@@ -363,28 +361,7 @@ class Processor:
         if messages:
             self.stats.consume_seconds += time.perf_counter() - started
             self._process(messages)
-        # A turn much longer than its wait was paused inside (consume(), say): the ends
-        # the client cached before the pause are as stale as after a pause between turns.
-        self._note_pause(self._monotonic() - turn_started - wait_seconds)
-        self._update_caught_up()
-
-    def _note_turn(self) -> None:
-        """A turn long after the previous one means this process was paused: the ends
-        the client cached are stale, so "read to its end" waits for fresh fetches."""
-        now = self._monotonic()
-        if self._last_turn_at is not None:
-            self._note_pause(now - self._last_turn_at)
-        self._last_turn_at = now
-
-    def _note_pause(self, seconds: float) -> None:
-        if seconds <= _PAUSE_SECONDS:
-            return
-        self._ends_believed_from = self._monotonic() + _AFTER_PAUSE_SECONDS
-        log.warning(
-            "the poll loop did not turn for %.0fs (the process was paused or starved); windows close again"
-            " once the partitions' ends are fetched anew",
-            seconds,
-        )
+        self._update_caught_up(turn_started, wait_seconds)
 
     def _stop_without_committing(self, timer: threading.Thread) -> int:
         """After a bug: commit nothing more (the revoke run by close() included), so the
@@ -417,12 +394,19 @@ class Processor:
             else:
                 self.health.on_error(error)
 
-    def _update_caught_up(self) -> None:
+    def _update_caught_up(self, turn_started: float, waited: float) -> None:
         """A partition is caught up when everything up to the high watermark of its last
         fetch has been handed to the aggregator; records fetched but not yet consumed
         make it active again. Each turn that finds it so says so again, with the time:
         the watermark's clock part is that time (aggregator.py). Local (cached) look-ups
         only, one per partition, per batch.
+
+        The time is read before the cached positions and ends, and they are believed only
+        if the turn was not paused anywhere up to these reads (ingest/poll_turns.py): a
+        pause after the time was read leaves it as old as the ends; one before it is
+        caught by the turn's length. And only once "now" is known (the broker's time,
+        broker/broker_clock.py): until the first acknowledgement, no partition is taken
+        as read to its end by the clock.
 
         Where a partition is read from: the consumer's position when it has one (it
         moves past the commit markers of transactional input, which no record does),
@@ -432,12 +416,17 @@ class Processor:
             self.report.consumer_lag = {}
             return
         topic = self.settings.input_topic
+        now = self.clock.now()
         positions = self._positions(topic, summary)
-        believe_ends = self._monotonic() >= self._ends_believed_from
-        now = self._clock()
+        ends = {
+            partition: self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            for partition in summary
+        }
+        paused = self.turns.turn_ended(turn_started, waited)
+        believe_ends = self.clock.known and not paused and self.turns.ends_believed()
         lag = {}
         for partition, progress in summary.items():
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            low, high = ends[partition]
             if high < 0:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
             start = positions.get(partition, progress.next_offset)
@@ -467,7 +456,7 @@ class Processor:
     def _process_run(self, run: list[Message], partition: int) -> None:
         stats = self.stats
         started = time.perf_counter()
-        now = self._clock()
+        now = self.clock.now()
         skew = self.settings.max_event_time_skew_seconds
         batch, invalid = parse_values(
             list(map(Message.value, run)),

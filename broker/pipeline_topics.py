@@ -67,8 +67,14 @@ class PipelineTopics:
             # Kept for someone to look at and replay (docs/operations.md, "Recovery").
             s.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(s.dlq_retention_days * 86_400_000)},
             # Parts are needed until their window is published: minutes, or as long as a
-            # merge stall lasts. The merger commits past what it no longer needs.
-            s.partials_topic: {"cleanup.policy": "delete", "retention.ms": str(s.partials_retention_hours * 3_600_000)},
+            # merge stall lasts. The merger commits past what it no longer needs. Stamped
+            # with the broker's time: every acknowledgement tells a processor how far its
+            # own clock is off (broker/broker_clock.py).
+            s.partials_topic: {
+                "cleanup.policy": "delete",
+                "retention.ms": str(s.partials_retention_hours * 3_600_000),
+                "message.timestamp.type": "LogAppendTime",
+            },
         }
         return ensure_topics(s, topics, self._should_stop, self._health, configs=configs)
 

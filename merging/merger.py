@@ -96,8 +96,12 @@ class WindowMerger:
         host: str,
         clients: KafkaClients = REAL_CLIENTS,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        # `clock` measures waits (monotonic); `wall` is the time stamped on what is
+        # published: the broker's time as the processor measures it (broker/broker_clock.py).
+        self._wall = wall
         self._newest_published = newest_published
         self._on_published = on_published
         self._host = host.encode()
@@ -448,12 +452,17 @@ class WindowMerger:
             self._commit(state)
 
     def _produce(self, window: ClosedWindow, partition_count: int) -> bool:
-        published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+        now = self._wall()
+        published_at = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
         try:
             self._producer.produce(
                 self.settings.output_topic,
                 key=window.key,
                 value=window.value,
+                # The broker's time, not this machine's: a processor whose clock runs an
+                # hour ahead would otherwise have its windows refused by Kafka
+                # (message.timestamp.after.max.ms) on a CreateTime output topic.
+                timestamp=int(now * 1000),
                 headers=[
                     ("processor.host", self._host),
                     ("published.at", published_at),
@@ -470,7 +479,7 @@ class WindowMerger:
     def _report_for(self, window: ClosedWindow):
         def report(error: KafkaError | None, _message: Message) -> None:
             if self._in_flight is window:  # a report for the window in flight, not an older one
-                self._outcome = ("delivered", time.time()) if error is None else ("refused", error.str())
+                self._outcome = ("delivered", self._wall()) if error is None else ("refused", error.str())
 
         return report
 

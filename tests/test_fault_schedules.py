@@ -11,7 +11,10 @@ schedules of faults a broker will not make on cue:
 - failed reads at a hand-over: committed offsets, the output topic's tail;
 - a member whose poll loop starves while its timer thread goes on turning, one
   whose timer (or merger) turns first when it wakes up, and one stopped inside its
-  poll turn (after the fetch, before it checks which partitions are read to the end);
+  poll turn (after the fetch, or after it read the time, before it checks which
+  partitions are read to the end);
+- members' clocks off the broker's by up to 30 s (where the partials topic is stamped
+  with the broker's time; else they agree, as the docs require);
 - parts split into several pieces (pieces of at most 4 KiB here, and long values).
 
 After each schedule, once the faults stop and every member is running, the output
@@ -96,8 +99,13 @@ class Schedule:
             "MERGE_MAX_PENDING_WINDOWS": str(rng.choice([2, 64])),
         }
         self.settings = build_settings(env)
-        for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1), (self.settings.partials_topic, 1)):
+        for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1)):
             self.cluster.create_topic(topic, count)
+        # As the processor creates it, stamped with the broker's time (broker/broker_clock.py),
+        # members' clocks then off by up to 30 s; or as the embedded broker keeps it (the
+        # producer's time), members' clocks then agreeing, as the docs require there.
+        self.broker_time = rng.random() < 0.8
+        self.cluster.create_topic(self.settings.partials_topic, 1, log_append_time=self.broker_time)
         self.session_seconds = 6.0
         self.records: list[tuple[bytes, int]] = []  # (value, Kafka ms), for the oracle
         self.violations: list[str] = []
@@ -149,10 +157,18 @@ class Schedule:
 
     # ---- members -----------------------------------------------------------------------
 
-    def start_member(self) -> None:
+    def start_member(self, clock_offset: float | None = None) -> None:
+        """A new member, its machine's wall clock `clock_offset` seconds off the broker's
+        (None: drawn, within 30 s, where the broker stamps its time)."""
+        if clock_offset is None:
+            clock_offset = self.rng.choice([0.0, self.rng.uniform(-30, 30)]) if self.broker_time else 0.0
         self._names += 1
         clients = FakeClients(self.cluster)
-        processor = Processor(self.settings, clients=clients, clock=self.clock, monotonic=self.clock)
+
+        def wall() -> float:
+            return self.clock.now + clock_offset
+
+        processor = Processor(self.settings, clients=clients, clock=wall, monotonic=self.clock)
         processor.host = f"m{self._names}"
         published = None
         while published is None:  # prepare(): asks again while the tail cannot be read
@@ -176,7 +192,8 @@ class Schedule:
                 self.clock.now += 0.5
                 self._live_record()
 
-        consumers[-1].inside_consume = paused
+        # Inside consume() (after the fetch), or inside position() (after the time is read).
+        setattr(consumers[-1], self.rng.choice(["inside_consume", "inside_position"]), paused)
         self.turn(member, "poll")
 
     def crash(self, member: Member) -> None:
@@ -396,7 +413,8 @@ def window_key_at(seconds: float) -> str:
     return iso_utc(start)
 
 
-def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
+@pytest.mark.parametrize("where", ["inside_consume", "inside_position"])
+def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read(where):
     """A process stopped while its poll loop is inside consume(): when it wakes, the same
     turn goes on to check which partitions are read to their end, with the ends the
     client cached before the pause. Believed, they say "read to the end" as of now, and
@@ -422,7 +440,9 @@ def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
 
     live(40)
     [consumer] = [c for c in member.clients.made if getattr(c, "group_id", None) == "g"]
-    consumer.inside_consume = lambda: live(50, turns=False)  # stopped for 50 s, inside consume()
+    # Stopped for 50 s inside consume(), or inside position(): after the turn's pause check
+    # and before it read the time, once (the same hole, one call later).
+    setattr(consumer, where, lambda: live(50, turns=False))
     schedule.turn(member, "poll")
     schedule.turn(member, "timer")  # the timer thread, on waking, before anything else
     live(40)
@@ -433,3 +453,43 @@ def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
     output, expected = schedule.output(), schedule.expected()
     assert sum(w["late_message_count"] for w in output.values()) == 0
     assert output == expected
+
+
+@pytest.mark.parametrize("offsets", [(10.0,), (20.0, -20.0, 30.0)], ids=["one-ahead", "three-apart"])
+def test_members_clocks_off_by_up_to_30s_change_no_window(offsets):
+    """A caught-up partition's watermark follows "now". Taken from each member's own
+    clock, a member 10 s ahead closed windows early and counted records late that were
+    on time. "Now" is the broker's time, measured from the partials topic's
+    acknowledgements (LogAppendTime): members' clocks do not shape the output."""
+    schedule = Schedule(seed=11)
+    schedule.faults.enabled = False
+    cluster, clock = schedule.cluster, schedule.clock
+    cluster.logs["in"] = [[] for _ in range(2)]
+    schedule.partitions, schedule.records = 2, []
+    for offset in offsets:
+        schedule.start_member(clock_offset=offset)
+
+    def turns() -> None:
+        for member in schedule.members:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+    end = clock.now + 150
+    while clock.now < end:  # a live stream: every record on time
+        clock.now += 0.25
+        schedule._live_record()
+        turns()
+    for _ in range(100):  # no more input: everything closes
+        clock.now += 0.5
+        turns()
+    output, expected = schedule.output(), schedule.expected()
+    assert sum(w["late_message_count"] for w in output.values()) == 0
+    assert output == expected
+    measured = [m for m in schedule.members if m.processor.clock.offset_seconds is not None]
+    assert measured, "members owning partitions measured their offset from the broker's time"
+    for member in measured:  # (one without partitions publishes nothing, and needs no time)
+        assert abs(member.processor.clock.offset_seconds - member_offset(schedule, member)) < 1.0
+
+
+def member_offset(schedule: Schedule, member: Member) -> float:
+    return member.processor.clock.wall() - schedule.clock.now
