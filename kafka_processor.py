@@ -40,7 +40,14 @@ from broker.kafka_io import (
     close_within,
     partition_runs,
 )
-from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
+from broker.pipeline_topics import (
+    OUTPUT_MESSAGE_MAX_BYTES,
+    PipelineTopics,
+    Published,
+    PublishedFollower,
+    describe_differences,
+    differing_settings,
+)
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -57,7 +64,7 @@ from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from ingest.part_publisher import PartPublisher
 from ingest.poll_turns import PollTurns
 from ingest.window_closer import WindowCloser
-from merging.merger import WindowMerger, pipeline_origin
+from merging.merger import WindowMerger, newest_partials_shaping, pipeline_origin
 from ops.health import HealthEndpoint, Probes
 from ops.log_setup import configure_logging
 from ops.metrics import MetricsSnapshot, ProcessorMetrics
@@ -197,6 +204,8 @@ class Processor:
             self.stop_requested.is_set,
         )
         self.endpoint: HealthEndpoint | None = None
+        # Why this processor stands by without acting (settings the group does not share).
+        self.refused: str | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
         self.published = PublishedFollower(settings, clients, Published())
         origin = pipeline_origin(settings)
@@ -263,19 +272,46 @@ class Processor:
         published = self.topics.newest_published_retrying()
         if published is None:
             return False
+        group, source = published.shaping, f"its newest window on {self.settings.output_topic}"
+        if group is None:  # nothing of this pipeline's on the output says: its parts may
+            group, source = (
+                newest_partials_shaping(self.settings, self.topics.clients),
+                (f"its newest records on {self.settings.partials_topic}"),
+            )
+        differences = differing_settings(group, self.settings)
+        if differences:
+            self._refuse(differences, source)
+            return True
         self.resume_from(published)
         return True
 
     def resume_from(self, published: Published) -> None:
         """What this pipeline has on the output already: replayed records of those
-        windows are skipped (they were counted)."""
+        windows are skipped (they were counted: below the offsets its parts counted up
+        to, where the output says; records of those windows after them count as late)."""
         self.published.published = published
         if published.until:
-            self.aggregator.restore_published_until(published.until, published.partition_count)
+            self.aggregator.restore_published_until(published.until, published.partition_count, published.accounted)
             log.info(
                 "resuming: windows up to the one ending %s were already published; their replayed records are skipped",
                 iso_utc(published.until),
             )
+
+    def _refuse(self, differences: list[tuple[str, int, int]], source: str) -> None:
+        """This processor's window-shaping settings are not the group's: it must not act
+        on them (skip records as published, commit, publish), or it would take windows it
+        cannot see for published and commit past their records. One error line; not ready
+        until restarted with the group's settings."""
+        self.refused = (
+            f"settings differ from what group {self.settings.consumer_group_id} uses ({source}):"
+            f" {describe_differences(differences)}"
+        )
+        log.error(
+            "%s; this processor consumes, commits and publishes nothing until it is restarted with the group's"
+            ' settings (docs/operations.md, "Changing settings and upgrading")',
+            self.refused,
+        )
+        self.probes.refuse(self.refused)
 
     def start_consuming(self) -> None:
         """Join the input group and the merge group."""
@@ -311,6 +347,8 @@ class Processor:
         if not self.prepare():
             self._consumer.close()
             return self.health.exit_status_when_stopped()
+        if self.refused:
+            return self._stand_by()
         self.start_consuming()
         self.merger.start()
         _tune_garbage_collector()
@@ -335,6 +373,11 @@ class Processor:
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
+                disagreement = self.published.disagreement
+                if disagreement is not None:
+                    differences = differing_settings(disagreement.shaping, self.settings)
+                    self._refuse(differences, f"a window it published on {self.settings.output_topic}")
+                    return self._stand_by(timer)
                 self.poll_once(_CONSUME_TIMEOUT_SECONDS)
             self.stop_requested.set()
             timer.join()
@@ -344,6 +387,25 @@ class Processor:
             # A bug, not bad input (that goes to the DLQ).
             log.exception("processor crashed")
         return self._stop_without_committing(timer)
+
+    def _stand_by(self, timer: threading.Thread | None = None) -> int:
+        """Refused (`_refuse`): leave both groups committing nothing (what was read is
+        replayed by whoever owns the partitions), then only answer probes, not ready,
+        until asked to stop."""
+        self._crashed.set()  # from here on nothing is committed, not even by the revoke below
+        if timer is not None:
+            self.stop_requested.set()
+            timer.join()
+            self.stop_requested.clear()
+            self.merger.finish(drain=False, timeout=10)
+        self.published.close()
+        if not close_within(self._consumer, _CLOSE_SECONDS):
+            self.exit_at_once = True
+        while not self.stop_requested.wait(_CONSUME_TIMEOUT_SECONDS):
+            self.probes.poll_loop.beat()  # alive (not restarted by a liveness probe), not ready
+            self.probes.window_closer.beat()
+        log.info("stopped; it consumed, committed and published nothing (%s)", self.refused)
+        return 0
 
     def poll_once(self, wait_seconds: float) -> None:
         """One turn of the poll loop: commit what the timer thread found safe, chores,
@@ -454,6 +516,14 @@ class Processor:
         return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 
     def _process_run(self, run: list[Message], partition: int) -> None:
+        boundary = self.aggregator.replay_boundary(partition)
+        if boundary is not None and run[0].offset() < boundary <= run[-1].offset():
+            # Records of published windows below the boundary were counted, those at or
+            # after it were not: the aggregator takes runs on one side of it.
+            split = next(i for i, message in enumerate(run) if message.offset() >= boundary)
+            self._process_run(run[:split], partition)
+            self._process_run(run[split:], partition)
+            return
         stats = self.stats
         started = time.perf_counter()
         now = self.clock.now()

@@ -115,7 +115,8 @@ class PartPublisher:
                 last = queue[-1] if queue else None
                 if last is not None and not last.is_part and last.stage is Stage.QUEUED:
                     queue.pop()  # a newer progress of the same partition says more
-                value = encode_progress(partition, closed.partition_count, closed_until, self._origin)
+                accounted = closed.accounted.get(partition, -1)
+                value = encode_progress(partition, closed.partition_count, closed_until, self._origin, accounted)
                 queue.append(Publication(partition, None, progress_key(partition), [value], closed_until=closed_until))
 
     def _queue(self, partition: int) -> deque[Publication]:

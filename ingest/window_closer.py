@@ -100,7 +100,7 @@ class WindowCloser:
         with self.lock:
             started = time.perf_counter()
             published = self._published.poll()
-            self._aggregator.release_published(published.until, published.partition_count)
+            self._aggregator.release_published(published.until, published.partition_count, published.accounted)
             closed = self._aggregator.close_due_parts(self._encode_part)
             if not self._clock.known:
                 closed = self._announced(closed)
@@ -138,15 +138,19 @@ class WindowCloser:
         first = self._aggregator.first_partition_closed_until()
         if first is None:
             return closed
-        partition, closed_until = first
-        return dataclasses.replace(closed, progress={partition: closed_until})
+        partition, closed_until, accounted = first
+        return dataclasses.replace(
+            closed,
+            progress={partition: closed_until},
+            accounted={} if accounted is None else {partition: accounted},
+        )
 
     def safe_offsets(self) -> dict[int, int]:
         """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
         copy, still needs."""
         return safe_offsets(self._aggregator.committable_offsets(), self.dead_letters.holds())
 
-    def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
+    def _encode_part(self, partition: int, start: int, window: WindowAggregate, accounted_to: int) -> list[bytes]:
         return encode_part(
             start,
             partition,
@@ -156,4 +160,5 @@ class WindowCloser:
             window.late_message_count,
             PART_MAX_BYTES,
             origin=self._origin,
+            accounted_to=accounted_to,
         )

@@ -241,6 +241,16 @@ class SettingsConflict:
         return ", ".join(f"{name}={value} (this merger: {mine[name]})" for name, value in self.theirs)
 
 
+@dataclass(frozen=True, slots=True)
+class Publishing:
+    """What a window handed to the producer is published with (its output headers)."""
+
+    partition_count: int  # the input partitions it was merged from
+    # Per input partition, every record below this offset of a window up to this one is
+    # counted in a part merged by now (where the parts said).
+    accounted: dict[int, int]
+
+
 # Defaults of the merger's memory bound (merging/merger.py passes the settings).
 DEFAULT_MAX_PENDING_WINDOWS = 64
 DEFAULT_MAX_PENDING_BYTES = 512 * 1024 * 1024
@@ -295,13 +305,22 @@ class MergeState:
         # The window handed to the producer and not yet acknowledged, and the input
         # partition count it was merged with (the merger publishes one at a time).
         self._in_flight: tuple[int, int] | None = None
+        # Per input partition, the highest offset its records say it is accounted to
+        # (PartPiece.accounted_to): published with each window, so that a processor that
+        # takes the partition over skips exactly the records the windows counted.
+        self._accounted: dict[int, int] = {}
 
     # ---- input ----------------------------------------------------------------------
 
-    def restore_published_until(self, window_end: int, partition_count: int | None = None) -> None:
+    def restore_published_until(
+        self, window_end: int, partition_count: int | None = None, accounted: dict[int, int] | None = None
+    ) -> None:
         """Every window ending at or before `window_end` is on the output topic already
         (its tail says so; `partition_count`: the input partitions it was merged with,
-        if the record says): its parts are ignored and it is never published again."""
+        and `accounted` the offsets its partitions were accounted to, if the record
+        says): its parts are ignored and it is never published again."""
+        for partition, offset in (accounted or {}).items():
+            self._accounted[partition] = max(self._accounted.get(partition, -1), offset)
         self._published_until = max(self._published_until or 0, window_end)
         if partition_count:
             self._note_published_count(window_end, partition_count)
@@ -320,6 +339,8 @@ class MergeState:
         if verdict is not None:
             return verdict
         self._partition_count = max(self._partition_count, record.partition_count)
+        if record.accounted_to > self._accounted.get(record.partition, -1):
+            self._accounted[record.partition] = record.accounted_to
         if isinstance(record, Progress):
             self._advance(record.partition, record.closed_until)
             verdict = Verdict.MERGED
@@ -567,13 +588,15 @@ class MergeState:
         window.rendered = (made_from, closed)
         return closed
 
-    def start_publishing(self, start: int) -> int:
+    def start_publishing(self, start: int) -> Publishing:
         """Window `start` (from `next_due`) is handed to the producer: from now on its
-        value is fixed. Returns the input partition count it was merged with, which it is
-        recorded with when acknowledged (`mark_published`), however late that comes, and
-        which a part of it from a partition added since is judged by (late, not lost)."""
+        value is fixed. Returns what is published with it: the input partition count it
+        was merged with, which it is recorded with when acknowledged (`mark_published`),
+        however late that comes, and which a part of it from a partition added since is
+        judged by (late, not lost); and the offsets its partitions are accounted to."""
         self._in_flight = (start, self._partition_count)
-        return self._partition_count
+        count = self._partition_count
+        return Publishing(count, {p: a for p, a in sorted(self._accounted.items()) if p < count})
 
     def publishing_failed(self, start: int) -> None:
         """The broker refused window `start`: it stays due, and is rendered anew."""

@@ -45,11 +45,11 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import ClosedWindow, iso_utc
-from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within
+from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within, read_topic_tail
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
-from merging.merge import MergeStall, MergeState, Verdict
-from merging.parts import BadPartialRecord, PartOrigin, UnknownPartFormat, decode_partial
+from merging.merge import MergeStall, MergeState, Publishing, Verdict
+from merging.parts import BadPartialRecord, PartialRecordError, PartOrigin, UnknownPartFormat, decode_partial
 
 log = logging.getLogger("merger")
 
@@ -74,6 +74,26 @@ _SKIP_LOG_SECONDS = 60.0
 
 def merge_group_id(settings: Settings) -> str:
     return f"{settings.consumer_group_id}-merge"
+
+
+def newest_partials_shaping(settings: Settings, clients: KafkaClients = REAL_CLIENTS) -> dict[str, int] | None:
+    """The window-shaping settings of this pipeline's newest record among the last ones on
+    the partials topic (None: none says, or the topic cannot be read): what the group
+    uses, before any window of it is on the output."""
+    try:
+        messages = read_topic_tail(settings, settings.partials_topic, 50, clients=clients)
+    except KafkaException:
+        return None
+    ours = pipeline_origin(settings)
+    newest: dict[str, int] | None = None
+    for message in sorted(messages, key=Message.offset):
+        try:
+            theirs = decode_partial(message.value()).origin
+        except PartialRecordError:
+            continue
+        if theirs.known and theirs.shaping and (theirs.input_topic, theirs.group) == (ours.input_topic, ours.group):
+            newest = dict(theirs.shaping)
+    return newest
 
 
 def pipeline_origin(settings: Settings) -> PartOrigin:
@@ -235,7 +255,7 @@ class WindowMerger:
             )
             return
         with self._lock:
-            state.restore_published_until(published.until, published.partition_count)
+            state.restore_published_until(published.until, published.partition_count, published.accounted)
         if self._reread_at is not None:
             self._consumer.seek(TopicPartition(self.settings.partials_topic, 0, self._reread_at))
             self._reread_at = None
@@ -427,8 +447,8 @@ class WindowMerger:
                 if window is None:
                     break
                 with self._lock:
-                    merged_with = state.start_publishing(window.start)
-                if not self._produce(window, merged_with):
+                    publishing = state.start_publishing(window.start)
+                if not self._produce(window, publishing):
                     with self._lock:
                         state.publishing_failed(window.start)
                     break
@@ -451,7 +471,7 @@ class WindowMerger:
         if published or self._clock() - self._committed_at > _IDLE_COMMIT_SECONDS:
             self._commit(state)
 
-    def _produce(self, window: ClosedWindow, partition_count: int) -> bool:
+    def _produce(self, window: ClosedWindow, publishing: Publishing) -> bool:
         now = self._wall()
         published_at = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
         try:
@@ -466,7 +486,7 @@ class WindowMerger:
                 headers=[
                     ("processor.host", self._host),
                     ("published.at", published_at),
-                    *output_headers(self.settings, partition_count),
+                    *output_headers(self.settings, publishing.partition_count, publishing.accounted),
                 ],
                 on_delivery=self._report_for(window),
             )

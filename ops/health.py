@@ -76,6 +76,11 @@ class Probes:
         self._stopping = stopping
         self._clock = clock
         self._member = threading.Event()
+        self._refusal: str | None = None
+
+    def refuse(self, why: str) -> None:
+        """The processor will not act (settings the group does not share): not ready, for good."""
+        self._refusal = why
 
     def group_joined(self) -> None:
         """The input consumer received an assignment (possibly empty)."""
@@ -108,6 +113,8 @@ class Probes:
         alive, why = self.liveness()
         if not alive:
             return False, why
+        if self._refusal is not None:
+            return False, self._refusal
         if not self._member.is_set():
             return False, f"not a member of consumer group {self.consumer_group} (yet)"
         down_since = self._broker_down_since()

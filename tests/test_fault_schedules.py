@@ -37,8 +37,9 @@ import random
 from dataclasses import dataclass
 
 import pytest
+from confluent_kafka import KafkaException
 
-from broker.pipeline_topics import newest_published
+from broker.pipeline_topics import Published, newest_published
 from config import build_settings
 from ingest import window_closer
 from kafka_processor import Processor
@@ -98,6 +99,7 @@ class Schedule:
             "CONSUME_BATCH_SIZE": str(rng.choice([1, 3, 20])),
             "MERGE_MAX_PENDING_WINDOWS": str(rng.choice([2, 64])),
         }
+        self.env = env
         self.settings = build_settings(env)
         for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1)):
             self.cluster.create_topic(topic, count)
@@ -157,29 +159,38 @@ class Schedule:
 
     # ---- members -----------------------------------------------------------------------
 
-    def start_member(self, clock_offset: float | None = None) -> None:
+    def start_member(self, clock_offset: float | None = None, **env: str) -> Member:
         """A new member, its machine's wall clock `clock_offset` seconds off the broker's
-        (None: drawn, within 30 s, where the broker stamps its time)."""
+        (None: drawn, within 30 s, where the broker stamps its time); `env`: settings of
+        its own (the group's otherwise)."""
         if clock_offset is None:
             clock_offset = self.rng.choice([0.0, self.rng.uniform(-30, 30)]) if self.broker_time else 0.0
         self._names += 1
         clients = FakeClients(self.cluster)
+        settings = build_settings(self.env | env) if env else self.settings
 
         def wall() -> float:
             return self.clock.now + clock_offset
 
-        processor = Processor(self.settings, clients=clients, clock=wall, monotonic=self.clock)
+        processor = Processor(settings, clients=clients, clock=wall, monotonic=self.clock)
         processor.host = f"m{self._names}"
-        published = None
-        while published is None:  # prepare(): asks again while the tail cannot be read
-            try:
-                published = newest_published(self.settings, clients)
-            except Exception:  # noqa: BLE001 - the injected failed read
-                self.clock.now += 2
-        processor.resume_from(published)
-        processor.start_consuming()
-        processor.merger.subscribe()
-        self.members.append(Member(f"m{self._names}", processor, clients, silent_since=self.clock.now))
+        processor.topics.ensure = lambda: True  # the test made the topics
+
+        def published_retrying() -> Published:  # as start-up does, in sim time
+            while True:
+                try:
+                    return newest_published(settings, clients)
+                except KafkaException:  # the injected failed read
+                    self.clock.now += 2
+
+        processor.topics.newest_published_retrying = published_retrying
+        processor.prepare()
+        member = Member(f"m{self._names}", processor, clients, silent_since=self.clock.now)
+        if processor.refused is None:
+            processor.start_consuming()
+            processor.merger.subscribe()
+            self.members.append(member)
+        return member
 
     def pause_inside_a_poll_turn(self, member: Member, seconds: float) -> None:
         """The member's process stops inside consume(), after the fetch: the input goes on
@@ -493,3 +504,113 @@ def test_members_clocks_off_by_up_to_30s_change_no_window(offsets):
 
 def member_offset(schedule: Schedule, member: Member) -> float:
     return member.processor.clock.wall() - schedule.clock.now
+
+
+def _live(schedule: Schedule, seconds: float, partitions: int, members: list[Member] | None = None) -> None:
+    """A live stream over `partitions`, every member turning as it goes."""
+    clock = schedule.clock
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += 0.25
+        t = int(clock.now) - schedule.rng.randint(0, 2)
+        schedule._append(schedule.rng.randrange(partitions), t, int(clock.now * 1000))
+        for member in members if members is not None else schedule.members:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+
+def _settle(schedule: Schedule, rounds: int = 100) -> None:
+    for _ in range(rounds):  # no more input: everything closes
+        schedule.clock.now += 0.5
+        schedule.expire_sessions()
+        for member in [m for m in schedule.members if m.alive]:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+
+def _quiet_schedule(seed: int, partitions: int) -> Schedule:
+    schedule = Schedule(seed=seed)
+    schedule.faults.enabled = False
+    schedule.cluster.logs["in"] = [[] for _ in range(partitions)]
+    schedule.partitions, schedule.records = partitions, []
+    return schedule
+
+
+@pytest.mark.parametrize("setting", [{"WINDOW_SECONDS": "60"}, {"MAX_EVENT_TIME_SKEW_SECONDS": "10"}])
+def test_a_member_with_settings_the_group_does_not_share_acts_on_nothing(setting):
+    """A group runs with 30 s windows; a member joins with 60 (or a smaller skew). It took
+    the newest published window [S, S+30) for [S, S+60) by its own length, skipped the
+    records of [S+30, S+60) on its partitions as replays and committed past them in its
+    first turn; restarted with 30, as the docs say, it resumed after them: the window
+    was published short. Now it consumes, commits and publishes nothing, says why once,
+    and is not ready; restarted with the group's settings, every window is exact."""
+    schedule = _quiet_schedule(seed=5, partitions=2)
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 70, partitions=2)
+    commits_before = dict(schedule.cluster.committed)
+    output_before = list(schedule.cluster.logs["out"][0])
+    stranger = schedule.start_member(clock_offset=0.0, **setting)
+    assert stranger.processor.refused is not None
+    name, value = next(iter(setting.items()))
+    assert f"{name}={value} (the group's:" in stranger.processor.refused
+    ready, why = stranger.processor.probes.readiness()
+    assert not ready and why == stranger.processor.refused
+    _live(schedule, 20, partitions=2, members=[*schedule.members, stranger])  # it turns too: nothing happens
+    groups = (schedule.settings.consumer_group_id, f"{schedule.settings.consumer_group_id}-merge")
+    mine = [c for c in stranger.clients.made if getattr(c, "group_id", None) in groups]
+    assert all(not c.in_group and not c.owned for c in mine), "it joined no group"
+    assert not any(getattr(p, "queue", None) for p in stranger.clients.made), (
+        "it produced nothing"
+    )  # (nothing queued, nothing delivered: below)
+    assert {k: v for k, v in schedule.cluster.committed.items() if k not in commits_before} == {} or all(
+        schedule.cluster.committed[k] >= commits_before.get(k, 0) for k in schedule.cluster.committed
+    )
+    assert all(
+        m.headers() is None or dict(m.headers()).get("processor.host") != stranger.processor.host.encode()
+        for m in schedule.cluster.logs["out"][0][len(output_before) :]
+    )
+    schedule.start_member(clock_offset=0.0)  # restarted with the group's settings
+    _live(schedule, 40, partitions=2)
+    _settle(schedule)
+    assert schedule.output() == schedule.expected()
+
+
+def test_a_record_for_a_published_window_read_after_a_restart_counts_once_as_late():
+    """A replayed dead letter (or any record) whose window was published before the
+    processor restarted was skipped as a "replay" and counted nowhere. The output says up
+    to which offset each partition's records were counted; a record after it counts as
+    late, once, whatever restarts in between."""
+    schedule = _quiet_schedule(seed=9, partitions=1)
+    member = schedule.start_member(clock_offset=0.0)
+    _live(schedule, 80, partitions=1)
+    _settle(schedule, 30)
+    published = {k: v["message_count"] for k, v in schedule.output().items()}
+    assert published
+    member.processor.closer.close_and_publish(0)
+    schedule.crash(member)  # stopped: a restart follows
+    schedule.expire_sessions()
+    old_window = min(epoch(k) for k in published)
+    for i in range(3):  # fixed records of the oldest published window, replayed from the DLQ
+        schedule._append(0, old_window + i, int(schedule.clock.now * 1000))
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 40, partitions=1)
+    _settle(schedule)
+    restarted = schedule.members[-1]
+    schedule.crash(restarted)  # and once more: they are not counted again
+    schedule.expire_sessions()
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 40, partitions=1)
+    _settle(schedule)
+    output = schedule.output()
+    assert {k: output[k]["message_count"] for k in published} == published  # the old windows as they were
+    assert sum(w["late_message_count"] for w in output.values()) == 3
+    expected = schedule.expected()  # the oracle counts them in their window
+    assert sum(w["message_count"] + w["late_message_count"] for w in output.values()) == sum(
+        w["message_count"] for w in expected.values()
+    )
+
+
+def epoch(key: str) -> int:
+    from ops.report import epoch_of
+
+    return epoch_of(key)
