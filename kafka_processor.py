@@ -565,6 +565,8 @@ class Processor:
             merger.merge_lag_seconds(),
             partials_skipped=dict(merger.skipped),
             merge_pending_windows=merger.pending_windows(),
+            clock_offset_seconds=self.clock.offset_seconds,
+            settings_refused=self.refused is not None,
         )
 
     # ---- shutdown ---------------------------------------------------------------------------
