@@ -13,9 +13,10 @@ consumer group's offsets (it commits nothing), so any number can watch.
 
 A broker that is not there (yet) is waited for, like the processor does: one line
 when it goes, one when it is back. A reader that goes away (`| head -3`) ends the
-monitor quietly, status 0. Exit statuses: 0 stopped (Ctrl-C, SIGTERM, --exit-after,
---idle-timeout, a closed pipe); 1 a Kafka error it cannot retry (one plain sentence);
-2 a bad setting or refused credentials; 3 stopped before it ever reached the broker.
+monitor at once (not at its next write, a window later), quietly, status 0.
+Exit statuses: 0 stopped (Ctrl-C, SIGTERM, --exit-after, --idle-timeout, a closed
+pipe); 1 a Kafka error it cannot retry (one plain sentence); 2 a bad setting or
+refused credentials; 3 stopped before it ever reached the broker.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -412,6 +414,36 @@ def _live_dashboard(
     return 0
 
 
+class ReaderWatch:
+    """Notices at once that the reader of our stdout went away (`| head -3` has its
+    lines), not at the next write: that comes with the next window, up to a window's
+    length later, and the shell gives the prompt back only when both have ended.
+
+    A pipe whose reading end is closed reports POLLERR to the writer (POLLHUP: a
+    socket or terminal hung up); a thread waits for that and sets `stop`. A file or
+    /dev/null never reports either, so the thread just waits for `stop`."""
+
+    _GONE = select.POLLERR | select.POLLHUP
+    _CHECK_STOP_MS = 500  # how soon the thread notices that the monitor stops on its own
+
+    def __init__(self, stop: threading.Event, fd: int) -> None:
+        self.stop = stop
+        self.gone = threading.Event()
+        self._poller = select.poll()
+        self._poller.register(fd, 0)  # no event asked for: errors and hang-ups come anyway
+        threading.Thread(target=self._watch, name="stdout-reader-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            events = sum(flags for _, flags in self._poller.poll(self._CHECK_STOP_MS))
+            if events & select.POLLNVAL:  # stdout is not open: nothing to watch
+                return
+            if events & self._GONE:
+                self.gone.set()
+                self.stop.set()
+                return
+
+
 def _quiet_stdout() -> None:
     """The reader of our stdout went away (`| head`): point stdout at /dev/null, so that
     the interpreter's last flush at exit does not complain about the closed pipe."""
@@ -436,9 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_setting_error(error, environ) or ConfigError("KAFKA_* settings", str(error)),
         )
     shown = 0
+    reader = ReaderWatch(stop, sys.stdout.fileno())
     try:
         if not tail.start(stop):
-            return tail.health.exit_status_when_stopped()
+            return 0 if reader.gone.is_set() else tail.health.exit_status_when_stopped()
         if not args.json and console.is_terminal:
             return _live_dashboard(console, tail, stop, source, settings.window_seconds, args)
         last_window = time.monotonic()
@@ -457,6 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 0
             if args.idle_timeout and time.monotonic() - last_window > args.idle_timeout:
                 return 0
+        if reader.gone.is_set():  # a normal end, as for `cat`
+            _quiet_stdout()
     except AuthenticationFailed as refused:
         exit_with_config_error("monitor_aggregated_data.py", refused.as_config_error())
     except KafkaException as error:
@@ -467,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
+        stop.set()  # ends the reader watch
         tail.close()
     return 0
 

@@ -231,6 +231,55 @@ def test_a_closed_pipe_ends_the_monitor_quietly(topics, tmp_path):
     assert code == 0 and errors == "", errors
 
 
+def _pipe_into_head(*args: str, env: dict[str, str], cwd) -> subprocess.Popen:
+    """`monitor_aggregated_data.py ARGS | head -3` as a shell runs it: the shell returns
+    when both have ended, with the monitor's status (pipefail)."""
+    monitor = shlex.join([sys.executable, str(ROOT / "monitor_aggregated_data.py"), *args])
+    return subprocess.Popen(
+        ["bash", "-o", "pipefail", "-c", f"{monitor} | head -3"],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: a failed test ends the monitor too
+    )
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("from_beginning", [True, False], ids=["from-beginning", "live"])
+def test_head_returns_the_prompt_as_soon_as_it_has_its_lines(topics, tmp_path, from_beginning):
+    """Issue 27: `--json | head -3` returned the prompt only when the next window came,
+    about 30 s after the third line (`--from-beginning | head -3`: 26 s), because the
+    monitor noticed the closed pipe only at its next write. It now watches its reader
+    and ends as soon as `head` exits, with no window coming after."""
+    topics.create()
+    # Exactly what head reads: no later write can meet the closed pipe (the issue saw the
+    # same with more windows on the topic, all written before head had exited).
+    _publish_windows(topics.bootstrap, topics.output, [0, 1, 2] if from_beginning else [0])
+    args = ("--json", "--from-beginning") if from_beginning else ("--json",)
+    pipeline = _pipe_into_head(*args, env=topics.env(), cwd=tmp_path)
+    try:
+        if not from_beginning:  # the newest window at once, then two more as they come
+            time.sleep(3)
+            _publish_windows(topics.bootstrap, topics.output, [1])
+            _publish_windows(topics.bootstrap, topics.output, [2])
+        lines = [pipeline.stdout.readline() for _ in range(3)]
+        head_done = time.monotonic()  # head has printed its three lines and exits
+        code = pipeline.wait(20)
+        took = time.monotonic() - head_done
+        errors = pipeline.stderr.read()
+    finally:
+        if pipeline.poll() is None:
+            os.killpg(pipeline.pid, signal.SIGKILL)
+            pipeline.wait()
+    print(f"prompt back {took:.1f}s after the third line")
+    assert [json.loads(line)["window_start"] for line in lines] == [_window_at(m)["window_start"] for m in (0, 1, 2)]
+    assert code == 0 and errors == "", errors
+    assert took < 3, f"the prompt came back {took:.1f}s after head's last line"
+
+
 @pytest.mark.broker
 def test_keeps_retrying_an_unreachable_broker_and_never_prints_a_raw_error(tmp_path):
     """Issue 18, item 2: the monitor said "retrying until it is back", then gave up after
