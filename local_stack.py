@@ -17,12 +17,15 @@ generator, processors and monitor, with every other setting it was given. Anothe
 A broker already listening there (a `make broker` in another terminal, the
 compose file's Kafka, your own) is reused, never silently: the stack first checks
 that it answers as a Kafka broker (if not, it stops with exit status 1, saying
-so), then says that it reuses the broker at that address, that its generator
-writes into it and into which topic, and how to pick a free port instead (the
-`make` command when make started it). A reused broker is not ours to stop:
-Ctrl-C leaves it running. Reuse rather than refusal, because the likely causes
-are a stack or the compose Kafka running on purpose, where joining it is what
-the user wants; and the message comes before anything is written.
+so), then says that it reuses the broker at that address, which topic its
+generator writes into, and how to pick a free port instead (the `make` command
+when make started it). A reused broker is not ours to stop: Ctrl-C leaves it
+running. Reuse rather than refusal, because the likely causes are a stack or the
+compose Kafka running on purpose, where joining it is what the user wants; and
+the message comes before anything is written. When records already stream into
+the input topic there (that stack's generator, the compose file's), the stack
+writes no backlog and starts no generator, and says so: its processors count that
+stream, each login once (a second generator doubled every window's logins).
 
 A part that dies (a processor killed with SIGKILL, a crash) does not stop the
 stack: the other processors carry on (Kafka moves the dead one's partitions to
@@ -70,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from broker.embedded_broker import BrokerError, EmbeddedBroker, port_is_open
@@ -123,6 +126,39 @@ def answers_as_kafka(settings: Settings, timeout: float = 5.0) -> str | None:
     except KafkaException as error:
         return error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else str(error)
     return None
+
+
+def records_arriving(settings: Settings, topic: str, within: float = 3.0) -> bool:
+    """Whether something writes into `topic` now: the end of one of its partitions moves
+    within `within` seconds (a generator at 20 events/s moves one in a fraction of a
+    second). False when the topic is not there, or the broker does not say."""
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            # A throwaway group: it only reads partition ends, never joins or commits.
+            "group.id": f"local-stack-{os.getpid()}",
+        }
+    )
+    try:
+        entry = consumer.list_topics(topic, timeout=5.0).topics.get(topic)
+        if entry is None or entry.error is not None or not entry.partitions:
+            return False
+        partitions = [TopicPartition(topic, p) for p in entry.partitions]
+
+        def ends() -> list[int]:
+            return [consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)[1] for tp in partitions]
+
+        first, deadline = ends(), time.monotonic() + within
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if ends() != first:
+                return True
+        return False
+    except KafkaException:
+        return False
+    finally:
+        consumer.close()
 
 
 def a_free_port_after(port: int) -> int | None:
@@ -510,6 +546,9 @@ class LocalStack:
         self.input_topic = child_settings.input_topic
         self.group = child_settings.consumer_group_id
         self.broker: EmbeddedBroker | None = None
+        # A reused broker into whose input topic records already stream (another stack's
+        # generator, the compose file's): this stack then writes none of its own.
+        self.stream_there = False
         self.stopping = False
         self.dashboard = False  # the monitor draws in this terminal
         self.keys: Keys | None = None
@@ -544,9 +583,11 @@ class LocalStack:
                     sys.stderr,
                 )
                 return 1
+            self.stream_there = records_arriving(build_settings(self.env), self.input_topic)
+            writes = "records already stream into" if self.stream_there else "the generator writes into"
             _say(
                 f"broker: reusing the broker already listening on {self.address}, not started by this stack "
-                f"(Ctrl-C leaves it running); the generator writes into its topic {self.input_topic}"
+                f"(Ctrl-C leaves it running); {writes} its topic {self.input_topic}"
             )
             choose = _how_to_choose(self.host, self.port, self.args.broker_only)
             _say(f"        for a broker of its own, choose a free port: {choose}")
@@ -584,9 +625,17 @@ class LocalStack:
 
     def start_parts(self) -> None:
         self.keys = Keys(sys.stdin)
-        self.generator.start(self.env, once=["--since", f"{self.live_from:.3f}"])
-        log = _shown(self._log("generator"))
-        _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
+        if self.stream_there:
+            # Beside a `make broker`: a second generator doubled every window's logins.
+            self.crew.others.remove(self.generator)
+            _say(
+                f"generator: none started: records already stream into {self.input_topic} on {self.address}"
+                " (from the stack or compose file that runs that broker); they are what this stack counts"
+            )
+        else:
+            self.generator.start(self.env, once=["--since", f"{self.live_from:.3f}"])
+            log = _shown(self._log("generator"))
+            _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
         if self.args.broker_only:
             extra = [] if self.address == DEFAULT_BOOTSTRAP else ["--bootstrap-servers", self.address]
             if self.args.env_file != ".env":
@@ -594,7 +643,7 @@ class LocalStack:
             _say("ready: run the processor and the monitor in two more terminals, from this directory:")
             _say(f"  {_command('kafka_processor.py', *extra)}")
             _say(f"  {_command('monitor_aggregated_data.py', *extra)}")
-            _say(f"Ctrl-C stops {self.what_stops(['generator'])}")
+            _say(f"Ctrl-C stops {self.what_stops([c.name for c in self.crew.others])}")
             return
         for processor in self.crew.processors:
             processor.start({**self.env, "PROCESSOR_NAME": processor.name})
@@ -603,7 +652,7 @@ class LocalStack:
             _say(f"  {len(self.crew.processors)} processors in group {self.group} share out the input partitions;")
             _say("  one merges the parts into windows; when one dies, the others carry on")
         self.dashboard = not self.args.plain and sys.stdout.isatty()
-        parts = [c.name for c in self.crew.processors] + ["generator", "monitor"]
+        parts = [c.name for c in self.crew.children]
         if self.dashboard:
             _write_atomically(self.status_path, "")
             self.monitor.args = [*self.monitor.args, "--status-file", str(self.status_path)]
@@ -726,7 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if stack.stopping:
             return 0
-        stack.fill_backlog()
+        if not stack.stream_there:
+            stack.fill_backlog()
         stack.start_parts()
         return stack.watch()
     except subprocess.CalledProcessError:

@@ -184,6 +184,41 @@ def test_reuses_a_broker_already_listening_and_names_it(broker, topics, start_st
 
 
 @pytest.mark.broker
+@pytest.mark.slow
+def test_beside_a_running_broker_and_its_generator_it_starts_no_second_generator(start_stack):
+    """Issue 27: `make run` beside a running `make broker` reused the broker and said so,
+    but started a second generator (and a second backlog): the windows held twice the
+    logins (1,197 instead of about 599). It now reads the stream that is already there,
+    and says so: each login counted once."""
+    port = free_port()
+    env = user_env(
+        KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}",
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        WINDOW_SECONDS="2",
+        ALLOWED_LATENESS_SECONDS="1",
+    )
+    broker = start_stack("--broker-only", env=env)  # make broker, in one terminal
+    broker.wait_for("Ctrl-C stops the generator and the broker")
+    run = start_stack("--plain", env=env)  # make run, in another
+    assert "reusing the broker already listening" in run.wait_for("broker:")
+    said = run.wait_for("generator:")
+    assert f"none started: records already stream into user-login on localhost:{port}" in said, said
+    stops = run.wait_for("Ctrl-C stops")
+    assert "generator" not in stops and "processor" in stops, stops
+    assert not any("data_generator.py" in _cmdline(pid) for pid in _children(run.process.pid))
+
+    # 20 events a second (--rate) is 40 per 2 s window, a few of them invalid: never 80.
+    def windows() -> list[int]:
+        return [int(line.split("logins ")[1].split()[0].replace(",", "")) for line in run.lines if " → " in line]
+
+    logins = wait_until(lambda: len(shown := windows()) >= 20 and shown, 90, message="20 windows from the monitor")
+    print(f"logins per window: {logins}")
+    assert max(logins) <= 40 and sorted(logins)[len(logins) // 2] >= 30, logins
+    assert run.interrupt() == 0, run.output()
+    assert broker.interrupt() == 0, broker.output()
+
+
+@pytest.mark.broker
 def test_suggests_the_make_command_when_make_started_it(broker, topics, start_stack):
     env = user_env(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, INPUT_TOPIC=topics.input, MAKELEVEL="1")
     stack = start_stack("--broker-only", env=env)
