@@ -34,11 +34,12 @@ header in a terminal ("processor-3 died (SIGKILL); 2 of 3 running; processor-1
 merges"), as one line per event otherwise (`--plain`, or when stdout is not a
 terminal). Which processor merges comes from the processors' own log lines
 ("this processor is now the merger" / "no longer the merger"). Press r in the
-terminal to start the dead parts again, or give `--restart-after SECONDS`. Only
-Ctrl-C (or SIGTERM) stops everything, monitor first, then the processors (so
-they commit cleanly), the generator and the broker; then the stack prints what
-happened and what it stopped. It stops by itself (exit status 1) only when its
-own broker dies, which takes every topic with it.
+terminal to start the dead parts again, or give `--restart-after SECONDS`; the
+dashboard names both keys from the start, and one event names every part that r
+started again. Only Ctrl-C (or SIGTERM) stops everything, monitor first, then the
+processors (so they commit cleanly), the generator and the broker; then the stack
+prints what happened and what it stopped. It stops by itself (exit status 1) only
+when its own broker dies, which takes every topic with it.
 
 The embedded broker keeps data in memory: stopping the stack forgets every
 topic. Logs of the background parts go to a folder of each run's own under
@@ -441,18 +442,21 @@ class Crew:
         return line
 
     def dashboard_lines(self, restart_hint: str) -> list[str]:
-        """The lines under the dashboard's header ("! " marks a warning)."""
+        """The lines under the dashboard's header ("! " marks a warning): the state, the
+        keys (from the start, not only once something died: a user should know them
+        before they need them), and the latest event for a minute."""
+        keys = f"{restart_hint}; Ctrl-C stops everything"
         dead = self.dead()
         if dead:
             now = time.monotonic()
             deaths = ", ".join(f"{_listing([c.name])} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
-            return [f"! {deaths}; {self.state()}", f"{restart_hint}; Ctrl-C stops everything"]
+            return [f"! {deaths}; {self.state()}", keys]
         running = [c for c in self.processors if c.running]
         if len(running) == 1:
             pids = f"pid {running[0].process.pid}"
         else:  # where `kill` and `ps` find them
             pids = ", ".join(f"{c.name} pid {c.process.pid}" for c in running)
-        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}"]
+        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}", keys]
         if self.events and time.time() - self.events[-1][0] < 60:
             when, line = self.events[-1]
             lines.append(f"{time.strftime('%H:%M:%S', time.localtime(when))} {line}")
@@ -664,8 +668,9 @@ class LocalStack:
     # ---- watching -------------------------------------------------------------------
 
     def restart_hint(self, dead: list[Child]) -> str:
-        """How the dead parts start again: a key, or --restart-after."""
-        them = _listing([c.name for c in dead])
+        """How the dead parts start again: a key, or --restart-after (with none dead yet:
+        how a part that dies would)."""
+        them = _listing([c.name for c in dead]) if dead else "a part that died"
         keys = self.keys is not None and self.keys.enabled
         if self.args.restart_after is not None:
             again = f"{them} starts again {self.args.restart_after:g}s after it ended"
@@ -679,10 +684,15 @@ class LocalStack:
         if not (self.dashboard and self.monitor.running):
             _say(line)
 
-    def restart(self, child: Child) -> None:
-        env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
-        child.start(env)
-        self.tell(self.crew.note(f"{_listing([child.name])} started again (pid {child.process.pid})"))
+    def restart(self, children: list[Child]) -> None:
+        """Start `children` again; one event names every one of them (the dashboard
+        shows the latest event only)."""
+        for child in children:
+            env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
+            child.start(env)
+        pids = [str(child.process.pid) for child in children]
+        which = f"pid {pids[0]}" if len(pids) == 1 else f"pids {', '.join(pids)}"
+        self.tell(self.crew.note(f"{_listing([c.name for c in children])} started again ({which})"))
 
     def watch(self) -> int:
         """Until Ctrl-C: report deaths and merger changes, start dead parts again on request."""
@@ -709,11 +719,14 @@ class LocalStack:
             pressed = self.keys.read(_WATCH_SECONDS) if self.keys else (time.sleep(_WATCH_SECONDS) or "")
             if self.stopping:
                 break
-            now = time.monotonic()
-            for child in crew.dead():
-                after = self.args.restart_after
-                if "r" in pressed.lower() or (after is not None and now - child.ended_at >= after):
-                    self.restart(child)
+            now, after = time.monotonic(), self.args.restart_after
+            due = [
+                child
+                for child in crew.dead()
+                if "r" in pressed.lower() or (after is not None and now - child.ended_at >= after)
+            ]
+            if due:
+                self.restart(due)
             if self.dashboard:
                 with contextlib.suppress(OSError):
                     lines = crew.dashboard_lines(self.restart_hint(crew.dead()))
