@@ -126,7 +126,14 @@ def consumer_settings(settings: Settings) -> dict:
 def merge_consumer_settings(settings: Settings) -> dict:
     """The merge stage's consumer: like the input's, in a group of its own (merging/merger.py),
     and quick to hand over parts (a window's latency grows by one partials round trip)."""
-    return {**consumer_settings(settings), "fetch.wait.max.ms": 100}
+    return {
+        **consumer_settings(settings),
+        "fetch.wait.max.ms": 100,
+        # Whatever KAFKA_AUTO_OFFSET_RESET says of the input: a merge group that has
+        # committed nothing yet must read every part already written, or a window is
+        # published without them.
+        "auto.offset.reset": "earliest",
+    }
 
 
 def producer_settings(settings: Settings) -> dict:

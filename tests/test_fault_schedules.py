@@ -43,6 +43,7 @@ from broker.pipeline_topics import Published, newest_published
 from config import build_settings
 from ingest import window_closer
 from kafka_processor import Processor
+from merging.parts import PartPiece, decode_partial
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 from tests.oracle import decode_object, expected_windows
 
@@ -614,3 +615,27 @@ def epoch(key: str) -> int:
     from ops.report import epoch_of
 
     return epoch_of(key)
+
+
+def test_with_offset_reset_latest_the_merger_still_reads_every_part():
+    """KAFKA_AUTO_OFFSET_RESET=latest is a setting for the input (start a new group at
+    the end of it). It reached the merge group's consumer too: a merger that joins after
+    the first parts were written (the merge group had committed nothing yet) started at
+    the partials topic's end and never saw them."""
+    schedule = _quiet_schedule(seed=21, partitions=2)
+    schedule.env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
+    schedule.settings = build_settings(schedule.env)
+    for partition in range(2):  # an earlier run of the group started the input here
+        schedule.cluster.committed[(schedule.settings.consumer_group_id, "in", partition)] = 0
+    for i in range(40):
+        t = int(schedule.clock.now) - 100 + i
+        schedule._append(i % 2, t, t * 1000)
+    member = schedule.start_member(clock_offset=0.0)
+    for _ in range(20):  # every window closes before the merger's first turn
+        schedule.clock.now += 1.0
+        schedule.turn(member, "poll")
+        schedule.turn(member, "timer")
+    partials = [decode_partial(m.value()) for m in schedule.cluster.logs[schedule.settings.partials_topic][0]]
+    assert len({p.window_start for p in partials if isinstance(p, PartPiece)}) == 2
+    _settle(schedule)
+    assert schedule.output() == schedule.expected()
