@@ -246,6 +246,7 @@ class Processor:
             self.topics,
             self.closer.safe_offsets,
             monotonic,
+            reads_from_earliest=self._reads_from_earliest,
         )
         self.merger = WindowMerger(
             settings,

@@ -47,8 +47,10 @@ class InputAssignment:
         topics: PipelineTopics,
         safe_offsets: Callable[[], dict[int, int]],
         monotonic: Callable[[], float] = time.monotonic,
+        reads_from_earliest: bool = True,
     ) -> None:
         self._monotonic = monotonic
+        self._reads_from_earliest = reads_from_earliest  # auto.offset.reset
         self.settings = settings
         self._aggregator = aggregator
         self._parts = parts
@@ -130,6 +132,7 @@ class InputAssignment:
         owned = sorted(tp.partition for tp in partitions)
         committed = self._read_committed(consumer, partitions) if partitions else {}
         committed = {**self._recompute_starts(consumer, partitions, committed or {}), **(committed or {})}
+        committed = {**self._added_partition_starts(consumer, partitions, committed, total or 0), **committed}
         self._aggregator.assign(owned, total or 0, committed)
         self._health.mark_reachable()
         if total is None:
@@ -171,6 +174,43 @@ class InputAssignment:
             ",".join(str(starts[p]) for p in sorted(starts)),
             iso_utc(since),
         )
+        return starts
+
+    def _added_partition_starts(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int], total: int
+    ) -> dict[int, int]:
+        """With `auto.offset.reset=latest`, a partition without a commit of its own in a
+        group that has committed others was added to the input after the group started:
+        everything on it is newer than the group, so it is read from its beginning (at its
+        end, what was written before the group noticed it would be dropped unseen).
+        `latest` keeps its meaning for a new group: no commit anywhere, start at the end."""
+        s = self.settings
+        fresh = [
+            tp for tp in partitions if tp.partition not in committed and tp.partition not in self._committed_unknown
+        ]
+        if self._reads_from_earliest or s.recompute_from or not fresh:
+            return {}
+        if not committed:
+            others = [TopicPartition(s.input_topic, p) for p in range(total) if p not in {tp.partition for tp in fresh}]
+            known = self._read_committed(consumer, others) if others else {}
+            if known == {}:
+                return {}  # a new group: `latest` as asked
+        starts = {}
+        for tp in fresh:
+            try:
+                starts[tp.partition] = consumer.get_watermark_offsets(tp, timeout=10)[0]
+            except KafkaException as error:
+                log.warning("could not read where partition %d begins (%s); it starts at its end", tp.partition, error)
+                continue
+            tp.offset = starts[tp.partition]
+        if starts:
+            consumer.assign(partitions)  # the offsets above, instead of auto.offset.reset
+            log.info(
+                "partition(s) %s of %s have no commit of this group yet (added since it started): read from their"
+                " beginning",
+                ",".join(map(str, sorted(starts))),
+                s.input_topic,
+            )
         return starts
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -100,6 +100,10 @@ class Schedule:
             "CONSUME_BATCH_SIZE": str(rng.choice([1, 3, 20])),
             "MERGE_MAX_PENDING_WINDOWS": str(rng.choice([2, 64])),
         }
+        # A group that started at the end of its input: offsets committed at 0 below (an
+        # earlier run of it), so the reset only matters where the commit cannot be read.
+        if rng.random() < 0.3:
+            env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
         self.env = env
         self.settings = build_settings(env)
         for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1)):
@@ -109,6 +113,15 @@ class Schedule:
         # producer's time), members' clocks then agreeing, as the docs require there.
         self.broker_time = rng.random() < 0.8
         self.cluster.create_topic(self.settings.partials_topic, 1, log_append_time=self.broker_time)
+        if "KAFKA_AUTO_OFFSET_RESET" in env:
+            for partition in range(self.partitions):
+                self.cluster.committed[(self.settings.consumer_group_id, "in", partition)] = 0
+        # A partition added to the input during the chaos (at this step, noticed by the
+        # group some steps later), or never. Its records of windows published without it
+        # count as late: the output is then checked for every record counted once.
+        self.add_partition_at = rng.randrange(250) if rng.random() < 0.2 else None
+        self.notice_partition_at: int | None = None
+        self.steps = 0
         self.session_seconds = 6.0
         self.records: list[tuple[bytes, int]] = []  # (value, Kafka ms), for the oracle
         self.violations: list[str] = []
@@ -193,6 +206,14 @@ class Schedule:
             self.members.append(member)
         return member
 
+    def start_odd_member(self) -> None:
+        """A member started with a window-shaping setting the group does not use, once the
+        group has published: it must act on nothing."""
+        odd = self.rng.choice([{"WINDOW_SECONDS": "60"}, {"TOP_IPS": "3"}, {"MAX_EVENT_TIME_SKEW_SECONDS": "10"}])
+        member = self.start_member(**odd)
+        if member.processor.refused is None:
+            self.violations.append(f"a member started with {odd} joined a group that published with other settings")
+
     def pause_inside_a_poll_turn(self, member: Member, seconds: float) -> None:
         """The member's process stops inside consume(), after the fetch: the input goes on
         meanwhile (nobody else acts), and the same turn carries on when it wakes."""
@@ -244,6 +265,13 @@ class Schedule:
 
     def step(self, chaos: bool) -> None:
         rng = self.rng
+        self.steps += 1
+        if self.steps == self.add_partition_at:
+            self.partitions += 1
+            self.cluster.add_partitions("in", self.partitions, notice=False)
+            self.notice_partition_at = self.steps + rng.randint(1, 60)
+        if self.steps == self.notice_partition_at:
+            self.cluster.notice_partitions("in")
         self.clock.now += rng.choice([0.05, 0.2, 0.5, 1.0])
         self.expire_sessions()
         woke = []
@@ -271,6 +299,8 @@ class Schedule:
             rng.choice(running).starved_until = self.clock.now + rng.choice([3.0, 8.0])
         elif chaos and roll < 0.10 and running:
             self.pause_inside_a_poll_turn(rng.choice(running), rng.choice([5.0, 35.0]))
+        elif chaos and roll < 0.105 and self.cluster.logs["out"][0]:
+            self.start_odd_member()
         elif chaos and roll < 0.25:
             self._live_record()
         elif running:
@@ -286,6 +316,8 @@ class Schedule:
         self.start_member()
         for _ in range(chaos_steps):
             self.step(chaos=True)
+        if self.notice_partition_at is not None and self.steps < self.notice_partition_at:
+            self.cluster.notice_partitions("in")
         self.faults.enabled = False
         for member in self.members:
             member.paused_until = member.starved_until = None
@@ -295,8 +327,26 @@ class Schedule:
             for member in [m for m in self.members if m.alive]:
                 for kind in ("poll", "timer", "merge"):
                     self.turn(member, kind)
-            if self.output() == self.expected():
+            if self.done():
                 return
+
+    def done(self) -> bool:
+        if self.add_partition_at is None or self.add_partition_at > self.steps:
+            return self.output() == self.expected()
+        return not self.miscounted()
+
+    def miscounted(self) -> str | None:
+        """With a partition added: every record counted once, valid ones in their window or
+        as late, invalid ones as invalid (None), else how the totals differ."""
+        output, expected = self.output().values(), self.expected().values()
+        valid = (
+            sum(w["message_count"] + w["late_message_count"] for w in output),
+            sum(w["message_count"] for w in expected),
+        )
+        invalid = sum(w["invalid_message_count"] for w in output), sum(w["invalid_message_count"] for w in expected)
+        if valid[0] == valid[1] and invalid[0] == invalid[1]:
+            return None
+        return f"counted {valid[0]} valid and {invalid[0]} invalid records, not {valid[1]} and {invalid[1]}"
 
     # ---- what is checked ----------------------------------------------------------------
 
@@ -346,6 +396,8 @@ def run_schedule(seed: int) -> str | None:
         window_closer.PART_MAX_BYTES = part_max_bytes
     if schedule.violations:
         return schedule.violations[0]
+    if schedule.add_partition_at is not None and schedule.add_partition_at <= schedule.steps:
+        return schedule.miscounted()
     expected, output = schedule.expected(), schedule.output()
     if output != expected:
         wrong = sorted(k for k in expected if output.get(k) != expected[k]) + sorted(set(output) - set(expected))
@@ -530,10 +582,15 @@ def _settle(schedule: Schedule, rounds: int = 100) -> None:
 
 
 def _quiet_schedule(seed: int, partitions: int) -> Schedule:
+    """A schedule's cluster and members, without faults, input, commits or a drawn offset reset."""
     schedule = Schedule(seed=seed)
     schedule.faults.enabled = False
     schedule.cluster.logs["in"] = [[] for _ in range(partitions)]
+    schedule.cluster.committed.clear()
+    schedule.env.pop("KAFKA_AUTO_OFFSET_RESET", None)
+    schedule.settings = build_settings(schedule.env)
     schedule.partitions, schedule.records = partitions, []
+    schedule.add_partition_at = None
     return schedule
 
 
@@ -639,3 +696,26 @@ def test_with_offset_reset_latest_the_merger_still_reads_every_part():
     assert len({p.window_start for p in partials if isinstance(p, PartPiece)}) == 2
     _settle(schedule)
     assert schedule.output() == schedule.expected()
+
+
+def test_with_offset_reset_latest_a_partition_added_later_is_read_from_its_beginning():
+    """A group started with KAFKA_AUTO_OFFSET_RESET=latest; a partition is added to its
+    input and written to at once; the group notices it a little later. With no commit of
+    its own, the new partition started at its end too: the records written before the
+    group noticed it were dropped unseen."""
+    schedule = _quiet_schedule(seed=23, partitions=1)
+    schedule.env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
+    schedule.settings = build_settings(schedule.env)
+    member = schedule.start_member(clock_offset=0.0)
+    schedule.turn(member, "poll")  # the group starts at the end of its (empty) input
+    _live(schedule, 40, partitions=1)
+    schedule.cluster.add_partitions("in", 2, notice=False)
+    _live(schedule, 10, partitions=2)  # the new partition is written to, not yet noticed
+    schedule.cluster.notice_partitions("in")
+    _live(schedule, 40, partitions=2)
+    _settle(schedule)
+    # The group started before any record: every record counts, in its window or as late.
+    output, expected = schedule.output().values(), schedule.expected().values()
+    assert sum(w["message_count"] + w["late_message_count"] for w in output) == sum(
+        w["message_count"] for w in expected
+    )
