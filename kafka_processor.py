@@ -105,14 +105,18 @@ def consumer_settings(settings: Settings) -> dict:
         # Our defaults first; a KAFKA_* setting from the user overrides them...
         # The default 1000 ms makes a busy consumer sit idle between fetches.
         "fetch.queue.backoff.ms": 10,
-        # A new group reads the whole backlog: the windows of past events are wanted too.
-        "auto.offset.reset": "earliest",
         # Notice a (re)created input topic or added partitions within seconds, not the
         # default five minutes: until then the processor would sit on no partitions.
         "topic.metadata.refresh.interval.ms": 5000,
         **settings.consumer_config(),
         # ...except these, which the guarantees depend on.
         "group.id": settings.consumer_group_id,
+        # A new group reads the whole backlog (the windows of past events are wanted too),
+        # and the client never starts a partition at its end by itself: KAFKA_AUTO_OFFSET_
+        # RESET=latest is applied by the processor, to a new group only (ingest/assignment.py).
+        # The client's own `latest` dropped unseen a partition added to the input, and reached
+        # the merge group, which then missed the parts written before it joined.
+        "auto.offset.reset": "earliest",
         # Offsets are committed by hand, only once their windows are acknowledged.
         "enable.auto.commit": False,
         # No EOF events: "caught up" is worked out from the fetch high watermark the
@@ -126,14 +130,7 @@ def consumer_settings(settings: Settings) -> dict:
 def merge_consumer_settings(settings: Settings) -> dict:
     """The merge stage's consumer: like the input's, in a group of its own (merging/merger.py),
     and quick to hand over parts (a window's latency grows by one partials round trip)."""
-    return {
-        **consumer_settings(settings),
-        "fetch.wait.max.ms": 100,
-        # Whatever KAFKA_AUTO_OFFSET_RESET says of the input: a merge group that has
-        # committed nothing yet must read every part already written, or a window is
-        # published without them.
-        "auto.offset.reset": "earliest",
-    }
+    return {**consumer_settings(settings), "fetch.wait.max.ms": 100}
 
 
 def producer_settings(settings: Settings) -> dict:
@@ -195,7 +192,7 @@ class Processor:
         self._crashed = threading.Event()
         # A client that would not close: the interpreter's exit would wait on it.
         self.exit_at_once = False
-        reset = str(consumer_settings(settings).get("auto.offset.reset", "earliest")).lower()
+        reset = str(settings.consumer_config().get("auto.offset.reset", "earliest")).lower()
         self._reads_from_earliest = reset in ("earliest", "smallest", "beginning")
         self.report = ProcessorReport(settings, self.aggregator)
         self.stats = self.report.stats
@@ -501,10 +498,11 @@ class Processor:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
             start = positions.get(partition, progress.next_offset)
             if start is None:
-                if self.assignment.committed_unknown(partition):
+                if self.assignment.start_unknown(partition):
                     continue  # where it is read from is unknown until the commit is read: it holds
-                # Nothing read and nothing committed: where the reset policy starts.
-                start = low if self._reads_from_earliest else high
+                # Nothing read and nothing committed: the client reads it from its beginning
+                # (a new group's `latest` starts were assigned explicitly, and are known).
+                start = low
             lag[partition] = max(0, high - start)
             if start >= high:
                 if believe_ends:
