@@ -14,6 +14,11 @@ copied it produces the output's newest window again (the same key and bytes).
 
     python -m ops.recompute --source device-login-aggregates-recompute \\
         --from 2026-12-01T00:00:00Z --until 2026-12-02T00:00:00Z [--dry-run]
+
+Each window is compared with the output's current value first (`ops.window_diff`):
+new, same, or changed with the figures that differ, so that the dry run shows what the
+copy would change. `python -m ops.recompute_cleanup` removes the recomputation's
+topics and groups afterwards.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 from confluent_kafka import KafkaException, Message, Producer
@@ -39,6 +45,7 @@ from config import (
 )
 from ops.log_setup import configure_logging
 from ops.report import epoch_of
+from ops.window_diff import CHANGED, NEW, SAME, compare
 
 log = logging.getLogger("recompute")
 
@@ -65,6 +72,20 @@ def _window_start(message: Message) -> int | None:
         return epoch_of(message.key().decode())
     except (AttributeError, UnicodeDecodeError, ValueError):
         return None  # not a window
+
+
+def current_windows(settings: Settings, start: int, until: int | None) -> dict[int, bytes]:
+    """The output's latest value of each window starting in [start, until): what
+    consumers that keep the latest record per key see now."""
+    latest: dict[int, bytes] = {}
+    for message in read_topic_tail(settings, settings.output_topic, None, timeout=_READ_SECONDS):
+        window = _window_start(message)
+        if window is not None and window >= start and (until is None or window < until):
+            if message.value():
+                latest[window] = message.value()
+            else:
+                latest.pop(window, None)  # a tombstone: the window is gone
+    return latest
 
 
 def newest_window(settings: Settings, records: int) -> Message | None:
@@ -127,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", required=True, help="the recomputation's staging output topic")
     parser.add_argument("--from", dest="start", required=True, help="first window to copy (2026-12-01T00:00:00Z)")
     parser.add_argument("--until", default="", help="copy windows starting before this time (default: all)")
-    parser.add_argument("--dry-run", action="store_true", help="list the windows it would copy; copy nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="show what the copy would change, window by window; copy nothing"
+    )
     add_settings_arguments(parser, only=SETTINGS)
     return parser
 
@@ -144,8 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_with_config_error(PROG, ConfigError("--source", "must be the staging topic, not OUTPUT_TOPIC itself"))
     try:
         windows = staged_windows(settings, args.source, start, until)
+        current = current_windows(settings, start, until)
+        verdicts: Counter[str] = Counter()
         for message in windows:
-            print(f"{'would copy' if args.dry_run else 'copy'} window {iso_utc(_window_start(message))}")
+            window = _window_start(message)
+            change = compare(current.pop(window, None), message.value())
+            verdicts[change.verdict] += 1
+            head, *figures = change.describe()
+            print(f"{'would copy' if args.dry_run else 'copy'} window {iso_utc(window)}: {head}")
+            for line in figures:
+                print(line)
+        for window in sorted(current):  # on the output, not recomputed: the copy leaves them be
+            print(f"keep window {iso_utc(window)}: not in {args.source}, stays as it is")
         if not args.dry_run:
             copy(settings, windows, args.source)
     except AuthenticationFailed as refused:
@@ -154,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     verb = "would copy" if args.dry_run else "copied"
-    print(f"{verb} {len(windows)} window(s) from {args.source} to {settings.output_topic}")
+    counts = ", ".join(f"{verdicts[v]} {v}" for v in (CHANGED, NEW, SAME))
+    print(
+        f"{verb} {len(windows)} window(s) from {args.source} to {settings.output_topic}: {counts};"
+        f" {len(current)} kept as they are"
+    )
     return 0
 
 

@@ -11,7 +11,8 @@ import sys
 import time
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from aggregator import iso_utc
 from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
@@ -90,7 +91,15 @@ def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, st
     args = ("--source", staging, "--from", iso_utc(recompute_from), "--until", iso_utc(until))
     dry = run_module("ops.recompute", *args, "--dry-run", env=topics.env(), cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("would copy window") == 5 and "would copy 5 window(s)" in dry.stdout
+    # What would change: each window, with the figures that differ (3 top IPs -> 10).
+    assert dry.stdout.count("would copy window") == 5, dry.stdout
+    for key in sorted(in_range)[:5]:
+        assert f"would copy window {key}: changed (1 figure(s))\n    top_ips: [" in dry.stdout, dry.stdout
+    shown = [line for line in dry.stdout.splitlines() if line.startswith("    top_ips: ")]
+    assert len(shown) == 5 and all(
+        [side.count(", ") + 1 for side in line.split(" -> ")] == [3, 10] for line in shown
+    ), shown
+    assert f"would copy 5 window(s) from {staging} to {topics.output}: 5 changed, 0 new, 0 same;" in dry.stdout
     assert values(topics.bootstrap, topics.output) == before
     done = run_module("ops.recompute", *args, env=topics.env(), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -102,6 +111,45 @@ def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, st
     # still learns that every window is published.
     last = read_topic(topics.bootstrap, topics.output)[-1]
     assert last.key().decode() == max(expected) and json.loads(last.value()) == before[max(expected)]
+    again = run_module("ops.recompute", *args, "--dry-run", env=topics.env(), cwd=tmp_path)
+    assert "would copy 5 window(s)" in again.stdout and "0 changed, 0 new, 5 same;" in again.stdout, again.stdout
+
+    # Step 4, without kafka-topics.sh: the recomputation's topics and groups go, never the live ones.
+    group = f"{topics.group}-recompute"
+    leftovers = [staging, f"{staging}-partials", f"{topics.dlq}-recompute"]
+    cleanup = ("--group", group, *(arg for topic in leftovers for arg in ("--topic", topic)))
+    for wrong, named in [
+        (("--group", group, "--topic", topics.output), f"{topics.output} is the live pipeline's OUTPUT_TOPIC"),
+        (("--group", topics.group), f"{topics.group} is the live pipeline's group"),
+        (
+            ("--group", "someone-else", "--topic", staging),
+            f"{staging} holds records of group {group}, not someone-else",
+        ),
+    ]:
+        refused = run_module("ops.recompute_cleanup", *wrong, env=topics.env(), cwd=tmp_path)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+    dry = run_module("ops.recompute_cleanup", *cleanup, "--dry-run", env=topics.env(), cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert all(f"would delete topic {topic}" in dry.stdout for topic in leftovers), dry.stdout
+    assert f"would delete group {group}\nwould delete group {group}-merge" in dry.stdout
+    admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+    assert set(leftovers) <= set(admin.list_topics(timeout=10).topics)
+    assert committed(topics.bootstrap, f"{group}-merge", f"{staging}-partials") >= 0
+    done = run_module("ops.recompute_cleanup", *cleanup, env=topics.env(), cwd=tmp_path)
+    assert done.returncode == 0 and "deleted 3 topic(s) and 2 group(s)" in done.stdout, (done.stdout, done.stderr)
+    wait_until(lambda: not set(leftovers) & set(admin.list_topics(timeout=10).topics), 10, message="topics deleted")
+    assert {topics.input, topics.output, topics.dlq} <= set(admin.list_topics(timeout=10).topics)
+    assert committed(topics.bootstrap, group, topics.input) < 0  # the group's offsets are gone
+    assert values(topics.bootstrap, topics.output) == after
+
+
+def committed(bootstrap: str, group: str, topic: str) -> int:
+    """The group's committed offset of partition 0 of `topic` (negative: none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "log_level": 2})
+    try:
+        return consumer.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        consumer.close()
 
 
 def login(index: int, event_time: int) -> bytes:
