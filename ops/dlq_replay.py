@@ -161,13 +161,8 @@ def _transactional_producer(settings: Settings) -> Producer | None:
     return producer
 
 
-def _commit(producer: Producer, committed: int) -> None:
-    try:
-        producer.commit_transaction(60)
-    except KafkaException as error:
-        if error.args and error.args[0].code() in _FENCED:
-            raise Overtaken(committed) from None
-        raise
+def _fenced(error: KafkaException) -> bool:
+    return bool(error.args) and isinstance(error.args[0], KafkaError) and error.args[0].code() in _FENCED
 
 
 def _input_partitions(settings: Settings) -> int:
@@ -199,8 +194,9 @@ def replay(settings: Settings, letters: list[DeadLetter], path: str, dry_run: bo
     if questioned:
         lines = ", ".join(str(p.letter.line) for p in questioned)
         print(
-            f"{PROG}: {path}: {len(questioned)} record(s) the processor would refuse again (line {lines}):"
-            f" fix them, delete their lines, or set them aside with `discard`; nothing {verb.split()[-1]}",
+            f"{PROG}: {path}: {len(questioned)} record(s) the processor would refuse again"
+            f" (line{'s' if len(questioned) > 1 else ''} {lines}): fix them, delete their lines, or set them aside"
+            f" with `discard`; nothing {'would be sent' if dry_run else 'sent'}",
             file=sys.stderr,
         )
         if producer is not None:
@@ -211,35 +207,40 @@ def replay(settings: Settings, letters: list[DeadLetter], path: str, dry_run: bo
         for line in summary(placements):
             print(line)
     if not dry_run:
-        _send(settings, producer, send)
+        _send(settings, producer, send, partitions)
     print(f"{'would send' if dry_run else 'sent'} {len(send)} record(s), skipped {len(skipped)}")
     return 0
 
 
-def _send(settings: Settings, producer: Producer, letters: list[DeadLetter]) -> None:
+def _send(settings: Settings, producer: Producer, letters: list[DeadLetter], partitions: int) -> None:
+    """Each letter to the input with its ledger entry, `_BATCH` per transaction; raises
+    Overtaken if another run fenced this one (what this run committed before stays)."""
     ledger_name = ledger_topic(settings)
-    metadata = producer.list_topics(settings.input_topic, timeout=10).topics.get(settings.input_topic)
-    partitions = len(metadata.partitions) if metadata is not None and metadata.error is None else 0
     replayed_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     sent = 0
-    for first in range(0, len(letters), _BATCH):
-        producer.begin_transaction()
-        for letter in letters[first : first + _BATCH]:
-            where = {"partition": letter.partition} if letter.partition < partitions else {}
-            producer.produce(
-                settings.input_topic,
-                key=letter.key,
-                value=letter.value,
-                timestamp=letter.timestamp_ms,
-                headers=[("dlq.replayed.from", letter.source.encode())],
-                **where,
-            )
-            producer.produce(
-                ledger_name, key=letter.source.encode(), value=replayed_entry(replayed_at, settings.input_topic)
-            )
-        _commit(producer, sent)
-        sent = min(first + _BATCH, len(letters))
-        log.info("replayed %d of %d records", sent, len(letters))
+    try:
+        for first in range(0, len(letters), _BATCH):
+            producer.begin_transaction()
+            for letter in letters[first : first + _BATCH]:
+                where = {"partition": letter.partition} if letter.partition < partitions else {}
+                producer.produce(
+                    settings.input_topic,
+                    key=letter.key,
+                    value=letter.value,
+                    timestamp=letter.timestamp_ms,
+                    headers=[("dlq.replayed.from", letter.source.encode())],
+                    **where,
+                )
+                producer.produce(
+                    ledger_name, key=letter.source.encode(), value=replayed_entry(replayed_at, settings.input_topic)
+                )
+            producer.commit_transaction(60)
+            sent = min(first + _BATCH, len(letters))
+            log.info("replayed %d of %d records", sent, len(letters))
+    except KafkaException as error:
+        if _fenced(error):
+            raise Overtaken(sent) from None
+        raise
 
 
 def discard(settings: Settings, letters: list[DeadLetter], undo: bool, dry_run: bool) -> int:
@@ -270,11 +271,16 @@ def discard(settings: Settings, letters: list[DeadLetter], undo: bool, dry_run: 
         print(f"skip {letter.source}: {why}")
     if chosen and producer is not None:
         at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        producer.begin_transaction()
-        for letter in chosen:
-            entry = None if undo else discarded_entry(at, letter.reason)
-            producer.produce(ledger_topic(settings), key=letter.source.encode(), value=entry)
-        _commit(producer, 0)
+        try:
+            producer.begin_transaction()
+            for letter in chosen:
+                entry = None if undo else discarded_entry(at, letter.reason)
+                producer.produce(ledger_topic(settings), key=letter.source.encode(), value=entry)
+            producer.commit_transaction(60)
+        except KafkaException as error:
+            if _fenced(error):
+                raise Overtaken(0) from None
+            raise
     done_verb = {True: "undiscarded", False: "discarded"}[undo]
     print(f"{'would ' + verb if dry_run else done_verb} {len(chosen)} record(s), skipped {len(letters) - len(chosen)}")
     return 0
