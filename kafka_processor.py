@@ -297,10 +297,17 @@ class Processor:
         self.published.published = published
         if published.until:
             self.aggregator.restore_published_until(published.until, published.partition_count, published.accounted)
-            log.info(
-                "resuming: windows up to the one ending %s were already published; their replayed records are skipped",
-                iso_utc(published.until),
-            )
+            if published.recomputing:
+                log.info(
+                    "recomputing from %s (RECOMPUTE_FROM): the windows before it count as published",
+                    iso_utc(published.until),
+                )
+            else:
+                log.info(
+                    "resuming: windows up to the one ending %s were already published; their replayed records are"
+                    " skipped",
+                    iso_utc(published.until),
+                )
 
     def _refuse(self, differences: list[tuple[str, int, int]], source: str) -> None:
         """This processor's window-shaping settings are not the group's: it must not act

@@ -124,6 +124,9 @@ class Published:
     # Per input partition, the offset below which the records of windows up to `until`
     # are counted in them (None or absent: not said; every record of them is).
     accounted: Mapping[int, int] | None = None
+    # With RECOMPUTE_FROM: `until` is that time, not a window on the output (the windows
+    # before it count as published, but the output may hold none of them).
+    recomputing: bool = False
 
 
 # Headers on every output record: whose window it is (a pipeline is its input topic and
@@ -263,7 +266,7 @@ def newest_published(settings: Settings, clients: KafkaClients) -> Published:
             " recomputation a CONSUMER_GROUP_ID of its own",
         )
     if floor > found.until:
-        return Published(floor, found.partition_count, found.shaping)
+        return Published(floor, found.partition_count, found.shaping, recomputing=True)
     return found
 
 

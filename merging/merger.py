@@ -260,7 +260,12 @@ class WindowMerger:
             self._consumer.seek(TopicPartition(self.settings.partials_topic, 0, self._reread_at))
             self._reread_at = None
         width = self.settings.window_seconds
-        if published.until:
+        if published.recomputing:
+            log.info(
+                "this processor is now the merger: recomputing from %s (RECOMPUTE_FROM), it publishes from there on",
+                iso_utc(published.until),
+            )
+        elif published.until:
             log.info(
                 "this processor is now the merger: the output holds every window up to the one starting %s;"
                 " it publishes from %s on",
