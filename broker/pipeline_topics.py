@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
 from aggregator import iso_utc
 from broker.kafka_io import (
@@ -41,6 +42,7 @@ _TAIL_RECORDS = 50
 _MISSING_GRACE_SECONDS = 5.0
 # How often start-up asks again for the newest published window.
 _RETRY_SECONDS = 2.0
+_TIMESTAMP_TYPE = "message.timestamp.type"
 
 
 class PipelineTopics:
@@ -78,7 +80,35 @@ class PipelineTopics:
                 "message.timestamp.type": "LogAppendTime",
             },
         }
-        return ensure_topics(s, topics, self._should_stop, self._health, configs=configs)
+        if not ensure_topics(s, topics, self._should_stop, self._health, configs=configs):
+            return False
+        self._stamp_partials_with_broker_time()
+        return True
+
+    def _stamp_partials_with_broker_time(self) -> None:
+        """A partials topic made before (an older release, or by hand) may be CreateTime:
+        then no acknowledgement tells the broker's time, and each member's own clock stands
+        in for it (broker/broker_clock.py). It is the pipeline's internal topic: set it to
+        LogAppendTime (this needs AlterConfigs on it); if the cluster refuses, say so once."""
+        topic = self.settings.partials_topic
+        admin = self.clients.admin({**QUIET_CLIENT_LOGS, **self.settings.admin_config()})
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        try:
+            current = admin.describe_configs([resource])[resource].result(10).get(_TIMESTAMP_TYPE)
+            if current is None or current.value == "LogAppendTime":
+                return
+            change = ConfigEntry(_TIMESTAMP_TYPE, "LogAppendTime", incremental_operation=AlterConfigOpType.SET)
+            resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[change])
+            admin.incremental_alter_configs([resource])[resource].result(10)
+            log.info("topic %s now stamped with the broker's time (%s=LogAppendTime)", topic, _TIMESTAMP_TYPE)
+        except KafkaException as error:
+            log.warning(
+                "could not set %s=LogAppendTime on topic %s (%s): the members' own clocks stand in for the"
+                " broker's, so they must agree",
+                _TIMESTAMP_TYPE,
+                topic,
+                error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else error,
+            )
 
     def note_missing(self, now_too: bool = False) -> None:
         """The input topic was reported missing (`now_too`: do not wait the grace period)."""
