@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test test-fast test-chaos test-schedules lint bench clean
+.PHONY: run broker kafka test test-fast test-chaos test-schedules lint bench clean
 
 # requirements.txt names ./native, the native parser (native/login_columns.c) as a
 # local package: pip compiles and installs it with the rest. pip rebuilds and
@@ -43,13 +43,28 @@ test: lint  ## lint, then every test (unit and real-broker integration)
 test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not broker and not slow"
 
+# Apache Kafka for the tests (and by hand: python -m broker.apache_kafka), from Maven
+# Central: the jars kafka/pom.xml names and what they need at run time, copied once into
+# .kafka/libs (git-ignored; about 45 jars, 43 MB). The stamp makes a second run free
+# and a changed pom fetch again. Needs Maven and Java 17; without them `make test`
+# skips the Kafka tests and says why (CI does not: .ci/run runs this first).
+KAFKA_HOME := .kafka
+kafka: $(KAFKA_HOME)/.assembled  ## assemble Apache Kafka for the Kafka tests (Maven, once)
+
+$(KAFKA_HOME)/.assembled: kafka/pom.xml
+	@command -v mvn >/dev/null || { echo "make kafka: mvn not found (apt-get install maven)" >&2; exit 2; }
+	@command -v java >/dev/null || { echo "make kafka: java not found (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
+	rm -rf $(KAFKA_HOME)/libs $@
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_HOME)/libs
+	touch $@
+
 bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance.md)
 	$(BIN)/python benchmarks/throughput.py
 
 # _login_columns*.so and .native-built in the root: left by the in-place build of
 # older trees (before native/ was a package); such a .so would shadow the installed one.
 clean:
-	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
+	rm -rf $(VENV) $(KAFKA_HOME) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
 
 # Long runs, behind a flag of their own (not in `make test`):
 #   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule)
