@@ -631,14 +631,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="PLAINTEXT port of node 1 (nodes 2, 3: +1, +2)")
     parser.add_argument("--dir", type=Path, default=None, help="data and logs (default: a temporary folder)")
     args = parser.parse_args(argv)
-    reason = missing_reason()
-    if reason:
-        print(f"error: {reason}", file=sys.stderr)
-        return 2
     ports = [args.port + i for i in range(args.nodes)] if args.port else []
     busy = [port for port in ports if port_is_open(port)]
     if busy:
         print(f"error: --port: {busy[0]} is already in use", file=sys.stderr)
+        return 2
+    reason = missing_reason()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
         return 2
     directory = args.dir or Path(tempfile.mkdtemp(prefix="apache-kafka-"))
     cluster = KafkaCluster(directory, args.nodes, port=args.port)

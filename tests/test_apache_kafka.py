@@ -227,6 +227,15 @@ def test_the_command_line_refuses_a_taken_port_in_one_line(tmp_path) -> None:
     assert run.stderr.strip().splitlines() == [f"error: --port: {port} is already in use"]
 
 
+def test_the_command_line_without_java_says_so_in_one_line(tmp_path) -> None:
+    command = [sys.executable, "-m", "broker.apache_kafka"]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=30, env={"PATH": str(tmp_path)})
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: java is not on PATH (Apache Kafka 4.x needs Java 17 or newer)"
+    ], run.stderr
+
+
 # ---- three nodes ----------------------------------------------------------------------------
 
 
