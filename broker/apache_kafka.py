@@ -71,7 +71,6 @@ JVM_OPTIONS = ("-Xms64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava
 # Formatting is one short JVM run per node.
 FORMAT_JVM_OPTIONS = ("-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Djava.awt.headless=true")
 
-STARTED_LINE = "Kafka Server started"
 PROBE_TOPIC = "harness-probe"
 PROBE_GROUP = "harness-probe"
 # What a SCRAM name or password may hold: StorageTool's `-S` parser splits on , ] and =.
@@ -420,27 +419,38 @@ class KafkaCluster:
 
     def start(self, timeout: float = 60.0) -> KafkaCluster:
         """Format and start every node; return once the cluster serves (see the module
-        docstring), or raise BrokerError with each node's log tail and leave nothing running."""
+        docstring), or raise BrokerError with each node's log tail and leave nothing running.
+
+        Free ports are picked, then released for the JVM to bind: another process may
+        take one in between. A start that fails on a port taken so is tried once more,
+        with new ports and fresh storage."""
         reason = missing_reason(self.home)
         if reason:
             raise BrokerError(reason)
         started = time.monotonic()
-        self._admin = None
-        self._assign_ports()
-        for node in self.nodes:
-            if port_is_open(node.ports.plaintext):
-                raise BrokerError(f"port {node.ports.plaintext} is already in use: is another broker running?")
-        self._write_properties()
-        self._format()
-        self.format_seconds = time.monotonic() - started
-        try:
+        for attempt in (1, 2):
+            self._admin = None
+            self._assign_ports()
             for node in self.nodes:
-                node.launch()
-            self.wait_for_brokers(timeout)
-            self._wait_for_probe(started + timeout)
-        except BaseException:
-            self.kill()
-            raise
+                if port_is_open(node.ports.plaintext):
+                    raise BrokerError(f"port {node.ports.plaintext} is already in use: is another broker running?")
+            self._write_properties()
+            self._format()
+            self.format_seconds = time.monotonic() - started
+            try:
+                for node in self.nodes:
+                    node.launch()
+                self.wait_for_brokers(timeout)
+                self._wait_for_probe(started + timeout)
+                break
+            except BaseException as error:
+                self.kill()
+                lost_a_port = any("Address already in use" in node.log_tail() for node in self.nodes)
+                if attempt == 2 or self.first_port or not lost_a_port or not isinstance(error, BrokerError):
+                    raise
+                for node in self.nodes:
+                    shutil.rmtree(node.directory / "data", ignore_errors=True)
+                self.cluster_id = new_cluster_id()
         self.start_seconds = time.monotonic() - started
         return self
 
