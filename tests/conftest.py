@@ -53,9 +53,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """`both_brokers` tests run once per broker, through the `broker_kind` fixture."""
-    if metafunc.definition.get_closest_marker("both_brokers") and "broker_kind" in metafunc.fixturenames:
-        kinds = ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)]
-        metafunc.parametrize("broker_kind", kinds, indirect=True)
+    if not metafunc.definition.get_closest_marker("both_brokers"):
+        return
+    if "broker_kind" not in metafunc.fixturenames:  # it would run on Tansu alone, silently
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: both_brokers needs the topics fixture")
+    kinds = ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)]
+    metafunc.parametrize("broker_kind", kinds, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +99,7 @@ def kafka_cluster3(tmp_path_factory) -> Iterator[KafkaCluster]:
 
 @pytest.fixture
 def broker_kind(request: pytest.FixtureRequest) -> str:
-    """ "tansu" or "kafka": the broker a `both_brokers` test runs on (others: tansu)."""
+    """The broker a `both_brokers` test runs on, "tansu" or "kafka" (other tests: "tansu")."""
     return getattr(request, "param", "tansu")
 
 
