@@ -20,6 +20,7 @@ def as_oracle_input(records):
     return [(value, kafka_ms) for _, value, kafka_ms in records]
 
 
+@pytest.mark.both_brokers
 def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor, tmp_path):
     topics.create(input_partitions=4)
     start = aligned_past(30)
@@ -69,6 +70,7 @@ def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor
     assert {json.loads(line)["window_start"]: json.loads(line) for line in lines} == expected
 
 
+@pytest.mark.both_brokers
 def test_sigterm_publishes_what_is_complete_and_a_restart_continues_exactly(topics, start_processor):
     """Short windows so that one is still open at the stop; it must come out once, complete, after restart."""
     topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}
