@@ -406,9 +406,11 @@ class Processor:
         until asked to stop."""
         self._crashed.set()  # from here on nothing is committed, not even by the revoke below
         if timer is not None:
-            self.stop_requested.set()
+            stopping = self.stop_requested.is_set()
+            self.stop_requested.set()  # the timer thread's stop
             timer.join()
-            self.stop_requested.clear()
+            if not stopping:  # (a SIGTERM meanwhile still ends the process: _exit_if_stuck)
+                self.stop_requested.clear()
             self.merger.finish(drain=False, timeout=10)
         self.published.close()
         if not close_within(self._consumer, _CLOSE_SECONDS):
