@@ -76,4 +76,4 @@ def test_recomputing_from_a_later_time_under_a_live_group_is_a_bad_setting():
     assert newest_published(again, FakeClients(cluster)) == published_by(record, again)
     # A fresh one starts at its time.
     fresh = settings_of(RECOMPUTE_FROM=str(S + 10 * W), CONSUMER_GROUP_ID="g2")
-    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None)
+    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None, recomputing=True)
