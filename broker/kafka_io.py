@@ -10,11 +10,18 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from broker.authorization import (
+    TAIL_READER_GROUP_PREFIX,
+    TIME_SEARCH_GROUP_PREFIX,
+    Permission,
+    check_permissions,
+    create_refused,
+)
 from config import ConfigError, Settings, env_name_of
 
 log = logging.getLogger("kafka")
@@ -290,22 +297,30 @@ def ensure_topics(
     health: BrokerHealth,
     retry_seconds: float = 2.0,
     configs: dict[str, dict[str, str]] | None = None,
+    permissions: Sequence[Permission] = (),
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first; raises
-    AuthenticationFailed when the broker refuses the credentials, and ConfigError
-    when the cluster refuses TOPIC_REPLICATION_FACTOR."""
+    AuthenticationFailed when the broker refuses the credentials, ConfigError when the
+    cluster refuses TOPIC_REPLICATION_FACTOR, and NotAuthorized when its ACLs lack one of
+    `permissions` (checked once the broker answers, and again after creating topics) or
+    Create on a missing topic."""
     config = settings.admin_config()
     admin = AdminClient({**QUIET_CLIENT_LOGS, **config, **health.callbacks(config)})
     while not should_stop():
         try:
             existing = admin.list_topics(timeout=5).topics
             health.mark_reachable()
+            # Before creating: a topic this client may not Describe is absent from the
+            # metadata, and would be "created" (refused) instead of named as not allowed.
+            if permissions:
+                check_permissions(settings, permissions, admin)
             missing = [
                 NewTopic(name, count, settings.topic_replication_factor, config=topic_config(settings, configs, name))
                 for name, count in partitions.items()
                 if name not in existing
             ]
+            refused = []
             for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
                 try:
                     future.result()
@@ -315,8 +330,14 @@ def ensure_topics(
                         factor = settings.topic_replication_factor
                         problem = f"the cluster refused {factor} for topic {name}: {error.args[0].str()}"
                         raise ConfigError("TOPIC_REPLICATION_FACTOR", problem) from None
-                    if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    if error.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                        refused.append(name)
+                    elif error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+            if refused:
+                raise create_refused(settings, refused)
+            if missing and permissions:
+                check_permissions(settings, permissions, admin)  # what it may do on the topics it made
             return True
         except KafkaException as error:
             kafka_error = error.args[0] if error.args else None
@@ -439,7 +460,7 @@ def read_topic_tail(
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
             # A throwaway group: this reader assigns partitions itself and never commits.
-            "group.id": f"tail-reader-{uuid.uuid4()}",
+            "group.id": f"{TAIL_READER_GROUP_PREFIX}{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -525,7 +546,7 @@ def offsets_at_time(
         {
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
-            "group.id": f"time-search-{uuid.uuid4()}",  # assigns partitions itself, never commits
+            "group.id": f"{TIME_SEARCH_GROUP_PREFIX}{uuid.uuid4()}",  # assigns partitions itself, never commits
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             # One record per read, a few dozen reads: answer at once, not after the
