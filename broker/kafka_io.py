@@ -105,17 +105,28 @@ REAL_CLIENTS = KafkaClients()
 EXIT_NEVER_REACHED_BROKER = 3
 
 
-def tls_refusal(error_text: str) -> tuple[str, str]:
+def tls_refusal(error_text: str, client_certificate: bool = True) -> tuple[str, str]:
     """The setting a failed TLS handshake (librdkafka's `_SSL` error) is about, and why.
 
     "certificate verify failed" is this client not trusting the broker's certificate;
     anything else in a handshake (an alert from the broker: "handshake failure",
     "unknown ca", "certificate required", "bad certificate") is the broker not taking
-    this client's certificate, or the lack of one."""
+    this client's certificate, or the lack of one (`client_certificate` False: none is
+    set; Apache Kafka then answers "bad certificate")."""
     reason = _without_client_noise(error_text)
     if "certificate verify failed" in reason:
         return CA_SETTING, f"its certificate is not trusted ({reason})"
+    if not client_certificate:
+        return CLIENT_CERTIFICATE_SETTINGS, f"it requires a client certificate (mutual TLS) and none is set ({reason})"
     return CLIENT_CERTIFICATE_SETTINGS, f"it did not accept this client's certificate ({reason})"
+
+
+# Where librdkafka takes a client certificate from.
+_CLIENT_CERTIFICATE_PROPERTIES = ("ssl.certificate.location", "ssl.certificate.pem", "ssl.keystore.location")
+
+
+def _has_client_certificate(config: dict[str, str]) -> bool:
+    return any(config.get(name) for name in _CLIENT_CERTIFICATE_PROPERTIES)
 
 
 def _uses_tls(config: dict[str, str]) -> bool:
@@ -147,6 +158,7 @@ class BrokerHealth:
         # The broker's last refusal of who we are, if it refused: (setting, reason).
         self.refusal: tuple[str, str] | None = None
         self._tls_closes = 0  # fresh TLS connections the broker closed before answering
+        self._client_certificate = True  # whether the clients present one (told by `callbacks`)
         self._reached = False  # a request has succeeded since start-up
         self._next_recheck = 0.0
 
@@ -157,6 +169,7 @@ class BrokerHealth:
         line, never to `error_cb`, so start-up would take it for an outage."""
         settings: dict = {"error_cb": self.on_error}
         if _uses_tls(config):
+            self._client_certificate = _has_client_certificate(config)
             settings.update({"log_level": 6, "logger": _TlsCloseWatcher(self, config)})
         return settings
 
@@ -172,7 +185,7 @@ class BrokerHealth:
         ):
             # A failed handshake comes as _SSL, and again as a transport error carrying
             # OpenSSL's reason: the broker is there, and says no.
-            self._refused(*tls_refusal(error.str()), "the TLS handshake")
+            self._refused(*tls_refusal(error.str(), self._client_certificate), "the TLS handshake")
             return
         if error.code() in self._DOWN_CODES:
             with self._lock:
@@ -275,7 +288,7 @@ class _TlsCloseWatcher:
         self._health = health
         # Under TLS 1.3 librdkafka sees no alert, only the close; a TLS proxy in front
         # of a broker that is down closes the same way, hence the second cause.
-        if config.get("ssl.certificate.location") or config.get("ssl.certificate.pem"):
+        if _has_client_certificate(config):
             self._reason = "it closes every connection right after the handshake: it does not accept this client's"
             self._reason += " certificate (or a TLS proxy in front of the broker cannot reach it)"
         else:
