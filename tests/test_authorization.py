@@ -4,6 +4,7 @@ On a real authorizer: tests/test_least_privilege.py."""
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import Future
 
@@ -14,6 +15,7 @@ from confluent_kafka.admin import AclOperation
 from broker import authorization
 from broker.authorization import GROUP, TOPIC, NotAuthorized, Permission, PermissionWatch, missing_permissions
 from config import Settings, build_settings
+from tests.conftest import ROOT
 
 SECURED = build_settings(
     {
@@ -149,3 +151,51 @@ def test_the_names_in_the_permissions_are_the_ones_the_programs_use():
     assert Permission(GROUP, merge_group_id(SECURED), "Read") in authorization.processor(SECURED)
     assert Permission(TOPIC, dlq_replay.ledger_topic(SECURED), "Write") in authorization.dlq_replay(SECURED, "replay")
     assert Permission(TOPIC, SECURED.partials_topic, "Write") in authorization.processor(SECURED)
+
+
+# ---- the table in the docs ---------------------------------------------------------------------
+
+
+def documented_acls() -> dict[str, set[tuple[str, str, str, bool]]]:
+    """{who: {(resource, name, operation, prefixed)}} from docs/operations.md's ACL table."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Least privilege on Kafka", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, set] = {}
+    who = ""
+    for row in re.findall(r"^\|(.+)\|\s*$", section, flags=re.MULTILINE):
+        cells = [cell.strip() for cell in row.split("|")]
+        if len(cells) != 4 or cells[0] == "who" or set("".join(cells)) <= {"-"}:
+            continue
+        who = cells[0].strip("`") or who
+        resource, name, operations = cells[1:]
+        prefixed = "prefixed" in name
+        name = name.split("`")[1]
+        for operation in re.split(r",\s*", operations):
+            table.setdefault(who, set()).add((resource, name, operation, prefixed))
+    return table
+
+
+def test_the_docs_list_exactly_the_acls_each_program_needs():
+    s = Settings()
+    recomputation = Settings(recompute_from=1)
+    wanted = {
+        "kafka_processor.py": authorization.processor(s),
+        "kafka_processor.py --from": [p for p in authorization.processor(recomputation) if p not in wanted_of(s)],
+        "monitor_aggregated_data.py": authorization.monitor(s),
+        "data_generator.py": authorization.generator(s),
+        "ops.dlq_replay export": authorization.dlq_replay(s, "export"),
+        "ops.dlq_replay replay": authorization.dlq_replay(s, "replay"),
+        "ops.dlq_replay discard": authorization.dlq_replay(s, "discard"),
+        "ops.recompute": authorization.recompute(s, "device-login-aggregates-recompute-1"),
+        "ops.recompute_cleanup": authorization.recompute_cleanup(
+            "login-recompute-1", ["device-login-aggregates-recompute-1", "login-recompute-1-partials"]
+        ),
+    }
+    documented = documented_acls()
+    for who, needs in wanted.items():
+        assert documented.get(who) == {(p.resource, p.name, p.operation, p.prefixed) for p in needs}, who
+    assert set(documented) == set(wanted)
+
+
+def wanted_of(settings: Settings) -> list[Permission]:
+    return authorization.processor(settings)
