@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
+from broker import authorization
+from broker.authorization import NotAuthorized, PermissionWatch
 from broker.broker_clock import BrokerClock
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
@@ -208,6 +210,13 @@ class Processor:
             self.stop_requested.is_set,
         )
         self.endpoint: HealthEndpoint | None = None
+        # Asks the cluster now and then whether its ACLs still allow what this processor
+        # does (broker/authorization.py); started once start-up is through.
+        self.permissions = PermissionWatch(
+            settings,
+            authorization.processor(settings),
+            lambda: clients.admin({**QUIET_CLIENT_LOGS, **settings.admin_config()}),
+        )
         # Why this processor stands by without acting (settings the group does not share).
         self.refused: str | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
@@ -363,6 +372,7 @@ class Processor:
             return self._stand_by()
         self.start_consuming()
         self.merger.start()
+        self.permissions.start()
         _tune_garbage_collector()
         timer = threading.Thread(
             target=self.closer.run,
@@ -385,6 +395,8 @@ class Processor:
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
+                if self.permissions.refusal is not None:  # an ACL removed under it
+                    raise self.permissions.refusal
                 disagreement = self.published.disagreement
                 if disagreement is not None:
                     differences = differing_settings(disagreement.shaping, self.settings)
@@ -395,6 +407,9 @@ class Processor:
             timer.join()
             if not self._crashed.is_set():
                 return self._shutdown()
+        except NotAuthorized as refused:  # an ACL removed under it (or a topic it may not make again)
+            why = f"{refused.line()}; stopping without committing anything more (exit status 2): the next run"
+            return self._stop_without_committing(timer, f"{why} replays from the last commit", exit_status=2)
         except Exception:
             # A bug, not bad input (that goes to the DLQ).
             log.exception("processor crashed")
@@ -439,17 +454,22 @@ class Processor:
             self._process(messages)
         self._update_caught_up(turn_started, wait_seconds)
 
-    def _stop_without_committing(self, timer: threading.Thread) -> int:
-        """After a bug: commit nothing more (the revoke run by close() included), so the
-        next run replays from the last commit made while everything was sound."""
+    def _stop_without_committing(self, timer: threading.Thread, why: str | None = None, exit_status: int = 1) -> int:
+        """After a bug (or `why`, said as an error): commit nothing more (the revoke run by
+        close() included), so the next run replays from the last commit made while
+        everything was sound."""
         self._crashed.set()
         self.stop_requested.set()
+        self.permissions.stop()
         timer.join()
         self.merger.finish(drain=False, timeout=10)
-        log.critical("stopping without committing anything more; the next run replays from the last commit")
+        if why is None:
+            log.critical("stopping without committing anything more; the next run replays from the last commit")
+        else:
+            log.error("%s", why)
         self._consumer.close()
         self._producer.flush(2.0)
-        return 1
+        return exit_status
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment.on_assign(consumer, partitions)
@@ -589,6 +609,7 @@ class Processor:
     def _shutdown(self) -> int:
         """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
+        self.permissions.stop()
         acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
         self.commits.commit_if_requested()
         if not acknowledged:
@@ -648,6 +669,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs, at start-up
+        print(f"kafka_processor.py: {refused.line()}", file=sys.stderr)
+        return 2
     except ConfigError as error:  # a topic setting the cluster refused
         exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:

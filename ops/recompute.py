@@ -43,6 +43,8 @@ from confluent_kafka import (
 )
 
 from aggregator import iso_utc
+from broker import authorization
+from broker.authorization import RECOMPUTE_READER_GROUP_PREFIX, NotAuthorized, check_permissions
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -120,7 +122,7 @@ def records_since(settings: Settings, topic: str, since: int) -> Iterator[Messag
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
             # A throwaway group: this reader assigns partitions itself and never commits.
-            "group.id": f"recompute-reader-{uuid.uuid4()}",
+            "group.id": f"{RECOMPUTE_READER_GROUP_PREFIX}{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -233,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.source == settings.output_topic:
         exit_with_config_error(PROG, ConfigError("--source", "must be the staging topic, not OUTPUT_TOPIC itself"))
     try:
+        # A staging topic it may not see would look empty: "copied 0 windows".
+        check_permissions(settings, authorization.recompute(settings, args.source, args.dry_run))
         windows = staged_windows(settings, args.source, start, until)
         current = current_windows(settings, start, until)
         verdicts: Counter[str] = Counter()
@@ -250,6 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy(settings, windows, args.source)
     except AuthenticationFailed as refused:
         exit_with_config_error(PROG, refused.as_config_error())
+    except NotAuthorized as refused:
+        print(f"{PROG}: {refused.line()}", file=sys.stderr)
+        return 2
     except KafkaException as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
