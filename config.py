@@ -115,7 +115,7 @@ class Settings:
     # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
     max_distinct_per_window: int = 1_000_000
     # (device type, app version, locale) combinations kept per window; past it the
-    # per-device/locale/version counts are lower bounds (see aggregator.DEFAULT_MAX_PROFILES).
+    # per-device/locale/version counts are lower bounds (see core/window_value.DEFAULT_MAX_PROFILES).
     max_profiles_per_window: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator import Aggregator, iso_utc
+from aggregator import Aggregator
 from broker import authorization
 from broker.authorization import NotAuthorized, PermissionWatch
 from broker.broker_clock import BrokerClock
@@ -59,6 +59,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from core.window_value import iso_utc
 from ingest.assignment import InputAssignment
 from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue

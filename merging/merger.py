@@ -44,10 +44,10 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator import ClosedWindow, iso_utc
 from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within, read_topic_tail
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
+from core.window_value import ClosedWindow, iso_utc
 from merging.merge import MergeStall, MergeState, Publishing, Verdict
 from merging.parts import BadPartialRecord, PartialRecordError, PartOrigin, UnknownPartFormat, decode_partial
 

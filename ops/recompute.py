@@ -42,7 +42,6 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator import iso_utc
 from broker import authorization
 from broker.authorization import RECOMPUTE_READER_GROUP_PREFIX, NotAuthorized, check_permissions
 from broker.kafka_io import (
@@ -62,8 +61,8 @@ from config import (
     load_settings_or_exit,
     utc_time,
 )
+from core.window_value import epoch_of, iso_utc
 from ops.log_setup import configure_logging
-from ops.report import epoch_of
 from ops.window_diff import CHANGED, NEW, SAME, compare
 
 log = logging.getLogger("recompute")
