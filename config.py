@@ -28,6 +28,8 @@ from typing import NoReturn
 
 from dotenv import dotenv_values
 
+from core.errors import PipelineError
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -82,7 +84,7 @@ CONSUMER_DEFAULTS = {
 _SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
 
 
-class ConfigError(Exception):
+class ConfigError(PipelineError):
     """A setting has a value we cannot use. `setting` names it the way the user wrote it."""
 
     def __init__(self, setting: str, problem: str) -> None:

@@ -25,6 +25,7 @@ from core.columns import (
     unpack_device_ids,
     unpack_ip_counts,
 )
+from core.errors import PipelineError
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_DISTINCT = 1_000_000  # device ids / IPs kept per window (MAX_DISTINCT_PER_WINDOW)
@@ -219,7 +220,7 @@ def tallies_for(
     return NativeWindowTallies(max_distinct, max_profiles)
 
 
-class WindowRenderError(Exception):
+class WindowRenderError(PipelineError):
     """A closed window's value could not be made. A bug, not bad input (parsing checks
     every value): raised before any state changed, so the window and the offsets it
     holds stay where they were, and the processor stops without committing."""

@@ -38,6 +38,7 @@ from typing import Protocol
 import msgspec
 
 from core.columns import packed_entry_ends, unpack_device_ids, unpack_ip_counts
+from core.errors import PipelineError
 from core.window_value import iso_utc
 
 PARTS_FORMAT_VERSION = 2  # 2: device ids and IP counts travel packed (core.columns.pack_*)
@@ -73,7 +74,7 @@ class PartOrigin(msgspec.Struct, array_like=True, frozen=True, gc=False):
 UNKNOWN_ORIGIN = PartOrigin()
 
 
-class PartialRecordError(ValueError):
+class PartialRecordError(PipelineError, ValueError):
     """A partials-topic record this merger cannot use."""
 
 
