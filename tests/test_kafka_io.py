@@ -202,7 +202,7 @@ def test_offsets_at_time_are_exact_where_the_brokers_own_answer_is_not(topics):
 
     from broker.kafka_io import offsets_at_time
     from config import build_settings
-    from tests.conftest import produce
+    from testkit.processes import produce
 
     base = 1_790_000_000_000
     topics.create(input_partitions=2)
