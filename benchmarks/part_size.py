@@ -33,7 +33,7 @@ from core.window_value import DEFAULT_MAX_DISTINCT, render_window_value, tallies
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values  # noqa: E402
 from merging.merge import MergeState  # noqa: E402
 from merging.parts import decode_partial, encode_part, encode_progress  # noqa: E402
-from tests.workloads import login_workload  # noqa: E402
+from testkit.workloads import login_workload  # noqa: E402
 
 WINDOW = 30
 TOP_IPS = 10

@@ -16,7 +16,7 @@ from aggregator import Aggregator
 from core.window_value import ClosedWindow, iso_utc
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from merging.merge import MergeState
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
 
 W = 30
 T0 = 1_800_000_000 - 1_800_000_000 % W  # a window start

@@ -15,7 +15,7 @@ from confluent_kafka.admin import AclOperation
 from broker import authorization
 from broker.authorization import GROUP, TOPIC, NotAuthorized, Permission, PermissionWatch, missing_permissions
 from config import Settings, build_settings
-from tests.conftest import ROOT
+from testkit.processes import ROOT
 
 SECURED = build_settings(
     {

@@ -21,8 +21,8 @@ import urllib.request
 import pytest
 
 from broker.embedded_broker import free_port
-from tests.conftest import ROOT, latest_by_key, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import ROOT, latest_by_key, wait_until
 from tests.test_chaos import LiveStream
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -24,7 +24,7 @@ from config import (
     redact,
     shown_default,
 )
-from tests.conftest import run_script
+from testkit.processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_SETTINGS = tuple(_SETTINGS)

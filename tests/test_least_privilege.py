@@ -42,8 +42,17 @@ from broker import authorization
 from broker.apache_kafka import BrokerTls, KafkaCluster
 from broker.authorization import GROUP, TOPIC, NotAuthorized, Permission
 from config import Settings, build_settings
-from tests.conftest import ROOT, ProcessorProcess, Topics, new_topics, read_topic, require_kafka, run_script, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import (
+    ROOT,
+    ProcessorProcess,
+    Topics,
+    new_topics,
+    read_topic,
+    require_kafka,
+    run_script,
+    wait_until,
+)
 from tests.tls_support import make_pki
 
 pytestmark = [pytest.mark.broker, pytest.mark.kafka, pytest.mark.slow]

@@ -28,8 +28,8 @@ import pytest
 
 from broker.apache_kafka import BrokerTls, KafkaCluster
 from broker.embedded_broker import EmbeddedBroker, free_port
-from tests.conftest import ProcessorProcess, Topics, read_topic, require_kafka, run_script, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import ProcessorProcess, Topics, read_topic, require_kafka, run_script, wait_until
 from tests.tls_support import Pki, TlsProxy, make_pki
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
