@@ -39,7 +39,6 @@ from broker.kafka_io import (
     ensure_topics,
 )
 from config import (
-    GENERATOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -48,6 +47,18 @@ from config import (
     load_settings_or_exit,
 )
 from ops.log_setup import configure_logging
+
+# The settings the generator reads and lists in --help. It creates the input topic
+# when it is first, hence INPUT_PARTITIONS and the topic settings.
+GENERATOR_SETTINGS = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "INPUT_TOPIC",
+    "INPUT_PARTITIONS",
+    "TOPIC_REPLICATION_FACTOR",
+    "TOPIC_MIN_INSYNC_REPLICAS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
 
 log = logging.getLogger("generator")
 

@@ -63,7 +63,6 @@ from broker.kafka_io import (
     topic_partition_count,
 )
 from config import (
-    MONITOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -72,6 +71,10 @@ from config import (
     load_settings_or_exit,
 )
 from ops.log_setup import configure_logging
+
+# The settings the monitor reads and lists in --help; any other keeps its default, so a
+# shared `.env` with, say, METRICS_PORT cannot stop it.
+MONITOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT")
 
 log = logging.getLogger("monitor")
 

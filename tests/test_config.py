@@ -11,9 +11,6 @@ import pytest
 from config import (
     _SETTINGS,
     CONSUMER_DEFAULTS,
-    GENERATOR_SETTINGS,
-    LOCAL_STACK_SETTINGS,
-    MONITOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -24,9 +21,13 @@ from config import (
     redact,
     shown_default,
 )
+from data_generator import GENERATOR_SETTINGS
+from local_stack import LOCAL_STACK_SETTINGS
+from monitor_aggregated_data import MONITOR_SETTINGS
 from testkit.processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
+
 ALL_SETTINGS = tuple(_SETTINGS)
 
 
