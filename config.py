@@ -127,6 +127,11 @@ class Settings:
     consume_batch_size: int = 5000
     # Port of the Prometheus endpoint; 0 turns it off.
     metrics_port: int = 0
+    # A producer with writes unacknowledged this long while the broker is reachable is not
+    # ready, and is replaced by a new one (broker/kafka_io.py, RenewableProducer). Well above
+    # a broker failover (leader election: seconds), so that only a producer that will never
+    # be answered (a restarted broker that forgot its producer id) is replaced.
+    ack_timeout_seconds: float = 60.0
     # The merger's memory bound while windows wait on a stuck member: past it, parts of
     # later windows are read again once the held ones are published (merging/merge.py).
     merge_max_pending_windows: int = 64
@@ -334,6 +339,12 @@ _SETTINGS = {
     "CLOSE_INTERVAL_SECONDS": ("close_interval_seconds", _positive_float, "how often windows are checked"),
     "CONSUME_BATCH_SIZE": ("consume_batch_size", _positive_int, "records per consume() call"),
     "METRICS_PORT": ("metrics_port", _port, "Prometheus endpoint port, 0 = off"),
+    "ACK_TIMEOUT_SECONDS": (
+        "ack_timeout_seconds",
+        _positive_float,
+        "a producer whose writes are unacknowledged this long while the broker is reachable is not ready, and is"
+        " recreated",
+    ),
     "MERGE_MAX_PENDING_WINDOWS": (
         "merge_max_pending_windows",
         _positive_int,

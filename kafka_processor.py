@@ -36,6 +36,7 @@ from broker.kafka_io import (
     AuthenticationFailed,
     BrokerHealth,
     KafkaClients,
+    RenewableProducer,
     close_within,
     partition_runs,
 )
@@ -197,12 +198,20 @@ class Processor:
             settings.close_interval_seconds,
             lambda: self.health.down_since,
             self.stop_requested.is_set,
+            producer_stall=self.health.producer_stall,
         )
         self.endpoint: HealthEndpoint | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
         self.published = PublishedFollower(settings, clients, Published())
         origin = pipeline_origin(settings)
-        self._producer = clients.producer({**producer_settings(settings), "error_cb": self.health.on_error})
+        self._producer = RenewableProducer(
+            "parts and dead-letter copies",
+            {**producer_settings(settings), "error_cb": self.health.on_error},
+            self.health,
+            settings.ack_timeout_seconds,
+            clients,
+            monotonic,
+        )
         self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
@@ -243,6 +252,8 @@ class Processor:
             clients,
             monotonic,
         )
+        # A fatal client error (one line from BrokerHealth) is a crash: nothing more committed, exit 1.
+        self.health.when_fatal(self._crashed.set, self.merger.stop.set, self.stop_requested.set)
         self._last_turn_at: float | None = None  # monotonic, of the poll loop's previous turn
         self._ends_believed_from = 0.0  # monotonic: "read to its end" is not believed before (a pause)
 
@@ -342,8 +353,9 @@ class Processor:
             if not self._crashed.is_set():
                 return self._shutdown()
         except Exception:
-            # A bug, not bad input (that goes to the DLQ).
-            log.exception("processor crashed")
+            # A bug, not bad input (that goes to the DLQ); or a fatal client error, said already.
+            if self.health.fatal is None:
+                log.exception("processor crashed")
         return self._stop_without_committing(timer)
 
     def poll_once(self, wait_seconds: float) -> None:

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import ClosedWindow, iso_utc
-from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within
+from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, RenewableProducer, close_within
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
 from merging.merge import MergeStall, MergeState, Verdict
@@ -102,7 +102,14 @@ class WindowMerger:
         self._consumer = clients.consumer(
             {**consumer_config, "group.id": merge_group_id(settings), "error_cb": health.on_error}
         )
-        self._producer = clients.producer({**producer_config, "error_cb": health.on_error})
+        self._producer = RenewableProducer(
+            "windows",
+            {**producer_config, "error_cb": health.on_error},
+            health,
+            settings.ack_timeout_seconds,
+            clients,
+            clock,
+        )
         self._state: MergeState | None = None
         self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
@@ -432,7 +439,8 @@ class WindowMerger:
                 on_delivery=self._report_for(window),
             )
         except (KafkaException, BufferError) as error:
-            log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
+            if not self.stop.is_set():  # else stopping: a fatal client error, said already
+                log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
             return False
         self._in_flight, self._outcome = window, None
         return True
@@ -445,6 +453,8 @@ class WindowMerger:
         return report
 
     def _commit(self, state: MergeState) -> None:
+        if self.stop.is_set():
+            return  # a crash (here or in the processor): nothing more is committed
         with self._lock:
             offset = state.committable_offset()
         self._committed_at = self._clock()

@@ -67,8 +67,10 @@ class Probes:
         broker_down_since: Callable[[], float | None],
         stopping: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
+        producer_stall: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.consumer_group = consumer_group
+        self._producer_stall = producer_stall
         self.stall_seconds = STALL_SECONDS
         self.poll_loop = Heartbeat("poll loop", poll_period, clock)
         self.window_closer = Heartbeat("window closer (timer thread)", timer_period, clock)
@@ -102,17 +104,23 @@ class Probes:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, why): a live member of the group, the broker reachable."""
+        """(ready, why): a live member of the group, the broker reachable, writes acknowledged.
+
+        The broker comes before the group: while it is down the member is dropped from
+        the group after its session timeout, and "not a member" would hide the cause."""
         if self._stopping():
             return False, "stopping"
         alive, why = self.liveness()
         if not alive:
             return False, why
-        if not self._member.is_set():
-            return False, f"not a member of consumer group {self.consumer_group} (yet)"
         down_since = self._broker_down_since()
         if down_since is not None:
             return False, f"broker unreachable for {self._clock() - down_since:.0f}s"
+        stall = self._producer_stall()
+        if stall is not None:
+            return False, stall
+        if not self._member.is_set():
+            return False, f"not a member of consumer group {self.consumer_group} (yet)"
         return True, f"ready: member of consumer group {self.consumer_group}, broker reachable"
 
 

@@ -240,3 +240,92 @@ def test_a_replication_factor_the_cluster_refuses_is_a_bad_setting(monkeypatch):
     assert raised.value.problem == (
         "the cluster refused 3 for topic t: Replication factor: 3 larger than available brokers: 1."
     )
+
+
+# ---- a fatal client error is a crash (the real Processor over the in-memory Kafka) ----------
+
+
+def fake_pipeline(faults, **env):
+    """A Processor over tests/fake_kafka.py with five minutes of past input on 2 partitions,
+    real clocks and its own threads (`_run`, start-up's topic creation and tail read done
+    here). Returns (processor, cluster, commits): commits as (group, topic, partition, offset)."""
+    import time
+
+    from config import build_settings
+    from kafka_processor import Processor
+    from tests.fake_kafka import FakeClients, FakeCluster
+    from tests.workloads import login_workload
+
+    settings = build_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "fake:9",
+            "INPUT_TOPIC": "in",
+            "OUTPUT_TOPIC": "out",
+            "DLQ_TOPIC": "dlq",
+            "PARTIALS_TOPIC": "partials",
+            "CONSUMER_GROUP_ID": "g",
+            "CLOSE_INTERVAL_SECONDS": "0.05",
+            **env,
+        }
+    )
+    cluster = FakeCluster(time.time, faults)
+    for topic, count in (("in", 2), ("out", 1), ("dlq", 1), ("partials", 1)):
+        cluster.create_topic(topic, count)
+    start = int(time.time()) - 600
+    for partition, value, kafka_ms in login_workload(start - start % 30, 300, 600, 2, seed=3):
+        cluster.append("in", partition, None, value, timestamp_ms=kafka_ms)
+    commits = []
+    cluster.on_commit = lambda *commit: commits.append(commit)
+    processor = Processor(settings, clients=FakeClients(cluster))
+    processor.prepare = lambda: True  # the topics exist and nothing is published yet
+    return processor, cluster, commits
+
+
+def run_until_it_stops(processor, seconds: float = 30.0) -> int | None:
+    """Processor._run() on its own thread; its exit status, or None if still running after
+    `seconds` (then stopped)."""
+    import threading
+
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", processor._run()), daemon=True)
+    runner.start()
+    runner.join(seconds)
+    if runner.is_alive():
+        processor.stop_requested.set()
+        runner.join(30)
+        return None
+    return result["code"]
+
+
+@pytest.mark.parametrize("via", ["flush", "error_cb", "produce"])
+@pytest.mark.parametrize("topic", ["partials", "out"], ids=["parts-producer", "window-producer"])
+def test_a_fatal_producer_error_stops_the_processor_with_one_line_and_commits_nothing_after(topic, via, caplog):
+    """librdkafka's fatal error (here an idempotent producer's sequence error), on the
+    producer of parts or on the merger's producer of windows, reported as confluent-kafka
+    does (raised from flush/poll), through error_cb, or raised by produce(): every write
+    after it fails, so the processor stops with exit status 1 and one line saying why,
+    commits nothing after it, and prints no traceback. Before: it logged the error and
+    retried for ever (error_cb, produce), or crashed with a traceback (flush)."""
+    from tests.fake_kafka import FATAL_ERROR, Faults
+
+    faults = Faults(fatal_at=3, fatal_via=via, topics={topic})
+    processor, cluster, commits = fake_pipeline(faults)
+    fatal_at_commit = []  # how many commits there were when the fatal error happened
+    fail = cluster.faults.fatal_now
+
+    def fatal_now(name: str) -> bool:
+        met = fail(name)
+        if met:
+            fatal_at_commit.append(len(commits))
+        return met
+
+    cluster.faults.fatal_now = fatal_now
+    with caplog.at_level(logging.INFO):
+        code = run_until_it_stops(processor)
+    assert fatal_at_commit, "the fatal error was never met"
+    assert code == 1, f"exit status {code} (None: still running 30 s after the fatal error)"
+    assert commits[fatal_at_commit[0] :] == [], "committed after the fatal error"
+    saying_why = [r for r in caplog.records if r.levelno >= logging.ERROR and "fatal" in r.getMessage().lower()]
+    assert len(saying_why) == 1, [r.getMessage() for r in saying_why]
+    assert FATAL_ERROR.str() in saying_why[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback: a fatal client error is not a bug"
