@@ -41,6 +41,7 @@ from broker.kafka_io import (
     partition_runs,
 )
 from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
+from broker.topic_watch import MissingTopics
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -216,6 +217,7 @@ class Processor:
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
+        self.missing_topics = MissingTopics(settings, self._consumer, self.topics, self.health, monotonic)
         self.closer = WindowCloser(
             settings,
             self.aggregator,
@@ -366,6 +368,7 @@ class Processor:
         turn_started = self._monotonic()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
+        self.missing_topics.check()
         self.assignment.retry_partition_count(self._consumer)
         self.assignment.retry_committed(self._consumer)
         self.dead_letters.retry_refused()
