@@ -58,6 +58,7 @@ from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from ingest.part_publisher import PartPublisher
 from ingest.window_closer import WindowCloser
 from merging.merger import WindowMerger, pipeline_origin
+from ops.group_lag import GroupLag
 from ops.health import HealthEndpoint, Probes
 from ops.log_setup import configure_logging
 from ops.metrics import MetricsSnapshot, ProcessorMetrics
@@ -253,6 +254,10 @@ class Processor:
             self.host,
             clients,
             monotonic,
+        )
+        # Readiness, reachability, what the group published, unacknowledged writes, the group's lag.
+        self.report.watch(
+            self.health, self.probes.readiness, self.published, GroupLag(settings, self.health, clients).figures
         )
         # A fatal client error (one line from BrokerHealth) is a crash: nothing more committed, exit 1.
         self.health.when_fatal(self._crashed.set, self.merger.stop.set, self.stop_requested.set)
@@ -536,10 +541,11 @@ class Processor:
         self.published.close()
         if not close_within(self._consumer, _CLOSE_SECONDS):
             log.warning(
-                "the consumer did not leave group %s within %.0fs (a rebalance in progress?); exiting anyway:"
+                "the consumer did not leave group %s within %.0fs (%s); exiting anyway:"
                 " what is safe was committed already",
                 self.settings.consumer_group_id,
                 _CLOSE_SECONDS,
+                self.health.outage() or "a rebalance in progress?",
             )
             self.exit_at_once = True
         log.info(
@@ -576,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         log.info("%s received: finishing up", signal.Signals(signum).name)
         processor.stop_requested.set()
-        threading.Thread(target=_exit_if_stuck, name="shutdown-deadline", daemon=True).start()
+        threading.Thread(target=_exit_if_stuck, args=(processor.health,), name="shutdown-deadline", daemon=True).start()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -592,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _exit_if_stuck() -> None:
+def _exit_if_stuck(health: BrokerHealth) -> None:
     """A stop must end within a few seconds (an orchestrator kills after its grace
     period anyway). Each step of the shutdown is bounded, but a client call made
     while the group is rebalancing (another member left a moment ago) can wait on
@@ -601,9 +607,10 @@ def _exit_if_stuck() -> None:
     acknowledged, and whoever owns the partitions next replays from there."""
     time.sleep(_STOP_DEADLINE_SECONDS)
     log.warning(
-        "shutdown still waiting on the broker after %.0fs (a rebalance in progress?); exiting:"
+        "shutdown still waiting on the broker after %.0fs (%s); exiting:"
         " uncommitted records are replayed by the next owner",
         _STOP_DEADLINE_SECONDS,
+        health.outage() or "a rebalance in progress?",
     )
     logging.shutdown()
     os._exit(0)

@@ -183,6 +183,7 @@ class PublishedFollower:
         self._clients = clients
         self._consumer: Consumer | None = None
         self.published = start
+        self.newest_timestamp: float | None = None  # Kafka time (epoch s) of this pipeline's newest record read
 
     def poll(self) -> Published:
         """What is published now, as far as read (never less than before)."""
@@ -191,7 +192,10 @@ class PublishedFollower:
                 self._consumer = self._start()
             for message in self._consumer.consume(1000, 0):
                 if message.error() is None:
-                    self.published = newest(self.published, published_by(message, self.settings))
+                    found = published_by(message, self.settings)
+                    self.published = newest(self.published, found)
+                    if found is not None:  # for the metrics: when the group last published
+                        self.newest_timestamp = max(self.newest_timestamp or 0.0, message.timestamp()[1] / 1000)
         except KafkaException as error:
             log.debug("output follower: %s", error)
         return self.published

@@ -87,6 +87,32 @@ def test_ready_once_a_member_with_the_broker_reachable():
     assert p.readiness()[0]
 
 
+def test_while_the_broker_is_down_readyz_names_it_even_once_the_group_dropped_the_member():
+    """The group drops a member that cannot reach the broker after its session timeout;
+    /readyz must keep naming the cause, not switch to "not a member" (it did after 8 s)."""
+    clock = Clock()
+    p = probes(clock)
+    p.poll_loop.beat()
+    p.group_joined()
+    p.state["down_since"] = clock.now
+    clock.now += 8
+    p.group_lost()  # the session timed out meanwhile
+    assert p.readiness() == (False, "broker unreachable for 8s")
+
+
+def test_a_producer_whose_writes_go_unacknowledged_is_not_ready_and_says_which():
+    clock = Clock()
+    stall = {"why": None}
+    p = Probes("group-a", 0.5, 0.2, lambda: None, lambda: False, clock, producer_stall=lambda: stall["why"])
+    p.poll_loop.beat()
+    p.group_joined()
+    assert p.readiness()[0]
+    stall["why"] = "no acknowledgement from the broker for 61s (the producer of windows, ACK_TIMEOUT_SECONDS=60)"
+    assert p.readiness() == (False, stall["why"])
+    p.group_lost()  # the stall is the cause to name, not the membership
+    assert p.readiness() == (False, stall["why"])
+
+
 def test_stopping_is_not_ready_but_still_live():
     clock = Clock()
     p = probes(clock)
