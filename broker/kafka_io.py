@@ -445,7 +445,7 @@ class RenewableProducer:
         producer = self._producer
         try:
             return producer.poll(timeout)
-        except KafkaException as error:
+        except (KafkaException, SystemError) as error:
             self._fatal_or_raise(error)
             return 0
 
@@ -454,7 +454,7 @@ class RenewableProducer:
         producer = self._producer
         try:
             remaining = producer.flush(timeout)
-        except KafkaException as error:
+        except (KafkaException, SystemError) as error:
             self._fatal_or_raise(error)
             remaining = len(producer)
         self.renew_if_stalled()
@@ -490,24 +490,22 @@ class RenewableProducer:
 
         return report
 
-    def _fatal_or_raise(self, error: KafkaException) -> None:
+    def _fatal_or_raise(self, error: Exception) -> None:
         if not self._note_if_fatal(error):
             raise error
 
-    def _note_if_fatal(self, error: KafkaException) -> bool:
+    def _note_if_fatal(self, error: Exception) -> bool:
         """Tell BrokerHealth of a fatal error; False if `error` is not one. produce() only
         says `_FATAL` ("Local: Fatal error"): the error itself comes from the next poll(),
         asked for here so that the one line says what it was."""
-        kafka_error = error.args[0] if error.args else None
-        if not isinstance(kafka_error, KafkaError) or not is_fatal(kafka_error):
+        kafka_error = _fatal_in(error)
+        if kafka_error is None:
             return False
         if kafka_error.code() == KafkaError._FATAL:
             try:
                 self._producer.poll(0)
-            except KafkaException as raised:
-                cause = raised.args[0] if raised.args else None
-                if isinstance(cause, KafkaError) and is_fatal(cause):
-                    kafka_error = cause
+            except (KafkaException, SystemError) as raised:
+                kafka_error = _fatal_in(raised) or kafka_error
         self._health.on_fatal(kafka_error)
         return True
 
@@ -586,6 +584,19 @@ class RenewableProducer:
                 self._note_if_fatal(error)
             if sent.on_delivery is not None:
                 sent.on_delivery(KafkaError(KafkaError._PURGE_QUEUE, f"not sent again: {error}"), None)
+
+
+def _fatal_in(error: BaseException | None) -> KafkaError | None:
+    """The fatal KafkaError `error` carries, if any. confluent-kafka raises a fatal error
+    from poll()/flush() as a KafkaException, or, when a delivery report ran while it was
+    pending (seen: a restarted broker refusing an old producer id), as a SystemError
+    caused by it."""
+    for candidate in (error, getattr(error, "__cause__", None), getattr(error, "__context__", None)):
+        if isinstance(candidate, KafkaException) and candidate.args:
+            kafka_error = candidate.args[0]
+            if isinstance(kafka_error, KafkaError) and is_fatal(kafka_error):
+                return kafka_error
+    return None
 
 
 def _retire(producer) -> None:

@@ -100,9 +100,11 @@ class Faults:
 
 
 # How a fatal error reaches the application: raised from the next poll()/flush() (what
-# confluent-kafka does), handed to `error_cb` (what other bindings do), or raised by the
-# produce() call that met it.
-FATAL_VIA = ("flush", "error_cb", "produce")
+# confluent-kafka does), handed to `error_cb` (what other bindings do), raised by the
+# produce() call that met it, or raised from poll()/flush() as a SystemError caused by it
+# (what confluent-kafka does when a delivery report runs while the error is pending; seen
+# with a restarted broker refusing an old producer id).
+FATAL_VIA = ("flush", "error_cb", "produce", "system_error")
 FATAL_ERROR = KafkaError(
     KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
     "ProduceRequest for partials [0] with 1 message(s) failed due to sequence desynchronization (injected)",
@@ -256,6 +258,10 @@ class FakeProducer:
             callback = self.config.get("error_cb")
             if callback is not None:
                 callback(self.fatal)
+        elif self.cluster.faults.fatal_via == "system_error":
+            raise SystemError(
+                "<built-in method poll of cimpl.Producer object> returned a result with an exception set"
+            ) from KafkaException(self.fatal)
         else:
             raise KafkaException(self.fatal)
 

@@ -304,15 +304,16 @@ def run_until_it_stops(processor, seconds: float = 30.0) -> int | None:
     return result["code"]
 
 
-@pytest.mark.parametrize("via", ["flush", "error_cb", "produce"])
+@pytest.mark.parametrize("via", ["flush", "error_cb", "produce", "system_error"])
 @pytest.mark.parametrize("topic", ["partials", "out"], ids=["parts-producer", "window-producer"])
 def test_a_fatal_producer_error_stops_the_processor_with_one_line_and_commits_nothing_after(topic, via, caplog):
     """librdkafka's fatal error (here an idempotent producer's sequence error), on the
     producer of parts or on the merger's producer of windows, reported as confluent-kafka
-    does (raised from flush/poll), through error_cb, or raised by produce(): every write
-    after it fails, so the processor stops with exit status 1 and one line saying why,
-    commits nothing after it, and prints no traceback. Before: it logged the error and
-    retried for ever (error_cb, produce), or crashed with a traceback (flush)."""
+    does (raised from flush/poll, or as a SystemError caused by it), through error_cb, or
+    raised by produce(): every write after it fails, so the processor stops with exit
+    status 1 and one line saying why, commits nothing after it, and prints no traceback.
+    Before: it logged the error and retried for ever (error_cb, produce), or crashed with
+    a traceback (flush, system_error)."""
     from tests.fake_kafka import FATAL_ERROR, Faults
 
     faults = Faults(fatal_at=3, fatal_via=via, topics={topic})
