@@ -549,9 +549,16 @@ class RenewableProducer:
             if self._renewed_at is not None and self._clock() - self._renewed_at < backoff:
                 return False
         self.renew(f"no acknowledgement for {waited:.0f}s")
+        # The others too, idle or not: a broker that forgot this producer's id forgot theirs,
+        # and hands the old ids out again, so an old producer writing under one that a new
+        # producer now holds is refused as a fatal sequence error (seen on the embedded
+        # broker: the merger's idle producer, after the parts' producer was replaced).
+        for other in self._health.producers:
+            if other is not self:
+                other.renew(f"replaced with the producer of {self.name}", alongside=True)
         return True
 
-    def renew(self, why: str) -> None:
+    def renew(self, why: str, alongside: bool = False) -> None:
         """A new producer in place of the current one, which is purged and dropped; what it
         had not had acknowledged is sent again by the new one, oldest first. A message the
         new one will not take (a full queue, a topic it does not know) is reported to its
@@ -559,8 +566,9 @@ class RenewableProducer:
         with self._lock:
             old = self._producer
             self.renewals += 1
-            self._renewals_without_ack += 1
-            self._renewed_at = self._clock()
+            if not alongside:  # its own wait: the next renewal of its own waits longer
+                self._renewals_without_ack += 1
+                self._renewed_at = self._clock()
             self._producer = self._make()
             waiting, self._sent = list(self._sent), OrderedDict()
             waiting_since = self._waiting_since  # still waiting: /readyz stays red until an acknowledgement
@@ -572,10 +580,10 @@ class RenewableProducer:
                     refused.append((sent, error))
             self._waiting_since = waiting_since
         log.warning(
-            "the producer of %s: %s from the broker at %s; recreated it (%d message(s) sent again)",
+            "the producer of %s: %s%s; recreated it (%d message(s) sent again)",
             self.name,
             why,
-            self._health.bootstrap_servers,
+            "" if alongside else f" from the broker at {self._health.bootstrap_servers}",
             len(waiting) - len(refused),
         )
         threading.Thread(target=_retire, args=(old,), name="producer-retire", daemon=True).start()
