@@ -41,7 +41,7 @@ from broker.kafka_io import (
     partition_runs,
 )
 from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
-from broker.topic_watch import MissingTopics
+from broker.topic_watch import MissingTopics, RejoinWhenRecreated
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -218,7 +218,7 @@ class Processor:
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
-        self.missing_topics = MissingTopics(settings, self._consumer, self.topics, self.health, monotonic)
+        self.missing_topics = MissingTopics(settings, self._producer, self.topics, self.health, monotonic)
         self.closer = WindowCloser(
             settings,
             self.aggregator,
@@ -332,6 +332,11 @@ class Processor:
             return self.health.exit_status_when_stopped()
         self.start_consuming()
         self.merger.start()
+        self.health.when_topics_created(
+            RejoinWhenRecreated(
+                self.settings, self._consumer, self.start_consuming, self.probes.is_member, self.merger.rejoin
+            )
+        )
         _tune_garbage_collector()
         timer = threading.Thread(
             target=self.closer.run,

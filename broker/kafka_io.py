@@ -157,6 +157,7 @@ class BrokerHealth:
         self._next_recheck = 0.0
         self.fatal: str | None = None  # the first fatal client error, as librdkafka said it
         self._fatal_hooks: list[Callable[[], None]] = []
+        self._created_hooks: list[Callable[[list[str]], None]] = []
         self._producers: list[RenewableProducer] = []
 
     def when_fatal(self, *hooks: Callable[[], None]) -> None:
@@ -178,6 +179,15 @@ class BrokerHealth:
         )
         for hook in self._fatal_hooks:
             hook()
+
+    def when_topics_created(self, hook: Callable[[list[str]], None]) -> None:
+        """Run `hook` with the names of the topics `ensure_topics` creates from now on."""
+        self._created_hooks.append(hook)
+
+    def topics_created(self, names: list[str]) -> None:
+        if names:
+            for hook in list(self._created_hooks):
+                hook(names)
 
     def watch_producer(self, producer: RenewableProducer) -> None:
         self._producers.append(producer)
@@ -463,6 +473,9 @@ class RenewableProducer:
     def __len__(self) -> int:
         return len(self._producer)
 
+    def list_topics(self, topic: str | None = None, timeout: float = -1):
+        return self._producer.list_topics(topic, timeout=timeout)
+
     # ---- acknowledgements ----------------------------------------------------------------
 
     def _send(self, sent: _Sent) -> None:
@@ -640,10 +653,12 @@ def ensure_topics(
                 for name, count in partitions.items()
                 if name not in existing
             ]
+            created = []
             for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
                 try:
                     future.result()
                     log.info("created topic %s", name)
+                    created.append(name)
                 except KafkaException as error:
                     if error.args[0].code() == KafkaError.INVALID_REPLICATION_FACTOR:  # more than the brokers
                         factor = settings.topic_replication_factor
@@ -651,6 +666,7 @@ def ensure_topics(
                         raise ConfigError("TOPIC_REPLICATION_FACTOR", problem) from None
                     if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+            health.topics_created(created)
             return True
         except KafkaException as error:
             kafka_error = error.args[0] if error.args else None

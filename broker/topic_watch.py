@@ -48,7 +48,9 @@ class MissingTopics:
     def __init__(
         self,
         settings: Settings,
-        client,  # anything with librdkafka's list_topics(topic, timeout): the input consumer
+        # Anything with librdkafka's list_topics(topic, timeout): a producer, whose connection
+        # answers at once (a consumer's waits behind its fetch, half a second per request).
+        client,
         topics: _Ensures,
         health: BrokerHealth,
         clock: Callable[[], float] = time.monotonic,
@@ -98,3 +100,43 @@ class MissingTopics:
             if entry is None or (entry.error is not None and entry.error.code() in _UNKNOWN):
                 missing.append(name)
         return missing
+
+
+class RejoinWhenRecreated:
+    """After the topics were created again, a group consumer of one it reads (the input's,
+    the merge stage's partials) that joined its group while the topic was missing leaves
+    the group and joins it again.
+
+    Why: a consumer that joined while a subscribed topic was missing (a broker restarted
+    empty: the group forms again before the processor recreates the topics) got no
+    partition of it and keeps none: the embedded broker answers every later join of the
+    same member with that first, empty, assignment (seen: a processor with no partition
+    and no merger for minutes, while its metadata listed the new topic). Leaving and
+    joining as a new member fixes it. A consumer that has not completed a join since the
+    group dropped it is left alone: it joins by itself once it sees the topic, and leaving
+    in the middle of a join makes the same broker wait for ever on the member that left.
+    A `BrokerHealth.when_topics_created` hook, run on the poll loop's thread (which owns
+    the input consumer)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        input_consumer,  # librdkafka's Consumer of the input, subscribed by `subscribe_input`
+        subscribe_input: Callable[[], None],
+        input_joined: Callable[[], bool],  # an assignment came since the group last dropped it
+        rejoin_merge: Callable[[], None],  # the merge stage's own (it knows whether it joined)
+    ) -> None:
+        self._input_topic = settings.input_topic
+        self._partials_topic = settings.partials_topic
+        self._input_consumer = input_consumer
+        self._subscribe_input = subscribe_input
+        self._input_joined = input_joined
+        self._rejoin_merge = rejoin_merge
+
+    def __call__(self, created: list[str]) -> None:
+        if self._input_topic in created and self._input_joined():
+            log.info("leaving and joining the group again for the recreated input topic %s", self._input_topic)
+            self._input_consumer.unsubscribe()
+            self._subscribe_input()
+        if self._partials_topic in created:
+            self._rejoin_merge()

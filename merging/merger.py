@@ -126,6 +126,8 @@ class WindowMerger:
         self.stop = threading.Event()  # stop now
         self.drain = threading.Event()  # stop after the parts already written are merged
         self.failed = threading.Event()  # a bug: the processor stops without committing
+        self._rejoin = threading.Event()  # leave the merge group and join it again (rejoin)
+        self._joined = False  # an assignment came since the group last dropped this member
         self._thread = threading.Thread(target=self._run, name="window-merger", daemon=True)
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -138,6 +140,13 @@ class WindowMerger:
     def start(self) -> None:
         self.subscribe()
         self._thread.start()
+
+    def rejoin(self) -> None:
+        """The partials topic was created again: if this consumer completed a join since
+        the group last dropped it, leave the merge group and join it again, on this
+        thread's next turn (rebalance calls from another thread can deadlock).
+        broker/topic_watch.py, RejoinWhenRecreated, says why."""
+        self._rejoin.set()
 
     def finish(self, drain: bool, timeout: float) -> None:
         """Stop the thread: after merging what is already on the partials topic (a
@@ -186,6 +195,13 @@ class WindowMerger:
     def turn(self, wait_seconds: float) -> None:
         """One turn: learn what is published (a new merger), read parts, publish what is
         due, commit, and say so if the merge is stuck."""
+        if self._rejoin.is_set():
+            self._rejoin.clear()
+            if self._joined:
+                log.info("leaving and joining the merge group again: the partials topic was created again")
+                self._joined = False
+                self._consumer.unsubscribe()
+                self.subscribe()
         self._learn_published()
         for message in self._consumer.consume(1000, wait_seconds):
             self._add(message)
@@ -470,6 +486,7 @@ class WindowMerger:
     # ---- rebalances (inside consume(), this thread) -----------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._joined = True
         if not partitions or self.drain.is_set() or self.stop.is_set() or self.left_the_merge:
             return  # this processor is leaving: another member merges
         s = self.settings
@@ -493,6 +510,7 @@ class WindowMerger:
         self._drop("no longer the merger (partials topic revoked)")
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._joined = False
         self._drop("no longer the merger (session lost)")
 
     def _drop(self, why: str) -> None:

@@ -87,6 +87,10 @@ class Probes:
         """The group dropped this member (session timed out): not ready until it rejoins."""
         self._member.clear()
 
+    def is_member(self) -> bool:
+        """An assignment was received since the group last dropped this member."""
+        return self._member.is_set()
+
     def liveness(self) -> tuple[bool, str]:
         """(alive, why). Before the loops start (start-up waits for the broker: topics,
         the output's tail) and while stopping (bounded by the stop deadline), alive."""

@@ -201,6 +201,15 @@ class FakeGroup:
             member.pending_rebalance = True
 
 
+def _metadata(cluster: FakeCluster, topic: str | None) -> SimpleNamespace:
+    """What list_topics() answers: the topics that exist (`topic` only, if given)."""
+    topics = {}
+    for name, partitions in cluster.logs.items():
+        if topic is None or name == topic:
+            topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
+    return SimpleNamespace(topics=topics)
+
+
 class FakeProducer:
     def __init__(self, cluster: FakeCluster, config: dict) -> None:
         self.cluster = cluster
@@ -294,6 +303,9 @@ class FakeProducer:
 
     def __len__(self) -> int:
         return len(self.queue) + len(self.purged)
+
+    def list_topics(self, topic=None, timeout=-1):
+        return _metadata(self.cluster, topic)
 
 
 class FakeConsumer:
@@ -469,11 +481,7 @@ class FakeConsumer:
         return 0, self.cluster.end(partition.topic, partition.partition)
 
     def list_topics(self, topic=None, timeout=-1):
-        topics = {}
-        for name, partitions in self.cluster.logs.items():
-            if topic is None or name == topic:
-                topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
-        return SimpleNamespace(topics=topics)
+        return _metadata(self.cluster, topic)
 
     # -- offsets -------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from broker.kafka_io import BrokerHealth
 from broker.topic_watch import CHECK_SECONDS, GRACE_SECONDS, MissingTopics
 from config import build_settings
-from tests.fake_kafka import FakeCluster, FakeConsumer
+from tests.fake_kafka import FakeCluster, FakeProducer
 
 SETTINGS = build_settings(
     {"INPUT_TOPIC": "in", "OUTPUT_TOPIC": "out", "DLQ_TOPIC": "dlq", "PARTIALS_TOPIC": "partials"}
@@ -49,8 +49,8 @@ def watch(clock: Clock):
         cluster.create_topic(name, count)
     health = BrokerHealth("fake:9", logging.getLogger("test"))
     topics = Topics(cluster)
-    consumer = FakeConsumer(cluster, {"group.id": "g"})
-    return MissingTopics(SETTINGS, consumer, topics, health, clock), cluster, topics, health
+    producer = FakeProducer(cluster, {})
+    return MissingTopics(SETTINGS, producer, topics, health, clock), cluster, topics, health
 
 
 @pytest.mark.parametrize("gone", ["out", "partials", "dlq", "in"])
@@ -118,3 +118,82 @@ def test_a_processor_creates_its_output_and_partials_topics_again_while_the_inpu
         clock.now += 0.5
         turn(processor)
     assert created == [["out", "partials"]]
+
+
+# ---- consumers that joined while their topic was missing join again ------------------------
+
+
+class Consumer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def unsubscribe(self) -> None:
+        self.calls.append("unsubscribe")
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_a_consumer_that_joined_while_its_topic_was_missing_leaves_and_joins_again(joined):
+    """One that joined (got an assignment, empty: the topic was not there) leaves and joins
+    as a new member; one still joining is left alone (it joins once it sees the topic, and
+    leaving mid-join leaves the embedded broker waiting on the member that left)."""
+    from broker.topic_watch import RejoinWhenRecreated
+
+    consumer, merge = Consumer(), []
+    rejoin = RejoinWhenRecreated(
+        SETTINGS, consumer, lambda: consumer.calls.append("subscribe"), lambda: joined, lambda: merge.append(1)
+    )
+    rejoin(["out", "dlq"])  # neither is read by a group consumer
+    assert consumer.calls == [] and merge == []
+    rejoin(["in", "partials"])
+    assert consumer.calls == (["unsubscribe", "subscribe"] if joined else [])
+    assert merge == [1]  # the merge stage decides for its own consumer, on its own thread
+
+
+def test_creating_topics_tells_who_asked_which_were_created(monkeypatch):
+    from concurrent.futures import Future
+
+    from broker import kafka_io
+    from broker.kafka_io import ensure_topics
+
+    class Admin:
+        def __init__(self, _config):
+            pass
+
+        def list_topics(self, timeout):
+            return type("Metadata", (), {"topics": {"in": None}})()
+
+        def create_topics(self, topics, operation_timeout):
+            done = Future()
+            done.set_result(None)
+            return {topic.topic: done for topic in topics}
+
+    monkeypatch.setattr(kafka_io, "AdminClient", Admin)
+    health = BrokerHealth("fake:9", logging.getLogger("test"))
+    created = []
+    health.when_topics_created(created.append)
+    assert ensure_topics(SETTINGS, {"in": 2, "out": 1, "dlq": 1}, lambda: False, health)
+    assert created == [["out", "dlq"]]
+    assert ensure_topics(SETTINGS, {"in": 2}, lambda: False, health)
+    assert created == [["out", "dlq"]]  # nothing created: nobody told
+
+
+def test_the_merge_stage_leaves_and_joins_again_on_its_own_thread_only_if_it_joined(caplog):
+    from broker.pipeline_topics import Published
+    from tests.fake_kafka import Faults
+    from tests.test_kafka_io import fake_pipeline
+
+    processor, cluster, _commits = fake_pipeline(Faults(enabled=False))
+    merger = processor.merger
+    processor.resume_from(Published())
+    merger.subscribe()
+    [member] = cluster.group("g-merge").members
+    left = []
+    leave = member.unsubscribe
+    member.unsubscribe = lambda: (left.append(1), leave())
+    merger.rejoin()
+    merger.turn(0)  # not joined yet (no assignment served before): left alone; it joins now
+    assert left == [] and merger.is_merger
+    merger.rejoin()
+    assert left == []  # not from the caller's thread: on the merge stage's next turn
+    merger.turn(0)
+    assert left == [1] and member.in_group and merger.is_merger  # left, joined again, merges
