@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -289,3 +290,89 @@ def test_windows_past_a_bound_are_counted(topics, start_processor):
         message="metrics of every window",
     )
     assert samples[("login_processor_capped_windows_total", ())] == capped
+
+
+def prometheus_query(web_port: int, expr: str) -> list[dict]:
+    """An instant query's result ([] while Prometheus does not answer)."""
+    query = urllib.parse.urlencode({"query": expr})
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
+    except OSError:
+        return []
+    return json.loads(body)["data"]["result"]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_real_prometheus_with_the_rules_fires_during_a_broker_outage_and_clears_after(tmp_path, start_processor):
+    """Debian's Prometheus, with monitoring/alerts.yml, scraping a processor whose broker
+    is stopped: it sees the processor unready and the broker unreachable within seconds,
+    fires LoginBrokerUnreachable after its minute, and clears it once the broker is back."""
+    from broker.embedded_broker import EmbeddedBroker
+    from tests.conftest import ROOT, Topics, aligned_past, produce
+    from tests.workloads import login_workload
+
+    binary = require_tool("prometheus", "prometheus")
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log").start()
+    server = None
+    try:
+        topics = Topics(broker.bootstrap_servers, "in-outage", "out-outage", "dlq-outage", "group-outage")
+        topics.create(input_partitions=2)
+        produce(topics.bootstrap, topics.input, login_workload(aligned_past(5), 60, 100, 2, seed=9))
+        metrics_port = free_port()
+        processor = start_processor(topics.env(METRICS_PORT=str(metrics_port)))
+        web_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: ['{ROOT / 'monitoring' / 'alerts.yml'}']\n"
+            "scrape_configs: [{job_name: login-processor, static_configs: "
+            f"[{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n"
+        )
+        server = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def value(expr: str) -> float | None:
+            result = prometheus_query(web_port, expr)
+            return float(result[0]["value"][1]) if result else None
+
+        def firing(alert: str) -> bool:
+            return bool(prometheus_query(web_port, f'ALERTS{{alertname="{alert}", alertstate="firing"}}'))
+
+        wait_until(lambda: value("login_processor_ready") == 1, 60, 0.5, "a ready processor, seen by Prometheus")
+        assert value("login_processor_broker_reachable") == 1 and not firing("LoginBrokerUnreachable")
+
+        broker.stop()
+        stopped = time.monotonic()
+        wait_until(lambda: value("login_processor_broker_reachable") == 0, 30, 0.5, "the broker seen unreachable")
+        seen_unreachable = time.monotonic() - stopped
+        assert value("login_processor_ready") == 0
+        assert prometheus_query(web_port, 'ALERTS{alertname="LoginBrokerUnreachable", alertstate="pending"}')
+        wait_until(lambda: firing("LoginBrokerUnreachable"), 120, 1, "LoginBrokerUnreachable firing")
+        fired = time.monotonic() - stopped
+        print(
+            f"broker stopped: unreachable in Prometheus after {seen_unreachable:.0f}s, alert firing after {fired:.0f}s"
+        )
+        assert 60 <= fired <= 90
+
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker-again.log").start()
+        back = time.monotonic()
+        wait_until(lambda: value("login_processor_broker_reachable") == 1, 60, 0.5, "the broker reachable again")
+        wait_until(lambda: not firing("LoginBrokerUnreachable"), 30, 1, "LoginBrokerUnreachable resolved")
+        print(f"broker back: alert resolved after {time.monotonic() - back:.0f}s")
+        code, seconds = processor.terminate()  # its group-lag reader (scraped) does not hold the exit up
+        assert code == 0 and seconds < 15
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        broker.stop()
