@@ -9,10 +9,14 @@ for whoever runs it (Kubernetes probes, Docker's HEALTHCHECK, a load balancer).
   own, for `max.poll.interval.ms`, five minutes by default), a stuck timer thread
   publishes nothing. Liveness never depends on the broker: an orchestrator that
   restarts every processor while Kafka is away helps nobody.
-* `/readyz`, readiness: this processor is a member of its consumer group (an
-  assignment has been received, possibly empty: a processor beyond the partition
-  count stands by, ready to take over) and the broker is reachable
-  (`BrokerHealth.down_since`). Rolling updates and disruption budgets count on it.
+* `/readyz`, readiness: the broker is reachable (`BrokerHealth.down_since`), every
+  producer has its writes acknowledged within ACK_TIMEOUT_SECONDS
+  (`BrokerHealth.producer_stall`), and this processor is a member of its consumer
+  group (an assignment has been received, possibly empty: a processor beyond the
+  partition count stands by, ready to take over). The first that fails is the answer,
+  in that order: the broker first, since a broker that is away also gets the member
+  dropped from its group, and "not a member" would hide why. Rolling updates and
+  disruption budgets count on it.
 
 prometheus_client's own server serves metrics only, hence a small stdlib server
 for all three. Every answer is computed when asked; nothing here runs per record.
