@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker test test-fast test-chaos test-schedules lint bench clean
+.PHONY: run broker kafka kafka-if-possible test test-fast test-chaos test-schedules lint bench clean
 
 # requirements.txt names ./native, the native parser (native/login_columns.c) as a
 # local package: pip compiles and installs it with the rest. pip rebuilds and
@@ -37,11 +37,33 @@ lint: $(BIN)/.installed  ## ruff: lint and format check
 # Two workers (pytest-xdist), each with its own embedded broker: most of a broker test
 # is waiting (a group join, a window closing), so two share the 2 cores well (17 min -> 10).
 # A file's tests stay together on one worker.
-test: lint  ## lint, then every test (unit and real-broker integration)
+test: lint kafka-if-possible  ## lint, then every test (unit and real-broker integration)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not broker and not slow"
+
+# Apache Kafka for the tests (and by hand: python -m broker.apache_kafka), from Maven
+# Central: the jars kafka/pom.xml names and what they need at run time, copied once into
+# .kafka/libs (git-ignored; about 45 jars, 43 MB). The stamp makes a second run free
+# and a changed pom fetch again. Needs Maven and Java 17; without them `make test`
+# skips the Kafka tests and says why (CI does not: .ci/run runs this first).
+KAFKA_HOME := .kafka
+kafka: $(KAFKA_HOME)/.assembled  ## assemble Apache Kafka for the Kafka tests (Maven, once)
+
+$(KAFKA_HOME)/.assembled: kafka/pom.xml
+	@command -v mvn >/dev/null || { echo "make kafka: mvn not found (apt-get install maven)" >&2; exit 2; }
+	@command -v java >/dev/null || { echo "make kafka: java not found (apt-get install openjdk-17-jre-headless)" >&2; exit 2; }
+	@echo "assembling Apache Kafka from Maven Central into $(KAFKA_HOME)/libs (once)"
+	rm -rf $(KAFKA_HOME)/libs $@
+	mvn -q -B -f kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory=$(CURDIR)/$(KAFKA_HOME)/libs
+	touch $@
+
+# make test assembles Kafka where Java and Maven are (once; later runs cost nothing)
+# and goes on without it where they are not: the Kafka tests then skip, saying why.
+kafka-if-possible:
+	@if command -v mvn >/dev/null && command -v java >/dev/null; then $(MAKE) --no-print-directory -s kafka; \
+	else echo "no Java 17 and Maven here: the Apache Kafka tests will skip" >&2; fi
 
 bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance.md)
 	$(BIN)/python benchmarks/throughput.py
@@ -49,7 +71,7 @@ bench: $(BIN)/.installed  ## throughput and memory figures (see docs/performance
 # _login_columns*.so and .native-built in the root: left by the in-place build of
 # older trees (before native/ was a package); such a .so would shadow the installed one.
 clean:
-	rm -rf $(VENV) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
+	rm -rf $(VENV) $(KAFKA_HOME) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
 
 # Long runs, behind a flag of their own (not in `make test`):
 #   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule)

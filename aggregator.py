@@ -426,9 +426,17 @@ class PartitionWindows:
     watermark: int | None = None  # never moves back
     # Every window ending at or before this is closed on this partition.
     closed_until: int = 0
-    # Windows ending at or before this were published before this run: their
-    # replayed records are skipped, not counted as late.
+    # Windows ending at or before this were published before this partition was
+    # assigned: their records below `replayed_below` (the offset the output says the
+    # windows' parts counted up to; None: not said, every offset) are replays, skipped;
+    # those at or after it were never counted, and count as late.
     replayed_until: int = 0
+    replayed_below: int | None = None
+
+    def is_replay(self, window_end: int, offset: int) -> bool:
+        """Whether records of the window ending at `window_end`, read from `offset` on
+        (a run that does not straddle `replayed_below`), were counted already."""
+        return window_end <= self.replayed_until and (self.replayed_below is None or offset < self.replayed_below)
 
     def advance_watermark(self, lateness: int) -> int | None:
         """The watermark now (and remembered: it never moves back): the stream time
@@ -456,6 +464,19 @@ class PartitionWindows:
         self.carry = CarriedCounts()
         return windows
 
+    def accounted_to(self, partition: int) -> int | None:
+        """After a close: every record of this partition below the returned offset whose
+        window is closed here (ends at or before `closed_until`) is counted in a part
+        closed by now. That is every record read, but those carried (late or invalid
+        records waiting for the next window with content, which holds none since they
+        came): read again, they are counted again. None while where it is read from is
+        unknown."""
+        read_to = self.progress.next_offset
+        if read_to is None:
+            return None
+        carried = self.carry.min_offsets.get(partition)
+        return read_to if carried is None else min(read_to, carried)
+
     def held_offsets(self, partition: int) -> list[int]:
         """The offsets of `partition` its open windows and carried counts still need."""
         holders = [*self.windows.values(), self.carry]
@@ -477,14 +498,17 @@ class ClosedPart:
 class ClosedParts:
     """What one `close_due_parts` call closed: the parts, oldest first per partition,
     and each owned partition's progress (every window ending at or before it is
-    closed there) for the partitions whose progress moved."""
+    closed there) for the partitions whose progress moved; and, per partition with
+    parts or progress here, the offset it is accounted to (`Aggregator.accounted_to`)."""
 
     parts: list[ClosedPart]
     progress: dict[int, int]
     partition_count: int = 0  # of the input topic, when they were closed
+    accounted: dict[int, int] = field(default_factory=dict)
 
 
-PartEncoder = Callable[[int, int, WindowAggregate], list[bytes]]  # (partition, start, window) -> pieces
+# (partition, start, window, accounted to) -> pieces
+PartEncoder = Callable[[int, int, WindowAggregate, int], list[bytes]]
 
 
 class Aggregator:
@@ -518,9 +542,11 @@ class Aggregator:
         self._awaiting_publication: dict[tuple[int, int], int] = {}
         self.total_partitions = 0
         # Windows ending at or before this are on the output topic already, merged with
-        # this many input partitions (None: not said, an older release's record).
+        # this many input partitions (None: not said, an older release's record), their
+        # parts having counted each partition's records up to these offsets (where said).
         self._published_until = 0
         self._published_partition_count: int | None = None
+        self._published_accounted: dict[int, int] = {}
 
     # ---- partitions -------------------------------------------------------------
 
@@ -542,6 +568,7 @@ class Aggregator:
                         PartitionProgress(next_offset=start_offsets.get(partition)),
                         closed_until=self._published_until,
                         replayed_until=replayed,
+                        replayed_below=self._published_accounted.get(partition),
                     )
             self.total_partitions = total_partitions
 
@@ -568,27 +595,35 @@ class Aggregator:
     def revoke_all(self) -> None:
         self.revoke(None)
 
-    def restore_published_until(self, window_end: int, partition_count: int | None = None) -> None:
+    def restore_published_until(
+        self, window_end: int, partition_count: int | None = None, accounted: dict[int, int] | None = None
+    ) -> None:
         """Every window ending at or before `window_end` is published already (an
         earlier run, or another processor; merged with `partition_count` input
-        partitions, if known): on every partition it counts as closed, and replayed
-        records of it are skipped. Acknowledged parts of those windows stop holding
-        their offsets."""
-        self.release_published(window_end, partition_count)
+        partitions, if known; its parts having counted each partition's records below
+        `accounted[partition]`, where said): on every partition it counts as closed,
+        and replayed records of it are skipped (see `PartitionWindows.is_replay`).
+        Acknowledged parts of those windows stop holding their offsets."""
+        self.release_published(window_end, partition_count, accounted)
         with self._lock:
-            for state in self._partitions.values():
+            for partition, state in self._partitions.items():
                 state.closed_until = max(state.closed_until, window_end)
                 state.replayed_until = max(state.replayed_until, window_end)
+                state.replayed_below = self._published_accounted.get(partition)
 
-    def release_published(self, window_end: int, partition_count: int | None = None) -> None:
+    def release_published(
+        self, window_end: int, partition_count: int | None = None, accounted: dict[int, int] | None = None
+    ) -> None:
         """The output topic now holds every window ending at or before `window_end`
-        (merged with `partition_count` input partitions, if said): acknowledged parts of
-        those windows stop holding their offsets, and partitions assigned from now on
-        skip replayed records of them. Partitions owned already are left as they are: a
-        record arriving there for a published window is late, not a replay."""
+        (merged with `partition_count` input partitions, and accounted to these offsets,
+        if said): acknowledged parts of those windows stop holding their offsets, and
+        partitions assigned from now on skip replayed records of them. Partitions owned
+        already are left as they are: a record arriving there for a published window is
+        late, not a replay."""
         with self._lock:
             if window_end > self._published_until:
                 self._published_until = window_end
+                self._published_accounted = dict(accounted or {})
                 if partition_count is not None:
                     self._published_partition_count = partition_count
             width = self.window_seconds
@@ -599,6 +634,16 @@ class Aggregator:
     def published_until(self) -> int:
         with self._lock:
             return self._published_until
+
+    def replay_boundary(self, partition: int) -> int | None:
+        """The offset a run of `partition` must be split at before `add_batch` (records
+        of published windows below it are replays, at or after it late), while any of its
+        records can still be replays; None otherwise."""
+        with self._lock:
+            state = self._partitions.get(partition)
+            if state is None or not state.replayed_until:
+                return None
+            return state.replayed_below
 
     def mark_caught_up(self, partition: int, next_offset: int, at: float | None = None) -> None:
         """The consumer had read `partition` to its end at time `at` (epoch seconds; the
@@ -656,7 +701,7 @@ class Aggregator:
                         window.add_rows(
                             batch, start, start + width, self.max_distinct_per_window, self.max_profiles_per_window
                         )
-                    elif start + width > state.replayed_until:  # else a replay of a published window
+                    elif not state.is_replay(start + width, first_offset):  # else counted already
                         state.carry.late_message_count += count
                         state.carry.hold_offset(partition, first_offset)
                         late += count
@@ -665,9 +710,11 @@ class Aggregator:
                 window = self._window_for(state, start, partition, first_offset)
                 if window is not None:
                     window.invalid_message_count += 1
-                elif start + width > state.replayed_until:
+                elif not state.is_replay(start + width, first_offset):
                     state.carry.invalid_message_count += 1
                     state.carry.hold_offset(partition, first_offset)
+            if state.replayed_below is not None and next_offset >= state.replayed_below:
+                state.replayed_until = 0  # read past what was counted: no replay any more
             return late
 
     def _window_for(
@@ -702,7 +749,7 @@ class Aggregator:
         the unacknowledged one (their carried counts absorbed), where they hold their
         offsets until `acknowledge` is called with them. Then, without the lock (the
         poll loop goes on meanwhile: encoding a part reads every distinct value),
-        `encode(partition, start, window)` makes each part's pieces. If one cannot be
+        `encode(partition, start, window, accounted_to)` makes each part's pieces. If one cannot be
         made, `WindowRenderError` is raised: a bug the processor must stop on. Its
         window is never acknowledged, so its records are never committed and the
         next run replays them: a part never silently disappears.
@@ -725,14 +772,19 @@ class Aggregator:
                     self._unacknowledged[(partition, window.start)] = window
                     closing.append((partition, window))
             partition_count = self.total_partitions
+            accounted = {}
+            for partition in {p for p, _ in closing} | set(progress):
+                offset = self._partitions[partition].accounted_to(partition)
+                if offset is not None:
+                    accounted[partition] = offset
         parts: list[ClosedPart] = []
         for partition, window in closing:
             try:
-                pieces = encode(partition, window.start, window)
+                pieces = encode(partition, window.start, window, accounted.get(partition, -1))
             except Exception as error:
                 raise WindowRenderError(window.start) from error
             parts.append(ClosedPart(partition=partition, start=window.start, pieces=pieces))
-        return ClosedParts(parts=parts, progress=progress, partition_count=partition_count)
+        return ClosedParts(parts=parts, progress=progress, partition_count=partition_count, accounted=accounted)
 
     def acknowledge(self, keys: Iterable[tuple[int, int]]) -> None:
         """The broker has these (partition, window start) parts. Their records still need
@@ -764,6 +816,16 @@ class Aggregator:
                 held += [offset for (p, _), offset in self._awaiting_publication.items() if p == partition]
                 offsets[partition] = min(held) if held else state.progress.next_offset
             return offsets
+
+    def first_partition_closed_until(self) -> tuple[int, int, int | None] | None:
+        """(partition, closed until, accounted to) of the lowest owned partition, None if
+        none: what a progress record may say of it at any time."""
+        with self._lock:
+            if not self._partitions:
+                return None
+            partition = min(self._partitions)
+            state = self._partitions[partition]
+            return partition, state.closed_until, state.accounted_to(partition)
 
     # ---- introspection for logs and metrics ------------------------------------------
 

@@ -311,14 +311,16 @@ _SETTINGS = {
     "PROCESSOR_NAME": (
         "processor_name",
         _non_empty,
-        "this processor's name in its log lines, with its process id (processor-2[4711])",
+        "this processor's name in each log line, after the time and level, with its process id;"
+        " a line reads '2026-12-01T18:32:00Z INFO processor-2[4711] merger: ...'",
     ),
     "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),
     "ALLOWED_LATENESS_SECONDS": ("allowed_lateness_seconds", _non_negative_int, "grace period"),
     "MAX_EVENT_TIME_SKEW_SECONDS": (
         "max_event_time_skew_seconds",
         _positive_int,
-        "event times further ahead of the wall clock count as missing (Kafka timestamps: the wall clock)",
+        "an event time further ahead of its record's Kafka timestamp counts as a missing timestamp"
+        " (a Kafka timestamp further ahead of the wall clock counts at the wall clock)",
     ),
     "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
     "MAX_FIELD_LENGTH": ("max_field_length", _positive_int, "longer string values count as missing"),

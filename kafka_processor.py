@@ -30,6 +30,9 @@ from collections.abc import Callable, Sequence
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import Aggregator, iso_utc
+from broker import authorization
+from broker.authorization import NotAuthorized, PermissionWatch
+from broker.broker_clock import BrokerClock
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -40,7 +43,14 @@ from broker.kafka_io import (
     close_within,
     partition_runs,
 )
-from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics, Published, PublishedFollower
+from broker.pipeline_topics import (
+    OUTPUT_MESSAGE_MAX_BYTES,
+    PipelineTopics,
+    Published,
+    PublishedFollower,
+    describe_differences,
+    differing_settings,
+)
 from broker.topic_watch import MissingTopics, RejoinWhenRecreated
 from config import (
     ConfigError,
@@ -56,8 +66,9 @@ from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from ingest.part_publisher import PartPublisher
+from ingest.poll_turns import PollTurns
 from ingest.window_closer import WindowCloser
-from merging.merger import WindowMerger, pipeline_origin
+from merging.merger import WindowMerger, newest_partials_shaping, pipeline_origin
 from ops.group_lag import GroupLag
 from ops.health import HealthEndpoint, Probes
 from ops.log_setup import configure_logging
@@ -77,12 +88,6 @@ _STOP_DEADLINE_SECONDS = 15.0
 # How long shutdown lets the merger publish the windows this run's last parts complete
 # (it stops reading after 5 s of draining: merging/merger.py).
 _MERGER_DRAIN_SECONDS = 7.0
-# A poll-loop turn that comes this long after the previous one means the process was
-# paused (stopped, starved): what the client cached of the partitions' ends is stale.
-_PAUSE_SECONDS = 2.0
-# After a pause, how long "read to its end" is not believed: more than a fetch round
-# trip (fetch.wait.max.ms is 500 ms), so that the ends are fresh again.
-_AFTER_PAUSE_SECONDS = 1.5
 
 
 def _tune_garbage_collector() -> None:
@@ -105,14 +110,18 @@ def consumer_settings(settings: Settings) -> dict:
         # Our defaults first; a KAFKA_* setting from the user overrides them...
         # The default 1000 ms makes a busy consumer sit idle between fetches.
         "fetch.queue.backoff.ms": 10,
-        # A new group reads the whole backlog: the windows of past events are wanted too.
-        "auto.offset.reset": "earliest",
         # Notice a (re)created input topic or added partitions within seconds, not the
         # default five minutes: until then the processor would sit on no partitions.
         "topic.metadata.refresh.interval.ms": 5000,
         **settings.consumer_config(),
         # ...except these, which the guarantees depend on.
         "group.id": settings.consumer_group_id,
+        # A new group reads the whole backlog (the windows of past events are wanted too),
+        # and the client never starts a partition at its end by itself: KAFKA_AUTO_OFFSET_
+        # RESET=latest is applied by the processor, to a new group only (ingest/assignment.py).
+        # The client's own `latest` dropped unseen a partition added to the input, and reached
+        # the merge group, which then missed the parts written before it joined.
+        "auto.offset.reset": "earliest",
         # Offsets are committed by hand, only once their windows are acknowledged.
         "enable.auto.commit": False,
         # No EOF events: "caught up" is worked out from the fetch high watermark the
@@ -168,13 +177,15 @@ class Processor:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
-        self._clock = clock
+        # "Now" for the windows: the broker's time, measured from the partials topic's
+        # acknowledgements (broker/broker_clock.py); `clock` is this machine's wall clock.
+        self.clock = BrokerClock(clock, where=f"topic {settings.partials_topic}")
         self._monotonic = monotonic
         self.aggregator = Aggregator(
             window_seconds=settings.window_seconds,
             allowed_lateness_seconds=settings.allowed_lateness_seconds,
             top_ips=settings.top_ips,
-            clock=clock,
+            clock=self.clock.now,
             max_distinct_per_window=settings.max_distinct_per_window,
             max_profiles_per_window=settings.max_profiles_per_window,
         )
@@ -186,7 +197,7 @@ class Processor:
         self._crashed = threading.Event()
         # A client that would not close: the interpreter's exit would wait on it.
         self.exit_at_once = False
-        reset = str(consumer_settings(settings).get("auto.offset.reset", "earliest")).lower()
+        reset = str(settings.consumer_config().get("auto.offset.reset", "earliest")).lower()
         self._reads_from_earliest = reset in ("earliest", "smallest", "beginning")
         self.report = ProcessorReport(settings, self.aggregator)
         self.stats = self.report.stats
@@ -203,6 +214,15 @@ class Processor:
             producer_stall=self.health.producer_stall,
         )
         self.endpoint: HealthEndpoint | None = None
+        # Asks the cluster now and then whether its ACLs still allow what this processor
+        # does (broker/authorization.py); started once start-up is through.
+        self.permissions = PermissionWatch(
+            settings,
+            authorization.processor(settings),
+            lambda: clients.admin({**QUIET_CLIENT_LOGS, **settings.admin_config()}),
+        )
+        # Why this processor stands by without acting (settings the group does not share).
+        self.refused: str | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
         self.published = PublishedFollower(settings, clients, Published())
         origin = pipeline_origin(settings)
@@ -216,7 +236,7 @@ class Processor:
         )
         self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
-        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin)
+        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin, self.clock)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
         self.missing_topics = MissingTopics(settings, self._producer, self.topics, self.health, monotonic)
         self.closer = WindowCloser(
@@ -230,6 +250,7 @@ class Processor:
             self.report,
             self.published,
             origin,
+            self.clock,
         )
         self.assignment = InputAssignment(
             settings,
@@ -243,6 +264,7 @@ class Processor:
             self.topics,
             self.closer.safe_offsets,
             monotonic,
+            reads_from_earliest=self._reads_from_earliest,
         )
         self.merger = WindowMerger(
             settings,
@@ -254,6 +276,7 @@ class Processor:
             self.host,
             clients,
             monotonic,
+            wall=self.clock.now,
         )
         # Readiness, reachability, what the group published, unacknowledged writes, the group's lag.
         self.report.watch(
@@ -261,8 +284,7 @@ class Processor:
         )
         # A fatal client error (one line from BrokerHealth) is a crash: nothing more committed, exit 1.
         self.health.when_fatal(self._crashed.set, self.merger.stop.set, self.stop_requested.set)
-        self._last_turn_at: float | None = None  # monotonic, of the poll loop's previous turn
-        self._ends_believed_from = 0.0  # monotonic: "read to its end" is not believed before (a pause)
+        self.turns = PollTurns(monotonic)
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -282,19 +304,53 @@ class Processor:
         published = self.topics.newest_published_retrying()
         if published is None:
             return False
+        group, source = published.shaping, f"its newest window on {self.settings.output_topic}"
+        if group is None:  # nothing of this pipeline's on the output says: its parts may
+            group, source = (
+                newest_partials_shaping(self.settings, self.topics.clients),
+                (f"its newest records on {self.settings.partials_topic}"),
+            )
+        differences = differing_settings(group, self.settings)
+        if differences:
+            self._refuse(differences, source)
+            return True
         self.resume_from(published)
         return True
 
     def resume_from(self, published: Published) -> None:
         """What this pipeline has on the output already: replayed records of those
-        windows are skipped (they were counted)."""
+        windows are skipped (they were counted: below the offsets its parts counted up
+        to, where the output says; records of those windows after them count as late)."""
         self.published.published = published
         if published.until:
-            self.aggregator.restore_published_until(published.until, published.partition_count)
-            log.info(
-                "resuming: windows up to the one ending %s were already published; their replayed records are skipped",
-                iso_utc(published.until),
-            )
+            self.aggregator.restore_published_until(published.until, published.partition_count, published.accounted)
+            if published.recomputing:
+                log.info(
+                    "recomputing from %s (RECOMPUTE_FROM): the windows before it count as published",
+                    iso_utc(published.until),
+                )
+            else:
+                log.info(
+                    "resuming: windows up to the one ending %s were already published; their replayed records are"
+                    " skipped",
+                    iso_utc(published.until),
+                )
+
+    def _refuse(self, differences: list[tuple[str, int, int]], source: str) -> None:
+        """This processor's window-shaping settings are not the group's: it must not act
+        on them (skip records as published, commit, publish), or it would take windows it
+        cannot see for published and commit past their records. One error line; not ready
+        until restarted with the group's settings."""
+        self.refused = (
+            f"settings differ from what group {self.settings.consumer_group_id} uses ({source}):"
+            f" {describe_differences(differences)}"
+        )
+        log.error(
+            "%s; this processor consumes, commits and publishes nothing until it is restarted with the group's"
+            ' settings (docs/operations.md, "Changing settings and upgrading")',
+            self.refused,
+        )
+        self.probes.refuse(self.refused)
 
     def start_consuming(self) -> None:
         """Join the input group and the merge group."""
@@ -330,6 +386,8 @@ class Processor:
         if not self.prepare():
             self._consumer.close()
             return self.health.exit_status_when_stopped()
+        if self.refused:
+            return self._stand_by()
         self.start_consuming()
         self.merger.start()
         self.health.when_topics_created(
@@ -337,6 +395,7 @@ class Processor:
                 self.settings, self._consumer, self.start_consuming, self.probes.is_member, self.merger.rejoin
             )
         )
+        self.permissions.start()
         _tune_garbage_collector()
         timer = threading.Thread(
             target=self.closer.run,
@@ -359,23 +418,53 @@ class Processor:
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
+                if self.permissions.refusal is not None:  # an ACL removed under it
+                    raise self.permissions.refusal
+                disagreement = self.published.disagreement
+                if disagreement is not None:
+                    differences = differing_settings(disagreement.shaping, self.settings)
+                    self._refuse(differences, f"a window it published on {self.settings.output_topic}")
+                    return self._stand_by(timer)
                 self.poll_once(_CONSUME_TIMEOUT_SECONDS)
             self.stop_requested.set()
             timer.join()
             if not self._crashed.is_set():
                 return self._shutdown()
+        except NotAuthorized as refused:  # an ACL removed under it (or a topic it may not make again)
+            why = f"{refused.line()}; stopping without committing anything more (exit status 2): the next run"
+            return self._stop_without_committing(timer, f"{why} replays from the last commit", exit_status=2)
         except Exception:
             # A bug, not bad input (that goes to the DLQ); or a fatal client error, said already.
             if self.health.fatal is None:
                 log.exception("processor crashed")
         return self._stop_without_committing(timer)
 
+    def _stand_by(self, timer: threading.Thread | None = None) -> int:
+        """Refused (`_refuse`): leave both groups committing nothing (what was read is
+        replayed by whoever owns the partitions), then only answer probes, not ready,
+        until asked to stop."""
+        self._crashed.set()  # from here on nothing is committed, not even by the revoke below
+        if timer is not None:
+            stopping = self.stop_requested.is_set()
+            self.stop_requested.set()  # the timer thread's stop
+            timer.join()
+            if not stopping:  # (a SIGTERM meanwhile still ends the process: _exit_if_stuck)
+                self.stop_requested.clear()
+            self.merger.finish(drain=False, timeout=10)
+        self.published.close()
+        if not close_within(self._consumer, _CLOSE_SECONDS):
+            self.exit_at_once = True
+        while not self.stop_requested.wait(_CONSUME_TIMEOUT_SECONDS):
+            self.probes.poll_loop.beat()  # alive (not restarted by a liveness probe), not ready
+            self.probes.window_closer.beat()
+        log.info("stopped; it consumed, committed and published nothing (%s)", self.refused)
+        return 0
+
     def poll_once(self, wait_seconds: float) -> None:
         """One turn of the poll loop: commit what the timer thread found safe, chores,
         one batch (parse, dead-letter, aggregate), then which partitions are read to
         their end."""
-        self._note_turn()
-        turn_started = self._monotonic()
+        turn_started = self.turns.turn_started()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
         self.missing_topics.check()
@@ -388,40 +477,24 @@ class Processor:
         if messages:
             self.stats.consume_seconds += time.perf_counter() - started
             self._process(messages)
-        # A turn much longer than its wait was paused inside (consume(), say): the ends
-        # the client cached before the pause are as stale as after a pause between turns.
-        self._note_pause(self._monotonic() - turn_started - wait_seconds)
-        self._update_caught_up()
+        self._update_caught_up(turn_started, wait_seconds)
 
-    def _note_turn(self) -> None:
-        """A turn long after the previous one means this process was paused: the ends
-        the client cached are stale, so "read to its end" waits for fresh fetches."""
-        now = self._monotonic()
-        if self._last_turn_at is not None:
-            self._note_pause(now - self._last_turn_at)
-        self._last_turn_at = now
-
-    def _note_pause(self, seconds: float) -> None:
-        if seconds <= _PAUSE_SECONDS:
-            return
-        self._ends_believed_from = self._monotonic() + _AFTER_PAUSE_SECONDS
-        log.warning(
-            "the poll loop did not turn for %.0fs (the process was paused or starved); windows close again"
-            " once the partitions' ends are fetched anew",
-            seconds,
-        )
-
-    def _stop_without_committing(self, timer: threading.Thread) -> int:
-        """After a bug: commit nothing more (the revoke run by close() included), so the
-        next run replays from the last commit made while everything was sound."""
+    def _stop_without_committing(self, timer: threading.Thread, why: str | None = None, exit_status: int = 1) -> int:
+        """After a bug (or `why`, said as an error): commit nothing more (the revoke run by
+        close() included), so the next run replays from the last commit made while
+        everything was sound."""
         self._crashed.set()
         self.stop_requested.set()
+        self.permissions.stop()
         timer.join()
         self.merger.finish(drain=False, timeout=10)
-        log.critical("stopping without committing anything more; the next run replays from the last commit")
+        if why is None:
+            log.critical("stopping without committing anything more; the next run replays from the last commit")
+        else:
+            log.error("%s", why)
         self._consumer.close()
         self._producer.flush(2.0)
-        return 1
+        return exit_status
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment.on_assign(consumer, partitions)
@@ -442,12 +515,19 @@ class Processor:
             else:
                 self.health.on_error(error)
 
-    def _update_caught_up(self) -> None:
+    def _update_caught_up(self, turn_started: float, waited: float) -> None:
         """A partition is caught up when everything up to the high watermark of its last
         fetch has been handed to the aggregator; records fetched but not yet consumed
         make it active again. Each turn that finds it so says so again, with the time:
         the watermark's clock part is that time (aggregator.py). Local (cached) look-ups
         only, one per partition, per batch.
+
+        The time is read before the cached positions and ends, and they are believed only
+        if the turn was not paused anywhere up to these reads (ingest/poll_turns.py): a
+        pause after the time was read leaves it as old as the ends; one before it is
+        caught by the turn's length. And only once "now" is known (the broker's time,
+        broker/broker_clock.py): until the first acknowledgement, no partition is taken
+        as read to its end by the clock.
 
         Where a partition is read from: the consumer's position when it has one (it
         moves past the commit markers of transactional input, which no record does),
@@ -457,17 +537,26 @@ class Processor:
             self.report.consumer_lag = {}
             return
         topic = self.settings.input_topic
+        now = self.clock.now()
         positions = self._positions(topic, summary)
-        believe_ends = self._monotonic() >= self._ends_believed_from
-        now = self._clock()
+        ends = {
+            partition: self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            for partition in summary
+        }
+        paused = self.turns.turn_ended(turn_started, waited)
+        believe_ends = self.clock.known and not paused and self.turns.ends_believed()
         lag = {}
         for partition, progress in summary.items():
-            low, high = self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
+            low, high = ends[partition]
             if high < 0:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
             start = positions.get(partition, progress.next_offset)
-            if start is None:  # nothing read and nothing committed: where the reset policy starts
-                start = low if self._reads_from_earliest else high
+            if start is None:
+                if self.assignment.start_unknown(partition):
+                    continue  # where it is read from is unknown until the commit is read: it holds
+                # Nothing read and nothing committed: the client reads it from its beginning
+                # (a new group's `latest` starts were assigned explicitly, and are known).
+                start = low
             lag[partition] = max(0, high - start)
             if start >= high:
                 if believe_ends:
@@ -487,9 +576,17 @@ class Processor:
         return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 
     def _process_run(self, run: list[Message], partition: int) -> None:
+        boundary = self.aggregator.replay_boundary(partition)
+        if boundary is not None and run[0].offset() < boundary <= run[-1].offset():
+            # Records of published windows below the boundary were counted, those at or
+            # after it were not: the aggregator takes runs on one side of it.
+            split = next(i for i, message in enumerate(run) if message.offset() >= boundary)
+            self._process_run(run[:split], partition)
+            self._process_run(run[split:], partition)
+            return
         stats = self.stats
         started = time.perf_counter()
-        now = self._clock()
+        now = self.clock.now()
         skew = self.settings.max_event_time_skew_seconds
         batch, invalid = parse_values(
             list(map(Message.value, run)),
@@ -528,6 +625,8 @@ class Processor:
             merger.merge_lag_seconds(),
             partials_skipped=dict(merger.skipped),
             merge_pending_windows=merger.pending_windows(),
+            clock_offset_seconds=self.clock.offset_seconds,
+            settings_refused=self.refused is not None,
         )
 
     # ---- shutdown ---------------------------------------------------------------------------
@@ -535,6 +634,7 @@ class Processor:
     def _shutdown(self) -> int:
         """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
+        self.permissions.stop()
         acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
         self.commits.commit_if_requested()
         if not acknowledged:
@@ -595,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs, at start-up
+        print(f"kafka_processor.py: {refused.line()}", file=sys.stderr)
+        return 2
     except ConfigError as error:  # a topic setting the cluster refused
         exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:

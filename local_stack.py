@@ -17,12 +17,15 @@ generator, processors and monitor, with every other setting it was given. Anothe
 A broker already listening there (a `make broker` in another terminal, the
 compose file's Kafka, your own) is reused, never silently: the stack first checks
 that it answers as a Kafka broker (if not, it stops with exit status 1, saying
-so), then says that it reuses the broker at that address, that its generator
-writes into it and into which topic, and how to pick a free port instead (the
-`make` command when make started it). A reused broker is not ours to stop:
-Ctrl-C leaves it running. Reuse rather than refusal, because the likely causes
-are a stack or the compose Kafka running on purpose, where joining it is what
-the user wants; and the message comes before anything is written.
+so), then says that it reuses the broker at that address, which topic its
+generator writes into, and how to pick a free port instead (the `make` command
+when make started it). A reused broker is not ours to stop: Ctrl-C leaves it
+running. Reuse rather than refusal, because the likely causes are a stack or the
+compose Kafka running on purpose, where joining it is what the user wants; and
+the message comes before anything is written. When records already stream into
+the input topic there (that stack's generator, the compose file's), the stack
+writes no backlog and starts no generator, and says so: its processors count that
+stream, each login once (a second generator doubled every window's logins).
 
 A part that dies (a processor killed with SIGKILL, a crash) does not stop the
 stack: the other processors carry on (Kafka moves the dead one's partitions to
@@ -31,11 +34,12 @@ header in a terminal ("processor-3 died (SIGKILL); 2 of 3 running; processor-1
 merges"), as one line per event otherwise (`--plain`, or when stdout is not a
 terminal). Which processor merges comes from the processors' own log lines
 ("this processor is now the merger" / "no longer the merger"). Press r in the
-terminal to start the dead parts again, or give `--restart-after SECONDS`. Only
-Ctrl-C (or SIGTERM) stops everything, monitor first, then the processors (so
-they commit cleanly), the generator and the broker; then the stack prints what
-happened and what it stopped. It stops by itself (exit status 1) only when its
-own broker dies, which takes every topic with it.
+terminal to start the dead parts again, or give `--restart-after SECONDS`; the
+dashboard names both keys from the start, and one event names every part that r
+started again. Only Ctrl-C (or SIGTERM) stops everything, monitor first, then the
+processors (so they commit cleanly), the generator and the broker; then the stack
+prints what happened and what it stopped. It stops by itself (exit status 1) only
+when its own broker dies, which takes every topic with it.
 
 The embedded broker keeps data in memory: stopping the stack forgets every
 topic. Logs of the background parts go to a folder of each run's own under
@@ -70,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from broker.embedded_broker import BrokerError, EmbeddedBroker, port_is_open
@@ -123,6 +127,39 @@ def answers_as_kafka(settings: Settings, timeout: float = 5.0) -> str | None:
     except KafkaException as error:
         return error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else str(error)
     return None
+
+
+def records_arriving(settings: Settings, topic: str, within: float = 3.0) -> bool:
+    """Whether something writes into `topic` now: the end of one of its partitions moves
+    within `within` seconds (a generator at 20 events/s moves one in a fraction of a
+    second). False when the topic is not there, or the broker does not say."""
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            # A throwaway group: it only reads partition ends, never joins or commits.
+            "group.id": f"local-stack-{os.getpid()}",
+        }
+    )
+    try:
+        entry = consumer.list_topics(topic, timeout=5.0).topics.get(topic)
+        if entry is None or entry.error is not None or not entry.partitions:
+            return False
+        partitions = [TopicPartition(topic, p) for p in entry.partitions]
+
+        def ends() -> list[int]:
+            return [consumer.get_watermark_offsets(tp, timeout=5.0, cached=False)[1] for tp in partitions]
+
+        first, deadline = ends(), time.monotonic() + within
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if ends() != first:
+                return True
+        return False
+    except KafkaException:
+        return False
+    finally:
+        consumer.close()
 
 
 def a_free_port_after(port: int) -> int | None:
@@ -405,18 +442,21 @@ class Crew:
         return line
 
     def dashboard_lines(self, restart_hint: str) -> list[str]:
-        """The lines under the dashboard's header ("! " marks a warning)."""
+        """The lines under the dashboard's header ("! " marks a warning): the state, the
+        keys (from the start, not only once something died: a user should know them
+        before they need them), and the latest event for a minute."""
+        keys = f"{restart_hint}; Ctrl-C stops everything"
         dead = self.dead()
         if dead:
             now = time.monotonic()
             deaths = ", ".join(f"{_listing([c.name])} {c.ended()} {now - c.ended_at:.0f}s ago" for c in dead)
-            return [f"! {deaths}; {self.state()}", f"{restart_hint}; Ctrl-C stops everything"]
+            return [f"! {deaths}; {self.state()}", keys]
         running = [c for c in self.processors if c.running]
         if len(running) == 1:
             pids = f"pid {running[0].process.pid}"
         else:  # where `kill` and `ps` find them
             pids = ", ".join(f"{c.name} pid {c.process.pid}" for c in running)
-        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}"]
+        lines = [f"{self.running().replace(' running', ' processors running')} ({pids}); {self.merging()}", keys]
         if self.events and time.time() - self.events[-1][0] < 60:
             when, line = self.events[-1]
             lines.append(f"{time.strftime('%H:%M:%S', time.localtime(when))} {line}")
@@ -510,6 +550,9 @@ class LocalStack:
         self.input_topic = child_settings.input_topic
         self.group = child_settings.consumer_group_id
         self.broker: EmbeddedBroker | None = None
+        # A reused broker into whose input topic records already stream (another stack's
+        # generator, the compose file's): this stack then writes none of its own.
+        self.stream_there = False
         self.stopping = False
         self.dashboard = False  # the monitor draws in this terminal
         self.keys: Keys | None = None
@@ -544,9 +587,11 @@ class LocalStack:
                     sys.stderr,
                 )
                 return 1
+            self.stream_there = records_arriving(build_settings(self.env), self.input_topic)
+            writes = "records already stream into" if self.stream_there else "the generator writes into"
             _say(
                 f"broker: reusing the broker already listening on {self.address}, not started by this stack "
-                f"(Ctrl-C leaves it running); the generator writes into its topic {self.input_topic}"
+                f"(Ctrl-C leaves it running); {writes} its topic {self.input_topic}"
             )
             choose = _how_to_choose(self.host, self.port, self.args.broker_only)
             _say(f"        for a broker of its own, choose a free port: {choose}")
@@ -584,9 +629,17 @@ class LocalStack:
 
     def start_parts(self) -> None:
         self.keys = Keys(sys.stdin)
-        self.generator.start(self.env, once=["--since", f"{self.live_from:.3f}"])
-        log = _shown(self._log("generator"))
-        _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
+        if self.stream_there:
+            # Beside a `make broker`: a second generator doubled every window's logins.
+            self.crew.others.remove(self.generator)
+            _say(
+                f"generator: none started: records already stream into {self.input_topic} on {self.address}"
+                " (from the stack or compose file that runs that broker); they are what this stack counts"
+            )
+        else:
+            self.generator.start(self.env, once=["--since", f"{self.live_from:.3f}"])
+            log = _shown(self._log("generator"))
+            _say(f"generator: {self.args.profile} profile, {self.args.rate:g} events/s (log {log})")
         if self.args.broker_only:
             extra = [] if self.address == DEFAULT_BOOTSTRAP else ["--bootstrap-servers", self.address]
             if self.args.env_file != ".env":
@@ -594,7 +647,7 @@ class LocalStack:
             _say("ready: run the processor and the monitor in two more terminals, from this directory:")
             _say(f"  {_command('kafka_processor.py', *extra)}")
             _say(f"  {_command('monitor_aggregated_data.py', *extra)}")
-            _say(f"Ctrl-C stops {self.what_stops(['generator'])}")
+            _say(f"Ctrl-C stops {self.what_stops([c.name for c in self.crew.others])}")
             return
         for processor in self.crew.processors:
             processor.start({**self.env, "PROCESSOR_NAME": processor.name})
@@ -603,7 +656,7 @@ class LocalStack:
             _say(f"  {len(self.crew.processors)} processors in group {self.group} share out the input partitions;")
             _say("  one merges the parts into windows; when one dies, the others carry on")
         self.dashboard = not self.args.plain and sys.stdout.isatty()
-        parts = [c.name for c in self.crew.processors] + ["generator", "monitor"]
+        parts = [c.name for c in self.crew.children]
         if self.dashboard:
             _write_atomically(self.status_path, "")
             self.monitor.args = [*self.monitor.args, "--status-file", str(self.status_path)]
@@ -615,8 +668,9 @@ class LocalStack:
     # ---- watching -------------------------------------------------------------------
 
     def restart_hint(self, dead: list[Child]) -> str:
-        """How the dead parts start again: a key, or --restart-after."""
-        them = _listing([c.name for c in dead])
+        """How the dead parts start again: a key, or --restart-after (with none dead yet:
+        how a part that dies would)."""
+        them = _listing([c.name for c in dead]) if dead else "a part that died"
         keys = self.keys is not None and self.keys.enabled
         if self.args.restart_after is not None:
             again = f"{them} starts again {self.args.restart_after:g}s after it ended"
@@ -630,10 +684,15 @@ class LocalStack:
         if not (self.dashboard and self.monitor.running):
             _say(line)
 
-    def restart(self, child: Child) -> None:
-        env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
-        child.start(env)
-        self.tell(self.crew.note(f"{_listing([child.name])} started again (pid {child.process.pid})"))
+    def restart(self, children: list[Child]) -> None:
+        """Start `children` again; one event names every one of them (the dashboard
+        shows the latest event only)."""
+        for child in children:
+            env = {**self.env, "PROCESSOR_NAME": child.name} if child in self.crew.processors else self.env
+            child.start(env)
+        pids = [str(child.process.pid) for child in children]
+        which = f"pid {pids[0]}" if len(pids) == 1 else f"pids {', '.join(pids)}"
+        self.tell(self.crew.note(f"{_listing([c.name for c in children])} started again ({which})"))
 
     def watch(self) -> int:
         """Until Ctrl-C: report deaths and merger changes, start dead parts again on request."""
@@ -660,11 +719,14 @@ class LocalStack:
             pressed = self.keys.read(_WATCH_SECONDS) if self.keys else (time.sleep(_WATCH_SECONDS) or "")
             if self.stopping:
                 break
-            now = time.monotonic()
-            for child in crew.dead():
-                after = self.args.restart_after
-                if "r" in pressed.lower() or (after is not None and now - child.ended_at >= after):
-                    self.restart(child)
+            now, after = time.monotonic(), self.args.restart_after
+            due = [
+                child
+                for child in crew.dead()
+                if "r" in pressed.lower() or (after is not None and now - child.ended_at >= after)
+            ]
+            if due:
+                self.restart(due)
             if self.dashboard:
                 with contextlib.suppress(OSError):
                     lines = crew.dashboard_lines(self.restart_hint(crew.dead()))
@@ -726,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if stack.stopping:
             return 0
-        stack.fill_backlog()
+        if not stack.stream_there:
+            stack.fill_backlog()
         stack.start_parts()
         return stack.watch()
     except subprocess.CalledProcessError:

@@ -13,9 +13,10 @@ consumer group's offsets (it commits nothing), so any number can watch.
 
 A broker that is not there (yet) is waited for, like the processor does: one line
 when it goes, one when it is back. A reader that goes away (`| head -3`) ends the
-monitor quietly, status 0. Exit statuses: 0 stopped (Ctrl-C, SIGTERM, --exit-after,
---idle-timeout, a closed pipe); 1 a Kafka error it cannot retry (one plain sentence);
-2 a bad setting or refused credentials; 3 stopped before it ever reached the broker.
+monitor at once (not at its next write, a window later), quietly, status 0.
+Exit statuses: 0 stopped (Ctrl-C, SIGTERM, --exit-after, --idle-timeout, a closed
+pipe); 1 a Kafka error it cannot retry (one plain sentence); 2 a bad setting or
+refused credentials; 3 stopped before it ever reached the broker.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import argparse
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +44,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from broker import authorization
+from broker.authorization import (
+    GROUP,
+    MONITOR_GROUP_PREFIX,
+    TOPIC,
+    NotAuthorized,
+    Permission,
+    check_permissions,
+    is_authorization_error,
+)
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -140,7 +153,7 @@ class WindowTail:
                 **QUIET_CLIENT_LOGS,
                 **settings.consumer_config(),
                 # A private group that never commits: watching must not disturb anything.
-                "group.id": f"monitor-{uuid.uuid4()}",
+                "group.id": f"{MONITOR_GROUP_PREFIX}{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 **self.health.callbacks(settings.consumer_config()),
             }
@@ -154,6 +167,14 @@ class WindowTail:
         while not stop.is_set():
             try:
                 count = topic_partition_count(self.consumer, topic, timeout=_METADATA_TIMEOUT_SECONDS)
+                # First serve the errors librdkafka queued while the broker was away
+                # (each failed connection attempt): left to the first consume, they said
+                # "unreachable" again after "reachable again", and a second "reachable
+                # again" followed with the first window.
+                self.consumer.poll(0)
+                if not self.health.reached:  # once: what it may read (a topic it may not see looks absent)
+                    needs = authorization.monitor(self.settings, self.from_beginning)
+                    check_permissions(self.settings, needs)
                 self.health.mark_reachable()
                 if count:
                     # Start at the newest window so there is something to show at once.
@@ -177,9 +198,17 @@ class WindowTail:
 
     def poll(self, timeout: float) -> list[dict]:
         """New or changed windows since the last call, as parsed values, in arrival order."""
+        # While the broker is said to be away, ask it now and then: the next window may
+        # be a window's length away, and "reachable again" should come when it is back.
+        self.health.recheck(self.consumer, self.settings.output_topic)
         fresh = []
         for message in self.consumer.consume(100, timeout):
             error = message.error()
+            if is_authorization_error(error):  # an ACL taken away while it runs: not waited for
+                group = Permission(GROUP, MONITOR_GROUP_PREFIX, "Describe", prefixed=True)
+                read = Permission(TOPIC, self.settings.output_topic, "Read")
+                missing = group if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED else read
+                raise NotAuthorized([missing], self.settings)
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     self.health.on_error(error)
@@ -348,30 +377,42 @@ def status_notes(path: Path | None, limit: int = 3) -> list[Text]:
     return notes
 
 
-class RecentLogLine(logging.Handler):
-    """While the dashboard is up, the monitor's own log lines (the broker gone, back
-    again) are shown under its header for a minute: written to the terminal, they
-    would land in the middle of the dashboard and tear it."""
+class RecentLogLines(logging.Handler):
+    """The monitor's own last log lines, for the dashboard to show under its header:
+    written to the terminal, they would land in the middle of the dashboard and tear it.
+
+    The last two, with the time each was said: broker trouble is one line when it
+    begins and one when it ends, and the dashboard shows both, for as long as the
+    trouble lasts (`hold`) and a minute after. Collected from start-up on, so the
+    lines said while the monitor waited for the broker, before the dashboard covered
+    the terminal, are on the dashboard too."""
 
     SHOWN_SECONDS = 60.0
+    KEPT = 2
 
     def __init__(self) -> None:
         super().__init__()
-        self.latest: tuple[float, int, str] | None = None
+        self.lines: deque[tuple[float, int, str]] = deque(maxlen=self.KEPT)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.latest = (time.monotonic(), record.levelno, f"{record.name}: {record.getMessage()}")
+        said = time.strftime("%H:%M:%S", time.localtime(record.created))
+        self.lines.append((time.monotonic(), record.levelno, f"{said} {record.name}: {record.getMessage()}"))
 
-    def notes(self) -> list[Text]:
-        latest = self.latest
-        if latest is None or time.monotonic() - latest[0] > self.SHOWN_SECONDS:
+    def notes(self, hold: bool = False) -> list[Text]:
+        lines = list(self.lines)
+        if not lines or (not hold and time.monotonic() - lines[-1][0] > self.SHOWN_SECONDS):
             return []
-        _, level, text = latest
-        return [Text(text, style="bold yellow" if level >= logging.WARNING else "dim")]
+        return [Text(text, style="bold yellow" if level >= logging.WARNING else "dim") for _, level, text in lines]
 
 
 def _live_dashboard(
-    console: Console, tail: WindowTail, stop: threading.Event, source: str, window_seconds: int, args
+    console: Console,
+    tail: WindowTail,
+    stop: threading.Event,
+    source: str,
+    window_seconds: int,
+    args,
+    recent_log: RecentLogLines,
 ) -> int:
     """Redraw the dashboard as windows arrive, and every second for the "last one Ns ago".
 
@@ -382,7 +423,6 @@ def _live_dashboard(
     seen: dict[str, dict] = {}
     last_arrival: float | None = None
     started = time.monotonic()
-    recent_log = RecentLogLine()
     root = logging.getLogger()
     stderr_handlers = root.handlers[:]
     root.handlers[:] = [recent_log]
@@ -391,7 +431,7 @@ def _live_dashboard(
         since = None if last_arrival is None else time.monotonic() - last_arrival
         ordered = [seen[key] for key in sorted(seen)]
         length = window_length(ordered[-1]) if ordered else None
-        notes = status_notes(args.status_file) + recent_log.notes()
+        notes = status_notes(args.status_file) + recent_log.notes(hold=tail.health.down_since is not None)
         return render_dashboard(ordered, since, source, length or window_seconds, tuple(console.size), notes)
 
     try:
@@ -410,6 +450,36 @@ def _live_dashboard(
     finally:
         root.handlers[:] = stderr_handlers
     return 0
+
+
+class ReaderWatch:
+    """Notices at once that the reader of our stdout went away (`| head -3` has its
+    lines), not at the next write: that comes with the next window, up to a window's
+    length later, and the shell gives the prompt back only when both have ended.
+
+    A pipe whose reading end is closed reports POLLERR to the writer (POLLHUP: a
+    socket or terminal hung up); a thread waits for that and sets `stop`. A file or
+    /dev/null never reports either, so the thread just waits for `stop`."""
+
+    _GONE = select.POLLERR | select.POLLHUP
+    _CHECK_STOP_MS = 500  # how soon the thread notices that the monitor stops on its own
+
+    def __init__(self, stop: threading.Event, fd: int) -> None:
+        self.stop = stop
+        self.gone = threading.Event()
+        self._poller = select.poll()
+        self._poller.register(fd, 0)  # no event asked for: errors and hang-ups come anyway
+        threading.Thread(target=self._watch, name="stdout-reader-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stop.is_set():
+            events = sum(flags for _, flags in self._poller.poll(self._CHECK_STOP_MS))
+            if events & select.POLLNVAL:  # stdout is not open: nothing to watch
+                return
+            if events & self._GONE:
+                self.gone.set()
+                self.stop.set()
+                return
 
 
 def _quiet_stdout() -> None:
@@ -436,11 +506,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             client_setting_error(error, environ) or ConfigError("KAFKA_* settings", str(error)),
         )
     shown = 0
+    reader = ReaderWatch(stop, sys.stdout.fileno())
+    dashboard = not args.json and console.is_terminal
+    recent_log = RecentLogLines()
+    if dashboard:  # what start-up says is on the terminal now, and on the dashboard later
+        logging.getLogger().addHandler(recent_log)
     try:
         if not tail.start(stop):
-            return tail.health.exit_status_when_stopped()
-        if not args.json and console.is_terminal:
-            return _live_dashboard(console, tail, stop, source, settings.window_seconds, args)
+            return 0 if reader.gone.is_set() else tail.health.exit_status_when_stopped()
+        if dashboard:
+            return _live_dashboard(console, tail, stop, source, settings.window_seconds, args, recent_log)
         last_window = time.monotonic()
         while not stop.is_set():
             for window in tail.poll(0.5):
@@ -457,8 +532,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 0
             if args.idle_timeout and time.monotonic() - last_window > args.idle_timeout:
                 return 0
+        if reader.gone.is_set():  # a normal end, as for `cat`
+            _quiet_stdout()
     except AuthenticationFailed as refused:
         exit_with_config_error("monitor_aggregated_data.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs (broker/authorization.py)
+        print(f"monitor_aggregated_data.py: {refused.line()}", file=sys.stderr)
+        return 2
     except KafkaException as error:
         print(
             f"monitor_aggregated_data.py: stopped: could not read {settings.output_topic} from"
@@ -467,6 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     finally:
+        stop.set()  # ends the reader watch
         tail.close()
     return 0
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
+from aggregator import iso_utc
+from broker import authorization
+from broker.authorization import OUTPUT_FOLLOWER_GROUP_PREFIX, is_authorization_error
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -24,7 +29,7 @@ from broker.kafka_io import (
     sleep_unless_stopped,
     topic_partition_count,
 )
-from config import Settings
+from config import ConfigError, Settings
 from ops.report import epoch_of
 
 log = logging.getLogger("processor")
@@ -39,6 +44,7 @@ _TAIL_RECORDS = 50
 _MISSING_GRACE_SECONDS = 5.0
 # How often start-up asks again for the newest published window.
 _RETRY_SECONDS = 2.0
+_TIMESTAMP_TYPE = "message.timestamp.type"
 
 
 class PipelineTopics:
@@ -52,11 +58,13 @@ class PipelineTopics:
         self.settings = settings
         self._health = health
         self._should_stop = should_stop
-        self._clients = clients
+        self.clients = clients
         self._missing_since: float | None = None
 
     def ensure(self) -> bool:
-        """Create the topics that do not exist; False if asked to stop first."""
+        """Create the topics that do not exist; False if asked to stop first. Raises
+        NotAuthorized when the cluster's ACLs lack what the processor needs on them
+        (broker/authorization.py)."""
         s = self.settings
         # The partials topic has one partition: its one consumer in the merge group is the merger.
         topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
@@ -67,10 +75,48 @@ class PipelineTopics:
             # Kept for someone to look at and replay (docs/operations.md, "Recovery").
             s.dlq_topic: {"cleanup.policy": "delete", "retention.ms": str(s.dlq_retention_days * 86_400_000)},
             # Parts are needed until their window is published: minutes, or as long as a
-            # merge stall lasts. The merger commits past what it no longer needs.
-            s.partials_topic: {"cleanup.policy": "delete", "retention.ms": str(s.partials_retention_hours * 3_600_000)},
+            # merge stall lasts. The merger commits past what it no longer needs. Stamped
+            # with the broker's time: every acknowledgement tells a processor how far its
+            # own clock is off (broker/broker_clock.py).
+            s.partials_topic: {
+                "cleanup.policy": "delete",
+                "retention.ms": str(s.partials_retention_hours * 3_600_000),
+                "message.timestamp.type": "LogAppendTime",
+            },
         }
-        return ensure_topics(s, topics, self._should_stop, self._health, configs=configs)
+        needs = authorization.processor(s)
+        if not ensure_topics(s, topics, self._should_stop, self._health, configs=configs, permissions=needs):
+            return False
+        self._stamp_partials_with_broker_time()
+        return True
+
+    def _stamp_partials_with_broker_time(self) -> None:
+        """A partials topic made before (an older release, or by hand) may be CreateTime:
+        then no acknowledgement tells the broker's time, and each member's own clock stands
+        in for it (broker/broker_clock.py). It is the pipeline's internal topic: set it to
+        LogAppendTime (this needs AlterConfigs on it); if the cluster refuses, say so once."""
+        topic = self.settings.partials_topic
+        admin = self.clients.admin({**QUIET_CLIENT_LOGS, **self.settings.admin_config()})
+        resource = ConfigResource(ResourceType.TOPIC, topic)
+        try:
+            current = admin.describe_configs([resource])[resource].result(10).get(_TIMESTAMP_TYPE)
+            if current is None or current.value == "LogAppendTime":
+                return
+            change = ConfigEntry(_TIMESTAMP_TYPE, "LogAppendTime", incremental_operation=AlterConfigOpType.SET)
+            resource = ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[change])
+            admin.incremental_alter_configs([resource])[resource].result(10)
+            log.info("topic %s now stamped with the broker's time (%s=LogAppendTime)", topic, _TIMESTAMP_TYPE)
+        except KafkaException as error:
+            kafka_error = error.args[0] if error.args and isinstance(error.args[0], KafkaError) else None
+            # Refused: the processor needs no AlterConfigs but for this; say which ACL it lacks.
+            why = f"not authorized: AlterConfigs on topic {topic}" if is_authorization_error(kafka_error) else None
+            log.warning(
+                "could not set %s=LogAppendTime on topic %s (%s): the members' own clocks stand in for the"
+                " broker's, so they must agree",
+                _TIMESTAMP_TYPE,
+                topic,
+                why or (kafka_error.str() if kafka_error else error),
+            )
 
     def note_missing(self, now_too: bool = False) -> None:
         """The input topic was reported missing (`now_too`: do not wait the grace period)."""
@@ -91,7 +137,7 @@ class PipelineTopics:
         """What this pipeline has on the output topic now. Raises KafkaException when
         the topic cannot be read: unknown stays unknown (a caller that guessed "nothing"
         would publish a window again from only its later parts)."""
-        return newest_published(self.settings, self._clients)
+        return newest_published(self.settings, self.clients)
 
     def newest_published_retrying(self) -> Published | None:
         """`newest_published`, asked again every 2 s while the broker cannot answer (at
@@ -111,28 +157,78 @@ class Published:
 
     until: int = 0  # end (epoch s) of its newest window there; 0: none
     partition_count: int | None = None  # the input partitions it was merged with (None: not said)
+    # The window-shaping settings it was made with (None: not said, an older release's record).
+    shaping: Mapping[str, int] | None = None
+    # Per input partition, the offset below which the records of windows up to `until`
+    # are counted in them (None or absent: not said; every record of them is).
+    accounted: Mapping[int, int] | None = None
+    # With RECOMPUTE_FROM: `until` is that time, not a window on the output (the windows
+    # before it count as published, but the output may hold none of them).
+    recomputing: bool = False
 
 
 # Headers on every output record: whose window it is (a pipeline is its input topic and
-# group), and how many input partitions it was merged from. Not in the value, which is
-# a pure function of the window's records.
+# group), how many input partitions it was merged from, under which window-shaping
+# settings, and up to which offset of each input partition its parts counted. Not in
+# the value, which is a pure function of the window's records.
 PIPELINE_INPUT_HEADER = "pipeline.input"
 PIPELINE_GROUP_HEADER = "pipeline.group"
 PIPELINE_PARTITIONS_HEADER = "pipeline.partitions"
+PIPELINE_SETTINGS_HEADER = "pipeline.settings"  # "NAME=value,..." (config.WINDOW_SHAPING_SETTINGS)
+PIPELINE_ACCOUNTED_HEADER = "pipeline.accounted"  # "partition:offset,..."
 
 
-def output_headers(settings: Settings, partition_count: int) -> list[tuple[str, bytes]]:
-    return [
+def output_headers(
+    settings: Settings, partition_count: int, accounted: Mapping[int, int] | None = None
+) -> list[tuple[str, bytes]]:
+    shaping = ",".join(f"{name}={value}" for name, value in sorted(settings.window_shaping().items()))
+    headers = [
         (PIPELINE_INPUT_HEADER, settings.input_topic.encode()),
         (PIPELINE_GROUP_HEADER, settings.consumer_group_id.encode()),
         (PIPELINE_PARTITIONS_HEADER, str(partition_count).encode()),
+        (PIPELINE_SETTINGS_HEADER, shaping.encode()),
     ]
+    if accounted:
+        text = ",".join(f"{partition}:{offset}" for partition, offset in sorted(accounted.items()))
+        headers.append((PIPELINE_ACCOUNTED_HEADER, text.encode()))
+    return headers
+
+
+class _WindowBounds(msgspec.Struct):
+    window_start: str
+    window_end: str
+
+
+_decode_bounds = msgspec.json.Decoder(_WindowBounds).decode
+
+
+def _window_length(value: bytes | None) -> int | None:
+    """A window value's length in seconds (its own `window_end` - `window_start`)."""
+    try:
+        bounds = _decode_bounds(value or b"")
+        return epoch_of(bounds.window_end) - epoch_of(bounds.window_start)
+    except (msgspec.DecodeError, ValueError):
+        return None
+
+
+def _header_pairs(raw: bytes | None, separator: str) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    try:
+        return dict(item.split(separator, 1) for item in raw.decode().split(",") if item)
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 def published_by(message: Message, settings: Settings) -> Published | None:
     """What one output record says this pipeline published (None: not this pipeline's,
     or not a window). A record without the pipeline headers is an older release's:
-    taken as this pipeline's, which is what it was before pipelines were named."""
+    taken as this pipeline's, which is what it was before pipelines were named.
+
+    The window's end is its start plus its *own* length (from its settings header, or
+    its value), never this reader's WINDOW_SECONDS: a member started with another
+    window length would otherwise take unpublished windows for published ones, skip
+    their records and commit past them."""
     try:
         start = epoch_of(message.key().decode())
     except (AttributeError, UnicodeDecodeError, ValueError):
@@ -148,11 +244,38 @@ def published_by(message: Message, settings: Settings) -> Published | None:
         count = int(headers[PIPELINE_PARTITIONS_HEADER])
     except (KeyError, ValueError):
         count = None
-    return Published(start + settings.window_seconds, count)
+    shaping = accounted = None
+    pairs = _header_pairs(headers.get(PIPELINE_SETTINGS_HEADER), "=")
+    if pairs is not None:
+        try:
+            shaping = {name: int(value) for name, value in pairs.items()}
+        except ValueError:
+            shaping = None
+    pairs = _header_pairs(headers.get(PIPELINE_ACCOUNTED_HEADER), ":")
+    if pairs is not None:
+        try:
+            accounted = {int(partition): int(offset) for partition, offset in pairs.items()}
+        except ValueError:
+            accounted = None
+    width = (shaping or {}).get("WINDOW_SECONDS") or _window_length(message.value()) or settings.window_seconds
+    return Published(start + width, count, shaping, accounted)
 
 
 def newest(a: Published, b: Published | None) -> Published:
     return a if b is None or b.until <= a.until else b
+
+
+def differing_settings(group: Mapping[str, int] | None, settings: Settings) -> list[tuple[str, int, int]]:
+    """(name, this processor's value, the group's) of each window-shaping setting this
+    processor does not share with what the group uses (`group`: None, unknown)."""
+    if not group:
+        return []
+    ours = settings.window_shaping()
+    return [(name, ours[name], group[name]) for name in sorted(ours) if name in group and group[name] != ours[name]]
+
+
+def describe_differences(differences: list[tuple[str, int, int]]) -> str:
+    return ", ".join(f"{name}={ours} (the group's: {theirs})" for name, ours, theirs in differences)
 
 
 def newest_published(settings: Settings, clients: KafkaClients) -> Published:
@@ -170,7 +293,19 @@ def newest_published(settings: Settings, clients: KafkaClients) -> Published:
             found = newest(found, published_by(message, settings))
         if found.until or records is None or len(messages) < records:
             break
-    return Published(max(found.until, floor), found.partition_count)
+    if floor and found.until and found.until < floor and not differing_settings(found.shaping, settings):
+        # A recomputation is a new group: under a group that has published up to an
+        # earlier time, the windows between would be taken as published and their
+        # records skipped and committed past.
+        raise ConfigError(
+            "RECOMPUTE_FROM",
+            f"group {settings.consumer_group_id} has published windows up to {iso_utc(found.until)} only;"
+            f" recomputing from {iso_utc(floor)} under it would skip the windows between: give the"
+            " recomputation a CONSUMER_GROUP_ID of its own",
+        )
+    if floor > found.until:
+        return Published(floor, found.partition_count, found.shaping, recomputing=True)
+    return found
 
 
 class PublishedFollower:
@@ -184,18 +319,26 @@ class PublishedFollower:
         self._consumer: Consumer | None = None
         self.published = start
         self.newest_timestamp: float | None = None  # Kafka time (epoch s) of this pipeline's newest record read
+        # The first window of this pipeline seen made under other settings than these.
+        self.disagreement: Published | None = None
 
     def poll(self) -> Published:
-        """What is published now, as far as read (never less than before)."""
+        """What is published now, as far as read (never less than before). A window of
+        this pipeline made under other window-shaping settings is not taken: it is kept
+        in `disagreement`, for the processor to stop acting on its own."""
         try:
             if self._consumer is None:
                 self._consumer = self._start()
             for message in self._consumer.consume(1000, 0):
-                if message.error() is None:
-                    found = published_by(message, self.settings)
-                    self.published = newest(self.published, found)
-                    if found is not None:  # for the metrics: when the group last published
-                        self.newest_timestamp = max(self.newest_timestamp or 0.0, message.timestamp()[1] / 1000)
+                if message.error() is not None:
+                    continue
+                found = published_by(message, self.settings)
+                if found is not None and differing_settings(found.shaping, self.settings):
+                    self.disagreement = self.disagreement or found
+                    continue
+                self.published = newest(self.published, found)
+                if found is not None:  # for the metrics: when the group last published
+                    self.newest_timestamp = max(self.newest_timestamp or 0.0, message.timestamp()[1] / 1000)
         except KafkaException as error:
             log.debug("output follower: %s", error)
         return self.published
@@ -206,7 +349,7 @@ class PublishedFollower:
                 **QUIET_CLIENT_LOGS,
                 **self.settings.consumer_config(),
                 # Outside every group: this reader assigns the partitions itself and never commits.
-                "group.id": f"output-follower-{uuid.uuid4()}",
+                "group.id": f"{OUTPUT_FOLLOWER_GROUP_PREFIX}{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
             }

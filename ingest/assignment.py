@@ -47,8 +47,10 @@ class InputAssignment:
         topics: PipelineTopics,
         safe_offsets: Callable[[], dict[int, int]],
         monotonic: Callable[[], float] = time.monotonic,
+        reads_from_earliest: bool = True,
     ) -> None:
         self._monotonic = monotonic
+        self._reads_from_earliest = reads_from_earliest  # auto.offset.reset
         self.settings = settings
         self._aggregator = aggregator
         self._parts = parts
@@ -91,10 +93,16 @@ class InputAssignment:
             self._aggregator.assign([], total)
             log.info("partition count of %s is %d", self.settings.input_topic, total)
 
+    def start_unknown(self, partition: int) -> bool:
+        """Whether where the consumer reads `partition` from is unknown yet: its committed
+        offset could not be read (the client fetches from the commit it reads itself).
+        Until then "read to its end" cannot be judged without a record of it."""
+        return partition in self._committed_unknown
+
     def retry_committed(self, consumer: Consumer) -> None:
-        """From the poll loop: ask again for committed offsets that could not be read at
-        assignment. Until they are known, an idle partition cannot tell that it is read
-        to its end (nothing arrives to say where it is), so its windows would wait."""
+        """From the poll loop: ask again for committed offsets (or first offsets) that could
+        not be read at assignment. Until they are known, an idle partition cannot tell that
+        it is read to its end (nothing arrives to say where it is), so its windows would wait."""
         if not self._committed_unknown or self._monotonic() < self._committed_retry_at:
             return
         partitions = [TopicPartition(self.settings.input_topic, p) for p in sorted(self._committed_unknown)]
@@ -124,6 +132,7 @@ class InputAssignment:
         owned = sorted(tp.partition for tp in partitions)
         committed = self._read_committed(consumer, partitions) if partitions else {}
         committed = {**self._recompute_starts(consumer, partitions, committed or {}), **(committed or {})}
+        committed = {**self._latest_starts(consumer, partitions, committed, total or 0), **committed}
         self._aggregator.assign(owned, total or 0, committed)
         self._health.mark_reachable()
         if total is None:
@@ -165,6 +174,51 @@ class InputAssignment:
             ",".join(str(starts[p]) for p in sorted(starts)),
             iso_utc(since),
         )
+        return starts
+
+    def _latest_starts(
+        self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int], total: int
+    ) -> dict[int, int]:
+        """`auto.offset.reset=latest`, applied here, not by the client: the consumer itself
+        always resets to the earliest offset (consumer_settings), because the client's
+        `latest` also applied to a partition added to the input after the group started
+        (no commit of its own: what was written before the group noticed it was dropped
+        unseen) and to a partition whose commit could not be read at assignment. So: a
+        partition without a commit in a group that has none anywhere (a new group) starts
+        at its end, as asked; one in a group that has committed others was added since,
+        and is read from its beginning (the client's reset); one whose commit is unknown
+        is read from that commit by the client, or from the beginning: never from the end.
+        Returns the starts it assigned."""
+        s = self.settings
+        fresh = [
+            tp for tp in partitions if tp.partition not in committed and tp.partition not in self._committed_unknown
+        ]
+        if self._reads_from_earliest or s.recompute_from or not fresh:
+            return {}
+        if committed or self._committed_unknown:
+            group_started = True
+        else:
+            others = [TopicPartition(s.input_topic, p) for p in range(total) if p not in {tp.partition for tp in fresh}]
+            known = self._read_committed(consumer, others) if others else {}
+            group_started = known != {}  # None (unknown) counts as started: never drop unseen
+        if group_started:
+            log.info(
+                "partition(s) %s of %s have no commit of group %s (added since it started): read from their beginning",
+                ",".join(str(tp.partition) for tp in fresh),
+                s.input_topic,
+                s.consumer_group_id,
+            )
+            return {}
+        starts = {}
+        for tp in fresh:
+            try:
+                starts[tp.partition] = tp.offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
+            except KafkaException as error:
+                log.warning(
+                    "could not read the end of partition %d (%s); reading it from its beginning", tp.partition, error
+                )
+        if starts:
+            consumer.assign(partitions)  # the offsets above, instead of the client's reset
         return starts
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -20,6 +20,10 @@ state, and these invariants hold (each has a test in tests/test_part_publisher.p
 
 Every state change is one method (`send`, `_delivered`, `take_acknowledged`, `drop`),
 so a fault-injection test can drive each transition.
+
+Every acknowledgement also tells the broker's time (the partials topic is stamped
+with the append time): it goes to the `BrokerClock` (broker/broker_clock.py), which is
+what "now" means for this processor's windows.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from enum import Enum
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from aggregator import ClosedParts, iso_utc
+from broker.broker_clock import BrokerClock
 from merging.parts import UNKNOWN_ORIGIN, PartOrigin, encode_progress, part_key, progress_key
 
 log = logging.getLogger("processor")
@@ -62,6 +67,7 @@ class Publication:
     to_produce: deque[int] = field(default_factory=deque)  # piece numbers not yet handed to the producer
     acknowledged: set[int] = field(default_factory=set)
     dropped: bool = False  # revoked: reports for it are ignored
+    sent_at: dict[int, float] = field(default_factory=dict)  # piece -> when produced (this machine's clock)
 
     def __post_init__(self) -> None:
         self.to_produce.extend(range(len(self.pieces)))
@@ -78,8 +84,16 @@ class PartPublisher:
     """Owned by the timer thread (under the processor's publish lock); delivery reports
     arrive on whichever thread serves the producer, hence the lock."""
 
-    def __init__(self, producer: Producer, topic: str, host: str, origin: PartOrigin = UNKNOWN_ORIGIN) -> None:
+    def __init__(
+        self,
+        producer: Producer,
+        topic: str,
+        host: str,
+        origin: PartOrigin = UNKNOWN_ORIGIN,
+        clock: BrokerClock | None = None,
+    ) -> None:
         self._producer = producer
+        self._clock = clock or BrokerClock()
         self._topic = topic
         self._headers = [("processor.host", host.encode())]
         self._origin = origin
@@ -101,7 +115,8 @@ class PartPublisher:
                 last = queue[-1] if queue else None
                 if last is not None and not last.is_part and last.stage is Stage.QUEUED:
                     queue.pop()  # a newer progress of the same partition says more
-                value = encode_progress(partition, closed.partition_count, closed_until, self._origin)
+                accounted = closed.accounted.get(partition, -1)
+                value = encode_progress(partition, closed.partition_count, closed_until, self._origin, accounted)
                 queue.append(Publication(partition, None, progress_key(partition), [value], closed_until=closed_until))
 
     def _queue(self, partition: int) -> deque[Publication]:
@@ -120,6 +135,7 @@ class PartPublisher:
                     if publication.dropped or not publication.to_produce:
                         break
                     number = publication.to_produce[0]
+                sent_at = self._clock.wall()
                 try:
                     self._producer.produce(
                         self._topic,
@@ -135,11 +151,14 @@ class PartPublisher:
                     if publication.to_produce and publication.to_produce[0] == number:
                         publication.to_produce.popleft()
                     publication.stage = Stage.SENDING
+                    publication.sent_at[number] = sent_at
                 produced = True
         return produced
 
     def _report_for(self, publication: Publication, number: int):
-        def report(error: KafkaError | None, _message: Message) -> None:
+        def report(error: KafkaError | None, message: Message) -> None:
+            if error is None and number in publication.sent_at:
+                self._clock.observe(publication.sent_at[number], self._clock.wall(), message.timestamp())
             self._delivered(publication, number, None if error is None else error.str())
 
         return report
@@ -189,6 +208,11 @@ class PartPublisher:
         """Some partition's oldest publication has pieces not yet handed to the producer."""
         with self._lock:
             return any(queue and queue[0].to_produce for queue in self._queues.values())
+
+    def idle(self) -> bool:
+        """Nothing is waiting to be sent or acknowledged."""
+        with self._lock:
+            return not any(self._queues.values())
 
     def pending(self) -> int:
         """Parts not yet acknowledged."""

@@ -8,6 +8,7 @@ commit slot, and the poll loop performs the commit on its next turn.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -15,7 +16,8 @@ from collections.abc import Callable
 
 from confluent_kafka import Producer
 
-from aggregator import Aggregator, WindowAggregate
+from aggregator import Aggregator, ClosedParts, WindowAggregate
+from broker.broker_clock import BrokerClock
 from broker.kafka_io import BrokerHealth
 from broker.pipeline_topics import PublishedFollower
 from config import Settings
@@ -50,6 +52,7 @@ class WindowCloser:
         report: ProcessorReport,
         published: PublishedFollower,
         origin: PartOrigin,
+        clock: BrokerClock | None = None,
     ) -> None:
         self.settings = settings
         self.lock = threading.Lock()
@@ -62,6 +65,7 @@ class WindowCloser:
         self._report = report
         self._published = published
         self._origin = origin
+        self._clock = clock or BrokerClock()
 
     def run(
         self, stop_requested: threading.Event, crashed: threading.Event, heartbeat: Callable[[], None] = lambda: None
@@ -96,8 +100,11 @@ class WindowCloser:
         with self.lock:
             started = time.perf_counter()
             published = self._published.poll()
-            self._aggregator.release_published(published.until, published.partition_count)
-            self._parts.add(self._aggregator.close_due_parts(self._encode_part))
+            self._aggregator.release_published(published.until, published.partition_count, published.accounted)
+            closed = self._aggregator.close_due_parts(self._encode_part)
+            if not self._clock.known:
+                closed = self._announced(closed)
+            self._parts.add(closed)
             # A partition's publications go out one at a time (ingest/part_publisher.py): send
             # what may go, wait for the broker, and again while that let more go.
             deadline = time.monotonic() + wait_seconds
@@ -120,12 +127,30 @@ class WindowCloser:
                 return False
             return True
 
+    def _announced(self, closed: ClosedParts) -> ClosedParts:
+        """While the broker's time is unknown, and nothing is on its way to the partials
+        topic whose acknowledgement would tell it, add a progress record of an owned
+        partition saying only what is true already (what it has closed so far): its
+        acknowledgement carries the broker's time. An idle partition could otherwise
+        never close a window by the clock, nor be announced."""
+        if closed.progress or closed.parts or not closed.partition_count or not self._parts.idle():
+            return closed
+        first = self._aggregator.first_partition_closed_until()
+        if first is None:
+            return closed
+        partition, closed_until, accounted = first
+        return dataclasses.replace(
+            closed,
+            progress={partition: closed_until},
+            accounted={} if accounted is None else {partition: accounted},
+        )
+
     def safe_offsets(self) -> dict[int, int]:
         """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
         copy, still needs."""
         return safe_offsets(self._aggregator.committable_offsets(), self.dead_letters.holds())
 
-    def _encode_part(self, partition: int, start: int, window: WindowAggregate) -> list[bytes]:
+    def _encode_part(self, partition: int, start: int, window: WindowAggregate, accounted_to: int) -> list[bytes]:
         return encode_part(
             start,
             partition,
@@ -135,4 +160,5 @@ class WindowCloser:
             window.late_message_count,
             PART_MAX_BYTES,
             origin=self._origin,
+            accounted_to=accounted_to,
         )

@@ -44,7 +44,10 @@ Rules (why, in short):
   record of that partition agrees (its owner runs with this merger's settings now,
   and publishes the windows' records again: they were never committed).
 - A part of a published window from a partition the window was not merged with
-  (one added to the input since) counts as late in the next window published.
+  (one added to the input since) counts as late in the next window published. A
+  window handed to the producer (in flight) counts as published for this rule: its
+  value is fixed, and the input partition count it was merged with is the one it
+  is recorded with, whenever its acknowledgement comes.
 - Memory is bounded (`max_pending_windows`, `max_pending_bytes`): past the bound,
   pieces of later windows are skipped and read again (`reread_from`) once the
   held windows are published; what is known of the partitions' progress is then
@@ -238,6 +241,16 @@ class SettingsConflict:
         return ", ".join(f"{name}={value} (this merger: {mine[name]})" for name, value in self.theirs)
 
 
+@dataclass(frozen=True, slots=True)
+class Publishing:
+    """What a window handed to the producer is published with (its output headers)."""
+
+    partition_count: int  # the input partitions it was merged from
+    # Per input partition, every record below this offset of a window up to this one is
+    # counted in a part merged by now (where the parts said).
+    accounted: dict[int, int]
+
+
 # Defaults of the merger's memory bound (merging/merger.py passes the settings).
 DEFAULT_MAX_PENDING_WINDOWS = 64
 DEFAULT_MAX_PENDING_BYTES = 512 * 1024 * 1024
@@ -289,13 +302,25 @@ class MergeState:
         self._invalid_carry = 0
         self._carry_offset: int | None = None
         self._carried: set[tuple[int, int, str]] = set()  # (window, partition, part id) counted so
+        # The window handed to the producer and not yet acknowledged, and the input
+        # partition count it was merged with (the merger publishes one at a time).
+        self._in_flight: tuple[int, int] | None = None
+        # Per input partition, the highest offset its records say it is accounted to
+        # (PartPiece.accounted_to): published with each window, so that a processor that
+        # takes the partition over skips exactly the records the windows counted.
+        self._accounted: dict[int, int] = {}
 
     # ---- input ----------------------------------------------------------------------
 
-    def restore_published_until(self, window_end: int, partition_count: int | None = None) -> None:
+    def restore_published_until(
+        self, window_end: int, partition_count: int | None = None, accounted: dict[int, int] | None = None
+    ) -> None:
         """Every window ending at or before `window_end` is on the output topic already
         (its tail says so; `partition_count`: the input partitions it was merged with,
-        if the record says): its parts are ignored and it is never published again."""
+        and `accounted` the offsets its partitions were accounted to, if the record
+        says): its parts are ignored and it is never published again."""
+        for partition, offset in (accounted or {}).items():
+            self._accounted[partition] = max(self._accounted.get(partition, -1), offset)
         self._published_until = max(self._published_until or 0, window_end)
         if partition_count:
             self._note_published_count(window_end, partition_count)
@@ -314,6 +339,8 @@ class MergeState:
         if verdict is not None:
             return verdict
         self._partition_count = max(self._partition_count, record.partition_count)
+        if record.accounted_to > self._accounted.get(record.partition, -1):
+            self._accounted[record.partition] = record.accounted_to
         if isinstance(record, Progress):
             self._advance(record.partition, record.closed_until)
             verdict = Verdict.MERGED
@@ -361,6 +388,8 @@ class MergeState:
             return Verdict.MISALIGNED
         end = start + width
         self._newest_part_end = end if self._newest_part_end is None else max(self._newest_part_end, end)
+        if self._in_flight is not None and self._in_flight[0] == start:
+            return self._published_window_part(piece, offset, merged_with=self._in_flight[1])
         window = self._windows.get(start)
         if window is None:
             if self._published_until is not None and end <= self._published_until:
@@ -398,11 +427,14 @@ class MergeState:
             self._advance(partition, end)
         return Verdict.MERGED
 
-    def _published_window_part(self, piece: PartPiece, offset: int) -> Verdict:
-        """A piece of a window already published: a replay, unless its partition was
-        added to the input after the window was merged. Then its records were never
-        counted: they count as late, in the next window published (never dropped unseen)."""
-        if piece.partition < self._count_published_with(piece.window_start + self.window_seconds):
+    def _published_window_part(self, piece: PartPiece, offset: int, merged_with: int | None = None) -> Verdict:
+        """A piece of a window already published (or in flight, merged from `merged_with`
+        partitions): a replay, unless its partition was added to the input after the
+        window was merged. Then its records were never counted: they count as late, in
+        the next window published (never dropped unseen)."""
+        if merged_with is None:
+            merged_with = self._count_published_with(piece.window_start + self.window_seconds)
+        if piece.partition < merged_with:
             return Verdict.MERGED  # a replay of what the window holds
         if piece.piece == 0:  # the additive counts ride in piece 0
             seen = (piece.window_start, piece.partition, piece.part_id)
@@ -556,22 +588,41 @@ class MergeState:
         window.rendered = (made_from, closed)
         return closed
 
+    def start_publishing(self, start: int) -> Publishing:
+        """Window `start` (from `next_due`) is handed to the producer: from now on its
+        value is fixed. Returns what is published with it: the input partition count it
+        was merged with, which it is recorded with when acknowledged (`mark_published`),
+        however late that comes, and which a part of it from a partition added since is
+        judged by (late, not lost); and the offsets its partitions are accounted to."""
+        self._in_flight = (start, self._partition_count)
+        count = self._partition_count
+        return Publishing(count, {p: a for p, a in sorted(self._accounted.items()) if p < count})
+
+    def publishing_failed(self, start: int) -> None:
+        """The broker refused window `start`: it stays due, and is rendered anew."""
+        if self._in_flight is not None and self._in_flight[0] == start:
+            self._in_flight = None
+
     def mark_published(self, starts: list[int] | tuple[int, ...] | set[int]) -> None:
         """The broker acknowledged these windows: drop them; published-until becomes the
         highest end. Only these are dropped: a window the broker refused stays due. The
         oldest one took the late counts carried from new partitions, if any."""
         starts = sorted(starts)
+        count = self._partition_count
         for start in starts:
             window = self._windows.get(start)
             if window is not None and window.rendered is not None and window.rendered[0][1:] != (0, 0):
                 self._late_carry = self._invalid_carry = 0
                 self._carry_offset = None
             self._forget(start)
+            if self._in_flight is not None and self._in_flight[0] == start:
+                count = self._in_flight[1]  # what it was merged with, not what is known now
+                self._in_flight = None
         if starts:
             end = starts[-1] + self.window_seconds
             self._published_until = max(self._published_until or 0, end)
-            if self._partition_count:
-                self._note_published_count(end, self._partition_count)
+            if count:
+                self._note_published_count(end, count)
 
     def committable_offset(self) -> int | None:
         """The partials offset the merger may commit: the lowest piece an unpublished

@@ -9,9 +9,13 @@ to the output topic. The others wait, idle, until Kafka picks them.
 What every turn keeps (each has a test that injects the fault at that step):
 
 - A new merger (after a crash or a hand-over) first reads the newest window of its
-  pipeline on the output topic, and asks again until it can: it publishes and commits
-  nothing before, because "unknown" taken as "nothing published" would publish a
-  window again from only its later parts.
+  pipeline on the output topic, and asks again until it can: it publishes, commits and
+  merges nothing before, because "unknown" taken as "nothing published" would publish
+  a window again from only its later parts, and a part of a published window from a
+  partition added since would be merged into it and forgotten with it (records read
+  meanwhile are read again once it knows).
+- A window handed to the producer keeps the input partition count it was merged
+  with, whenever its acknowledgement comes (merge.MergeState.start_publishing).
 - Windows go out one at a time, in order: the next is produced only once the broker
   has acknowledged the one before. A window the broker refuses holds every later one
   (the output's newest window is what a new merger resumes from, so a later window
@@ -41,11 +45,18 @@ from datetime import UTC, datetime
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from aggregator import ClosedWindow, iso_utc
-from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, RenewableProducer, close_within
+from broker.kafka_io import (
+    REAL_CLIENTS,
+    BrokerHealth,
+    KafkaClients,
+    RenewableProducer,
+    close_within,
+    read_topic_tail,
+)
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
-from merging.merge import MergeStall, MergeState, Verdict
-from merging.parts import BadPartialRecord, PartOrigin, UnknownPartFormat, decode_partial
+from merging.merge import MergeStall, MergeState, Publishing, Verdict
+from merging.parts import BadPartialRecord, PartialRecordError, PartOrigin, UnknownPartFormat, decode_partial
 
 log = logging.getLogger("merger")
 
@@ -72,6 +83,26 @@ def merge_group_id(settings: Settings) -> str:
     return f"{settings.consumer_group_id}-merge"
 
 
+def newest_partials_shaping(settings: Settings, clients: KafkaClients = REAL_CLIENTS) -> dict[str, int] | None:
+    """The window-shaping settings of this pipeline's newest record among the last ones on
+    the partials topic (None: none says, or the topic cannot be read): what the group
+    uses, before any window of it is on the output."""
+    try:
+        messages = read_topic_tail(settings, settings.partials_topic, 50, clients=clients)
+    except KafkaException:
+        return None
+    ours = pipeline_origin(settings)
+    newest: dict[str, int] | None = None
+    for message in sorted(messages, key=Message.offset):
+        try:
+            theirs = decode_partial(message.value()).origin
+        except PartialRecordError:
+            continue
+        if theirs.known and theirs.shaping and (theirs.input_topic, theirs.group) == (ours.input_topic, ours.group):
+            newest = dict(theirs.shaping)
+    return newest
+
+
 def pipeline_origin(settings: Settings) -> PartOrigin:
     """This processor's pipeline and window-shaping settings, as parts carry them."""
     return PartOrigin(settings.input_topic, settings.consumer_group_id, settings.window_shaping())
@@ -92,8 +123,12 @@ class WindowMerger:
         host: str,
         clients: KafkaClients = REAL_CLIENTS,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        # `clock` measures waits (monotonic); `wall` is the time stamped on what is
+        # published: the broker's time as the processor measures it (broker/broker_clock.py).
+        self._wall = wall
         self._newest_published = newest_published
         self._on_published = on_published
         self._host = host.encode()
@@ -114,6 +149,8 @@ class WindowMerger:
         self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
         self._tail_asked_at: float | None = None
+        # The first partials offset read before the output's tail was known: read again then.
+        self._reread_at: int | None = None
         # The window produced and not yet acknowledged (one at a time), and its outcome.
         self._in_flight: ClosedWindow | None = None
         self._outcome: tuple[str, float | str] | None = None  # ("delivered", at) or ("refused", why)
@@ -203,13 +240,28 @@ class WindowMerger:
                 self._consumer.unsubscribe()
                 self.subscribe()
         self._learn_published()
-        for message in self._consumer.consume(1000, wait_seconds):
+        messages = self._consumer.consume(1000, wait_seconds)
+        state = self._state
+        if state is not None and not state.knows_published_until:
+            messages = self._put_back(messages)
+        for message in messages:
             self._add(message)
             if self.left_the_merge:
                 return
         self._publish_due()
         self._reread_if_due()
         self._warn_if_stalled()
+
+    def _put_back(self, messages: list[Message]) -> list[Message]:
+        """Records read before this new merger knows what the output holds are not merged
+        yet: a part of a published window from a partition added since must count as
+        late, and only the output's tail tells which windows are published. They are
+        read again (seek) once it is known; client errors are kept."""
+        offsets = [m.offset() for m in messages if m.error() is None]
+        if offsets:
+            first = min(offsets)
+            self._reread_at = first if self._reread_at is None else min(self._reread_at, first)
+        return [m for m in messages if m.error() is not None]
 
     def _learn_published(self) -> None:
         """A new merger reads its pipeline's newest window on the output topic before it
@@ -233,9 +285,17 @@ class WindowMerger:
             )
             return
         with self._lock:
-            state.restore_published_until(published.until, published.partition_count)
+            state.restore_published_until(published.until, published.partition_count, published.accounted)
+        if self._reread_at is not None:
+            self._consumer.seek(TopicPartition(self.settings.partials_topic, 0, self._reread_at))
+            self._reread_at = None
         width = self.settings.window_seconds
-        if published.until:
+        if published.recomputing:
+            log.info(
+                "this processor is now the merger: recomputing from %s (RECOMPUTE_FROM), it publishes from there on",
+                iso_utc(published.until),
+            )
+        elif published.until:
             log.info(
                 "this processor is now the merger: the output holds every window up to the one starting %s;"
                 " it publishes from %s on",
@@ -421,7 +481,11 @@ class WindowMerger:
                     window = state.next_due()
                 if window is None:
                     break
-                if not self._produce(window, state.partition_count):
+                with self._lock:
+                    publishing = state.start_publishing(window.start)
+                if not self._produce(window, publishing):
+                    with self._lock:
+                        state.publishing_failed(window.start)
                     break
             self._producer.flush(_PUBLISH_ATTEMPT_SECONDS)
             outcome, self._outcome = self._outcome, None
@@ -430,6 +494,8 @@ class WindowMerger:
                 break  # not acknowledged yet: the broker is slow or away; ask again next turn
             self._in_flight = None
             if outcome[0] == "refused":
+                with self._lock:
+                    state.publishing_failed(window.start)
                 log.error("window %s was refused (%s); later windows wait for it", iso_utc(window.start), outcome[1])
                 self._retry_at = self._clock() + _REFUSED_RETRY_SECONDS
                 break
@@ -440,17 +506,22 @@ class WindowMerger:
         if published or self._clock() - self._committed_at > _IDLE_COMMIT_SECONDS:
             self._commit(state)
 
-    def _produce(self, window: ClosedWindow, partition_count: int) -> bool:
-        published_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+    def _produce(self, window: ClosedWindow, publishing: Publishing) -> bool:
+        now = self._wall()
+        published_at = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
         try:
             self._producer.produce(
                 self.settings.output_topic,
                 key=window.key,
                 value=window.value,
+                # The broker's time, not this machine's: a processor whose clock runs an
+                # hour ahead would otherwise have its windows refused by Kafka
+                # (message.timestamp.after.max.ms) on a CreateTime output topic.
+                timestamp=int(now * 1000),
                 headers=[
                     ("processor.host", self._host),
                     ("published.at", published_at),
-                    *output_headers(self.settings, partition_count),
+                    *output_headers(self.settings, publishing.partition_count, publishing.accounted),
                 ],
                 on_delivery=self._report_for(window),
             )
@@ -464,7 +535,7 @@ class WindowMerger:
     def _report_for(self, window: ClosedWindow):
         def report(error: KafkaError | None, _message: Message) -> None:
             if self._in_flight is window:  # a report for the window in flight, not an older one
-                self._outcome = ("delivered", time.time()) if error is None else ("refused", error.str())
+                self._outcome = ("delivered", self._wall()) if error is None else ("refused", error.str())
 
         return report
 
@@ -501,6 +572,7 @@ class WindowMerger:
             max_pending_bytes=s.merge_max_pending_bytes,
         )
         self._in_flight, self._outcome, self._committed, self._tail_asked_at = None, None, None, None
+        self._reread_at = None
         with self._lock:
             self._state = state  # what is published is learnt on the next turn, not in this callback
 

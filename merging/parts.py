@@ -126,6 +126,11 @@ class PartPiece(msgspec.Struct, tag="part", array_like=True, frozen=True, gc=Fal
     late_message_count: int
     # Added at the end (see "Evolution" above): empty in the previous release's records.
     origin: PartOrigin = UNKNOWN_ORIGIN
+    # Added at the end: every record of `partition` at an offset below this whose window
+    # ends at or before this part's window end is counted in this part or in one
+    # published before it (-1: not said, an older release). A processor that takes the
+    # partition over, or restarts, skips exactly those as replays (see `Progress`).
+    accounted_to: int = -1
 
     @property
     def device_ids(self) -> list[str]:
@@ -153,6 +158,10 @@ class Progress(msgspec.Struct, tag="progress", array_like=True, frozen=True, gc=
     partition_count: int
     closed_until: int
     origin: PartOrigin = UNKNOWN_ORIGIN  # added at the end, like PartPiece.origin
+    # Added at the end: every record of `partition` at an offset below this whose window
+    # ends at or before `closed_until` is counted in a part published before this record
+    # (-1: not said). Records of those windows at or after it were not counted: late.
+    accounted_to: int = -1
 
     def __post_init__(self) -> None:
         _check_partition(self.partition, self.partition_count)
@@ -265,6 +274,7 @@ def encode_part(
     max_bytes: int,
     part_id: str | None = None,
     origin: PartOrigin = UNKNOWN_ORIGIN,
+    accounted_to: int = -1,
 ) -> list[bytes]:
     """One publication of `partition`'s part of a window, as pieces of at most `max_bytes`.
 
@@ -305,6 +315,7 @@ def encode_part(
             invalid_message_count=invalid if first else 0,
             late_message_count=late if first else 0,
             origin=origin,
+            accounted_to=accounted_to,
         )
 
     # The usual part fits in one piece: no sizes to work out.
@@ -360,11 +371,15 @@ def _cut_packed(packed: bytes, with_counts: bool, limit: int) -> list[bytes]:
 
 
 def encode_progress(
-    partition: int, partition_count: int, closed_until: int, origin: PartOrigin = UNKNOWN_ORIGIN
+    partition: int,
+    partition_count: int,
+    closed_until: int,
+    origin: PartOrigin = UNKNOWN_ORIGIN,
+    accounted_to: int = -1,
 ) -> bytes:
     """Partition `partition` has closed every window ending at or before `closed_until`:
     the merger need not wait for its parts of those windows any longer."""
-    return _encode(Progress(PARTS_FORMAT_VERSION, partition, partition_count, closed_until, origin))
+    return _encode(Progress(PARTS_FORMAT_VERSION, partition, partition_count, closed_until, origin, accounted_to))
 
 
 def decode_partial(data: bytes) -> PartPiece | Progress:

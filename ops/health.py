@@ -82,6 +82,11 @@ class Probes:
         self._stopping = stopping
         self._clock = clock
         self._member = threading.Event()
+        self._refusal: str | None = None
+
+    def refuse(self, why: str) -> None:
+        """The processor will not act (settings the group does not share): not ready, for good."""
+        self._refusal = why
 
     def group_joined(self) -> None:
         """The input consumer received an assignment (possibly empty)."""
@@ -112,7 +117,8 @@ class Probes:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, why): a live member of the group, the broker reachable, writes acknowledged.
+        """(ready, why): a live member of the group, acting on the group's settings, the
+        broker reachable, writes acknowledged.
 
         The broker comes before the group: while it is down the member is dropped from
         the group after its session timeout, and "not a member" would hide the cause."""
@@ -121,6 +127,8 @@ class Probes:
         alive, why = self.liveness()
         if not alive:
             return False, why
+        if self._refusal is not None:  # settings the group does not share: until restarted
+            return False, self._refusal
         down_since = self._broker_down_since()
         if down_since is not None:
             return False, f"broker unreachable for {self._clock() - down_since:.0f}s"

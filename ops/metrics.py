@@ -45,6 +45,9 @@ class MetricsSnapshot:
     capped_windows: int = 0  # windows published with `capped_counts` (a bound was reached)
     partials_skipped: Mapping[str, int] = field(default_factory=dict)  # partials records the merger skipped, by reason
     merge_pending_windows: int | None = None  # windows the merger holds, not yet published (merger only)
+    # This machine's clock minus the broker's (broker/broker_clock.py); None: not measured.
+    clock_offset_seconds: float | None = None
+    settings_refused: int = 0  # 1: its window-shaping settings are not the group's; it acts on nothing
     # What the probes and the alert rules need to tell the truth (docs/operations.md, Metrics):
     broker_reachable: bool | None = None  # as /readyz says it
     ready: bool | None = None  # /readyz answers 200
@@ -57,7 +60,6 @@ class MetricsSnapshot:
     oldest_unacknowledged_window_seconds: float | None = None
     producers_recreated: int = 0  # after ACK_TIMEOUT_SECONDS without an acknowledgement
     group_lag: Mapping[int, int] = field(default_factory=dict)  # per input partition: end - committed, from the broker
-    clock_offset_seconds: float | None = None  # this processor's wall clock minus the broker's; None: not measured
     start_time: float | None = None  # when this processor started (epoch s)
 
 
@@ -96,6 +98,18 @@ _SCALARS = (
         GaugeMetricFamily,
         "When this processor last had a window acknowledged (epoch s, wall clock); its start before the first",
         "last_publish_time",
+    ),
+    (
+        "clock_offset_seconds",
+        GaugeMetricFamily,
+        "This processor's wall clock minus the broker's, measured from the partials topic (absent: not measurable)",
+        "clock_offset_seconds",
+    ),
+    (
+        "settings_refused",
+        GaugeMetricFamily,
+        "1 if this processor's window-shaping settings are not its group's: it consumes, commits, publishes nothing",
+        "settings_refused",
     ),
     ("watermark_seconds", GaugeMetricFamily, "Stream watermark (epoch s)", "watermark"),
     (
@@ -140,12 +154,6 @@ _SCALARS = (
         CounterMetricFamily,
         "Producers replaced after ACK_TIMEOUT_SECONDS without an acknowledgement",
         "producers_recreated",
-    ),
-    (
-        "clock_offset_seconds",
-        GaugeMetricFamily,
-        "This processor's wall clock minus the broker's (s); absent while not measured",
-        "clock_offset_seconds",
     ),
     ("start_time_seconds", GaugeMetricFamily, "When this processor started (epoch s)", "start_time"),
     ("last_window_end_seconds", GaugeMetricFamily, "End of the newest published window (epoch s)", "last_window_end"),

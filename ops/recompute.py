@@ -14,6 +14,11 @@ copied it produces the output's newest window again (the same key and bytes).
 
     python -m ops.recompute --source device-login-aggregates-recompute \\
         --from 2026-12-01T00:00:00Z --until 2026-12-02T00:00:00Z [--dry-run]
+
+Each window is compared with the output's current value first (`ops.window_diff`):
+new, same, or changed with the figures that differ, so that the dry run shows what the
+copy would change. `python -m ops.recompute_cleanup` removes the recomputation's
+topics and groups afterwards.
 """
 
 from __future__ import annotations
@@ -21,12 +26,32 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
 
-from confluent_kafka import KafkaException, Message, Producer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from aggregator import iso_utc
-from broker.kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, BrokerHealth, read_topic_tail
+from broker import authorization
+from broker.authorization import RECOMPUTE_READER_GROUP_PREFIX, NotAuthorized, check_permissions
+from broker.kafka_io import (
+    QUIET_CLIENT_LOGS,
+    AuthenticationFailed,
+    BrokerHealth,
+    read_topic_tail,
+    topic_partition_count,
+)
 from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES
 from config import (
     ConfigError,
@@ -39,6 +64,7 @@ from config import (
 )
 from ops.log_setup import configure_logging
 from ops.report import epoch_of
+from ops.window_diff import CHANGED, NEW, SAME, compare
 
 log = logging.getLogger("recompute")
 
@@ -48,6 +74,9 @@ SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT"
 # 50 records the processor reads from the end of the output (pipeline_topics._TAIL_RECORDS).
 CHUNK = 40
 _READ_SECONDS = 120.0
+# How far before a range the output is read from: a window's record is produced after the
+# window ends, by a processor whose clock may be behind by up to this.
+_CLOCK_MARGIN_SECONDS = 3600
 
 
 def staged_windows(settings: Settings, source: str, start: int, until: int | None) -> list[Message]:
@@ -65,6 +94,67 @@ def _window_start(message: Message) -> int | None:
         return epoch_of(message.key().decode())
     except (AttributeError, UnicodeDecodeError, ValueError):
         return None  # not a window
+
+
+def current_windows(settings: Settings, start: int, until: int | None) -> dict[int, bytes]:
+    """The output's latest value of each window starting in [start, until): what
+    consumers that keep the latest record per key see now. Read from the first record
+    produced at or after `start` less a margin (a window's record is produced after the
+    window, by a clock that may be behind): the output holds every window ever
+    published, and only the range's are kept in memory."""
+    latest: dict[int, bytes] = {}
+    for message in records_since(settings, settings.output_topic, start - _CLOCK_MARGIN_SECONDS):
+        window = _window_start(message)
+        if window is not None and window >= start and (until is None or window < until):
+            if message.value():
+                latest[window] = message.value()
+            else:
+                latest.pop(window, None)  # a tombstone: the window is gone
+    return latest
+
+
+def records_since(settings: Settings, topic: str, since: int) -> Iterator[Message]:
+    """Every record of `topic` from the first one with a Kafka timestamp at or after
+    `since` (epoch s) to the end each partition reports by an EOF event, as read. A
+    broker that cannot find offsets by time (the embedded one answers 0) is read whole."""
+    consumer = Consumer(
+        {
+            **QUIET_CLIENT_LOGS,
+            **settings.consumer_config(),
+            # A throwaway group: this reader assigns partitions itself and never commits.
+            "group.id": f"{RECOMPUTE_READER_GROUP_PREFIX}{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        count = topic_partition_count(consumer, topic)
+        asked = [TopicPartition(topic, partition, max(since, 0) * 1000) for partition in range(count)]
+        found = consumer.offsets_for_times(asked, timeout=_READ_SECONDS) if asked else []
+        assignment = [
+            # The end: no record at or after the time there. No answer: from the beginning.
+            TopicPartition(topic, tp.partition, tp.offset if tp.error is None and tp.offset >= 0 else OFFSET_BEGINNING)
+            for tp in found
+            if tp.offset != OFFSET_END or tp.error is not None
+        ]
+        if not assignment:
+            return
+        consumer.assign(assignment)
+        waiting = {tp.partition for tp in assignment}
+        deadline = time.monotonic() + _READ_SECONDS
+        while waiting:
+            if time.monotonic() > deadline:
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} to its end"))
+            for message in consumer.consume(1000, 0.5):
+                error = message.error()
+                if error is None:
+                    yield message
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    waiting.discard(message.partition())
+                else:
+                    raise KafkaException(error)
+    finally:
+        consumer.close()
 
 
 def newest_window(settings: Settings, records: int) -> Message | None:
@@ -127,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", required=True, help="the recomputation's staging output topic")
     parser.add_argument("--from", dest="start", required=True, help="first window to copy (2026-12-01T00:00:00Z)")
     parser.add_argument("--until", default="", help="copy windows starting before this time (default: all)")
-    parser.add_argument("--dry-run", action="store_true", help="list the windows it would copy; copy nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="show what the copy would change, window by window; copy nothing"
+    )
     add_settings_arguments(parser, only=SETTINGS)
     return parser
 
@@ -143,18 +235,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.source == settings.output_topic:
         exit_with_config_error(PROG, ConfigError("--source", "must be the staging topic, not OUTPUT_TOPIC itself"))
     try:
+        # A staging topic it may not see would look empty: "copied 0 windows".
+        check_permissions(settings, authorization.recompute(settings, args.source, args.dry_run))
         windows = staged_windows(settings, args.source, start, until)
+        current = current_windows(settings, start, until)
+        verdicts: Counter[str] = Counter()
         for message in windows:
-            print(f"{'would copy' if args.dry_run else 'copy'} window {iso_utc(_window_start(message))}")
+            window = _window_start(message)
+            change = compare(current.pop(window, None), message.value())
+            verdicts[change.verdict] += 1
+            head, *figures = change.describe()
+            print(f"{'would copy' if args.dry_run else 'copy'} window {iso_utc(window)}: {head}")
+            for line in figures:
+                print(line)
+        for window in sorted(current):  # on the output, not recomputed: the copy leaves them be
+            print(f"keep window {iso_utc(window)}: not in {args.source}, stays as it is")
         if not args.dry_run:
             copy(settings, windows, args.source)
     except AuthenticationFailed as refused:
         exit_with_config_error(PROG, refused.as_config_error())
+    except NotAuthorized as refused:
+        print(f"{PROG}: {refused.line()}", file=sys.stderr)
+        return 2
     except KafkaException as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     verb = "would copy" if args.dry_run else "copied"
-    print(f"{verb} {len(windows)} window(s) from {args.source} to {settings.output_topic}")
+    counts = ", ".join(f"{verdicts[v]} {v}" for v in (CHANGED, NEW, SAME))
+    print(
+        f"{verb} {len(windows)} window(s) from {args.source} to {settings.output_topic}: {counts};"
+        f" {len(current)} kept as they are"
+    )
     return 0
 
 

@@ -204,6 +204,8 @@ class ProcessorReport:
         merge_lag_seconds: float | None,
         partials_skipped: Mapping[str, int] | None = None,
         merge_pending_windows: int | None = None,
+        clock_offset_seconds: float | None = None,
+        settings_refused: bool = False,
     ) -> MetricsSnapshot:
         with self._lock:
             stats = replace(self.stats)
@@ -237,6 +239,8 @@ class ProcessorReport:
             capped_windows=stats.capped_windows,
             partials_skipped=dict(partials_skipped or {}),
             merge_pending_windows=merge_pending_windows,
+            clock_offset_seconds=clock_offset_seconds,
+            settings_refused=int(settings_refused),
             start_time=self._started_at,
             **(self._health.figures(self.settings) if self._health is not None else {}),
         )

@@ -1,7 +1,17 @@
-"""Fixtures that start real things: the embedded broker and the processor as a subprocess.
+"""Fixtures that start real things: the brokers and the processor as a subprocess.
 
-One broker serves the whole session (it starts in well under a second); every
-test gets its own topics and consumer group, so tests cannot see each other.
+One embedded broker (Tansu) serves the whole session (it starts in well under a
+second); every test gets its own topics and consumer group, so tests cannot see each
+other. Apache Kafka (`broker/apache_kafka.py`, assembled by `make kafka`) the same
+way: one node per session (per xdist worker), started by the first test that needs
+it, and a 3-node cluster per module that asks for one (`kafka_cluster3`).
+
+A test marked `both_brokers` that takes `topics` runs twice, as `[tansu]` and
+`[kafka]` (the second also marked `kafka`): the same test body proves a guarantee on
+both brokers. `topics.broker` says which one a run is on.
+
+Without Java or the assembled Kafka the Kafka tests skip, saying why; under `CI` that
+is a failure (.ci/run assembles Kafka), as a missing Debian tool is (`require_tool`).
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from broker.apache_kafka import KafkaCluster, missing_reason
 from broker.embedded_broker import EmbeddedBroker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,11 +46,67 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             sys.stderr.write("pytest ran no tests: check the -k, -m or path given; this counts as a failure\n")
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    reason = missing_reason()
+    return f"Apache Kafka tests: {'skipped: ' + reason if reason else 'on'}"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`both_brokers` tests run once per broker, through the `broker_kind` fixture."""
+    if not metafunc.definition.get_closest_marker("both_brokers"):
+        return
+    if "broker_kind" not in metafunc.fixturenames:  # it would run on Tansu alone, silently
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: both_brokers needs the topics fixture")
+    kinds = ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)]
+    metafunc.parametrize("broker_kind", kinds, indirect=True)
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory) -> Iterator[EmbeddedBroker]:
     log_path = tmp_path_factory.mktemp("broker") / "broker.log"
     with EmbeddedBroker(log_path=log_path) as running:  # a free port, never 29092
         yield running
+
+
+def require_kafka() -> None:
+    """Apache Kafka must be runnable here: in CI its absence is a failure, locally a skip."""
+    reason = missing_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; .ci/run must assemble it")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def kafka_node(tmp_path_factory) -> Iterator[KafkaCluster]:
+    """One Apache Kafka node (KRaft, broker and controller) for the session."""
+    require_kafka()
+    with KafkaCluster(tmp_path_factory.mktemp("kafka-node"), nodes=1) as cluster:
+        print(f"Apache Kafka node ready in {cluster.start_seconds:.1f}s")
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster3(tmp_path_factory) -> Iterator[KafkaCluster]:
+    """Three Apache Kafka nodes (static quorum; RF 3, min.insync.replicas=2 by default)
+    for one module: tests in it may kill and restart nodes, and must leave every node
+    running with its replicas in sync (`wait_for_full_isr`) for the next test."""
+    require_kafka()
+    with KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"), nodes=3) as cluster:
+        print(f"Apache Kafka 3-node cluster ready in {cluster.start_seconds:.1f}s")
+        yield cluster
+
+
+@pytest.fixture
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """The broker a `both_brokers` test runs on, "tansu" or "kafka" (other tests: "tansu")."""
+    return getattr(request, "param", "tansu")
+
+
+@pytest.fixture
+def running_broker(broker_kind: str, request: pytest.FixtureRequest) -> EmbeddedBroker | KafkaCluster:
+    """The session's broker of `broker_kind`, started on first use."""
+    return request.getfixturevalue("kafka_node" if broker_kind == "kafka" else "broker")
 
 
 @dataclass
@@ -52,6 +119,9 @@ class Topics:
     dlq: str
     group: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    broker: str = "tansu"  # or "kafka": the broker these topics are on
+    # Of the topics `create` makes: -1 is the broker's default (3 on the 3-node cluster).
+    replication_factor: int = 1
 
     @property
     def partials(self) -> str:
@@ -77,17 +147,29 @@ class Topics:
 
     def create(self, input_partitions: int = 4) -> None:
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        factor = self.replication_factor
         futures = admin.create_topics(
-            [NewTopic(self.input, input_partitions, 1), NewTopic(self.output, 1, 1), NewTopic(self.dlq, 1, 1)]
+            [
+                NewTopic(self.input, input_partitions, factor),
+                NewTopic(self.output, 1, factor),
+                NewTopic(self.dlq, 1, factor),
+            ]
         )
         for future in futures.values():
             future.result(10)
 
 
-@pytest.fixture
-def topics(broker: EmbeddedBroker) -> Topics:
+def new_topics(bootstrap: str, broker_kind: str = "tansu", replication_factor: int = 1) -> Topics:
+    """Fresh topic and group names on the broker at `bootstrap`."""
     tag = uuid.uuid4().hex[:8]
-    return Topics(broker.bootstrap_servers, f"in-{tag}", f"out-{tag}", f"dlq-{tag}", f"group-{tag}")
+    names = (f"in-{tag}", f"out-{tag}", f"dlq-{tag}", f"group-{tag}")
+    return Topics(bootstrap, *names, broker=broker_kind, replication_factor=replication_factor)
+
+
+@pytest.fixture
+def topics(broker_kind: str, running_broker: EmbeddedBroker | KafkaCluster) -> Topics:
+    """A test's own names on the session's broker (on each broker, for `both_brokers` tests)."""
+    return new_topics(running_broker.bootstrap_servers, broker_kind, -1 if broker_kind == "kafka" else 1)
 
 
 def produce(bootstrap: str, topic: str, records: list[tuple[int, bytes | None, int]], key: bytes | None = None) -> None:

@@ -30,6 +30,7 @@ from confluent_kafka import (
     OFFSET_END,
     OFFSET_INVALID,
     TIMESTAMP_CREATE_TIME,
+    TIMESTAMP_LOG_APPEND_TIME,
     KafkaError,
     KafkaException,
     Message,
@@ -126,9 +127,13 @@ class FakeCluster:
         self.committed: dict[tuple[str, str, int], int] = {}
         self.groups: dict[str, FakeGroup] = {}
         self.on_commit: Callable[[str, str, int, int], None] | None = None  # (group, topic, partition, offset)
+        # Topics whose records the broker stamps with its own time (message.timestamp.type=LogAppendTime).
+        self.log_append_time: set[str] = set()
 
-    def create_topic(self, name: str, partitions: int) -> None:
+    def create_topic(self, name: str, partitions: int, log_append_time: bool = False) -> None:
         self.logs.setdefault(name, [[] for _ in range(partitions)])
+        if log_append_time:
+            self.log_append_time.add(name)
 
     def add_partitions(self, name: str, total: int, notice: bool = True) -> None:
         """Partitions added to a topic; `notice=False`: the groups reading it learn of them
@@ -147,7 +152,10 @@ class FakeCluster:
         if topic not in self.logs:
             raise KafkaException(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, topic))
         log = self.logs[topic][partition]
-        millis = int(self.clock() * 1000) if timestamp_ms is None else timestamp_ms
+        if topic in self.log_append_time:
+            stamp = (TIMESTAMP_LOG_APPEND_TIME, int(self.clock() * 1000))
+        else:
+            stamp = (TIMESTAMP_CREATE_TIME, int(self.clock() * 1000) if timestamp_ms is None else timestamp_ms)
         message = Message(
             topic=topic,
             partition=partition,
@@ -155,7 +163,7 @@ class FakeCluster:
             key=key,
             value=value,
             headers=list(headers) if headers else None,
-            timestamp=(TIMESTAMP_CREATE_TIME, millis),
+            timestamp=stamp,
         )
         log.append(message)
         return message
@@ -328,6 +336,7 @@ class FakeConsumer:
         self.pending_rebalance = False
         self.lost_pending = False
         self.inside_consume: Callable[[], None] | None = None
+        self.inside_position: Callable[[], None] | None = None  # the same, inside position()
         self.in_group = False
         self.closed = False
 
@@ -466,6 +475,10 @@ class FakeConsumer:
         self.paused_at.difference_update((tp.topic, tp.partition) for tp in partitions)
 
     def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        pause, self.inside_position = self.inside_position, None
+        if pause is not None:
+            pause()
+
         def position(key: tuple[str, int]) -> int:
             return self.positions.get(key, OFFSET_INVALID) if key in self.delivered_from else OFFSET_INVALID
 

@@ -69,7 +69,7 @@ def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
     merge = agg.__dict__.setdefault("test_merge", MergeState(W, agg.top_ips, agg.max_distinct_per_window))
     poll_loop_turn(agg)
     closed = agg.close_due_parts(
-        lambda partition, start, window: encode_part(
+        lambda partition, start, window, accounted: encode_part(
             start,
             partition,
             agg.total_partitions,
@@ -77,6 +77,7 @@ def close(agg: Aggregator, acknowledge: bool = False) -> list[ClosedWindow]:
             window.invalid_message_count,
             window.late_message_count,
             1 << 20,
+            accounted_to=accounted,
         )
     )
     pieces = [piece for part in closed.parts for piece in part.pieces]
@@ -282,7 +283,7 @@ class TestOffsets:
         feed(agg, 0, 100, [event(T0 + 1)], clock.now)
         feed(agg, 0, 101, [event(T0 + 40)], clock.now)
         agg.mark_caught_up(0, 102)
-        closed = agg.close_due_parts(lambda partition, start, window: [b"piece"])
+        closed = agg.close_due_parts(lambda partition, start, window, accounted: [b"piece"])
         agg.acknowledge([(part.partition, part.start) for part in closed.parts])
         assert [part.start for part in closed.parts] == [T0, T0 + W]
         assert agg.committable_offsets() == {0: 100}
@@ -300,7 +301,7 @@ class TestOffsets:
         feed(agg, 0, 0, [event(T0 + 19)], clock.now)
         agg.mark_caught_up(0, 1)
         clock.now = T0 + 60  # the process was stopped for 40 s; the poll loop has not turned since
-        assert agg.close_due_parts(lambda partition, start, window: [b"piece"]).parts == []
+        assert agg.close_due_parts(lambda partition, start, window, accounted: [b"piece"]).parts == []
         agg.mark_caught_up(0, 1)  # the poll loop turned and found it still read to its end
         assert [part.start for part in agg.close_due_parts(lambda *_: [b"piece"]).parts] == [T0]
 

@@ -59,3 +59,45 @@ def test_an_idle_partition_whose_committed_offset_could_not_be_read_still_catche
         processor.merger.turn(0)
     published = [json.loads(m.value()) for m in cluster.logs[settings.output_topic][0]]
     assert [(w["window_start"], w["message_count"]) for w in published] == [(iso_utc(NOW - W), 1)]
+
+
+def test_with_offset_reset_latest_a_failed_committed_read_commits_nothing_unread():
+    """`auto.offset.reset=latest`, and the committed offsets cannot be read at assignment.
+    Partition 1 has a committed offset with records after it; the consumer fetches from
+    there (librdkafka reads the commit itself), but until its first records come, the
+    processor knew neither its committed offset nor a position, and guessed "latest":
+    it marked it read to its end and committed the end before those records were
+    aggregated. A crash then lost them."""
+    clock = Clock(NOW + 100.0)
+    faults = Faults(committed_fails=1.0)
+    cluster = FakeCluster(clock, faults)
+    settings = build_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "fake:9",
+            "INPUT_TOPIC": "in",
+            "WINDOW_SECONDS": str(W),
+            "KAFKA_AUTO_OFFSET_RESET": "latest",
+            "CONSUME_BATCH_SIZE": "3",  # partition 0's backlog fills the first batches
+        }
+    )
+    for topic, count in (("in", 2), (settings.output_topic, 1), (settings.dlq_topic, 1), (settings.partials_topic, 1)):
+        cluster.create_topic(topic, count)
+    for i in range(12):
+        cluster.append("in", 0, None, login(NOW + i), timestamp_ms=(NOW + i) * 1000)
+    for i in range(6):
+        cluster.append("in", 1, None, login(NOW + 1 + i), timestamp_ms=(NOW + 1 + i) * 1000)
+    cluster.committed[(settings.consumer_group_id, "in", 0)] = 0
+    cluster.committed[(settings.consumer_group_id, "in", 1)] = 2  # records 2..5 not counted yet
+    commits: list[int] = []
+    cluster.on_commit = lambda group, topic, partition, offset: (
+        commits.append(offset) if (topic, partition) == ("in", 1) else None
+    )
+    processor = Processor(settings, clients=FakeClients(cluster), clock=clock, monotonic=clock)
+    processor.resume_from(Published())
+    processor.start_consuming()
+    processor.merger.subscribe()
+    for _ in range(3):  # partition 0's records come first; partition 1's end is already known
+        clock.now += 0.1
+        processor.poll_once(0)
+        processor.closer.close_and_publish(0)
+    assert all(offset <= 2 for offset in commits), f"committed {commits} before records 2..5 were read"

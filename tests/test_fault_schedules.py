@@ -11,7 +11,10 @@ schedules of faults a broker will not make on cue:
 - failed reads at a hand-over: committed offsets, the output topic's tail;
 - a member whose poll loop starves while its timer thread goes on turning, one
   whose timer (or merger) turns first when it wakes up, and one stopped inside its
-  poll turn (after the fetch, before it checks which partitions are read to the end);
+  poll turn (after the fetch, or after it read the time, before it checks which
+  partitions are read to the end);
+- members' clocks off the broker's by up to 30 s (where the partials topic is stamped
+  with the broker's time; else they agree, as the docs require);
 - parts split into several pieces (pieces of at most 4 KiB here, and long values).
 
 After each schedule, once the faults stop and every member is running, the output
@@ -34,11 +37,13 @@ import random
 from dataclasses import dataclass
 
 import pytest
+from confluent_kafka import KafkaException
 
-from broker.pipeline_topics import newest_published
+from broker.pipeline_topics import Published, newest_published
 from config import build_settings
 from ingest import window_closer
 from kafka_processor import Processor
+from merging.parts import PartPiece, decode_partial
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 from tests.oracle import decode_object, expected_windows
 
@@ -95,9 +100,28 @@ class Schedule:
             "CONSUME_BATCH_SIZE": str(rng.choice([1, 3, 20])),
             "MERGE_MAX_PENDING_WINDOWS": str(rng.choice([2, 64])),
         }
+        # A group that started at the end of its input: offsets committed at 0 below (an
+        # earlier run of it), so the reset only matters where the commit cannot be read.
+        if rng.random() < 0.3:
+            env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
+        self.env = env
         self.settings = build_settings(env)
-        for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1), (self.settings.partials_topic, 1)):
+        for topic, count in (("in", self.partitions), ("out", 1), ("dlq", 1)):
             self.cluster.create_topic(topic, count)
+        # As the processor creates it, stamped with the broker's time (broker/broker_clock.py),
+        # members' clocks then off by up to 30 s; or as the embedded broker keeps it (the
+        # producer's time), members' clocks then agreeing, as the docs require there.
+        self.broker_time = rng.random() < 0.8
+        self.cluster.create_topic(self.settings.partials_topic, 1, log_append_time=self.broker_time)
+        if "KAFKA_AUTO_OFFSET_RESET" in env:
+            for partition in range(self.partitions):
+                self.cluster.committed[(self.settings.consumer_group_id, "in", partition)] = 0
+        # A partition added to the input during the chaos (at this step, noticed by the
+        # group some steps later), or never. Its records of windows published without it
+        # count as late: the output is then checked for every record counted once.
+        self.add_partition_at = rng.randrange(250) if rng.random() < 0.2 else None
+        self.notice_partition_at: int | None = None
+        self.steps = 0
         self.session_seconds = 6.0
         self.records: list[tuple[bytes, int]] = []  # (value, Kafka ms), for the oracle
         self.violations: list[str] = []
@@ -149,21 +173,46 @@ class Schedule:
 
     # ---- members -----------------------------------------------------------------------
 
-    def start_member(self) -> None:
+    def start_member(self, clock_offset: float | None = None, **env: str) -> Member:
+        """A new member, its machine's wall clock `clock_offset` seconds off the broker's
+        (None: drawn, within 30 s, where the broker stamps its time); `env`: settings of
+        its own (the group's otherwise)."""
+        if clock_offset is None:
+            clock_offset = self.rng.choice([0.0, self.rng.uniform(-30, 30)]) if self.broker_time else 0.0
         self._names += 1
         clients = FakeClients(self.cluster)
-        processor = Processor(self.settings, clients=clients, clock=self.clock, monotonic=self.clock)
+        settings = build_settings(self.env | env) if env else self.settings
+
+        def wall() -> float:
+            return self.clock.now + clock_offset
+
+        processor = Processor(settings, clients=clients, clock=wall, monotonic=self.clock)
         processor.host = f"m{self._names}"
-        published = None
-        while published is None:  # prepare(): asks again while the tail cannot be read
-            try:
-                published = newest_published(self.settings, clients)
-            except Exception:  # noqa: BLE001 - the injected failed read
-                self.clock.now += 2
-        processor.resume_from(published)
-        processor.start_consuming()
-        processor.merger.subscribe()
-        self.members.append(Member(f"m{self._names}", processor, clients, silent_since=self.clock.now))
+        processor.topics.ensure = lambda: True  # the test made the topics
+
+        def published_retrying() -> Published:  # as start-up does, in sim time
+            while True:
+                try:
+                    return newest_published(settings, clients)
+                except KafkaException:  # the injected failed read
+                    self.clock.now += 2
+
+        processor.topics.newest_published_retrying = published_retrying
+        processor.prepare()
+        member = Member(f"m{self._names}", processor, clients, silent_since=self.clock.now)
+        if processor.refused is None:
+            processor.start_consuming()
+            processor.merger.subscribe()
+            self.members.append(member)
+        return member
+
+    def start_odd_member(self) -> None:
+        """A member started with a window-shaping setting the group does not use, once the
+        group has published: it must act on nothing."""
+        odd = self.rng.choice([{"WINDOW_SECONDS": "60"}, {"TOP_IPS": "3"}, {"MAX_EVENT_TIME_SKEW_SECONDS": "10"}])
+        member = self.start_member(**odd)
+        if member.processor.refused is None:
+            self.violations.append(f"a member started with {odd} joined a group that published with other settings")
 
     def pause_inside_a_poll_turn(self, member: Member, seconds: float) -> None:
         """The member's process stops inside consume(), after the fetch: the input goes on
@@ -176,7 +225,8 @@ class Schedule:
                 self.clock.now += 0.5
                 self._live_record()
 
-        consumers[-1].inside_consume = paused
+        # Inside consume() (after the fetch), or inside position() (after the time is read).
+        setattr(consumers[-1], self.rng.choice(["inside_consume", "inside_position"]), paused)
         self.turn(member, "poll")
 
     def crash(self, member: Member) -> None:
@@ -215,6 +265,13 @@ class Schedule:
 
     def step(self, chaos: bool) -> None:
         rng = self.rng
+        self.steps += 1
+        if self.steps == self.add_partition_at:
+            self.partitions += 1
+            self.cluster.add_partitions("in", self.partitions, notice=False)
+            self.notice_partition_at = self.steps + rng.randint(1, 60)
+        if self.steps == self.notice_partition_at:
+            self.cluster.notice_partitions("in")
         self.clock.now += rng.choice([0.05, 0.2, 0.5, 1.0])
         self.expire_sessions()
         woke = []
@@ -242,6 +299,8 @@ class Schedule:
             rng.choice(running).starved_until = self.clock.now + rng.choice([3.0, 8.0])
         elif chaos and roll < 0.10 and running:
             self.pause_inside_a_poll_turn(rng.choice(running), rng.choice([5.0, 35.0]))
+        elif chaos and roll < 0.105 and self.cluster.logs["out"][0]:
+            self.start_odd_member()
         elif chaos and roll < 0.25:
             self._live_record()
         elif running:
@@ -257,6 +316,8 @@ class Schedule:
         self.start_member()
         for _ in range(chaos_steps):
             self.step(chaos=True)
+        if self.notice_partition_at is not None and self.steps < self.notice_partition_at:
+            self.cluster.notice_partitions("in")
         self.faults.enabled = False
         for member in self.members:
             member.paused_until = member.starved_until = None
@@ -266,8 +327,26 @@ class Schedule:
             for member in [m for m in self.members if m.alive]:
                 for kind in ("poll", "timer", "merge"):
                     self.turn(member, kind)
-            if self.output() == self.expected():
+            if self.done():
                 return
+
+    def done(self) -> bool:
+        if self.add_partition_at is None or self.add_partition_at > self.steps:
+            return self.output() == self.expected()
+        return not self.miscounted()
+
+    def miscounted(self) -> str | None:
+        """With a partition added: every record counted once, valid ones in their window or
+        as late, invalid ones as invalid (None), else how the totals differ."""
+        output, expected = self.output().values(), self.expected().values()
+        valid = (
+            sum(w["message_count"] + w["late_message_count"] for w in output),
+            sum(w["message_count"] for w in expected),
+        )
+        invalid = sum(w["invalid_message_count"] for w in output), sum(w["invalid_message_count"] for w in expected)
+        if valid[0] == valid[1] and invalid[0] == invalid[1]:
+            return None
+        return f"counted {valid[0]} valid and {invalid[0]} invalid records, not {valid[1]} and {invalid[1]}"
 
     # ---- what is checked ----------------------------------------------------------------
 
@@ -317,6 +396,8 @@ def run_schedule(seed: int) -> str | None:
         window_closer.PART_MAX_BYTES = part_max_bytes
     if schedule.violations:
         return schedule.violations[0]
+    if schedule.add_partition_at is not None and schedule.add_partition_at <= schedule.steps:
+        return schedule.miscounted()
     expected, output = schedule.expected(), schedule.output()
     if output != expected:
         wrong = sorted(k for k in expected if output.get(k) != expected[k]) + sorted(set(output) - set(expected))
@@ -396,7 +477,8 @@ def window_key_at(seconds: float) -> str:
     return iso_utc(start)
 
 
-def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
+@pytest.mark.parametrize("where", ["inside_consume", "inside_position"])
+def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read(where):
     """A process stopped while its poll loop is inside consume(): when it wakes, the same
     turn goes on to check which partitions are read to their end, with the ends the
     client cached before the pause. Believed, they say "read to the end" as of now, and
@@ -422,7 +504,9 @@ def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
 
     live(40)
     [consumer] = [c for c in member.clients.made if getattr(c, "group_id", None) == "g"]
-    consumer.inside_consume = lambda: live(50, turns=False)  # stopped for 50 s, inside consume()
+    # Stopped for 50 s inside consume(), or inside position(): after the turn's pause check
+    # and before it read the time, once (the same hole, one call later).
+    setattr(consumer, where, lambda: live(50, turns=False))
     schedule.turn(member, "poll")
     schedule.turn(member, "timer")  # the timer thread, on waking, before anything else
     live(40)
@@ -433,3 +517,205 @@ def test_a_member_paused_inside_its_poll_turn_closes_nothing_it_has_not_read():
     output, expected = schedule.output(), schedule.expected()
     assert sum(w["late_message_count"] for w in output.values()) == 0
     assert output == expected
+
+
+@pytest.mark.parametrize("offsets", [(10.0,), (20.0, -20.0, 30.0)], ids=["one-ahead", "three-apart"])
+def test_members_clocks_off_by_up_to_30s_change_no_window(offsets):
+    """A caught-up partition's watermark follows "now". Taken from each member's own
+    clock, a member 10 s ahead closed windows early and counted records late that were
+    on time. "Now" is the broker's time, measured from the partials topic's
+    acknowledgements (LogAppendTime): members' clocks do not shape the output."""
+    schedule = Schedule(seed=11)
+    schedule.faults.enabled = False
+    cluster, clock = schedule.cluster, schedule.clock
+    cluster.logs["in"] = [[] for _ in range(2)]
+    schedule.partitions, schedule.records = 2, []
+    for offset in offsets:
+        schedule.start_member(clock_offset=offset)
+
+    def turns() -> None:
+        for member in schedule.members:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+    end = clock.now + 150
+    while clock.now < end:  # a live stream: every record on time
+        clock.now += 0.25
+        schedule._live_record()
+        turns()
+    for _ in range(100):  # no more input: everything closes
+        clock.now += 0.5
+        turns()
+    output, expected = schedule.output(), schedule.expected()
+    assert sum(w["late_message_count"] for w in output.values()) == 0
+    assert output == expected
+    measured = [m for m in schedule.members if m.processor.clock.offset_seconds is not None]
+    assert measured, "members owning partitions measured their offset from the broker's time"
+    for member in measured:  # (one without partitions publishes nothing, and needs no time)
+        assert abs(member.processor.clock.offset_seconds - member_offset(schedule, member)) < 1.0
+
+
+def member_offset(schedule: Schedule, member: Member) -> float:
+    return member.processor.clock.wall() - schedule.clock.now
+
+
+def _live(schedule: Schedule, seconds: float, partitions: int, members: list[Member] | None = None) -> None:
+    """A live stream over `partitions`, every member turning as it goes."""
+    clock = schedule.clock
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now += 0.25
+        t = int(clock.now) - schedule.rng.randint(0, 2)
+        schedule._append(schedule.rng.randrange(partitions), t, int(clock.now * 1000))
+        for member in members if members is not None else schedule.members:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+
+def _settle(schedule: Schedule, rounds: int = 100) -> None:
+    for _ in range(rounds):  # no more input: everything closes
+        schedule.clock.now += 0.5
+        schedule.expire_sessions()
+        for member in [m for m in schedule.members if m.alive]:
+            for kind in ("poll", "timer", "merge"):
+                schedule.turn(member, kind)
+
+
+def _quiet_schedule(seed: int, partitions: int) -> Schedule:
+    """A schedule's cluster and members, without faults, input, commits or a drawn offset reset."""
+    schedule = Schedule(seed=seed)
+    schedule.faults.enabled = False
+    schedule.cluster.logs["in"] = [[] for _ in range(partitions)]
+    schedule.cluster.committed.clear()
+    schedule.env.pop("KAFKA_AUTO_OFFSET_RESET", None)
+    schedule.settings = build_settings(schedule.env)
+    schedule.partitions, schedule.records = partitions, []
+    schedule.add_partition_at = None
+    return schedule
+
+
+@pytest.mark.parametrize("setting", [{"WINDOW_SECONDS": "60"}, {"MAX_EVENT_TIME_SKEW_SECONDS": "10"}])
+def test_a_member_with_settings_the_group_does_not_share_acts_on_nothing(setting):
+    """A group runs with 30 s windows; a member joins with 60 (or a smaller skew). It took
+    the newest published window [S, S+30) for [S, S+60) by its own length, skipped the
+    records of [S+30, S+60) on its partitions as replays and committed past them in its
+    first turn; restarted with 30, as the docs say, it resumed after them: the window
+    was published short. Now it consumes, commits and publishes nothing, says why once,
+    and is not ready; restarted with the group's settings, every window is exact."""
+    schedule = _quiet_schedule(seed=5, partitions=2)
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 70, partitions=2)
+    commits_before = dict(schedule.cluster.committed)
+    output_before = list(schedule.cluster.logs["out"][0])
+    stranger = schedule.start_member(clock_offset=0.0, **setting)
+    assert stranger.processor.refused is not None
+    name, value = next(iter(setting.items()))
+    assert f"{name}={value} (the group's:" in stranger.processor.refused
+    ready, why = stranger.processor.probes.readiness()
+    assert not ready and why == stranger.processor.refused
+    _live(schedule, 20, partitions=2, members=[*schedule.members, stranger])  # it turns too: nothing happens
+    groups = (schedule.settings.consumer_group_id, f"{schedule.settings.consumer_group_id}-merge")
+    mine = [c for c in stranger.clients.made if getattr(c, "group_id", None) in groups]
+    assert all(not c.in_group and not c.owned for c in mine), "it joined no group"
+    assert not any(getattr(p, "queue", None) for p in stranger.clients.made), (
+        "it produced nothing"
+    )  # (nothing queued, nothing delivered: below)
+    assert {k: v for k, v in schedule.cluster.committed.items() if k not in commits_before} == {} or all(
+        schedule.cluster.committed[k] >= commits_before.get(k, 0) for k in schedule.cluster.committed
+    )
+    assert all(
+        m.headers() is None or dict(m.headers()).get("processor.host") != stranger.processor.host.encode()
+        for m in schedule.cluster.logs["out"][0][len(output_before) :]
+    )
+    schedule.start_member(clock_offset=0.0)  # restarted with the group's settings
+    _live(schedule, 40, partitions=2)
+    _settle(schedule)
+    assert schedule.output() == schedule.expected()
+
+
+def test_a_record_for_a_published_window_read_after_a_restart_counts_once_as_late():
+    """A replayed dead letter (or any record) whose window was published before the
+    processor restarted was skipped as a "replay" and counted nowhere. The output says up
+    to which offset each partition's records were counted; a record after it counts as
+    late, once, whatever restarts in between."""
+    schedule = _quiet_schedule(seed=9, partitions=1)
+    member = schedule.start_member(clock_offset=0.0)
+    _live(schedule, 80, partitions=1)
+    _settle(schedule, 30)
+    published = {k: v["message_count"] for k, v in schedule.output().items()}
+    assert published
+    member.processor.closer.close_and_publish(0)
+    schedule.crash(member)  # stopped: a restart follows
+    schedule.expire_sessions()
+    old_window = min(epoch(k) for k in published)
+    for i in range(3):  # fixed records of the oldest published window, replayed from the DLQ
+        schedule._append(0, old_window + i, int(schedule.clock.now * 1000))
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 40, partitions=1)
+    _settle(schedule)
+    restarted = schedule.members[-1]
+    schedule.crash(restarted)  # and once more: they are not counted again
+    schedule.expire_sessions()
+    schedule.start_member(clock_offset=0.0)
+    _live(schedule, 40, partitions=1)
+    _settle(schedule)
+    output = schedule.output()
+    assert {k: output[k]["message_count"] for k in published} == published  # the old windows as they were
+    assert sum(w["late_message_count"] for w in output.values()) == 3
+    expected = schedule.expected()  # the oracle counts them in their window
+    assert sum(w["message_count"] + w["late_message_count"] for w in output.values()) == sum(
+        w["message_count"] for w in expected.values()
+    )
+
+
+def epoch(key: str) -> int:
+    from ops.report import epoch_of
+
+    return epoch_of(key)
+
+
+def test_with_offset_reset_latest_the_merger_still_reads_every_part():
+    """KAFKA_AUTO_OFFSET_RESET=latest is a setting for the input (start a new group at
+    the end of it). It reached the merge group's consumer too: a merger that joins after
+    the first parts were written (the merge group had committed nothing yet) started at
+    the partials topic's end and never saw them."""
+    schedule = _quiet_schedule(seed=21, partitions=2)
+    schedule.env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
+    schedule.settings = build_settings(schedule.env)
+    for partition in range(2):  # an earlier run of the group started the input here
+        schedule.cluster.committed[(schedule.settings.consumer_group_id, "in", partition)] = 0
+    for i in range(40):
+        t = int(schedule.clock.now) - 100 + i
+        schedule._append(i % 2, t, t * 1000)
+    member = schedule.start_member(clock_offset=0.0)
+    for _ in range(20):  # every window closes before the merger's first turn
+        schedule.clock.now += 1.0
+        schedule.turn(member, "poll")
+        schedule.turn(member, "timer")
+    partials = [decode_partial(m.value()) for m in schedule.cluster.logs[schedule.settings.partials_topic][0]]
+    assert len({p.window_start for p in partials if isinstance(p, PartPiece)}) == 2
+    _settle(schedule)
+    assert schedule.output() == schedule.expected()
+
+
+def test_with_offset_reset_latest_a_partition_added_later_is_read_from_its_beginning():
+    """A group started with KAFKA_AUTO_OFFSET_RESET=latest; a partition is added to its
+    input and written to at once; the group notices it a little later. With no commit of
+    its own, the new partition started at its end too: the records written before the
+    group noticed it were dropped unseen."""
+    schedule = _quiet_schedule(seed=23, partitions=1)
+    schedule.env["KAFKA_AUTO_OFFSET_RESET"] = "latest"
+    schedule.settings = build_settings(schedule.env)
+    member = schedule.start_member(clock_offset=0.0)
+    schedule.turn(member, "poll")  # the group starts at the end of its (empty) input
+    _live(schedule, 40, partitions=1)
+    schedule.cluster.add_partitions("in", 2, notice=False)
+    _live(schedule, 10, partitions=2)  # the new partition is written to, not yet noticed
+    schedule.cluster.notice_partitions("in")
+    _live(schedule, 40, partitions=2)
+    _settle(schedule)
+    # The group started before any record: every record counts, in its window or as late.
+    output, expected = schedule.output().values(), schedule.expected().values()
+    assert sum(w["message_count"] + w["late_message_count"] for w in output) == sum(
+        w["message_count"] for w in expected
+    )

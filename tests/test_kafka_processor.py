@@ -20,6 +20,7 @@ def as_oracle_input(records):
     return [(value, kafka_ms) for _, value, kafka_ms in records]
 
 
+@pytest.mark.both_brokers
 def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor, tmp_path):
     topics.create(input_partitions=4)
     start = aligned_past(30)
@@ -69,6 +70,7 @@ def test_ten_minute_backlog_becomes_twenty_exact_windows(topics, start_processor
     assert {json.loads(line)["window_start"]: json.loads(line) for line in lines} == expected
 
 
+@pytest.mark.both_brokers
 def test_sigterm_publishes_what_is_complete_and_a_restart_continues_exactly(topics, start_processor):
     """Short windows so that one is still open at the stop; it must come out once, complete, after restart."""
     topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}
@@ -389,3 +391,50 @@ def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(t
     lines = processor.log().splitlines()
     assert all(f" processor-7[{pid}] " in line for line in lines), lines
     assert "it never reached the broker at 127.0.0.1:" in lines[-1] and "exit status 3" in lines[-1]
+
+
+def test_a_record_for_a_published_window_written_after_a_restart_is_counted_once_as_late(topics, start_processor):
+    """A dead letter fixed and replayed after the processor restarted, its window long
+    published: the restarted processor skipped it as a replay ("windows up to ... already
+    published; their replayed records are skipped") and nothing counted it. The output
+    says up to which offset each partition's records were counted, so it counts as late
+    (in the next window that closes on its partition), once, across further restarts."""
+    topics.extra_env = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}
+    topics.create(input_partitions=1)
+    backlog = login_workload(aligned_past(5, window=10), seconds=60, count=300, partitions=1, seed=7)
+    produce(topics.bootstrap, topics.input, backlog)
+    expected = expected_windows(as_oracle_input(backlog), window=10)
+    first = start_processor(topics.env())
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 60, message="backlog")
+    assert first.terminate()[0] == 0
+    second = start_processor(topics.env())
+    second.wait_for_log("resuming: windows up to", timeout=30)
+    second.wait_for_log("assigned all 1 partitions", timeout=30)
+    # Three fixed records of the first window, as the DLQ replay tool writes them (source
+    # partition and Kafka timestamp), then a live record so that a window closes after them.
+    first_window = min(expected)
+    start = int(time.mktime(time.strptime(first_window, "%Y-%m-%dT%H:%M:%SZ"))) - time.timezone
+    fixed = [
+        (0, json.dumps({"device_id": f"fixed{i}", "timestamp": start + i}).encode(), (start + i) * 1000)
+        for i in range(3)
+    ]
+    produce(topics.bootstrap, topics.input, fixed)
+    now = time.time()
+    produce(
+        topics.bootstrap,
+        topics.input,
+        [(0, json.dumps({"device_id": "live", "timestamp": int(now)}).encode(), int(now * 1000))],
+    )
+
+    def late_total() -> int:
+        return sum(json.loads(v)["late_message_count"] for v in latest_by_key(topics.bootstrap, topics.output).values())
+
+    wait_until(lambda: late_total() == 3, 60, message="the three replayed records counted as late")
+    assert second.terminate()[0] == 0
+    third = start_processor(topics.env())  # and after one more restart, not again
+    third.wait_for_log("assigned all 1 partitions", timeout=30)
+    time.sleep(15)
+    assert third.terminate()[0] == 0
+    output = {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()}
+    assert late_total() == 3
+    assert {k: output[k] for k in expected} == expected  # the published windows are unchanged

@@ -184,6 +184,41 @@ def test_reuses_a_broker_already_listening_and_names_it(broker, topics, start_st
 
 
 @pytest.mark.broker
+@pytest.mark.slow
+def test_beside_a_running_broker_and_its_generator_it_starts_no_second_generator(start_stack):
+    """Issue 27: `make run` beside a running `make broker` reused the broker and said so,
+    but started a second generator (and a second backlog): the windows held twice the
+    logins (1,197 instead of about 599). It now reads the stream that is already there,
+    and says so: each login counted once."""
+    port = free_port()
+    env = user_env(
+        KAFKA_BOOTSTRAP_SERVERS=f"localhost:{port}",
+        KAFKA_SESSION_TIMEOUT_MS="6000",
+        WINDOW_SECONDS="2",
+        ALLOWED_LATENESS_SECONDS="1",
+    )
+    broker = start_stack("--broker-only", env=env)  # make broker, in one terminal
+    broker.wait_for("Ctrl-C stops the generator and the broker")
+    run = start_stack("--plain", env=env)  # make run, in another
+    assert "reusing the broker already listening" in run.wait_for("broker:")
+    said = run.wait_for("generator:")
+    assert f"none started: records already stream into user-login on localhost:{port}" in said, said
+    stops = run.wait_for("Ctrl-C stops")
+    assert "generator" not in stops and "processor" in stops, stops
+    assert not any("data_generator.py" in _cmdline(pid) for pid in _children(run.process.pid))
+
+    # 20 events a second (--rate) is 40 per 2 s window, a few of them invalid: never 80.
+    def windows() -> list[int]:
+        return [int(line.split("logins ")[1].split()[0].replace(",", "")) for line in run.lines if " → " in line]
+
+    logins = wait_until(lambda: len(shown := windows()) >= 20 and shown, 90, message="20 windows from the monitor")
+    print(f"logins per window: {logins}")
+    assert max(logins) <= 40 and sorted(logins)[len(logins) // 2] >= 30, logins
+    assert run.interrupt() == 0, run.output()
+    assert broker.interrupt() == 0, broker.output()
+
+
+@pytest.mark.broker
 def test_suggests_the_make_command_when_make_started_it(broker, topics, start_stack):
     env = user_env(KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers, INPUT_TOPIC=topics.input, MAKELEVEL="1")
     stack = start_stack("--broker-only", env=env)
@@ -419,12 +454,14 @@ def _environ(pid: int) -> dict[str, str]:
 
 @pytest.mark.broker
 @pytest.mark.slow
-def test_the_dashboard_says_a_processor_died_without_tearing_and_r_starts_it_again(tmp_path):
+def test_the_dashboard_shows_its_keys_says_who_died_without_tearing_and_r_starts_them_again(tmp_path):
     """Issue 18, items 1, 5, 6 and 9 in a real terminal: 3 processors in a 50-row pane with
-    more text above than fits, as `PROCESSORS=3 make run` left it. A processor killed,
+    more text above than fits, as `PROCESSORS=3 make run` left it. Two processors killed,
     the dashboard shows it under its one header (the stack used to print over the
-    dashboard: a stale header stayed above the live one), r starts it again, and after
-    Ctrl-C the terminal shows what happened and what was stopped."""
+    dashboard: a stale header stayed above the live one), r starts them again, and after
+    Ctrl-C the terminal shows what happened and what was stopped.
+    Issue 27: the keys (r, Ctrl-C) showed only once something had died, and the event
+    line after r named one of the two processors it had started again."""
     require_tool("tmux", "tmux")
     port = free_port()
     settings = {"KAFKA_BOOTSTRAP_SERVERS": f"localhost:{port}", "KAFKA_SESSION_TIMEOUT_MS": "6000"}
@@ -449,31 +486,43 @@ def test_the_dashboard_says_a_processor_died_without_tearing_and_r_starts_it_aga
                 processors[_environ(pid).get("PROCESSOR_NAME", str(pid))] = pid
         assert len(processors) == 3
         merges = wait_until(lambda: _merger_in_logs(tmp_path / "logs"), 30, message="the merger's log line")
-        victim = next(name for name in sorted(processors) if name != merges)
+        first, second = (name for name in sorted(processors) if name != merges)
+        keys = "press r to start a part that died again; Ctrl-C stops everything"
+        assert screen().splitlines()[2] == keys  # before anything died: how to use r when it does
 
-        os.kill(processors[victim], signal.SIGKILL)
+        os.kill(processors[first], signal.SIGKILL)
+        os.kill(processors[second], signal.SIGKILL)
         time.sleep(2)  # the stack sees it within a second; then a few redraws
         everything = screen(history=True)
         print(everything)
         assert everything.count("windows | last one") == 1, "a stale header above the live one"
-        shown = wait_until(lambda: (text := screen()) and f"{victim} died" in text and text, 10, message="the death")
+        shown = wait_until(lambda: (text := screen()) and f"{second} died" in text and text, 10, message="the deaths")
         lines = shown.splitlines()
         assert "windows | last one" in lines[0]
-        assert re.match(rf"{victim} died \(SIGKILL\) \d+s ago; 2 of 3 running; {merges} merges", lines[1]), lines[1]
-        assert f"press r to start {victim} again" in lines[2]
+        died = (
+            rf"{first} died \(SIGKILL\) \d+s ago, {second} died \(SIGKILL\) \d+s ago; 1 of 3 running; {merges} merges"
+        )
+        assert re.match(died, lines[1]), lines[1]
+        assert lines[2] == f"press r to start {first} and {second} again; Ctrl-C stops everything"
 
         subprocess.run(["tmux", "send-keys", "-t", session, "r"], check=True)
         again = wait_until(lambda: re.search(r"3 of 3 processors running \((.*?)\)", screen()), 10, message="r")
-        restarted = re.search(rf"{victim} pid (\d+)", again.group(1))
-        assert restarted and int(restarted.group(1)) != processors[victim]  # a new process, its pid shown
+        pids = [re.search(rf"{name} pid (\d+)", again.group(1)) for name in (first, second)]
+        assert all(pids), again.group(1)
+        assert all(int(pid.group(1)) != processors[name] for pid, name in zip(pids, (first, second), strict=True))
+        new_pids = ", ".join(pid.group(1) for pid in pids)
+        event = f"{first} and {second} started again (pids {new_pids}); 3 of 3 running"
+        shown = screen().splitlines()
+        assert shown[2] == keys and event in shown[3], "\n".join(shown[:4])  # both named in the one event
 
         subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
         wait_until(lambda: "exit status" in screen(), 40, message="the stack to stop")
         after = screen(history=True)
         print(after)
         assert "exit status 0" in after
-        assert re.search(rf"\d\d:\d\d:\d\d {victim} died \(SIGKILL\); 2 of 3 running", after)
-        assert f"{victim} started again (pid " in after
+        assert re.search(rf"\d\d:\d\d:\d\d {first} died \(SIGKILL\); 2 of 3 running", after)
+        assert re.search(rf"\d\d:\d\d:\d\d {second} died \(SIGKILL\); 1 of 3 running", after)
+        assert event in after
         stopping = "stopping processor-1, processor-2, processor-3, the generator, the monitor and the broker"
         assert stopping in after and "stopped; this run's logs are in logs/" in after
         assert not port_is_open(port)

@@ -305,3 +305,85 @@ def test_a_new_merger_says_exactly_which_windows_are_published_and_where_it_resu
         f" it publishes from {iso_utc(T0 + W)} on"
     )
     assert expected in caplog.text
+
+
+# ---- a partition added to the input, met at a hand-over or while a window is in flight ---------
+
+
+def _published_before(rig: MergerRig, records: list[bytes], partitions: int) -> None:
+    """Window T0 of `records` on the output already, merged from `partitions` partitions."""
+    value = single_processor(records, [T0] * len(records), native=False)[iso_utc(T0).encode()]
+    headers = [("pipeline.input", b"in"), ("pipeline.group", b"g"), ("pipeline.partitions", str(partitions).encode())]
+    rig.cluster.append(rig.settings.output_topic, 0, iso_utc(T0).encode(), value, headers=headers)
+
+
+def _counted(rig: MergerRig) -> int:
+    return sum(value["message_count"] + value["late_message_count"] for _, value in rig.output())
+
+
+def test_a_new_partitions_part_of_a_published_window_read_at_a_hand_over_counts_as_late():
+    """Window T0 was published from one partition; partition 1 was added since, and its
+    part of T0 waits on the partials topic. A new merger that read it before it knew what
+    the output holds merged it into T0 as a normal part, then forgot it with T0: its
+    records were counted nowhere. They count as late in the next window."""
+    rig = MergerRig()
+    _published_before(rig, [login(T0 + 1)], partitions=1)
+    added = [login(T0 + 2, device_id="new1"), login(T0 + 3, device_id="new2")]
+    rig.write(*rig.parts(added, 1, 2), rig.progress(1, 2, T0 + W))
+    later = [login(T0 + W + 1, device_id="p0")]
+    rig.write(*parts_of(later, [T0 + W], 0, 2, native=False, origin=rig.origin), rig.progress(0, 2, T0 + 2 * W))
+    rig.write(rig.progress(1, 2, T0 + 2 * W))
+    rig.turns(4)
+    [(key, value)] = [(k, v) for k, v in rig.output() if k != iso_utc(T0).encode()]
+    assert key == iso_utc(T0 + W).encode()
+    assert (value["message_count"], value["late_message_count"]) == (1, 2)
+
+
+def test_the_same_while_the_output_tail_cannot_be_read_at_first():
+    faults = Faults(tail_read_fails=1.0)
+    rig = MergerRig(faults)
+    _published_before(rig, [login(T0 + 1)], partitions=1)
+    rig.write(*rig.parts([login(T0 + 2, device_id="new1")], 1, 2), rig.progress(1, 2, T0 + W))
+    rig.turns(4)  # reads, but cannot learn what is published
+    faults.tail_read_fails = 0.0
+    later = [login(T0 + W + 1, device_id="p0")]
+    rig.write(*parts_of(later, [T0 + W], 0, 2, native=False, origin=rig.origin), rig.progress(0, 2, T0 + 2 * W))
+    rig.write(rig.progress(1, 2, T0 + 2 * W))
+    rig.turns(4)
+    assert [k for k, _ in rig.output()] == [iso_utc(T0).encode(), iso_utc(T0 + W).encode()]
+    assert rig.output()[1][1]["late_message_count"] == 1
+
+
+def test_a_late_acknowledgement_records_the_partition_count_the_window_was_merged_with():
+    """Window T0 is produced from one partition and acknowledged a turn late, after a
+    record reporting a second partition: noted as merged from two, partition 1's part of
+    T0 was then taken for a replay and dropped. It counts as late in the next window."""
+    faults = Faults(topics={"device-login-aggregates"}, deliveries=["delay"])
+    rig = MergerRig(faults)
+    rig.write(*rig.parts([login(T0 + 1)], 0, 1), rig.progress(0, 1, T0 + W))
+    rig.turns(2)  # assigned; then T0 is produced, its acknowledgement delayed
+    assert rig.output() == [] and rig.merger._in_flight is not None
+    rig.write(rig.progress(1, 2, 0))  # partition 1 appears (it has closed nothing yet)
+    rig.turns(1)  # the acknowledgement comes
+    assert [k for k, _ in rig.output()] == [iso_utc(T0).encode()]
+    rig.write(*rig.parts([login(T0 + 2, device_id="new")], 1, 2), rig.progress(1, 2, T0 + 2 * W))
+    rig.write(*parts_of([login(T0 + W + 1)], [T0 + W], 0, 2, native=False, origin=rig.origin))
+    rig.write(rig.progress(0, 2, T0 + 2 * W))
+    rig.turns(3)
+    assert [k for k, _ in rig.output()] == [iso_utc(T0).encode(), iso_utc(T0 + W).encode()]
+    assert _counted(rig) == 3
+
+
+def test_a_part_that_arrives_while_its_window_is_in_flight_is_not_forgotten_with_it():
+    faults = Faults(topics={"device-login-aggregates"}, deliveries=["delay"])
+    rig = MergerRig(faults)
+    rig.write(*rig.parts([login(T0 + 1)], 0, 1), rig.progress(0, 1, T0 + W))
+    rig.turns(2)  # T0 produced from one partition, not acknowledged yet
+    rig.write(*rig.parts([login(T0 + 2, device_id="new")], 1, 2), rig.progress(1, 2, T0 + W))
+    rig.turns(1)  # the new partition's part of T0 is read, then T0 is acknowledged
+    rig.write(*parts_of([login(T0 + W + 1)], [T0 + W], 0, 2, native=False, origin=rig.origin))
+    rig.write(rig.progress(0, 2, T0 + 2 * W), rig.progress(1, 2, T0 + 2 * W))
+    rig.turns(3)
+    assert [k for k, _ in rig.output()] == [iso_utc(T0).encode(), iso_utc(T0 + W).encode()]
+    assert rig.output()[0][1]["message_count"] == 1  # T0 as produced
+    assert _counted(rig) == 3

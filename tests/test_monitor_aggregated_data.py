@@ -4,7 +4,9 @@ dashboard driven in a real terminal (tmux) against a real broker."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -17,7 +19,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
-from monitor_aggregated_data import headline, render_dashboard, sparkline, window_length
+from monitor_aggregated_data import RecentLogLines, headline, render_dashboard, sparkline, window_length
 from tests.conftest import ROOT, published_backlog, require_tool, run_script, wait_until
 
 WINDOW = {
@@ -87,6 +89,19 @@ def test_dashboard_says_so_when_windows_stop_coming():
     text = rendered(render_dashboard([WINDOW], 300.0, "out on broker:1", window_seconds=30))
     assert "no new window" in text
     assert "waiting for the first window" in rendered(render_dashboard([], None, "out on broker:1"))
+
+
+def test_the_dashboard_keeps_the_lines_of_the_trouble_while_it_lasts():
+    recent = RecentLogLines()
+    log = logging.getLogger("kafka")
+    for level, text in [(logging.INFO, "noise"), (logging.WARNING, "gone"), (logging.INFO, "back")]:
+        recent.handle(log.makeRecord("kafka", level, __file__, 1, text, (), None))
+    shown = [note.plain for note in recent.notes()]
+    assert [line.split(" ", 1)[1] for line in shown] == ["kafka: gone", "kafka: back"]
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in shown)  # when each was said
+    recent.SHOWN_SECONDS = 0.0  # a minute later
+    assert recent.notes() == []
+    assert [note.plain for note in recent.notes(hold=True)] == shown  # the broker is still away
 
 
 def test_help_lists_only_what_the_monitor_reads(tmp_path):
@@ -231,6 +246,55 @@ def test_a_closed_pipe_ends_the_monitor_quietly(topics, tmp_path):
     assert code == 0 and errors == "", errors
 
 
+def _pipe_into_head(*args: str, env: dict[str, str], cwd) -> subprocess.Popen:
+    """`monitor_aggregated_data.py ARGS | head -3` as a shell runs it: the shell returns
+    when both have ended, with the monitor's status (pipefail)."""
+    monitor = shlex.join([sys.executable, str(ROOT / "monitor_aggregated_data.py"), *args])
+    return subprocess.Popen(
+        ["bash", "-o", "pipefail", "-c", f"{monitor} | head -3"],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: a failed test ends the monitor too
+    )
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("from_beginning", [True, False], ids=["from-beginning", "live"])
+def test_head_returns_the_prompt_as_soon_as_it_has_its_lines(topics, tmp_path, from_beginning):
+    """Issue 27: `--json | head -3` returned the prompt only when the next window came,
+    about 30 s after the third line (`--from-beginning | head -3`: 26 s), because the
+    monitor noticed the closed pipe only at its next write. It now watches its reader
+    and ends as soon as `head` exits, with no window coming after."""
+    topics.create()
+    # Exactly what head reads: no later write can meet the closed pipe (the issue saw the
+    # same with more windows on the topic, all written before head had exited).
+    _publish_windows(topics.bootstrap, topics.output, [0, 1, 2] if from_beginning else [0])
+    args = ("--json", "--from-beginning") if from_beginning else ("--json",)
+    pipeline = _pipe_into_head(*args, env=topics.env(), cwd=tmp_path)
+    try:
+        if not from_beginning:  # the newest window at once, then two more as they come
+            time.sleep(3)
+            _publish_windows(topics.bootstrap, topics.output, [1])
+            _publish_windows(topics.bootstrap, topics.output, [2])
+        lines = [pipeline.stdout.readline() for _ in range(3)]
+        head_done = time.monotonic()  # head has printed its three lines and exits
+        code = pipeline.wait(20)
+        took = time.monotonic() - head_done
+        errors = pipeline.stderr.read()
+    finally:
+        if pipeline.poll() is None:
+            os.killpg(pipeline.pid, signal.SIGKILL)
+            pipeline.wait()
+    print(f"prompt back {took:.1f}s after the third line")
+    assert [json.loads(line)["window_start"] for line in lines] == [_window_at(m)["window_start"] for m in (0, 1, 2)]
+    assert code == 0 and errors == "", errors
+    assert took < 3, f"the prompt came back {took:.1f}s after head's last line"
+
+
 @pytest.mark.broker
 def test_keeps_retrying_an_unreachable_broker_and_never_prints_a_raw_error(tmp_path):
     """Issue 18, item 2: the monitor said "retrying until it is back", then gave up after
@@ -260,9 +324,102 @@ def test_keeps_retrying_an_unreachable_broker_and_never_prints_a_raw_error(tmp_p
             assert waiting.wait(30) == 0
             output, errors = waiting.stdout.read(), waiting.stderr.read()
         assert json.loads(output)["window_start"] == _window_at(7)["window_start"]
-        assert "reachable again" in errors and "KafkaError{" not in errors, errors
+        assert errors.count("reachable again") == 1 and "KafkaError{" not in errors, errors
+        assert errors.count("unreachable") == 1, errors  # nothing stale from the wait afterwards
     finally:
         for monitor in (waiting, nowhere):
             if monitor.poll() is None:
                 monitor.kill()
                 monitor.wait()
+
+
+@pytest.mark.broker
+def test_the_dashboard_shows_when_broker_trouble_began_and_when_it_ended(tmp_path):
+    """Issue 27: a monitor started before the broker said "unreachable" and "reachable
+    again" on the terminal before the dashboard covered them, then, from errors
+    librdkafka had queued during the wait, "unreachable" and "reachable again" once
+    more; the dashboard showed only the last line. It now shows the one line said when
+    the trouble began and the one said when it ended, and nothing stale after them."""
+    from broker.embedded_broker import EmbeddedBroker, free_port
+
+    require_tool("tmux", "tmux")
+    port = free_port()
+    session = f"monitor-{uuid.uuid4().hex[:8]}"
+    settings = {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}", "OUTPUT_TOPIC": "out-later", "PATH": "/usr/bin:/bin"}
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in settings.items())
+    script = ROOT / "monitor_aggregated_data.py"
+    run = f"env -u COLUMNS -u LINES {env} {sys.executable} {script} --from-beginning"
+    command = f"cd {shlex.quote(str(tmp_path))} && {run}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", command], check=True)
+
+    def screen() -> str:
+        capture = ["tmux", "capture-pane", "-p", "-J", "-t", session]
+        return subprocess.run(capture, capture_output=True, text=True, check=True).stdout
+
+    try:
+        wait_until(lambda: "unreachable" in screen(), 20, message="the monitor to say the broker is not there")
+        with EmbeddedBroker(port=port, log_path=tmp_path / "late-broker.log") as late:
+            time.sleep(3)  # the broker up, the topic not yet: the monitor waits for it
+            admin = AdminClient({"bootstrap.servers": late.bootstrap_servers, "log_level": 2})
+            admin.create_topics([NewTopic("out-later", 1, 1)])["out-later"].result(10)
+            time.sleep(3)
+            _publish_windows(late.bootstrap_servers, "out-later", [7])
+            shown = wait_until(
+                lambda: (text := screen()) and "latest window" in text and text, 30, message="the dashboard"
+            )
+            time.sleep(2)  # a few redraws: anything stale would be said by now
+            shown = screen()
+            print(shown)
+        lines = shown.splitlines()
+        gone = [n for n, line in enumerate(lines) if f"127.0.0.1:{port} unreachable" in line]
+        back = [n for n, line in enumerate(lines) if f"127.0.0.1:{port} reachable again after" in line]
+        assert len(gone) == 1 and len(back) == 1, shown
+        assert gone[0] < back[0] < next(n for n, line in enumerate(lines) if "latest window" in line), shown
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.broker
+def test_says_the_broker_is_back_when_it_is_not_at_the_next_window(tmp_path):
+    """The broker gone while the monitor runs, and back: "reachable again" came only
+    with the next window, up to a window's length later (so a dashboard holding the
+    "unreachable" line while the trouble lasts would have held it that long)."""
+    from broker.embedded_broker import EmbeddedBroker, free_port
+
+    port = free_port()
+    env = dict(KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{port}", OUTPUT_TOPIC="out-blip", PATH="/usr/bin:/bin")
+    errors_path = tmp_path / "monitor.err"
+
+    def serve() -> EmbeddedBroker:  # the embedded broker keeps nothing: the topic again
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log").start()
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap_servers, "log_level": 2})
+        admin.create_topics([NewTopic("out-blip", 1, 1)])["out-blip"].result(10)
+        return broker
+
+    broker = serve()
+    with open(errors_path, "w") as errors:
+        monitor = subprocess.Popen(
+            [sys.executable, str(ROOT / "monitor_aggregated_data.py"), "--json", "--from-beginning"],
+            env=env,
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    try:
+        _publish_windows(broker.bootstrap_servers, "out-blip", [1])
+        assert json.loads(monitor.stdout.readline())["window_start"] == _window_at(1)["window_start"]
+        broker.stop()
+        wait_until(lambda: "unreachable" in errors_path.read_text(), 20, message="the monitor to say it is gone")
+        broker = serve()
+        back = time.monotonic()
+        wait_until(lambda: "reachable again" in errors_path.read_text(), 10, message="'reachable again', no window")
+        print(f"'reachable again' {time.monotonic() - back:.1f}s after the broker was back")
+        said = errors_path.read_text()
+        assert said.count("unreachable") == 1 and said.count("reachable again") == 1, said
+    finally:
+        broker.stop()
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()

@@ -8,12 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tests.conftest import ROOT, aligned_past, produce, read_topic, wait_until
+from broker.embedded_broker import free_port
+from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
 from tests.oracle import expected_windows
+from tests.test_chaos import LiveStream
 from tests.workloads import login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -95,11 +100,19 @@ def test_members_with_another_window_length_publish_nothing_from_the_mix_and_say
     expected = expected_windows([(v, ms) for _, v, ms in records])
     env = topics.env(CONSUME_BATCH_SIZE="50")  # slow enough that both members share the backlog
     thirty, sixty = start_processor(env), start_processor(env | {"WINDOW_SECONDS": "60"})
+    # Started together on an empty pipeline, neither can tell which is right: the merger
+    # refuses the other's parts; or, if the first parts came before the second member
+    # looked, that member refuses to act at all. Either way one line names both values.
     line = wait_until(
         lambda: next(
             (
                 text
-                for text in ("WINDOW_SECONDS=60 (this merger: 30)", "WINDOW_SECONDS=30 (this merger: 60)")
+                for text in (
+                    "WINDOW_SECONDS=60 (this merger: 30)",
+                    "WINDOW_SECONDS=30 (this merger: 60)",
+                    "WINDOW_SECONDS=60 (the group's: 30)",
+                    "WINDOW_SECONDS=30 (the group's: 60)",
+                )
                 if text in thirty.log() + sixty.log()
             ),
             None,
@@ -128,3 +141,110 @@ def test_the_cooperative_assignor_is_refused_at_start_in_one_line(topics):
     assert result.stderr.count("\n") == 1
     assert result.stderr.startswith("kafka_processor.py: bad setting KAFKA_PARTITION_ASSIGNMENT_STRATEGY:")
     assert "cooperative-sticky" in result.stderr and "Traceback" not in result.stderr
+
+
+def _readiness(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_a_member_joining_a_running_group_with_another_window_length_acts_on_nothing(topics, start_processor):
+    """A group runs with 30 s windows on a live stream; a member joins with 60. It used to
+    take the newest 30 s window for a 60 s one, skip the next window's records as already
+    published and commit past them in its first turn: restarted with 30, as the docs
+    said, it resumed after them, and that window was published short. Now it joins
+    nothing and says why; restarted with the group's value, every window is exact."""
+    topics.create(input_partitions=4)
+    stream = LiveStream(topics.bootstrap, topics.input, 4, per_second=100, seed=44).start()
+    env = topics.env(ALLOWED_LATENESS_SECONDS="2")
+    start_processor(env)
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 2, 120, message="windows of the group")
+    port = free_port()
+    sixty = start_processor(env | {"WINDOW_SECONDS": "60", "METRICS_PORT": str(port)})
+    sixty.wait_for_log("WINDOW_SECONDS=60 (the group's: 30)", timeout=60)
+    status, why = _readiness(port)
+    assert status == 503 and "WINDOW_SECONDS=60 (the group's: 30)" in why
+    time.sleep(8)  # it would have skipped and committed by now
+    code, _ = sixty.terminate()
+    assert code == 0 and "consumed, committed and published nothing" in sixty.log()
+    assert [line for line in sixty.log().splitlines() if "ERROR" in line] == [
+        line for line in sixty.log().splitlines() if "settings differ from what group" in line and "ERROR" in line
+    ]
+    assert sum("ERROR" in line for line in sixty.log().splitlines()) == 1
+    start_processor(env)  # restarted with the group's value
+    time.sleep(40)
+    stream.stop()
+    expected = expected_windows(stream.records)
+    wait_until(
+        lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected,
+        90,
+        message="every window, exact",
+    )
+
+
+def test_a_setting_changed_by_a_new_group_from_where_the_old_stopped_loses_nothing(topics, start_processor):
+    """The documented way to change a setting other than the window length: stop the
+    group, read the end of its newest window, start the new value under a new group id
+    `--from` there. The old windows before, the new ones from there: none missing, none
+    twice."""
+    topics.create(input_partitions=2)
+    stream = LiveStream(topics.bootstrap, topics.input, 2, per_second=60, seed=45).start()
+    old = start_processor(topics.env())
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 2, 120, message="the old group's windows")
+    assert old.terminate()[0] == 0
+    newest = max(json.loads(v)["window_end"] for v in latest_by_key(topics.bootstrap, topics.output).values())
+    new_group = f"{topics.group}-top3"
+    start_processor(
+        topics.env(
+            CONSUMER_GROUP_ID=new_group, PARTIALS_TOPIC=f"{new_group}-partials", TOP_IPS="3", RECOMPUTE_FROM=newest
+        )
+    )
+    time.sleep(45)
+    stream.stop()
+    before = {k: v for k, v in expected_windows(stream.records).items() if v["window_end"] <= newest}
+    after = {k: v for k, v in expected_windows(stream.records, top=3).items() if v["window_start"] >= newest}
+    wait_until(
+        lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == before | after,
+        90,
+        message="the old group's windows up to the change, the new group's from it",
+    )
+
+
+def test_a_new_window_length_is_a_new_pipeline_on_its_own_output(topics, start_processor):
+    """The documented way to change the window length: a new group and output topic,
+    `--from` a time: its windows are the new length's, exactly, from that time."""
+    topics.create(input_partitions=2)
+    records = login_workload(aligned_past(12), seconds=300, count=3000, partitions=2, seed=46)
+    produce(topics.bootstrap, topics.input, records)
+    start_processor(topics.env())
+    expected = expected_windows([(v, ms) for _, v, ms in records])
+    wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= len(expected), 90, message="old windows")
+    since = aligned_past(12) + 120
+    since -= since % 60
+    new_group, new_output = f"{topics.group}-60", f"{topics.output}-60"
+    start_processor(
+        topics.env(
+            CONSUMER_GROUP_ID=new_group,
+            PARTIALS_TOPIC=f"{new_group}-partials",
+            OUTPUT_TOPIC=new_output,
+            WINDOW_SECONDS="60",
+            RECOMPUTE_FROM=str(since),
+        )
+    )
+    sixty = {k: v for k, v in expected_windows([(v, ms) for _, v, ms in records], window=60).items()}
+    sixty = {k: v for k, v in sixty.items() if k >= expected_key(since)}
+    wait_until(
+        lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, new_output).items()} == sixty,
+        90,
+        message="the 60 s windows from the chosen time",
+    )
+    assert {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected
+
+
+def expected_key(seconds: int) -> str:
+    from aggregator import iso_utc
+
+    return iso_utc(seconds)

@@ -9,7 +9,7 @@ import logging
 
 import pytest
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from broker.kafka_io import BrokerHealth
 from broker.pipeline_topics import OUTPUT_MESSAGE_MAX_BYTES, PipelineTopics
@@ -41,7 +41,11 @@ def test_defaults_the_brokers_replication_and_retention_for_the_dlq_and_partials
     configs, replicas = created(topics)
     print("configs:", configs, "replicas per partition:", replicas)
     assert configs[topics.dlq] == {"cleanup.policy": "delete", "retention.ms": str(14 * DAY_MS)}
-    assert configs[topics.partials] == {"cleanup.policy": "delete", "retention.ms": str(DAY_MS)}
+    assert configs[topics.partials] == {
+        "cleanup.policy": "delete",
+        "retention.ms": str(DAY_MS),
+        "message.timestamp.type": "LogAppendTime",  # acknowledgements tell the broker's time
+    }
     assert configs[topics.output] == {"cleanup.policy": "compact", "max.message.bytes": str(OUTPUT_MESSAGE_MAX_BYTES)}
     assert configs[topics.input] == {}  # min.insync.replicas left to the broker: not sent
     # Replication factor -1 asks for the broker's default.replication.factor: the
@@ -74,3 +78,13 @@ def test_replication_min_insync_and_retention_settings_reach_the_broker(topics):
     producer.produce(topics.dlq, b"x", on_delivery=lambda error, _message: reports.append(error))
     assert producer.flush(10) == 0
     assert reports == [None]
+
+
+def test_a_partials_topic_made_before_as_create_time_is_stamped_with_the_brokers_time(topics):
+    """An older release made the partials topic CreateTime: no acknowledgement would tell
+    the broker's time. Start-up sets it to LogAppendTime."""
+    admin = AdminClient({"bootstrap.servers": topics.bootstrap})
+    made = NewTopic(topics.partials, 1, 1, config={"message.timestamp.type": "CreateTime"})
+    admin.create_topics([made])[topics.partials].result(10)
+    configs, _ = created(topics)
+    assert configs[topics.partials]["message.timestamp.type"] == "LogAppendTime"
