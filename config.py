@@ -28,6 +28,8 @@ from typing import NoReturn
 
 from dotenv import dotenv_values
 
+from core.errors import PipelineError
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -82,7 +84,7 @@ CONSUMER_DEFAULTS = {
 _SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
 
 
-class ConfigError(Exception):
+class ConfigError(PipelineError):
     """A setting has a value we cannot use. `setting` names it the way the user wrote it."""
 
     def __init__(self, setting: str, problem: str) -> None:
@@ -115,7 +117,7 @@ class Settings:
     # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
     max_distinct_per_window: int = 1_000_000
     # (device type, app version, locale) combinations kept per window; past it the
-    # per-device/locale/version counts are lower bounds (see aggregator.DEFAULT_MAX_PROFILES).
+    # per-device/locale/version counts are lower bounds (see core/window_value.DEFAULT_MAX_PROFILES).
     max_profiles_per_window: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"

@@ -1,14 +1,31 @@
 """The long-running processor: user-login -> 30 s windows -> device-login-aggregates.
 
-Data flows one way: record -> parse -> window -> aggregate -> publish -> commit.
+Data flows one way, through two hops on the broker:
 
-* The main thread owns the consumer: it consumes batches, parses them
-  (`parsing`), copies invalid records to the dead-letter topic and hands each
-  partition's run of records to the `Aggregator` (one lock per run).
-* A timer thread (`window_closer`) closes the window parts the watermarks have
-  passed, publishes them, waits for the broker's acknowledgement, then works out
-  which input offsets are safe to commit. The main thread performs the commit on
-  its next turn, so the consumer is only ever touched by one thread.
+    user-login --consume--> parse --invalid--> user-login-dlq
+                              |
+                              v
+          Aggregator: per (window, input partition) tallies, watermarks
+                              | timer thread closes parts the watermark passed
+                              v
+          <group>-partials (parts, progress) --merge group--> WindowMerger
+                                                             | every partition's part in
+                                                             v
+                                            device-login-aggregates
+                                                             | read back (PublishedFollower)
+                                                             v
+          input offsets whose windows are published --> commit (main thread)
+
+* The main thread owns the input consumer: it consumes batches, parses them
+  (`ingest.parsing`), copies invalid records to the dead-letter topic and hands
+  each partition's run of records to the `Aggregator` (one lock per run).
+* A timer thread (`ingest.window_closer`) closes the window parts the watermarks
+  have passed and publishes them to the partials topic (`ingest.part_publisher`).
+* One member of the group (the merge group's owner) runs `merging.merger`: it
+  merges every partition's part of a window and publishes the window once.
+* The output follower tells each member which windows are published; only then
+  are the input offsets their records held safe, and the main thread commits them
+  on its next turn, so the consumer is only ever touched by one thread.
 
 Why this order gives "nothing lost, nothing counted twice" is in README.md
 ("Guarantees").
@@ -29,7 +46,7 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator import Aggregator, iso_utc
+from aggregator import Aggregator
 from broker import authorization
 from broker.authorization import NotAuthorized, PermissionWatch
 from broker.broker_clock import BrokerClock
@@ -61,6 +78,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from core.window_value import iso_utc
 from ingest.assignment import InputAssignment
 from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue

@@ -42,6 +42,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AclOperation, AdminClient
 
 from config import Settings
+from core.errors import PipelineError
 
 log = logging.getLogger("kafka")
 
@@ -108,7 +109,7 @@ class Permission:
         return f"{self.operation} on {self.resource} {self.name}"
 
 
-class NotAuthorized(Exception):
+class NotAuthorized(PipelineError):
     """The cluster's ACLs do not let this client do what it must. Not retried: an ACL
     does not appear by waiting, and a program that retries looks merely slow."""
 

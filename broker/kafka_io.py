@@ -24,6 +24,7 @@ from broker.authorization import (
     create_refused,
 )
 from config import ConfigError, Settings, env_name_of
+from core.errors import PipelineError
 
 log = logging.getLogger("kafka")
 
@@ -43,7 +44,7 @@ CLIENT_CERTIFICATE_SETTINGS = "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCA
 _TLS_CLOSES_TO_REFUSE = 3
 
 
-class AuthenticationFailed(Exception):
+class AuthenticationFailed(PipelineError):
     """The broker refused who the client is: its SASL credentials, or its side of the TLS
     handshake (it does not trust the broker's certificate, or the broker does not take
     the client's). Not retried: a wrong password or certificate stays wrong, and a

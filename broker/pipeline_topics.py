@@ -16,7 +16,6 @@ import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from aggregator import iso_utc
 from broker import authorization
 from broker.authorization import OUTPUT_FOLLOWER_GROUP_PREFIX, is_authorization_error
 from broker.kafka_io import (
@@ -30,7 +29,7 @@ from broker.kafka_io import (
     topic_partition_count,
 )
 from config import ConfigError, Settings
-from ops.report import epoch_of
+from core.window_value import epoch_of, iso_utc
 
 log = logging.getLogger("processor")
 

@@ -37,7 +37,6 @@ from typing import TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from aggregator import iso_utc
 from broker import authorization
 from broker.authorization import TRANSACTIONAL_ID, NotAuthorized, Permission, check_permissions
 from broker.kafka_io import (
@@ -58,6 +57,8 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from core.errors import PipelineError
+from core.window_value import iso_utc
 from ops.dlq_file import DeadLetter, FileError, from_dlq, read_file
 from ops.log_setup import configure_logging
 from ops.replay_plan import (
@@ -98,7 +99,7 @@ _PREVIEW = 100
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
-class Overtaken(Exception):
+class Overtaken(PipelineError):
     """Another run of this DLQ's replay (or discard) fenced this one mid-way."""
 
     def __init__(self, committed: int) -> None:

@@ -274,11 +274,11 @@ def test_unknown_librdkafka_property_exits_2_naming_it(tmp_path):
 
 def test_window_bounds_default_to_the_aggregators_own():
     """Written on both sides (settings and the pure aggregator): they must agree."""
-    import aggregator
     from config import Settings
+    from core import window_value
 
-    assert Settings().max_profiles_per_window == aggregator.DEFAULT_MAX_PROFILES
-    assert Settings().max_distinct_per_window == aggregator.DEFAULT_MAX_DISTINCT
+    assert Settings().max_profiles_per_window == window_value.DEFAULT_MAX_PROFILES
+    assert Settings().max_distinct_per_window == window_value.DEFAULT_MAX_DISTINCT
 
 
 def test_topic_settings_default_to_the_brokers_replication_and_documented_retention():

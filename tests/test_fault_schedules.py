@@ -471,7 +471,7 @@ def test_a_partition_added_to_a_live_input_is_counted_never_dropped_unseen():
 
 
 def window_key_at(seconds: float) -> str:
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     start = int(seconds) - int(seconds) % W
     return iso_utc(start)
@@ -669,7 +669,7 @@ def test_a_record_for_a_published_window_read_after_a_restart_counts_once_as_lat
 
 
 def epoch(key: str) -> int:
-    from ops.report import epoch_of
+    from core.window_value import epoch_of
 
     return epoch_of(key)
 

@@ -336,7 +336,7 @@ def test_kafka_timestamps_far_ahead_are_counted_at_the_wall_clock_and_hold_no_co
     assert exit_code == [0]
     windows = [json.loads(value) for value in latest_by_key(topics.bootstrap, topics.output).values()]
     by_start = {window["window_start"]: window for window in windows}
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     assert by_start[iso_utc(start)]["message_count"] == 1
     assert by_start[iso_utc(start + 5)]["message_count"] == 1

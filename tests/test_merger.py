@@ -14,10 +14,10 @@ import time
 import msgspec
 import pytest
 
-from aggregator import iso_utc
 from broker.kafka_io import BrokerHealth
 from broker.pipeline_topics import newest_published
 from config import build_settings
+from core.window_value import iso_utc
 from merging.merge import MergeStall
 from merging.merger import WindowMerger, pipeline_origin
 from merging.parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Message
 
-from aggregator import iso_utc
 from broker.pipeline_topics import (
     Published,
     differing_settings,
@@ -15,6 +14,7 @@ from broker.pipeline_topics import (
     published_by,
 )
 from config import ConfigError, build_settings
+from core.window_value import iso_utc
 from tests.fake_kafka import FakeClients, FakeCluster
 
 W = 30

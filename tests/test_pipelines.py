@@ -245,6 +245,6 @@ def test_a_new_window_length_is_a_new_pipeline_on_its_own_output(topics, start_p
 
 
 def expected_key(seconds: int) -> str:
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     return iso_utc(seconds)
