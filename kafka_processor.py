@@ -162,9 +162,9 @@ def producer_settings(settings: Settings) -> dict:
         # Keep the DLQ copies and windows flowing without waiting for big batches.
         "linger.ms": 5,
         # The broker drops a retried duplicate of a batch, so a DLQ copy is not written
-        # twice by a retry. A default, not forced: an idempotent producer waits forever
-        # on a broker that forgot its producer ids (the embedded broker, restarted), so
-        # KAFKA_ENABLE_IDEMPOTENCE=false there (docs/design.md).
+        # twice by a retry. A default, not forced. A broker that forgot its producer ids
+        # (the embedded broker, restarted) never answers an idempotent producer: past
+        # ACK_TIMEOUT_SECONDS it is replaced by a new one (RenewableProducer, docs/design.md).
         "enable.idempotence": True,
         **settings.producer_config(),
         # Windows must reach the topic in the order they closed (a restart reads the
