@@ -356,7 +356,13 @@ def test_a_real_prometheus_with_the_rules_fires_during_a_broker_outage_and_clear
         wait_until(lambda: value("login_processor_broker_reachable") == 0, 30, 0.5, "the broker seen unreachable")
         seen_unreachable = time.monotonic() - stopped
         assert value("login_processor_ready") == 0
-        assert prometheus_query(web_port, 'ALERTS{alertname="LoginBrokerUnreachable", alertstate="pending"}')
+        # Pending at the next rule evaluation (every second here), which may come after the scrape.
+        wait_until(
+            lambda: prometheus_query(web_port, 'ALERTS{alertname="LoginBrokerUnreachable", alertstate="pending"}'),
+            10,
+            0.5,
+            "LoginBrokerUnreachable pending",
+        )
         wait_until(lambda: firing("LoginBrokerUnreachable"), 120, 1, "LoginBrokerUnreachable firing")
         fired = time.monotonic() - stopped
         print(
