@@ -287,6 +287,17 @@ class Settings:
     consume_batch_size: int = setting("CONSUME_BATCH_SIZE", 5000, _positive_int, "records per consume() call")
     # Port of the Prometheus endpoint; 0 turns it off.
     metrics_port: int = setting("METRICS_PORT", 0, _port, "Prometheus endpoint port, 0 = off")
+    # A producer with writes unacknowledged this long while the broker is reachable is not
+    # ready, and is replaced by a new one (broker/kafka_io.py, RenewableProducer). Well above
+    # a broker failover (leader election: seconds), so that only a producer that will never
+    # be answered (a restarted broker that forgot its producer id) is replaced.
+    ack_timeout_seconds: float = setting(
+        "ACK_TIMEOUT_SECONDS",
+        60.0,
+        _positive_float,
+        "a producer whose writes are unacknowledged this long while the broker is reachable is not ready, and is"
+        " recreated",
+    )
     # The merger's memory bound while windows wait on a stuck member: past it, parts of
     # later windows are read again once the held ones are published (merging/merge.py).
     merge_max_pending_windows: int = setting(

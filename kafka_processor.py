@@ -56,6 +56,7 @@ from broker.kafka_io import (
     AuthenticationFailed,
     BrokerHealth,
     KafkaClients,
+    RenewableProducer,
     close_within,
     partition_runs,
 )
@@ -67,6 +68,7 @@ from broker.pipeline_topics import (
     describe_differences,
     differing_settings,
 )
+from broker.topic_watch import MissingTopics, RejoinWhenRecreated
 from config import (
     ConfigError,
     OneLineArgumentParser,
@@ -85,6 +87,7 @@ from ingest.part_publisher import PartPublisher
 from ingest.poll_turns import PollTurns
 from ingest.window_closer import WindowCloser
 from merging.merger import WindowMerger, newest_partials_shaping, pipeline_origin
+from ops.group_lag import GroupLag
 from ops.health import HealthEndpoint, Probes
 from ops.log_setup import configure_logging
 from ops.metrics import MetricsSnapshot, ProcessorMetrics
@@ -159,9 +162,9 @@ def producer_settings(settings: Settings) -> dict:
         # Keep the DLQ copies and windows flowing without waiting for big batches.
         "linger.ms": 5,
         # The broker drops a retried duplicate of a batch, so a DLQ copy is not written
-        # twice by a retry. A default, not forced: an idempotent producer waits forever
-        # on a broker that forgot its producer ids (the embedded broker, restarted), so
-        # KAFKA_ENABLE_IDEMPOTENCE=false there (docs/design.md).
+        # twice by a retry. A default, not forced. A broker that forgot its producer ids
+        # (the embedded broker, restarted) never answers an idempotent producer: past
+        # ACK_TIMEOUT_SECONDS it is replaced by a new one (RenewableProducer, docs/design.md).
         "enable.idempotence": True,
         **settings.producer_config(),
         # Windows must reach the topic in the order they closed (a restart reads the
@@ -226,6 +229,7 @@ class Processor:
             settings.close_interval_seconds,
             lambda: self.health.down_since,
             self.stop_requested.is_set,
+            producer_stall=self.health.producer_stall,
         )
         self.endpoint: HealthEndpoint | None = None
         # Asks the cluster now and then whether its ACLs still allow what this processor
@@ -240,11 +244,19 @@ class Processor:
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
         self.published = PublishedFollower(settings, clients, Published())
         origin = pipeline_origin(settings)
-        self._producer = clients.producer({**producer_settings(settings), "error_cb": self.health.on_error})
+        self._producer = RenewableProducer(
+            "parts and dead-letter copies",
+            {**producer_settings(settings), "error_cb": self.health.on_error},
+            self.health,
+            settings.ack_timeout_seconds,
+            clients,
+            monotonic,
+        )
         self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin, self.clock)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
+        self.missing_topics = MissingTopics(settings, self._producer, self.topics, self.health, monotonic)
         self.closer = WindowCloser(
             settings,
             self.aggregator,
@@ -284,6 +296,12 @@ class Processor:
             monotonic,
             wall=self.clock.now,
         )
+        # Readiness, reachability, what the group published, unacknowledged writes, the group's lag.
+        self.report.watch(
+            self.health, self.probes.readiness, self.published, GroupLag(settings, self.health, clients).figures
+        )
+        # A fatal client error (one line from BrokerHealth) is a crash: nothing more committed, exit 1.
+        self.health.when_fatal(self._crashed.set, self.merger.stop.set, self.stop_requested.set)
         self.turns = PollTurns(monotonic)
 
     # ---- start-up -------------------------------------------------------------------
@@ -390,6 +408,11 @@ class Processor:
             return self._stand_by()
         self.start_consuming()
         self.merger.start()
+        self.health.when_topics_created(
+            RejoinWhenRecreated(
+                self.settings, self._consumer, self.start_consuming, self.probes.is_member, self.merger.rejoin
+            )
+        )
         self.permissions.start()
         _tune_garbage_collector()
         timer = threading.Thread(
@@ -429,8 +452,9 @@ class Processor:
             why = f"{refused.line()}; stopping without committing anything more (exit status 2): the next run"
             return self._stop_without_committing(timer, f"{why} replays from the last commit", exit_status=2)
         except Exception:
-            # A bug, not bad input (that goes to the DLQ).
-            log.exception("processor crashed")
+            # A bug, not bad input (that goes to the DLQ); or a fatal client error, said already.
+            if self.health.fatal is None:
+                log.exception("processor crashed")
         return self._stop_without_committing(timer)
 
     def _stand_by(self, timer: threading.Thread | None = None) -> int:
@@ -461,6 +485,7 @@ class Processor:
         turn_started = self.turns.turn_started()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
+        self.missing_topics.check()
         self.assignment.retry_partition_count(self._consumer)
         self.assignment.retry_committed(self._consumer)
         self.dead_letters.retry_refused()
@@ -639,10 +664,11 @@ class Processor:
         self.published.close()
         if not close_within(self._consumer, _CLOSE_SECONDS):
             log.warning(
-                "the consumer did not leave group %s within %.0fs (a rebalance in progress?); exiting anyway:"
+                "the consumer did not leave group %s within %.0fs (%s); exiting anyway:"
                 " what is safe was committed already",
                 self.settings.consumer_group_id,
                 _CLOSE_SECONDS,
+                self.health.outage() or "a rebalance in progress?",
             )
             self.exit_at_once = True
         log.info(
@@ -679,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return
         log.info("%s received: finishing up", signal.Signals(signum).name)
         processor.stop_requested.set()
-        threading.Thread(target=_exit_if_stuck, name="shutdown-deadline", daemon=True).start()
+        threading.Thread(target=_exit_if_stuck, args=(processor.health,), name="shutdown-deadline", daemon=True).start()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -698,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _exit_if_stuck() -> None:
+def _exit_if_stuck(health: BrokerHealth) -> None:
     """A stop must end within a few seconds (an orchestrator kills after its grace
     period anyway). Each step of the shutdown is bounded, but a client call made
     while the group is rebalancing (another member left a moment ago) can wait on
@@ -707,9 +733,10 @@ def _exit_if_stuck() -> None:
     acknowledged, and whoever owns the partitions next replays from there."""
     time.sleep(_STOP_DEADLINE_SECONDS)
     log.warning(
-        "shutdown still waiting on the broker after %.0fs (a rebalance in progress?); exiting:"
+        "shutdown still waiting on the broker after %.0fs (%s); exiting:"
         " uncommitted records are replayed by the next owner",
         _STOP_DEADLINE_SECONDS,
+        health.outage() or "a rebalance in progress?",
     )
     logging.shutdown()
     os._exit(0)

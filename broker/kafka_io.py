@@ -10,6 +10,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -140,11 +141,23 @@ def _uses_tls(config: dict[str, str]) -> bool:
 QUIET_CLIENT_LOGS = {"log_level": 2}
 
 
+def is_fatal(error: KafkaError) -> bool:
+    """An error librdkafka calls fatal: the client can never produce again. confluent-kafka
+    raises it from the producer's poll()/flush() (flagged `fatal()`), other bindings hand it
+    to `error_cb`; every produce() after it fails with `_FATAL`."""
+    return error.fatal() or error.code() == KafkaError._FATAL
+
+
 class BrokerHealth:
     """Turns librdkafka's error callbacks into one log line per change of state.
 
     librdkafka retries on its own; what an operator needs is "the broker is gone"
     once, and "it is back" once, not a line per retry.
+
+    Also the one place that hears of a fatal client error (`on_fatal`): it is said in one
+    line and the hooks given to `when_fatal` run (the processor stops without committing,
+    exit 1, so that an orchestrator restarts it); and it knows the producers
+    (`RenewableProducer`) whose acknowledgements are overdue (`producer_stall`).
     """
 
     # Not _ALL_BROKERS_DOWN: it only sums up per-broker errors reported on their own,
@@ -162,6 +175,61 @@ class BrokerHealth:
         self._client_certificate = True  # whether the clients present one (told by `callbacks`)
         self._reached = False  # a request has succeeded since start-up
         self._next_recheck = 0.0
+        self.fatal: str | None = None  # the first fatal client error, as librdkafka said it
+        self._fatal_hooks: list[Callable[[], None]] = []
+        self._created_hooks: list[Callable[[list[str]], None]] = []
+        self._producers: list[RenewableProducer] = []
+
+    def when_fatal(self, *hooks: Callable[[], None]) -> None:
+        """Run `hooks` (once) when a client reports a fatal error."""
+        self._fatal_hooks.extend(hooks)
+
+    def on_fatal(self, error: KafkaError) -> None:
+        """A fatal client error (`is_fatal`): said once, in one line; then the hooks."""
+        with self._lock:
+            first = self.fatal is None
+            if first:
+                self.fatal = error.str()
+        if not first:
+            return
+        self.log.critical(
+            "fatal Kafka client error: %s; this client can never write again: stopping (exit status 1) so that"
+            " it is restarted",
+            error.str(),
+        )
+        for hook in self._fatal_hooks:
+            hook()
+
+    def when_topics_created(self, hook: Callable[[list[str]], None]) -> None:
+        """Run `hook` with the names of the topics `ensure_topics` creates from now on."""
+        self._created_hooks.append(hook)
+
+    def topics_created(self, names: list[str]) -> None:
+        if names:
+            for hook in list(self._created_hooks):
+                hook(names)
+
+    def watch_producer(self, producer: RenewableProducer) -> None:
+        self._producers.append(producer)
+
+    @property
+    def producers(self) -> list[RenewableProducer]:
+        return list(self._producers)
+
+    def producer_stall(self) -> str | None:
+        """Why a producer is not getting its writes acknowledged (for /readyz), or None."""
+        for producer in self._producers:
+            stall = producer.stall()
+            if stall is not None:
+                return stall
+        return None
+
+    def outage(self) -> str | None:
+        """ "the broker at X has been unreachable for 12s", or None while it is reachable."""
+        down_since = self.down_since
+        if down_since is None:
+            return None
+        return f"the broker at {self.bootstrap_servers} has been unreachable for {time.monotonic() - down_since:.0f}s"
 
     def callbacks(self, config: dict[str, str]) -> dict:
         """The callback settings of a client made with `config`: `error_cb`, and with TLS
@@ -175,9 +243,9 @@ class BrokerHealth:
         return settings
 
     def on_error(self, error: KafkaError) -> None:
-        """librdkafka `error_cb`."""
-        if error.fatal():
-            self.log.error("fatal client error: %s", error.str())
+        """librdkafka `error_cb` (and the errors a consumer hands back from consume())."""
+        if is_fatal(error):
+            self.on_fatal(error)
             return
         if error.code() == KafkaError._ALL_BROKERS_DOWN:
             return
@@ -304,6 +372,285 @@ class _TlsCloseWatcher:
             log.critical("%s", text)
 
 
+# librdkafka's error codes of a delivery purged by `Producer.purge()`.
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
+# After this many renewals in a row that brought no acknowledgement, the wait before the
+# next one stops doubling: ACK_TIMEOUT_SECONDS x 2^3.
+_RENEWAL_BACKOFF_STEPS = 3
+# How long a retired producer may take to serve its purged deliveries before it is dropped.
+_RETIRE_SECONDS = 5.0
+
+
+class _Sent:
+    """One produce() call whose delivery report the caller has not had yet: kept so that
+    a new producer can send it again. Holds the caller's objects, copies nothing."""
+
+    __slots__ = ("topic", "kwargs", "on_delivery", "produced_at", "producer")
+
+    def __init__(self, topic: str, kwargs: dict, on_delivery: Callable | None, produced_at: float) -> None:
+        self.topic = topic
+        self.kwargs = kwargs
+        self.on_delivery = on_delivery
+        self.produced_at = produced_at  # when first handed to a producer (this one or one it replaced)
+        self.producer: object = None  # the producer it is on now; reports from any other are ignored
+
+
+class RenewableProducer:
+    """The producer the processor's writers hold (parts, dead-letter copies, windows), in
+    place of librdkafka's own, for two failures it cannot get out of alone.
+
+    * **No acknowledgement for longer than `ack_timeout`** (ACK_TIMEOUT_SECONDS) while the
+      broker is reachable: `stall()` says so (/readyz turns red with it), and the producer
+      is replaced by a new one (`renew`), which sends again, in their order, everything
+      the old one had not had acknowledged; the callers get one delivery report per
+      message as before (from the new producer), so nothing changes for them. Why: a
+      broker that lost its state (the embedded one, restarted) forgets the producer ids of
+      idempotent producers, which then wait for their acknowledgements forever (idempotence
+      stays on: a new producer gets a new id). Renewals that bring no acknowledgement (a
+      cluster with too few brokers to write) are spaced out: the wait doubles, to 8 times
+      the bound. A message the old producer had in flight may be written twice: parts and
+      windows are written again by design (same key and bytes), a DLQ copy is one record
+      more, which the replay tool counts once per source.
+    * **A fatal error** (`is_fatal`): raised from produce(), or from poll()/flush() as
+      confluent-kafka does, it goes to `BrokerHealth.on_fatal` (one line, the processor
+      stops without committing, exit 1). poll()/flush() then answer as if nothing were
+      delivered; produce() keeps raising, as librdkafka does.
+
+    Thread-safe: the poll loop, the timer thread and the merger call it at once.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: dict,
+        health: BrokerHealth,
+        ack_timeout: float,
+        clients: KafkaClients | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name  # what it writes, for log lines and /readyz: "parts and dead-letter copies"
+        self._health = health
+        self._ack_timeout = ack_timeout
+        self._clients = clients or REAL_CLIENTS
+        self._clock = clock
+        self._config = {
+            **config,
+            # Never let a write create a topic with the broker's defaults (a restarted broker
+            # that lost its topics made the output 4 partitions where windows need 1, so a
+            # reader saw them out of order): the processor creates its topics with their own
+            # settings (broker/pipeline_topics.py), again if a broker lost them.
+            "allow.auto.create.topics": False,
+        }
+        self._lock = threading.Lock()
+        self._sent: OrderedDict[_Sent, None] = OrderedDict()  # not yet reported, oldest first
+        self._waiting_since = clock()  # the start of the current wait for an acknowledgement
+        self._renewed_at: float | None = None
+        self._renewals_without_ack = 0
+        self.renewals = 0  # for metrics
+        self._producer = self._make()
+        health.watch_producer(self)
+
+    def _make(self):
+        generation = self.renewals
+        forward = self._config.get("error_cb", self._health.on_error)
+
+        def on_error(error: KafkaError) -> None:
+            # A retired producer's complaints (its purged writes) are no longer anyone's business.
+            if generation == self.renewals:
+                forward(error)
+
+        return self._clients.producer({**self._config, "error_cb": on_error})
+
+    # ---- what librdkafka's Producer offers (the part the processor uses) ---------------
+
+    def produce(self, topic: str, value=None, key=None, on_delivery: Callable | None = None, **kwargs) -> None:
+        sent = _Sent(topic, {"value": value, "key": key, **kwargs}, on_delivery, self._clock())
+        try:
+            with self._lock:
+                self._send(sent)
+        except KafkaException as error:
+            self._note_if_fatal(error)
+            raise
+
+    def poll(self, timeout: float = 0) -> int:
+        producer = self._producer
+        try:
+            return producer.poll(timeout)
+        except (KafkaException, SystemError) as error:
+            self._fatal_or_raise(error)
+            return 0
+
+    def flush(self, timeout: float = -1) -> int:
+        """librdkafka's flush(); then, if acknowledgements are overdue, a new producer."""
+        producer = self._producer
+        try:
+            remaining = producer.flush(timeout)
+        except (KafkaException, SystemError) as error:
+            self._fatal_or_raise(error)
+            remaining = len(producer)
+        self.renew_if_stalled()
+        return remaining
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+    def list_topics(self, topic: str | None = None, timeout: float = -1):
+        return self._producer.list_topics(topic, timeout=timeout)
+
+    # ---- acknowledgements ----------------------------------------------------------------
+
+    def _send(self, sent: _Sent) -> None:
+        """Hand `sent` to the current producer (under the lock: a renewal never misses it)."""
+        producer = self._producer
+        producer.produce(sent.topic, on_delivery=self._report_for(sent, producer), **sent.kwargs)
+        if not self._sent:
+            self._waiting_since = self._clock()  # nothing was waiting: the wait starts now
+        sent.producer = producer
+        self._sent[sent] = None
+
+    def _report_for(self, sent: _Sent, producer: object) -> Callable:
+        def report(error: KafkaError | None, message: Message) -> None:
+            with self._lock:
+                if sent.producer is not producer or sent not in self._sent:
+                    return  # sent again by a newer producer: its report comes from there
+                del self._sent[sent]
+                if error is None:
+                    self._waiting_since = self._clock()
+                    self._renewals_without_ack = 0
+            if error is not None and error.code() in _PURGED and self._health.fatal is not None:
+                return  # purged by the fatal error: the processor stops, nothing is produced again
+            if sent.on_delivery is not None:
+                sent.on_delivery(error, message)
+
+        return report
+
+    def _fatal_or_raise(self, error: Exception) -> None:
+        if not self._note_if_fatal(error):
+            raise error
+
+    def _note_if_fatal(self, error: Exception) -> bool:
+        """Tell BrokerHealth of a fatal error; False if `error` is not one. produce() only
+        says `_FATAL` ("Local: Fatal error"): the error itself comes from the next poll(),
+        asked for here so that the one line says what it was."""
+        kafka_error = _fatal_in(error)
+        if kafka_error is None:
+            return False
+        if kafka_error.code() == KafkaError._FATAL:
+            try:
+                self._producer.poll(0)
+            except (KafkaException, SystemError) as raised:
+                kafka_error = _fatal_in(raised) or kafka_error
+        self._health.on_fatal(kafka_error)
+        return True
+
+    def unacknowledged_for(self) -> float:
+        """How long the wait for an acknowledgement has lasted while the broker was
+        reachable (0: nothing waits). The clock stands still while the broker is said to
+        be down: that is /readyz's other reason, and a renewal would not help."""
+        with self._lock:
+            now = self._clock()
+            if not self._sent or self._health.down_since is not None:
+                self._waiting_since = now
+                return 0.0
+            return max(0.0, now - self._waiting_since)
+
+    def stall(self) -> str | None:
+        """Why this producer is not ready (for /readyz), or None."""
+        waited = self.unacknowledged_for()
+        if waited <= self._ack_timeout:
+            return None
+        renewed = f"; recreated {self.renewals} time(s)" if self.renewals else ""
+        return (
+            f"no acknowledgement from the broker for {waited:.0f}s (the producer of {self.name},"
+            f" ACK_TIMEOUT_SECONDS={self._ack_timeout:g}{renewed})"
+        )
+
+    def oldest_unacknowledged(self, topic: str) -> float:
+        """Seconds since the oldest message to `topic` still waiting for its acknowledgement
+        was first handed to a producer (0: none waits)."""
+        with self._lock:
+            oldest = next((sent.produced_at for sent in self._sent if sent.topic == topic), None)
+            return 0.0 if oldest is None else max(0.0, self._clock() - oldest)
+
+    def renew_if_stalled(self) -> bool:
+        """`renew` if nothing was acknowledged for longer than the bound (and, after renewals
+        that did not help, for twice as long as the last wait, up to 8 times the bound)."""
+        waited = self.unacknowledged_for()
+        if waited <= self._ack_timeout:
+            return False
+        with self._lock:
+            backoff = self._ack_timeout * 2 ** min(self._renewals_without_ack, _RENEWAL_BACKOFF_STEPS)
+            if self._renewed_at is not None and self._clock() - self._renewed_at < backoff:
+                return False
+        self.renew(f"no acknowledgement for {waited:.0f}s")
+        # The others too, idle or not: a broker that forgot this producer's id forgot theirs,
+        # and hands the old ids out again, so an old producer writing under one that a new
+        # producer now holds is refused as a fatal sequence error (seen on the embedded
+        # broker: the merger's idle producer, after the parts' producer was replaced).
+        for other in self._health.producers:
+            if other is not self:
+                other.renew(f"replaced with the producer of {self.name}", alongside=True)
+        return True
+
+    def renew(self, why: str, alongside: bool = False) -> None:
+        """A new producer in place of the current one, which is purged and dropped; what it
+        had not had acknowledged is sent again by the new one, oldest first. A message the
+        new one will not take (a full queue, a topic it does not know) is reported to its
+        caller as not delivered, which produces it again (each writer's retry path)."""
+        with self._lock:
+            old = self._producer
+            self.renewals += 1
+            if not alongside:  # its own wait: the next renewal of its own waits longer
+                self._renewals_without_ack += 1
+                self._renewed_at = self._clock()
+            self._producer = self._make()
+            waiting, self._sent = list(self._sent), OrderedDict()
+            waiting_since = self._waiting_since  # still waiting: /readyz stays red until an acknowledgement
+            refused = []
+            for sent in waiting:
+                try:
+                    self._send(sent)
+                except (BufferError, KafkaException) as error:
+                    refused.append((sent, error))
+            self._waiting_since = waiting_since
+        log.warning(
+            "the producer of %s: %s%s; recreated it (%d message(s) sent again)",
+            self.name,
+            why,
+            "" if alongside else f" from the broker at {self._health.bootstrap_servers}",
+            len(waiting) - len(refused),
+        )
+        threading.Thread(target=_retire, args=(old,), name="producer-retire", daemon=True).start()
+        for sent, error in refused:
+            if isinstance(error, KafkaException):
+                self._note_if_fatal(error)
+            if sent.on_delivery is not None:
+                sent.on_delivery(KafkaError(KafkaError._PURGE_QUEUE, f"not sent again: {error}"), None)
+
+
+def _fatal_in(error: BaseException | None) -> KafkaError | None:
+    """The fatal KafkaError `error` carries, if any. confluent-kafka raises a fatal error
+    from poll()/flush() as a KafkaException, or, when a delivery report ran while it was
+    pending (seen: a restarted broker refusing an old producer id), as a SystemError
+    caused by it."""
+    for candidate in (error, getattr(error, "__cause__", None), getattr(error, "__context__", None)):
+        if isinstance(candidate, KafkaException) and candidate.args:
+            kafka_error = candidate.args[0]
+            if isinstance(kafka_error, KafkaError) and is_fatal(kafka_error):
+                return kafka_error
+    return None
+
+
+def _retire(producer) -> None:
+    """Purge a replaced producer and serve its reports (ignored: their messages were sent
+    again); off the caller's thread, as destroying a client may wait for its threads."""
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+        producer.flush(_RETIRE_SECONDS)
+    except (KafkaException, RuntimeError) as error:
+        log.debug("retired producer: %s", error)
+
+
 def ensure_topics(
     settings: Settings,
     partitions: dict[str, int],
@@ -334,11 +681,13 @@ def ensure_topics(
                 for name, count in partitions.items()
                 if name not in existing
             ]
+            created = []
             refused = []
             for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
                 try:
                     future.result()
                     log.info("created topic %s", name)
+                    created.append(name)
                 except KafkaException as error:
                     if error.args[0].code() == KafkaError.INVALID_REPLICATION_FACTOR:  # more than the brokers
                         factor = settings.topic_replication_factor
@@ -352,6 +701,7 @@ def ensure_topics(
                 raise create_refused(settings, refused)
             if missing and permissions:
                 check_permissions(settings, permissions, admin)  # what it may do on the topics it made
+            health.topics_created(created)
             return True
         except KafkaException as error:
             kafka_error = error.args[0] if error.args else None

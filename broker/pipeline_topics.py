@@ -317,6 +317,7 @@ class PublishedFollower:
         self._clients = clients
         self._consumer: Consumer | None = None
         self.published = start
+        self.newest_timestamp: float | None = None  # Kafka time (epoch s) of this pipeline's newest record read
         # The first window of this pipeline seen made under other settings than these.
         self.disagreement: Published | None = None
 
@@ -335,6 +336,8 @@ class PublishedFollower:
                     self.disagreement = self.disagreement or found
                     continue
                 self.published = newest(self.published, found)
+                if found is not None:  # for the metrics: when the group last published
+                    self.newest_timestamp = max(self.newest_timestamp or 0.0, message.timestamp()[1] / 1000)
         except KafkaException as error:
             log.debug("output follower: %s", error)
         return self.published

@@ -45,7 +45,14 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within, read_topic_tail
+from broker.kafka_io import (
+    REAL_CLIENTS,
+    BrokerHealth,
+    KafkaClients,
+    RenewableProducer,
+    close_within,
+    read_topic_tail,
+)
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
 from core.window_value import ClosedWindow, iso_utc
@@ -145,7 +152,14 @@ class WindowMerger:
         self._consumer = clients.consumer(
             {**consumer_config, "group.id": merge_group_id(settings), "error_cb": health.on_error}
         )
-        self._producer = clients.producer({**producer_config, "error_cb": health.on_error})
+        self._producer = RenewableProducer(
+            "windows",
+            {**producer_config, "error_cb": health.on_error},
+            health,
+            settings.ack_timeout_seconds,
+            clients,
+            clock,
+        )
         self._state: MergeState | None = None
         self._stall = MergeStall(max(_STALL_SECONDS, 2.0 * settings.window_seconds))
         self._lock = threading.Lock()  # guards _state for metrics readers
@@ -164,6 +178,8 @@ class WindowMerger:
         self.stop = threading.Event()  # stop now
         self.drain = threading.Event()  # stop after the parts already written are merged
         self.failed = threading.Event()  # a bug: the processor stops without committing
+        self._rejoin = threading.Event()  # leave the merge group and join it again (rejoin)
+        self._joined = False  # an assignment came since the group last dropped this member
         self._thread = threading.Thread(target=self._run, name="window-merger", daemon=True)
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -176,6 +192,13 @@ class WindowMerger:
     def start(self) -> None:
         self.subscribe()
         self._thread.start()
+
+    def rejoin(self) -> None:
+        """The partials topic was created again: if this consumer completed a join since
+        the group last dropped it, leave the merge group and join it again, on this
+        thread's next turn (rebalance calls from another thread can deadlock).
+        broker/topic_watch.py, RejoinWhenRecreated, says why."""
+        self._rejoin.set()
 
     def finish(self, drain: bool, timeout: float) -> None:
         """Stop the thread: after merging what is already on the partials topic (a
@@ -224,6 +247,13 @@ class WindowMerger:
     def turn(self, wait_seconds: float) -> None:
         """One turn: learn what is published (a new merger), read parts, publish what is
         due, commit, and say so if the merge is stuck."""
+        if self._rejoin.is_set():
+            self._rejoin.clear()
+            if self._joined:
+                log.info("leaving and joining the merge group again: the partials topic was created again")
+                self._joined = False
+                self._consumer.unsubscribe()
+                self.subscribe()
         self._learn_published()
         messages = self._consumer.consume(1000, wait_seconds)
         state = self._state
@@ -511,7 +541,8 @@ class WindowMerger:
                 on_delivery=self._report_for(window),
             )
         except (KafkaException, BufferError) as error:
-            log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
+            if not self.stop.is_set():  # else stopping: a fatal client error, said already
+                log.error("window %s not queued (%s); trying again", iso_utc(window.start), error)
             return False
         self._in_flight, self._outcome = window, None
         return True
@@ -524,6 +555,8 @@ class WindowMerger:
         return report
 
     def _commit(self, state: MergeState) -> None:
+        if self.stop.is_set():
+            return  # a crash (here or in the processor): nothing more is committed
         with self._lock:
             offset = state.committable_offset()
         self._committed_at = self._clock()
@@ -539,6 +572,7 @@ class WindowMerger:
     # ---- rebalances (inside consume(), this thread) -----------------------------------
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._joined = True
         if not partitions or self.drain.is_set() or self.stop.is_set() or self.left_the_merge:
             return  # this processor is leaving: another member merges
         s = self.settings
@@ -563,6 +597,7 @@ class WindowMerger:
         self._drop("no longer the merger (partials topic revoked)")
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._joined = False
         self._drop("no longer the merger (session lost)")
 
     def _drop(self, why: str) -> None:

@@ -9,10 +9,14 @@ for whoever runs it (Kubernetes probes, Docker's HEALTHCHECK, a load balancer).
   own, for `max.poll.interval.ms`, five minutes by default), a stuck timer thread
   publishes nothing. Liveness never depends on the broker: an orchestrator that
   restarts every processor while Kafka is away helps nobody.
-* `/readyz`, readiness: this processor is a member of its consumer group (an
-  assignment has been received, possibly empty: a processor beyond the partition
-  count stands by, ready to take over) and the broker is reachable
-  (`BrokerHealth.down_since`). Rolling updates and disruption budgets count on it.
+* `/readyz`, readiness: the broker is reachable (`BrokerHealth.down_since`), every
+  producer has its writes acknowledged within ACK_TIMEOUT_SECONDS
+  (`BrokerHealth.producer_stall`), and this processor is a member of its consumer
+  group (an assignment has been received, possibly empty: a processor beyond the
+  partition count stands by, ready to take over). The first that fails is the answer,
+  in that order: the broker first, since a broker that is away also gets the member
+  dropped from its group, and "not a member" would hide why. Rolling updates and
+  disruption budgets count on it.
 
 prometheus_client's own server serves metrics only, hence a small stdlib server
 for all three. Every answer is computed when asked; nothing here runs per record.
@@ -67,8 +71,10 @@ class Probes:
         broker_down_since: Callable[[], float | None],
         stopping: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
+        producer_stall: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.consumer_group = consumer_group
+        self._producer_stall = producer_stall
         self.stall_seconds = STALL_SECONDS
         self.poll_loop = Heartbeat("poll loop", poll_period, clock)
         self.window_closer = Heartbeat("window closer (timer thread)", timer_period, clock)
@@ -90,6 +96,10 @@ class Probes:
         """The group dropped this member (session timed out): not ready until it rejoins."""
         self._member.clear()
 
+    def is_member(self) -> bool:
+        """An assignment was received since the group last dropped this member."""
+        return self._member.is_set()
+
     def liveness(self) -> tuple[bool, str]:
         """(alive, why). Before the loops start (start-up waits for the broker: topics,
         the output's tail) and while stopping (bounded by the stop deadline), alive."""
@@ -107,19 +117,26 @@ class Probes:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, why): a live member of the group, the broker reachable."""
+        """(ready, why): a live member of the group, acting on the group's settings, the
+        broker reachable, writes acknowledged.
+
+        The broker comes before the group: while it is down the member is dropped from
+        the group after its session timeout, and "not a member" would hide the cause."""
         if self._stopping():
             return False, "stopping"
         alive, why = self.liveness()
         if not alive:
             return False, why
-        if self._refusal is not None:
+        if self._refusal is not None:  # settings the group does not share: until restarted
             return False, self._refusal
-        if not self._member.is_set():
-            return False, f"not a member of consumer group {self.consumer_group} (yet)"
         down_since = self._broker_down_since()
         if down_since is not None:
             return False, f"broker unreachable for {self._clock() - down_since:.0f}s"
+        stall = self._producer_stall()
+        if stall is not None:
+            return False, stall
+        if not self._member.is_set():
+            return False, f"not a member of consumer group {self.consumer_group} (yet)"
         return True, f"ready: member of consumer group {self.consumer_group}, broker reachable"
 
 

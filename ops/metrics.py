@@ -48,6 +48,19 @@ class MetricsSnapshot:
     # This machine's clock minus the broker's (broker/broker_clock.py); None: not measured.
     clock_offset_seconds: float | None = None
     settings_refused: int = 0  # 1: its window-shaping settings are not the group's; it acts on nothing
+    # What the probes and the alert rules need to tell the truth (docs/operations.md, Metrics):
+    broker_reachable: bool | None = None  # as /readyz says it
+    ready: bool | None = None  # /readyz answers 200
+    # The newest window of this pipeline on the output topic, as this processor reads it
+    # there (the group's, whoever published it): its end, and its Kafka timestamp.
+    output_newest_window_end: int | None = None
+    output_last_publish_time: float | None = None
+    # How long the oldest part (window) handed to its producer has waited for an acknowledgement.
+    oldest_unacknowledged_part_seconds: float | None = None
+    oldest_unacknowledged_window_seconds: float | None = None
+    producers_recreated: int = 0  # after ACK_TIMEOUT_SECONDS without an acknowledgement
+    group_lag: Mapping[int, int] = field(default_factory=dict)  # per input partition: end - committed, from the broker
+    start_time: float | None = None  # when this processor started (epoch s)
 
 
 # One row per metric read from the snapshot: (name after the prefix, kind, help, the
@@ -99,6 +112,50 @@ _SCALARS = (
         "settings_refused",
     ),
     ("watermark_seconds", GaugeMetricFamily, "Stream watermark (epoch s)", "watermark"),
+    (
+        "broker_reachable",
+        GaugeMetricFamily,
+        "1 while this processor reaches the broker, 0 while it is unreachable (what /readyz says)",
+        "broker_reachable",
+    ),
+    (
+        "ready",
+        GaugeMetricFamily,
+        "1 while /readyz answers 200: a member of the group, the broker reachable, writes acknowledged",
+        "ready",
+    ),
+    (
+        "output_newest_window_end_seconds",
+        GaugeMetricFamily,
+        "End of the newest window of this pipeline on the output topic, read there (epoch s): the group's",
+        "output_newest_window_end",
+    ),
+    (
+        "output_last_publish_time_seconds",
+        GaugeMetricFamily,
+        "Kafka timestamp of the newest window of this pipeline read on the output topic since this processor"
+        " started (epoch s)",
+        "output_last_publish_time",
+    ),
+    (
+        "oldest_unacknowledged_part_seconds",
+        GaugeMetricFamily,
+        "How long the oldest part handed to the producer has waited for the broker's acknowledgement (0: none)",
+        "oldest_unacknowledged_part_seconds",
+    ),
+    (
+        "oldest_unacknowledged_window_seconds",
+        GaugeMetricFamily,
+        "How long the window the merger handed to its producer has waited for the broker's acknowledgement (0: none)",
+        "oldest_unacknowledged_window_seconds",
+    ),
+    (
+        "producers_recreated",
+        CounterMetricFamily,
+        "Producers replaced after ACK_TIMEOUT_SECONDS without an acknowledgement",
+        "producers_recreated",
+    ),
+    ("start_time_seconds", GaugeMetricFamily, "When this processor started (epoch s)", "start_time"),
     ("last_window_end_seconds", GaugeMetricFamily, "End of the newest published window (epoch s)", "last_window_end"),
 )
 # (name after the prefix, kind, help, label, the snapshot's mapping of label value -> value)
@@ -112,6 +169,13 @@ _LABELLED = (
     ),
     ("stage_seconds", CounterMetricFamily, "Time spent per processing stage", "stage", "stage_seconds"),
     ("consumer_lag", GaugeMetricFamily, "Records fetched-to-end not yet aggregated", "partition", "consumer_lag"),
+    (
+        "group_lag_records",
+        GaugeMetricFamily,
+        "The consumer group's lag as the broker reports it: end offset minus committed offset",
+        "partition",
+        "group_lag",
+    ),
     (
         "partials_skipped",
         CounterMetricFamily,

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import msgspec
 
@@ -24,6 +25,48 @@ from ops.metrics import MetricsSnapshot
 log = logging.getLogger("processor")
 
 _PROGRESS_LOG_SECONDS = 30.0
+
+
+class BrokerState(Protocol):
+    """What the report reads of broker/kafka_io.BrokerHealth."""
+
+    down_since: float | None
+
+    @property
+    def producers(self) -> list: ...
+
+
+class OutputFollower(Protocol):
+    """What the report reads of broker/pipeline_topics.PublishedFollower."""
+
+    published: Any  # .until: end of the newest window of this pipeline on the output (0: none)
+    newest_timestamp: float | None  # Kafka timestamp of the newest one read since start
+
+
+@dataclass(frozen=True)
+class _Health:
+    broker: BrokerState
+    readiness: Callable[[], tuple[bool, str]]
+    output: OutputFollower
+    group_lag: Callable[[], Mapping[int, int]]
+
+    def figures(self, settings: Settings) -> dict:
+        producers = self.broker.producers
+        until = self.output.published.until
+        return {
+            "broker_reachable": self.broker.down_since is None,
+            "ready": self.readiness()[0],
+            "output_newest_window_end": until or None,
+            "output_last_publish_time": getattr(self.output, "newest_timestamp", None),
+            "oldest_unacknowledged_part_seconds": max(
+                (p.oldest_unacknowledged(settings.partials_topic) for p in producers), default=0.0
+            ),
+            "oldest_unacknowledged_window_seconds": max(
+                (p.oldest_unacknowledged(settings.output_topic) for p in producers), default=0.0
+            ),
+            "producers_recreated": sum(p.renewals for p in producers),
+            "group_lag": dict(self.group_lag()),
+        }
 
 
 @dataclass
@@ -64,6 +107,20 @@ class ProcessorReport:
         self._progress_mark = (time.monotonic(), ProcessorStats())
         self._last_unacknowledged_warning = 0.0
         self._lock = threading.Lock()  # windows are published on the merger's thread
+        self._started_at = time.time()
+        self._health: _Health | None = None
+
+    def watch(
+        self,
+        broker: BrokerState,
+        readiness: Callable[[], tuple[bool, str]],
+        output: OutputFollower,
+        group_lag: Callable[[], Mapping[int, int]] = dict,
+    ) -> None:
+        """Where the figures of health come from: BrokerHealth (reachability, the producers),
+        the probes, the output topic's follower (what the group published) and the group's
+        lag (ops/group_lag.py). Read when scraped."""
+        self._health = _Health(broker, readiness, output, group_lag)
 
     def window_published(self, window: ClosedWindow, acknowledged_at: float) -> None:
         """Count it, feed the metrics, and log one line with its headline figures."""
@@ -179,4 +236,6 @@ class ProcessorReport:
             merge_pending_windows=merge_pending_windows,
             clock_offset_seconds=clock_offset_seconds,
             settings_refused=int(settings_refused),
+            start_time=self._started_at,
+            **(self._health.figures(self.settings) if self._health is not None else {}),
         )

@@ -55,6 +55,13 @@ class Faults:
     deliveries: list[str] = field(default_factory=list)  # explicit outcomes, used first: "ok", "refuse", "delay"
     produce_calls: int = 0
     enabled: bool = True
+    # The n-th produce call (1-based) to a topic faults apply to makes its producer fail fatally, as librdkafka's
+    # fatal errors do (an idempotent producer the cluster refuses, a sequence error after a
+    # broker lost acknowledged data), reported `fatal_via` (FATAL_VIA): then every later
+    # produce() of that producer raises `_FATAL`.
+    fatal_at: int | None = None
+    fatal_via: str = "flush"
+    fatal_calls: int = 0  # produce calls to the topics faults apply to, for `fatal_at`
     # Topics whose produce/delivery faults apply (None: every topic).
     topics: set[str] | None = None
 
@@ -74,6 +81,13 @@ class Faults:
             return False
         return (self.enabled and self.produce_calls in self.buffer_errors_at) or self._roll(self.buffer_error)
 
+    def fatal_now(self, topic: str) -> bool:
+        """Whether this produce call (to `topic`) meets the fatal error."""
+        if not self.applies(topic):
+            return False
+        self.fatal_calls += 1
+        return self.enabled and self.fatal_at == self.fatal_calls
+
     def on_delivery(self, topic: str) -> str:
         if not self.applies(topic):
             return "ok"
@@ -84,6 +98,19 @@ class Faults:
         if self._roll(self.refuse):
             return "refuse"
         return "ok"
+
+
+# How a fatal error reaches the application: raised from the next poll()/flush() (what
+# confluent-kafka does), handed to `error_cb` (what other bindings do), raised by the
+# produce() call that met it, or raised from poll()/flush() as a SystemError caused by it
+# (what confluent-kafka does when a delivery report runs while the error is pending; seen
+# with a restarted broker refusing an old producer id).
+FATAL_VIA = ("flush", "error_cb", "produce", "system_error")
+FATAL_ERROR = KafkaError(
+    KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+    "ProduceRequest for partials [0] with 1 message(s) failed due to sequence desynchronization (injected)",
+    fatal=True,
+)
 
 
 def _partition_for(key: bytes | None, partitions: int) -> int:
@@ -182,20 +209,56 @@ class FakeGroup:
             member.pending_rebalance = True
 
 
+def _metadata(cluster: FakeCluster, topic: str | None) -> SimpleNamespace:
+    """What list_topics() answers: the topics that exist (`topic` only, if given)."""
+    topics = {}
+    for name, partitions in cluster.logs.items():
+        if topic is None or name == topic:
+            topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
+    return SimpleNamespace(topics=topics)
+
+
 class FakeProducer:
     def __init__(self, cluster: FakeCluster, config: dict) -> None:
         self.cluster = cluster
         self.config = config
         self.queue: list[tuple] = []  # (topic, partition, key, value, headers, on_delivery, timestamp)
+        self.purged: list[tuple] = []  # purged, their (failed) delivery reports not yet served
+        # Nothing it sends is ever acknowledged, nor refused: a broker that forgot this
+        # idempotent producer's id (the embedded broker, restarted).
+        self.unanswered = False
+        self.fatal: KafkaError | None = None
+        self._fatal_unreported = False
 
     def produce(self, topic, value=None, key=None, partition=-1, on_delivery=None, timestamp=0, headers=None):
-        if self.cluster.faults.on_produce(topic):
+        if self.fatal is not None:
+            raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message: Local: Fatal error"))
+        faults = self.cluster.faults
+        if faults.on_produce(topic):
             raise BufferError("Local: Queue full")
+        fatal_now = faults.fatal_now(topic)
+        if fatal_now and faults.fatal_via == "produce":
+            self._fail_fatally()
+            raise KafkaException(self.fatal)
         if topic not in self.cluster.logs:
             raise KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, topic))
         if partition is None or partition < 0:
             partition = _partition_for(key, len(self.cluster.logs[topic]))
         self.queue.append((topic, partition, key, value, headers, on_delivery, timestamp or None))
+        if fatal_now:  # met while sending this one
+            self._fail_fatally()
+
+    def _fail_fatally(self) -> None:
+        """librdkafka's fatal error: what is queued is purged (its reports fail), and the
+        error is reported once, at the next poll()/flush()."""
+        self.fatal = FATAL_ERROR
+        self._fatal_unreported = self.cluster.faults.fatal_via != "produce"
+        self.purge()
+
+    def purge(self, in_queue: bool = True, in_flight: bool = True, blocking: bool = True) -> None:
+        """Every queued message fails, its report served at the next poll()/flush()."""
+        self.purged.extend(self.queue)
+        self.queue = []
 
     def poll(self, timeout: float = 0) -> int:
         return self._deliver()
@@ -204,9 +267,31 @@ class FakeProducer:
         self._deliver()
         return len(self.queue)
 
+    def _report_fatal(self) -> None:
+        if not self._fatal_unreported:
+            return
+        self._fatal_unreported = False
+        if self.cluster.faults.fatal_via == "error_cb":
+            callback = self.config.get("error_cb")
+            if callback is not None:
+                callback(self.fatal)
+        elif self.cluster.faults.fatal_via == "system_error":
+            raise SystemError(
+                "<built-in method poll of cimpl.Producer object> returned a result with an exception set"
+            ) from KafkaException(self.fatal)
+        else:
+            raise KafkaException(self.fatal)
+
     def _deliver(self) -> int:
         served = 0
-        while self.queue:
+        self._report_fatal()  # librdkafka queues the error before the purge's reports
+        purged, self.purged = self.purged, []
+        for topic, partition, key, value, headers, on_delivery, _timestamp in purged:
+            served += 1
+            if on_delivery:
+                message = Message(topic=topic, partition=partition, key=key, value=value, headers=headers)
+                on_delivery(KafkaError(KafkaError._PURGE_QUEUE, "Local: Purged in queue"), message)
+        while self.queue and not self.unanswered:
             topic, partition, key, value, headers, on_delivery, timestamp = self.queue[0]
             outcome = self.cluster.faults.on_delivery(topic)
             if outcome == "delay":
@@ -225,7 +310,10 @@ class FakeProducer:
         return served
 
     def __len__(self) -> int:
-        return len(self.queue)
+        return len(self.queue) + len(self.purged)
+
+    def list_topics(self, topic=None, timeout=-1):
+        return _metadata(self.cluster, topic)
 
 
 class FakeConsumer:
@@ -406,11 +494,7 @@ class FakeConsumer:
         return 0, self.cluster.end(partition.topic, partition.partition)
 
     def list_topics(self, topic=None, timeout=-1):
-        topics = {}
-        for name, partitions in self.cluster.logs.items():
-            if topic is None or name == topic:
-                topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
-        return SimpleNamespace(topics=topics)
+        return _metadata(self.cluster, topic)
 
     # -- offsets -------------------------------------------------------------------------
 

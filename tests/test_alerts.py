@@ -40,7 +40,7 @@ def test_every_rule_is_tested_firing_and_not_firing():
         for check in test["alert_rule_test"]:
             cases.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
     rules = alert_rules()
-    assert len(rules) >= 8
+    assert len(rules) >= 13
     for name in rules:
         assert cases.get(name) == {True, False}, f"{name}: firing and not firing, got {cases.get(name)}"
     assert set(cases) <= set(rules), f"tests of rules that do not exist: {set(cases) - set(rules)}"

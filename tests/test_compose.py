@@ -205,6 +205,15 @@ def exported_metric_names() -> set[str]:
         last_publish_time=1.0,
         partials_skipped={"damaged": 1},
         merge_pending_windows=1,
+        broker_reachable=True,
+        ready=True,
+        output_newest_window_end=1,
+        output_last_publish_time=1.0,
+        oldest_unacknowledged_part_seconds=0.0,
+        oldest_unacknowledged_window_seconds=0.0,
+        group_lag={0: 0},
+        clock_offset_seconds=0.0,
+        start_time=1.0,
     )
     registry = ProcessorMetrics(lambda: snapshot).registry
     text = generate_latest(registry).decode()

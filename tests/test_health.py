@@ -10,6 +10,7 @@ injected in process: SIGSTOP would stop every thread), a lost broker turns
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
 import socket
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from broker.embedded_broker import EmbeddedBroker, free_port, port_is_open
 from ops.health import STALL_SECONDS, HealthEndpoint, Probes
-from testkit.processes import ROOT, Topics, aligned_past, produce, run_script, wait_until
+from testkit.processes import ROOT, Topics, aligned_past, latest_by_key, produce, run_script, wait_until
 from testkit.workloads import login_workload
 
 # ---- the probes' logic -------------------------------------------------------------------
@@ -85,6 +86,32 @@ def test_ready_once_a_member_with_the_broker_reachable():
     assert not p.readiness()[0]
     p.group_joined()
     assert p.readiness()[0]
+
+
+def test_while_the_broker_is_down_readyz_names_it_even_once_the_group_dropped_the_member():
+    """The group drops a member that cannot reach the broker after its session timeout;
+    /readyz must keep naming the cause, not switch to "not a member" (it did after 8 s)."""
+    clock = Clock()
+    p = probes(clock)
+    p.poll_loop.beat()
+    p.group_joined()
+    p.state["down_since"] = clock.now
+    clock.now += 8
+    p.group_lost()  # the session timed out meanwhile
+    assert p.readiness() == (False, "broker unreachable for 8s")
+
+
+def test_a_producer_whose_writes_go_unacknowledged_is_not_ready_and_says_which():
+    clock = Clock()
+    stall = {"why": None}
+    p = Probes("group-a", 0.5, 0.2, lambda: None, lambda: False, clock, producer_stall=lambda: stall["why"])
+    p.poll_loop.beat()
+    p.group_joined()
+    assert p.readiness()[0]
+    stall["why"] = "no acknowledgement from the broker for 61s (the producer of windows, ACK_TIMEOUT_SECONDS=60)"
+    assert p.readiness() == (False, stall["why"])
+    p.group_lost()  # the stall is the cause to name, not the membership
+    assert p.readiness() == (False, stall["why"])
 
 
 def test_stopping_is_not_ready_but_still_live():
@@ -389,3 +416,161 @@ def test_ready_again_after_a_network_blip_with_no_input(tmp_path):
         broker.kill()
         broker.wait(10)
         log.close()
+
+
+class ReadyzRecorder:
+    """Asks /readyz every 0.2 s on a thread of its own: (seconds since start, status, why)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.started = time.monotonic()
+        self.answers: list[tuple[float, int | None, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            status, body, _ = get(self.port, "/readyz")
+            self.answers.append((time.monotonic() - self.started, status, body.strip()))
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def between(self, start: float, end: float) -> list[tuple[float, int | None, str]]:
+        return [answer for answer in self.answers if start <= answer[0] <= end]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def topic_layout(bootstrap: str, names: list[str]) -> dict[str, tuple[int, str]]:
+    """{topic: (partitions, cleanup.policy)} of those that exist (the embedded broker lists
+    only the configs a topic was created with: None for none)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 2})
+    existing = admin.list_topics(timeout=10).topics
+    layout = {}
+    for name in names:
+        if name not in existing:
+            continue
+        [future] = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, name)]).values()
+        entry = future.result(10).get("cleanup.policy")
+        policy = None if entry is None else entry.value
+        layout[name] = (len(existing[name].partitions), policy)
+    return layout
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_broker_restarted_empty_under_a_running_processor_is_named_and_everything_comes_back(
+    tmp_path, start_processor
+):
+    """The embedded broker killed under a running processor, kept away past the session
+    timeout, and started again empty (it keeps everything in memory), with the default
+    settings (idempotent producers; ACK_TIMEOUT_SECONDS shortened from 60 to 15 so that the
+    test does not wait a minute per producer). /readyz names the broker while it is away
+    (never "not a member of consumer group"), then, once the broker is back, the producers
+    it forgot (no acknowledgement, ever), each within the bound; the processor creates the
+    topics again with the project's settings (the output: 1 partition, compacted; never the
+    broker's own 4-partition default), recreates its producers, and publishes exactly the
+    oracle's windows for the input written after the restart. Before: ready and publishing
+    nothing for good, the output auto-created with 4 partitions."""
+    from testkit.oracle import expected_windows
+
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log").start()
+    recorder = None
+    try:
+        topics = Topics(
+            broker.bootstrap_servers,
+            "in-restarted",
+            "out-restarted",
+            "dlq-restarted",
+            "group-restarted",
+            {"WINDOW_SECONDS": "5", "ALLOWED_LATENESS_SECONDS": "2", "ACK_TIMEOUT_SECONDS": "15"},
+        )
+        topics.create()
+        metrics_port = free_port()
+        processor = start_processor(topics.env(METRICS_PORT=str(metrics_port)))
+        wait_for_status(metrics_port, "/readyz", 200, 60)
+        produce(topics.bootstrap, topics.input, login_workload(aligned_past(2, 5), 30, 300, 4, seed=1))
+        wait_until(lambda: latest_by_key(topics.bootstrap, topics.output), 30, message="a first window")
+        recorder = ReadyzRecorder(metrics_port)
+
+        broker.kill()
+        killed_at = recorder.now()
+        processor.wait_for_log("unreachable", timeout=30)
+        time.sleep(12)  # past the session timeout (6 s here): the group drops the member meanwhile
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker-again.log").start()
+        back_at = recorder.now()
+        names = [topics.input, topics.output, topics.partials, topics.dlq]
+        layout = wait_until(
+            lambda: len(found := topic_layout(topics.bootstrap, names)) == 4 and found, 60, message="the topics again"
+        )
+        assert layout[topics.output] == (1, "compact"), layout  # the project's settings, not the broker's
+        assert layout[topics.partials][0] == layout[topics.dlq][0] == 1 and layout[topics.input][0] == 4, layout
+
+        now = int(time.time())
+        after = [(p, v, int(time.time() * 1000)) for p, v, _ in login_workload(now, 1, 200, 4, seed=2)]
+        produce(topics.bootstrap, topics.input, after)
+        expected = expected_windows([(value, ms) for _, value, ms in after], window=5)
+        published = wait_until(
+            lambda: all(k in (got := latest_by_key(topics.bootstrap, topics.output)) for k in expected) and got,
+            120,
+            message="the windows of the input written after the restart",
+        )
+        assert {k: json.loads(published[k]) for k in expected} == expected
+        wait_for_status(metrics_port, "/readyz", 200, 30)
+        recorder.stop()
+
+        away = recorder.between(killed_at + 1, back_at)
+        print(f"while away: {sorted({why.split(' for ')[0] for _, _, why in away})}")
+        assert away and all(status == 503 and why.startswith("broker unreachable for") for _, status, why in away)
+        stalls = [(at, why) for at, _, why in recorder.between(back_at, recorder.now()) if "acknowledgement" in why]
+        print(f"after the restart at {back_at:.1f}s: {stalls[:1]} ... {len(stalls)} answer(s) naming a producer")
+        assert stalls, "no /readyz answer named the producers the broker forgot"
+        assert stalls[0][0] - back_at <= 15 + 30, stalls[0]  # the bound, plus the topics and the group again
+        assert re.search(r"no acknowledgement from the broker for \d+s \(the producer of", stalls[0][1])
+        log = processor.log()
+        assert "recreated it" in log and "(a rebalance in progress?)" not in log
+        assert processor.terminate()[0] == 0
+    finally:
+        if recorder is not None:
+            recorder.stop()
+        broker.stop()
+
+
+def test_a_stop_that_waits_on_a_broker_that_is_down_says_so_instead_of_guessing_a_rebalance(monkeypatch, caplog):
+    """Both lines a stop may end with when the broker does not answer (the consumer did not
+    leave its group in time; the stop deadline passed) guessed "(a rebalance in progress?)"
+    even when the broker was simply down. With the broker known to be down they name it.
+    In process, over the in-memory Kafka: when librdkafka's close returns is not on cue."""
+    import logging
+
+    import kafka_processor
+    from broker.pipeline_topics import Published
+    from tests.fake_kafka import Faults
+    from tests.test_kafka_io import DOWN, fake_pipeline
+
+    processor, _cluster, _commits = fake_pipeline(Faults(enabled=False))
+    processor.resume_from(Published())
+    processor.start_consuming()
+    processor.merger.start()
+    processor.health.on_error(DOWN)  # the broker went away
+    monkeypatch.setattr(kafka_processor, "close_within", lambda consumer, seconds: False)  # it never answers
+    monkeypatch.setattr(kafka_processor.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(kafka_processor.os, "_exit", lambda code: None)
+    named = r"\(the broker at fake:9 has been unreachable for \d+s\)"
+    with caplog.at_level(logging.WARNING):
+        assert processor._shutdown() == 0
+        [line] = [r.getMessage() for r in caplog.records if "exiting" in r.getMessage()]
+        print(line)
+        assert "rebalance" not in line and re.search(named, line)
+        caplog.clear()
+        kafka_processor._exit_if_stuck(processor.health)  # the stop deadline's line
+        [line] = [r.getMessage() for r in caplog.records if "exiting" in r.getMessage()]
+        print(line)
+        assert "rebalance" not in line and re.search(named, line)

@@ -8,11 +8,12 @@ test_kafka_processor.py (a broker that is not there yet).
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
-from broker.kafka_io import AuthenticationFailed, BrokerHealth
+from broker.kafka_io import AuthenticationFailed, BrokerHealth, KafkaClients
 
 REFUSED = KafkaError(
     KafkaError._AUTHENTICATION,
@@ -263,3 +264,305 @@ def test_a_replication_factor_the_cluster_refuses_is_a_bad_setting(monkeypatch):
     assert raised.value.problem == (
         "the cluster refused 3 for topic t: Replication factor: 3 larger than available brokers: 1."
     )
+
+
+# ---- a fatal client error is a crash (the real Processor over the in-memory Kafka) ----------
+
+
+def fake_pipeline(faults, clock=None, **env):
+    """A Processor over tests/fake_kafka.py with five minutes of past input on 2 partitions
+    (start-up's topic creation and tail read done here: the topics exist, nothing is
+    published). `clock`: its wall and monotonic clock (default: the real ones, for `_run`
+    and its threads). Returns (processor, cluster, commits): commits as (group, topic,
+    partition, offset); `cluster.records` holds the input as the oracle takes it."""
+    import time
+
+    from config import build_settings
+    from kafka_processor import Processor
+    from testkit.workloads import login_workload
+    from tests.fake_kafka import FakeClients, FakeCluster
+
+    settings = build_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "fake:9",
+            "INPUT_TOPIC": "in",
+            "OUTPUT_TOPIC": "out",
+            "DLQ_TOPIC": "dlq",
+            "PARTIALS_TOPIC": "partials",
+            "CONSUMER_GROUP_ID": "g",
+            "CLOSE_INTERVAL_SECONDS": "0.05",
+            **env,
+        }
+    )
+    cluster = FakeCluster(clock or time.time, faults)
+    for topic, count in (("in", 2), ("out", 1), ("dlq", 1), ("partials", 1)):
+        cluster.create_topic(topic, count)
+    start = int(cluster.clock()) - 600
+    cluster.records = []
+    for partition, value, kafka_ms in login_workload(start - start % 30, 300, 600, 2, seed=3):
+        cluster.append("in", partition, None, value, timestamp_ms=kafka_ms)
+        cluster.records.append((value, kafka_ms))
+    commits = []
+    cluster.on_commit = lambda *commit: commits.append(commit)
+    clocks = {} if clock is None else {"clock": clock, "monotonic": clock}
+    cluster.clients = FakeClients(cluster)
+    processor = Processor(settings, clients=cluster.clients, **clocks)
+    processor.prepare = lambda: True  # the topics exist and nothing is published yet
+    return processor, cluster, commits
+
+
+def run_until_it_stops(processor, seconds: float = 30.0) -> int | None:
+    """Processor._run() on its own thread; its exit status, or None if still running after
+    `seconds` (then stopped)."""
+    import threading
+
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("code", processor._run()), daemon=True)
+    runner.start()
+    runner.join(seconds)
+    if runner.is_alive():
+        processor.stop_requested.set()
+        runner.join(30)
+        return None
+    return result["code"]
+
+
+@pytest.mark.parametrize("via", ["flush", "error_cb", "produce", "system_error"])
+@pytest.mark.parametrize("topic", ["partials", "out"], ids=["parts-producer", "window-producer"])
+def test_a_fatal_producer_error_stops_the_processor_with_one_line_and_commits_nothing_after(topic, via, caplog):
+    """librdkafka's fatal error (here an idempotent producer's sequence error), on the
+    producer of parts or on the merger's producer of windows, reported as confluent-kafka
+    does (raised from flush/poll, or as a SystemError caused by it), through error_cb, or
+    raised by produce(): every write after it fails, so the processor stops with exit
+    status 1 and one line saying why, commits nothing after it, and prints no traceback.
+    Before: it logged the error and retried for ever (error_cb, produce), or crashed with
+    a traceback (flush, system_error)."""
+    from tests.fake_kafka import FATAL_ERROR, Faults
+
+    faults = Faults(fatal_at=3, fatal_via=via, topics={topic})
+    processor, cluster, commits = fake_pipeline(faults)
+    fatal_at_commit = []  # how many commits there were when the fatal error happened
+    fail = cluster.faults.fatal_now
+
+    def fatal_now(name: str) -> bool:
+        met = fail(name)
+        if met:
+            fatal_at_commit.append(len(commits))
+        return met
+
+    cluster.faults.fatal_now = fatal_now
+    with caplog.at_level(logging.INFO):
+        code = run_until_it_stops(processor)
+    assert fatal_at_commit, "the fatal error was never met"
+    assert code == 1, f"exit status {code} (None: still running 30 s after the fatal error)"
+    assert commits[fatal_at_commit[0] :] == [], "committed after the fatal error"
+    saying_why = [r for r in caplog.records if r.levelno >= logging.ERROR and "fatal" in r.getMessage().lower()]
+    assert len(saying_why) == 1, [r.getMessage() for r in saying_why]
+    assert FATAL_ERROR.str() in saying_why[0].getMessage()
+    assert not [r for r in caplog.records if r.exc_info], "a traceback: a fatal client error is not a bug"
+
+
+# ---- a producer the broker never answers is recreated -------------------------------------
+
+
+class SimClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def turn(processor) -> None:
+    """One turn of each of the processor's loops, as its threads would take them."""
+    processor.poll_once(0)
+    processor.closer.close_and_publish(0)
+    processor.merger.turn(0)
+
+
+def output_of(cluster) -> dict[str, dict]:
+    import json
+
+    return {m.key().decode(): json.loads(m.value()) for m in cluster.logs["out"][0]}
+
+
+@pytest.mark.parametrize("resent", ["taken", "refused"])
+def test_producers_the_broker_never_answers_are_recreated_and_every_window_comes_out(resent, caplog):
+    """A broker that lost its state (the embedded one, restarted) forgets the ids of
+    idempotent producers, which then wait for ever: nothing they send is acknowledged, nor
+    refused. Each producer, the processor's (parts, DLQ copies) and the merger's (windows),
+    is not ready once ACK_TIMEOUT_SECONDS (60 s by default) pass without an acknowledgement
+    (/readyz says so and names it), and is replaced: the new one sends what the old one
+    held, and the windows come out exactly. Before, they waited for ever while /readyz said
+    ready. `refused`: the new producers refuse their first 30 writes (a full queue), so what
+    the old ones held goes back to each writer's own retry path (parts, DLQ copies, windows)."""
+    import time
+
+    from broker.pipeline_topics import Published
+    from testkit.oracle import expected_windows
+    from tests.fake_kafka import FakeProducer, Faults
+
+    clock = SimClock(time.time())
+    processor, cluster, commits = fake_pipeline(Faults(enabled=False), clock)
+    made = cluster.clients.made
+    for producer in made:
+        if isinstance(producer, FakeProducer):
+            producer.unanswered = True  # the broker forgot them
+    if resent == "refused":
+        clients = cluster.clients
+        make = clients.producer
+
+        def refusing_at_first(config):
+            producer, refusals = make(config), iter(range(30))
+            produce = producer.produce
+
+            def first_refused(*args, **kwargs):
+                if next(refusals, None) is not None:
+                    raise BufferError("Local: Queue full (injected)")
+                produce(*args, **kwargs)
+
+            producer.produce = first_refused
+            return producer
+
+        clients.producer = refusing_at_first
+    processor.resume_from(Published())
+    processor.start_consuming()
+    processor.merger.subscribe()
+    seen: dict[str, float] = {}  # /readyz's answers, first seen at (seconds from the start)
+    started = clock.now
+    with caplog.at_level(logging.INFO):
+        for _ in range(600):  # five minutes
+            clock.now += 0.5
+            for _ in ("before the turn", "after it"):
+                ready, why = processor.probes.readiness()
+                seen.setdefault("ready" if ready else re.sub(r"\d+s\b", "Ns", why), clock.now - started)
+                turn(processor)
+            if output_of(cluster) == expected_windows(cluster.records, now=clock.now + 10_000):
+                break
+    print("\n".join(f"{at:6.1f}s  {answer}" for answer, at in seen.items()))
+    assert output_of(cluster) == expected_windows(cluster.records, now=clock.now + 10_000)
+    stalls = {
+        answer.split(" (the producer of ")[1].split(",")[0]: at for answer, at in seen.items() if "(the " in answer
+    }
+    # The parts' producer is the first to wait past the bound; the merger's is replaced
+    # alongside it (a broker that forgot one producer id forgot them all, and an old
+    # producer writing under an id handed out again is refused as fatal), so /readyz never
+    # gets to name the windows' producer.
+    assert set(stalls) == {"parts and dead-letter copies"}, seen
+    assert 60 <= stalls["parts and dead-letter copies"] <= 61  # ACK_TIMEOUT_SECONDS, one turn
+    assert all("no acknowledgement from the broker for Ns" in answer for answer in seen if "(the " in answer)
+    recreated = [r.getMessage() for r in caplog.records if "recreated it" in r.getMessage()]
+    assert len(recreated) == 2, recreated  # each producer once: the new ones are answered
+    assert any(
+        line.startswith("the producer of windows: replaced with the producer of parts and dead-letter copies;")
+        for line in recreated
+    ), recreated
+    assert processor.probes.readiness()[0]
+    assert processor._producer.renewals == processor.merger._producer.renewals == 1
+    # The DLQ copies the first producer held were sent again: each invalid record is there.
+    from testkit.oracle import decode_object
+
+    invalid = sum(decode_object(value) is None for value, _ in cluster.records)
+    copied = {
+        (dict(m.headers())["dlq.source.partition"], dict(m.headers())["dlq.source.offset"])
+        for m in cluster.logs["dlq"][0]
+    }
+    assert len(copied) == invalid > 0
+
+
+class Answerable:
+    """A stand-in for librdkafka's Producer: keeps what it is given until told to answer."""
+
+    made: list[Answerable] = []
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.queue: list = []
+        self.purged = False
+        Answerable.made.append(self)
+
+    def produce(self, topic, on_delivery=None, **kwargs) -> None:
+        self.queue.append((topic, kwargs, on_delivery))
+
+    def answer(self, error=None) -> None:
+        queue, self.queue = self.queue, []
+        for _topic, kwargs, on_delivery in queue:
+            on_delivery(error, kwargs["value"])
+
+    def poll(self, timeout=0) -> int:
+        return 0
+
+    def flush(self, timeout=0) -> int:
+        return len(self.queue)
+
+    def purge(self, in_queue=True, in_flight=True, blocking=True) -> None:
+        self.purged = True
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+
+class AnswerableClients(KafkaClients):
+    def producer(self, config: dict) -> Answerable:
+        return Answerable(config)
+
+
+def renewable(clock, timeout: float = 60.0):
+    from broker.kafka_io import RenewableProducer
+
+    Answerable.made = []
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    return RenewableProducer("parts", {"acks": "all"}, health, timeout, AnswerableClients(), clock), health
+
+
+def test_a_renewed_producer_sends_again_in_order_and_each_write_is_reported_once():
+    clock = SimClock(1000.0)
+    producer, _health = renewable(clock)
+    reports = []
+    for value in (b"a", b"b", b"c"):
+        producer.produce("partials", value=value, on_delivery=lambda error, value: reports.append((value, error)))
+        clock.now += 1
+    [first] = Answerable.made
+    assert first.config["allow.auto.create.topics"] is False  # a topic is created with its settings, never by a write
+    clock.now += 56  # 59 s since the first write
+    assert producer.flush(0) == 3 and producer.renewals == 0
+    clock.now += 2
+    producer.flush(0)
+    assert producer.renewals == 1 and first.purged
+    [_, second] = Answerable.made
+    assert [kwargs["value"] for _, kwargs, _ in second.queue] == [b"a", b"b", b"c"]
+    first.answer(KafkaError(KafkaError._PURGE_QUEUE))  # the old one's reports: not passed on
+    first_values = list(reports)
+    second.answer()
+    assert first_values == [] and reports == [(b"a", None), (b"b", None), (b"c", None)]
+    assert producer.stall() is None and producer.unacknowledged_for() == 0
+
+
+def test_the_wait_stands_still_while_the_broker_is_down_and_renewals_that_do_not_help_are_spaced_out():
+    clock = SimClock(1000.0)
+    producer, health = renewable(clock)
+    producer.produce("partials", value=b"a", on_delivery=lambda *_: None)
+    health.on_error(DOWN)  # the broker is away: that is /readyz's reason, a new producer would not help
+    for _ in range(10):
+        clock.now += 30
+        producer.flush(0)
+    assert producer.renewals == 0 and producer.stall() is None
+    health.mark_reachable()
+    back_at = clock.now
+    clock.now += 30
+    producer.flush(0)
+    assert producer.renewals == 0  # counted from when the broker was back
+    renewed_at = []
+    for _ in range(int(3600 / 5)):  # an hour in which nothing is ever acknowledged
+        clock.now += 5
+        before = producer.renewals
+        producer.flush(0)
+        if producer.renewals > before:
+            renewed_at.append(clock.now)
+        stall = producer.stall()  # not ready from ACK_TIMEOUT_SECONDS on, until an acknowledgement
+        assert (stall is not None) == (clock.now - back_at > 60), (clock.now - back_at, stall)
+    gaps = [later - earlier for earlier, later in zip(renewed_at, renewed_at[1:], strict=False)]
+    assert renewed_at[0] - back_at == 65  # past ACK_TIMEOUT_SECONDS after the broker was back (5 s turns)
+    assert gaps[:4] == [120, 240, 480, 480], gaps  # doubling, up to 8 x ACK_TIMEOUT_SECONDS
+    Answerable.made[-1].answer()
+    assert producer.stall() is None

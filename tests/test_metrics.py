@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -55,6 +56,124 @@ def test_merger_only_figures_are_absent_on_other_processors():
     assert "login_processor_merge_pending_windows" not in names
     assert "login_processor_last_publish_time_seconds" not in names
     assert "login_processor_capped_windows_total" in names  # a counter: 0 from the start
+
+
+def test_the_health_figures_are_exported():
+    samples = rendered(
+        MetricsSnapshot(
+            broker_reachable=False,
+            ready=False,
+            output_newest_window_end=1_800_000_030,
+            output_last_publish_time=1_800_000_036.25,
+            oldest_unacknowledged_part_seconds=61.5,
+            oldest_unacknowledged_window_seconds=0.0,
+            producers_recreated=2,
+            group_lag={0: 120, 1: 0},
+            clock_offset_seconds=-31.5,
+            start_time=1_799_999_000.0,
+        )
+    )
+    assert samples[("login_processor_broker_reachable", ())] == 0
+    assert samples[("login_processor_ready", ())] == 0
+    assert samples[("login_processor_output_newest_window_end_seconds", ())] == 1_800_000_030
+    assert samples[("login_processor_output_last_publish_time_seconds", ())] == 1_800_000_036.25
+    assert samples[("login_processor_oldest_unacknowledged_part_seconds", ())] == 61.5
+    assert samples[("login_processor_oldest_unacknowledged_window_seconds", ())] == 0
+    assert samples[("login_processor_producers_recreated_total", ())] == 2
+    assert samples[("login_processor_group_lag_records", (("partition", "0"),))] == 120
+    assert samples[("login_processor_clock_offset_seconds", ())] == -31.5
+    assert samples[("login_processor_start_time_seconds", ())] == 1_799_999_000
+    names = {name for name, _ in rendered(MetricsSnapshot())}
+    assert "login_processor_clock_offset_seconds" not in names  # not measured: absent, not 0
+    assert "login_processor_output_newest_window_end_seconds" not in names  # nothing on the output yet
+
+
+def fake_group(members: int):
+    """`members` processors of one group over the in-memory Kafka, with sim clocks."""
+    import time
+
+    from broker.pipeline_topics import Published
+    from kafka_processor import Processor
+    from tests.fake_kafka import FakeClients
+    from tests.test_kafka_io import SimClock, fake_pipeline
+
+    clock = SimClock(time.time())
+    from tests.fake_kafka import Faults
+
+    first, cluster, _commits = fake_pipeline(Faults(enabled=False), clock)
+    processors = [first]
+    for _ in range(members - 1):
+        processors.append(Processor(first.settings, clients=FakeClients(cluster), clock=clock, monotonic=clock))
+    for processor in processors:
+        processor.resume_from(Published())
+        processor.start_consuming()
+        processor.merger.subscribe()
+    return processors, cluster, clock
+
+
+def test_every_member_reports_the_groups_newest_window_on_the_output_not_its_own_last_publish():
+    """The stalled-pipeline alert follows what users see: the newest window on the output
+    topic, read there by every member. A member's own memory of its last publish (the
+    merger's only; a standby's start time) reset whenever a member started."""
+    from ops.report import epoch_of
+    from tests.test_kafka_io import output_of, turn
+
+    processors, cluster, clock = fake_group(2)
+    for _ in range(40):
+        clock.now += 0.5
+        for processor in processors:
+            turn(processor)
+    published = output_of(cluster)
+    assert published
+    newest_end = max(epoch_of(window["window_end"]) for window in published.values())
+    newest_at = max(m.timestamp()[1] for m in cluster.logs["out"][0]) / 1000
+    [merger] = [p for p in processors if p.merger.is_merger]
+    [standby] = [p for p in processors if not p.merger.is_merger]
+    for processor in processors:
+        snapshot = processor.metrics_snapshot()
+        assert snapshot.output_newest_window_end == newest_end
+        assert snapshot.output_last_publish_time == newest_at
+        assert snapshot.broker_reachable is True
+    assert standby.metrics_snapshot().last_publish_time != newest_at  # its own memory: nothing published
+    assert merger.metrics_snapshot().ready is True
+
+
+def test_an_unacknowledged_part_shows_its_age_until_the_recreated_producer_stores_it():
+    from tests.fake_kafka import FakeProducer
+    from tests.test_kafka_io import turn
+
+    [processor], cluster, clock = fake_group(1)
+    for producer in cluster.clients.made:
+        if isinstance(producer, FakeProducer):
+            producer.unanswered = True
+    ages = []
+    for _ in range(140):  # 70 s
+        clock.now += 0.5
+        turn(processor)
+        snapshot = processor.metrics_snapshot()
+        ages.append((snapshot.oldest_unacknowledged_part_seconds, snapshot.producers_recreated, snapshot.ready))
+    peak = max(age for age, _, _ in ages)
+    assert 60 <= peak <= 62, peak  # ACK_TIMEOUT_SECONDS, then the new producer stores it
+    assert ages[-1][:2] == (0.0, 2)  # the parts' producer, and the merger's alongside it
+    assert any(not ready for _, _, ready in ages) and ages[-1][2]
+
+
+def test_the_group_lag_is_the_brokers_end_minus_the_groups_commit_for_every_partition():
+    """Every member reads it for the whole group, whoever owns the partitions."""
+    import logging
+
+    from confluent_kafka import TopicPartition
+
+    from broker.kafka_io import BrokerHealth
+    from ops.group_lag import GroupLag
+    from tests.fake_kafka import FakeConsumer
+
+    [processor], cluster, _clock = fake_group(1)
+    ends = {p: cluster.end("in", p) for p in range(2)}
+    committer = FakeConsumer(cluster, {"group.id": "g"})
+    committer.commit(offsets=[TopicPartition("in", 0, ends[0] - 7)])
+    lag = GroupLag(processor.settings, BrokerHealth("fake:9", logging.getLogger("test")), cluster.clients)
+    assert lag.read() == {0: 7, 1: ends[1]}  # partition 1: nothing committed, from its start
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -171,3 +290,95 @@ def test_windows_past_a_bound_are_counted(topics, start_processor):
         message="metrics of every window",
     )
     assert samples[("login_processor_capped_windows_total", ())] == capped
+
+
+def prometheus_query(web_port: int, expr: str) -> list[dict]:
+    """An instant query's result ([] while Prometheus does not answer)."""
+    query = urllib.parse.urlencode({"query": expr})
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
+    except OSError:
+        return []
+    return json.loads(body)["data"]["result"]
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_a_real_prometheus_with_the_rules_fires_during_a_broker_outage_and_clears_after(tmp_path, start_processor):
+    """Debian's Prometheus, with monitoring/alerts.yml, scraping a processor whose broker
+    is stopped: it sees the processor unready and the broker unreachable within seconds,
+    fires LoginBrokerUnreachable after its minute, and clears it once the broker is back."""
+    from broker.embedded_broker import EmbeddedBroker
+    from testkit.processes import ROOT, Topics, aligned_past, produce
+    from testkit.workloads import login_workload
+
+    binary = require_tool("prometheus", "prometheus")
+    port = free_port()
+    broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker.log").start()
+    server = None
+    try:
+        topics = Topics(broker.bootstrap_servers, "in-outage", "out-outage", "dlq-outage", "group-outage")
+        topics.create(input_partitions=2)
+        produce(topics.bootstrap, topics.input, login_workload(aligned_past(5), 60, 100, 2, seed=9))
+        metrics_port = free_port()
+        processor = start_processor(topics.env(METRICS_PORT=str(metrics_port)))
+        web_port = free_port()
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: ['{ROOT / 'monitoring' / 'alerts.yml'}']\n"
+            "scrape_configs: [{job_name: login-processor, static_configs: "
+            f"[{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n"
+        )
+        server = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{web_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+        def value(expr: str) -> float | None:
+            result = prometheus_query(web_port, expr)
+            return float(result[0]["value"][1]) if result else None
+
+        def firing(alert: str) -> bool:
+            return bool(prometheus_query(web_port, f'ALERTS{{alertname="{alert}", alertstate="firing"}}'))
+
+        wait_until(lambda: value("login_processor_ready") == 1, 60, 0.5, "a ready processor, seen by Prometheus")
+        assert value("login_processor_broker_reachable") == 1 and not firing("LoginBrokerUnreachable")
+
+        broker.stop()
+        stopped = time.monotonic()
+        wait_until(lambda: value("login_processor_broker_reachable") == 0, 30, 0.5, "the broker seen unreachable")
+        seen_unreachable = time.monotonic() - stopped
+        assert value("login_processor_ready") == 0
+        # Pending at the next rule evaluation (every second here), which may come after the scrape.
+        wait_until(
+            lambda: prometheus_query(web_port, 'ALERTS{alertname="LoginBrokerUnreachable", alertstate="pending"}'),
+            10,
+            0.5,
+            "LoginBrokerUnreachable pending",
+        )
+        wait_until(lambda: firing("LoginBrokerUnreachable"), 120, 1, "LoginBrokerUnreachable firing")
+        fired = time.monotonic() - stopped
+        print(
+            f"broker stopped: unreachable in Prometheus after {seen_unreachable:.0f}s, alert firing after {fired:.0f}s"
+        )
+        assert 60 <= fired <= 90
+
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker-again.log").start()
+        back = time.monotonic()
+        wait_until(lambda: value("login_processor_broker_reachable") == 1, 60, 0.5, "the broker reachable again")
+        wait_until(lambda: not firing("LoginBrokerUnreachable"), 30, 1, "LoginBrokerUnreachable resolved")
+        print(f"broker back: alert resolved after {time.monotonic() - back:.0f}s")
+        code, seconds = processor.terminate()  # its group-lag reader (scraped) does not hold the exit up
+        assert code == 0 and seconds < 15
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+        broker.stop()
