@@ -9,6 +9,9 @@ schedules of faults a broker will not make on cue:
   committed offsets; members paused past their session and resumed (zombies: a group
   here hands partitions over at once, and never fences a zombie's commits);
 - failed reads at a hand-over: committed offsets, the output topic's tail;
+- librdkafka's fatal error on one producer (of parts, windows or dead-letter copies),
+  raised or reported any of the ways confluent-kafka does: its member stops as on a
+  crash, committing nothing more;
 - a member whose poll loop starves while its timer thread goes on turning, one
   whose timer (or merger) turns first when it wakes up, and one stopped inside its
   poll turn (after the fetch, or after it read the time, before it checks which
@@ -45,7 +48,7 @@ from ingest import window_closer
 from kafka_processor import Processor
 from merging.parts import PartPiece, decode_partial
 from testkit.oracle import decode_object, expected_windows
-from tests.fake_kafka import FakeClients, FakeCluster, Faults
+from tests.fake_kafka import FATAL_VIA, FakeClients, FakeCluster, Faults
 
 W = 30
 BASE = 1_800_000_000 - 1_800_000_000 % W
@@ -89,6 +92,12 @@ class Schedule:
             committed_fails=rng.choice([0.0, 0.3]),
             tail_read_fails=rng.choice([0.0, 0.3]),
         )
+        # One producer of one member meets librdkafka's fatal error (at its n-th produce call
+        # of the run), or none: drawn apart so that the other draws stay as they were.
+        fatal = random.Random(seed * 7919 + 1)
+        if fatal.random() < 0.2:
+            self.faults.fatal_at = fatal.randint(1, 80)
+            self.faults.fatal_via = fatal.choice(FATAL_VIA)
         self.cluster = FakeCluster(self.clock, self.faults)
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": "fake:9",
@@ -125,6 +134,7 @@ class Schedule:
         self.session_seconds = 6.0
         self.records: list[tuple[bytes, int]] = []  # (value, Kafka ms), for the oracle
         self.violations: list[str] = []
+        self.fatal_stops = 0  # members stopped by a fatal client error
         self.cluster.on_commit = self._check_commit
         self.members: list[Member] = []
         self._names = 0
@@ -251,13 +261,24 @@ class Schedule:
 
     def turn(self, member: Member, kind: str) -> None:
         processor = member.processor
-        if kind == "poll":
-            processor.poll_once(0)
-            member.silent_since = self.clock.now
-        elif kind == "timer":
-            processor.closer.close_and_publish(0)
-        else:
-            processor.merger.turn(0)
+        try:
+            if kind == "poll":
+                processor.poll_once(0)
+                member.silent_since = self.clock.now
+            elif kind == "timer":
+                processor.closer.close_and_publish(0)
+            else:
+                processor.merger.turn(0)
+        except Exception:
+            # Each loop of the processor stops on an exception (kafka_processor.py's run, the
+            # timer's and the merger's threads); after a fatal client error that is the stop.
+            if processor.health.fatal is None:
+                raise
+        if processor.health.fatal is not None:  # stops as a crash does (exit 1); a restart may follow
+            if member.alive:
+                self.fatal_stops += 1
+                self.crash(member)
+            return
         if processor.merger.failed.is_set() or processor._crashed.is_set():
             raise AssertionError(f"{member.name} crashed on a bug")
 
