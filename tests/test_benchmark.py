@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, require_kafka
+from testkit.processes import ROOT, require_kafka
 
 pytestmark = pytest.mark.broker
 

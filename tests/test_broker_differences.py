@@ -24,7 +24,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, NewPartitions, NewTopic
 
 from broker.embedded_broker import EmbeddedBroker, free_port
-from tests.conftest import Topics, read_topic, require_kafka
+from testkit.processes import Topics, read_topic, require_kafka
 
 pytestmark = pytest.mark.broker
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Message
 
-from aggregator import iso_utc
 from broker.pipeline_topics import (
     Published,
     differing_settings,
@@ -16,6 +15,7 @@ from broker.pipeline_topics import (
     published_by,
 )
 from config import ConfigError, build_settings
+from core.window_value import iso_utc
 from tests.fake_kafka import FakeClients, FakeCluster
 
 W = 30
@@ -77,7 +77,7 @@ def test_recomputing_from_a_later_time_under_a_live_group_is_a_bad_setting():
     assert newest_published(again, FakeClients(cluster)) == published_by(record, again)
     # A fresh one starts at its time.
     fresh = settings_of(RECOMPUTE_FROM=str(S + 10 * W), CONSUMER_GROUP_ID="g2")
-    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None)
+    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None, recomputing=True)
 
 
 @pytest.mark.broker
@@ -97,8 +97,8 @@ def test_kafka_compacts_the_output_to_the_latest_value_of_each_window(topics, st
 
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
-    from tests.conftest import aligned_past, latest_by_key, produce, read_topic, wait_until
-    from tests.workloads import login_workload
+    from testkit.processes import aligned_past, latest_by_key, produce, read_topic, wait_until
+    from testkit.workloads import login_workload
 
     admin = AdminClient({"bootstrap.servers": topics.bootstrap, "log_level": 2})
     admin.create_topics([NewTopic(topics.input, 2, -1)])[topics.input].result(10)
