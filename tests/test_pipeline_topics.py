@@ -138,10 +138,9 @@ def test_kafka_compacts_the_output_to_the_latest_value_of_each_window(topics, st
     for _ in range(2):  # later segments: the rewritten ones are no longer the active one
         time.sleep(0.3)
         produce(topics.bootstrap, topics.output, [(0, b"{}", int(time.time() * 1000))], key=b"roll")
-    assert len(read_topic(topics.bootstrap, topics.output)) == len(first) + len(rewritten) + 2
 
     def compacted() -> list:
-        """The output's windows once no window is there twice; [] before."""
+        """The output's windows once no window is there twice (each was written twice); [] before."""
         kept = [m for m in read_topic(topics.bootstrap, topics.output) if m.key() != b"roll"]
         return kept if len(kept) == len(rewritten) else []
 
