@@ -2,8 +2,10 @@
 
     python benchmarks/throughput.py                 # 1,000,000 records, 3 runs
     python benchmarks/throughput.py --records 20000 --runs 1   # a quick look
+    python benchmarks/throughput.py --broker kafka  # on Apache Kafka (make kafka first)
 
-Starts the embedded broker, preloads N `realistic` records spread over several
+Starts the embedded broker (or, with --broker kafka, one Apache Kafka node as the
+tests start it: broker/apache_kafka.py), preloads N `realistic` records spread over several
 minutes of past event time across several partitions, then measures, each in
 its own process and the same number of times:
 
@@ -181,9 +183,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=5000, help="records per consume() call, both loops")
     parser.add_argument("--group-size", type=int, default=2, help="processors in the group run (0: none)")
+    parser.add_argument("--broker", choices=("tansu", "kafka"), default="tansu", help="the broker to measure on")
     args = parser.parse_args()
 
-    with EmbeddedBroker() as broker:
+    with start_broker(args.broker) as broker:
         topic = f"bench-{uuid.uuid4().hex[:6]}"
         windows = preload(broker.bootstrap_servers, topic, args.records, args.partitions, args.minutes)
         rows = []
@@ -222,8 +225,9 @@ def main() -> int:
 
     print()
     print(
-        f"records {args.records:,} | partitions {args.partitions} | {args.minutes} min of event time | "
-        f"{windows} windows | batch {args.batch_size} | runs {len(rows)} | CPUs {os.cpu_count()}"
+        f"broker {args.broker} | records {args.records:,} | partitions {args.partitions} | "
+        f"{args.minutes} min of event time | {windows} windows | batch {args.batch_size} | runs {len(rows)} | "
+        f"CPUs {os.cpu_count()}"
     )
     print(f"median raw consume rate  {median('raw_rate'):>12,.0f} records/s")
     print(f"median processor rate    {median('processor_rate'):>12,.0f} records/s")
@@ -248,6 +252,29 @@ def main() -> int:
     print("one partition's part of a 50,000-record window (benchmarks/part_size.py):")
     print(part_size.table(part_rows()))
     return 0
+
+
+def start_broker(kind: str):
+    """The broker to measure on, as a context manager: the embedded one, or one Apache
+    Kafka node in a temporary directory (removed after)."""
+    if kind == "tansu":
+        return EmbeddedBroker()
+    import contextlib
+    import tempfile
+
+    from broker.apache_kafka import KafkaCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        sys.stderr.write(f"--broker kafka: {reason}\n")
+        raise SystemExit(2)
+
+    @contextlib.contextmanager
+    def node():
+        with tempfile.TemporaryDirectory(prefix="bench-kafka-") as directory, KafkaCluster(Path(directory)) as cluster:
+            yield cluster
+
+    return node()
 
 
 def part_rows() -> list[dict]:

@@ -898,14 +898,22 @@ def _first_record_at(consumer: Consumer, topic: str, partition: int, offset: int
 def offsets_at_time(
     settings: Settings, topic: str, partitions: list[int], timestamp_ms: int, timeout: float = 10.0
 ) -> dict[int, int]:
-    """Per partition, the first offset whose record's Kafka timestamp is at or after
-    `timestamp_ms` (the partition's end if none is).
+    """Per partition, an offset before which no record has a Kafka timestamp at or
+    after `timestamp_ms` (the partition's end if none has): reading from it misses none
+    of them. Callers skip the earlier records it may also give (a recomputation counts
+    windows before its start as published).
 
-    The broker is asked first (ListOffsets by timestamp) and its answer checked by
-    reading the records on either side of it. The embedded broker (Tansu 0.6.0) answers
-    0 for every time, so a wrong answer is replaced by a binary search over reads,
-    which assumes timestamps that grow along the partition (callers subtract a margin
-    for records that do not)."""
+    The broker is asked (ListOffsets by timestamp). Apache Kafka answers from its time
+    index: the first offset stamped at or after the time, or -1 when none is (the end).
+    That offset may be a transaction marker's, stamped when its transaction ended, with
+    earlier records after it (input written late in transactions); its answer is taken
+    as it is: reading to improve on it would assume timestamps that grow along the
+    partition. The embedded
+    broker (Tansu 0.6.0) answers 0 for every time: an answer at the partition's start is
+    checked by reading the record there, and when that record is before the time, the
+    offset is found instead by a binary search over reads, which assumes timestamps that
+    grow along the partition (callers subtract a margin for records that do not), and
+    said in the log."""
     consumer = Consumer(
         {
             **QUIET_CLIENT_LOGS,
@@ -926,15 +934,21 @@ def offsets_at_time(
             [TopicPartition(topic, p, timestamp_ms) for p in partitions], timeout=timeout
         )
         for answer in asked:
-            partition = answer.partition
+            partition, offset = answer.partition, answer.offset
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
 
             def at_or_after(offset: int, p: int = partition) -> Message | None:
                 return _first_record_at(consumer, topic, p, offset, timeout)
 
-            offset = answer.offset
-            if _is_first_at_time(at_or_after, low, offset, timestamp_ms):
-                found[partition] = _end_if_none(at_or_after, offset)
+            if offset < 0:
+                found[partition] = high  # none that late: Kafka's -1 (Tansu never answers it)
+                continue
+            if offset > low:
+                found[partition] = offset
+                continue
+            first = at_or_after(offset)
+            if first is None or first.timestamp()[1] >= timestamp_ms:
+                found[partition] = offset  # the start is right: its first record is late enough
                 continue
             found[partition] = _search(at_or_after, low, high, timestamp_ms)
             log.warning(
@@ -948,24 +962,6 @@ def offsets_at_time(
         return found
     finally:
         consumer.close()
-
-
-def _is_first_at_time(at_or_after, low: int, offset: int, timestamp_ms: int) -> bool:
-    """Whether `offset` (a broker's answer, -1 for "after the end") is the first at or after the time."""
-    if offset < 0:
-        return False  # checked by the search instead (it also finds the real end)
-    here = at_or_after(offset)
-    if here is not None and here.timestamp()[1] < timestamp_ms:
-        return False
-    if offset <= low:
-        return True
-    before = at_or_after(offset - 1)
-    return before is not None and before.offset() < offset and before.timestamp()[1] < timestamp_ms
-
-
-def _end_if_none(at_or_after, offset: int) -> int:
-    record = at_or_after(offset)
-    return record.offset() if record is not None else offset
 
 
 def _search(at_or_after, low: int, high: int, timestamp_ms: int) -> int:

@@ -222,8 +222,8 @@ def aligned_past(minutes_ago: int, window: int = 30) -> int:
 def published_backlog(topics: Topics, start_processor, seconds: int, count: int, seed: int, **env: str):
     """Produce `count` records over `seconds` of past event time, run the processor, and
     wait until every window is on the output topic. Returns (records, expected windows)."""
-    from tests.oracle import expected_windows
-    from tests.workloads import login_workload
+    from testkit.oracle import expected_windows
+    from testkit.workloads import login_workload
 
     records = login_workload(aligned_past(15), seconds, count, 4, seed=seed)
     produce(topics.bootstrap, topics.input, records)

@@ -56,7 +56,7 @@ def invalid_record_positions(records: list[tuple[int, bytes | None, int]]) -> se
     """(partition, offset) of every record the contract calls invalid (the oracle's rule),
     once `records` are produced in order to a new topic: the n-th record of a partition
     has offset n. What the dead-letter headers must cover."""
-    from tests.oracle import decode_object
+    from testkit.oracle import decode_object
 
     next_offset: dict[int, int] = {}
     positions = set()

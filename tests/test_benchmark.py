@@ -8,12 +8,15 @@ import sys
 
 import pytest
 
-from testkit.processes import ROOT
+from testkit.processes import ROOT, require_kafka
 
 pytestmark = pytest.mark.broker
 
 
-def test_benchmark_runs_small_and_reports_every_figure():
+@pytest.mark.parametrize("broker", ["tansu", pytest.param("kafka", marks=pytest.mark.kafka)])
+def test_benchmark_runs_small_and_reports_every_figure(broker):
+    if broker == "kafka":
+        require_kafka()
     result = subprocess.run(
         [
             sys.executable,
@@ -24,6 +27,8 @@ def test_benchmark_runs_small_and_reports_every_figure():
             "1",
             "--minutes",
             "2",
+            "--broker",
+            broker,
         ],
         capture_output=True,
         text=True,
@@ -31,6 +36,7 @@ def test_benchmark_runs_small_and_reports_every_figure():
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    assert f"broker {broker} |" in out, out
     for label in ("median raw consume rate", "median processor rate", "median ratio (b/a)", "median peak RSS"):
         assert re.search(rf"{re.escape(label)}\s+[\d,.]+", out), f"{label} missing:\n{out}"
     for stage in ("consume", "parse", "dead_letter", "aggregate", "publish"):

@@ -95,6 +95,7 @@ def merger_of(processors) -> object | None:
     return None
 
 
+@pytest.mark.both_brokers
 def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_processor):
     seed = int(os.environ.get("CHAOS_SEED", "1"))
     seconds = float(os.environ.get("CHAOS_SECONDS", "25"))

@@ -272,3 +272,129 @@ def test_dashboard_queries_only_metrics_the_processor_exports():
         (MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     )
     assert datasource["datasources"][0]["uid"] == "prometheus"
+
+
+# ---- the brokers: what the tests run ----------------------------------------------------------
+
+# Settings of the tests' nodes that make tests fast (group session floors, fencing,
+# threads, the cleaner's buffer): not what a deployment should copy, so not compared.
+_DEPLOYMENT_SETTINGS = (
+    "process.roles",
+    "default.replication.factor",
+    "min.insync.replicas",
+    "offsets.topic.replication.factor",
+    "transaction.state.log.replication.factor",
+    "transaction.state.log.min.isr",
+    "share.coordinator.state.topic.replication.factor",
+    "share.coordinator.state.topic.min.isr",
+    "controller.listener.names",
+    "group.initial.rebalance.delay.ms",
+)
+
+
+def image_properties(environment: dict) -> dict[str, str]:
+    """A broker service's KAFKA_* environment as server.properties, by the apache/kafka
+    image's rule: KAFKA_ left out, lower case, `___` -> `-`, `__` -> `_`, `_` -> `.`."""
+    properties = {}
+    for name, value in environment.items():
+        if name.startswith("KAFKA_"):
+            key = name.removeprefix("KAFKA_").lower().replace("___", "-").replace("__", "\0").replace("_", ".")
+            properties[key.replace("\0", "_")] = str(value)
+    return properties
+
+
+def harness_properties(tmp_path: Path, nodes: int) -> list[dict[str, str]]:
+    """The server.properties the tests' nodes run with (broker/apache_kafka.py), per node."""
+    from broker.apache_kafka import KafkaCluster
+
+    cluster = KafkaCluster(tmp_path / f"planned-{nodes}", nodes=nodes)
+    cluster._assign_ports()  # the ports only: nothing is started
+    return [cluster.properties(node) for node in cluster.nodes]
+
+
+def listeners(properties: dict[str, str], key: str = "listeners") -> dict[str, str]:
+    """{listener name: security protocol} of `key` (listeners or advertised.listeners)."""
+    protocols = dict(pair.split(":") for pair in properties["listener.security.protocol.map"].split(","))
+    names = [entry.split("://")[0] for entry in properties[key].split(",")]
+    return {name: protocols[name] for name in names}
+
+
+def kafka_version_tested() -> str:
+    pom = (ROOT / "kafka" / "pom.xml").read_text()
+    return re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom).group(1)
+
+
+@pytest.fixture(scope="module")
+def cluster_compose() -> dict:
+    binary = _compose_binary()
+    rendered = subprocess.run(
+        [binary, "--profile", "cluster", "config"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    return yaml.safe_load(rendered.stdout)["services"]
+
+
+def agree(compose_node: dict[str, str], tested: dict[str, str]) -> None:
+    """What matters of a compose node's settings equals a tested node's: the settings of
+    `_DEPLOYMENT_SETTINGS`, the quorum's voter ids and this node's place among them, and
+    the listeners' security protocols by role (controller, between brokers, advertised)."""
+    for key in _DEPLOYMENT_SETTINGS:
+        assert compose_node.get(key) == tested.get(key), (key, compose_node.get(key), tested.get(key))
+
+    def voters(properties: dict[str, str]) -> list[str]:
+        return [voter.split("@")[0] for voter in properties["controller.quorum.voters"].split(",")]
+
+    assert voters(compose_node) == voters(tested)
+    assert compose_node["node.id"] in voters(compose_node)
+    for properties in (compose_node, tested):
+        own, advertised = listeners(properties), listeners(properties, "advertised.listeners")
+        assert own[properties["controller.listener.names"]] == "PLAINTEXT"
+        assert own[properties["inter.broker.listener.name"]] == "PLAINTEXT"
+        assert properties["controller.listener.names"] not in advertised  # clients never reach the quorum
+        assert advertised.items() <= own.items()
+    assert set(listeners(compose_node, "advertised.listeners").values()) == set(
+        listeners(tested, "advertised.listeners").values()
+    )
+
+
+def test_the_compose_broker_is_the_tested_one_node(compose, tmp_path):
+    """`docker compose up` runs the Kafka version and the one-node settings the tests run."""
+    assert compose["services"]["kafka"]["image"] == f"apache/kafka:{kafka_version_tested()}"
+    assert compose["services"]["kafka-init"]["image"] == compose["services"]["kafka"]["image"]
+    [tested] = harness_properties(tmp_path, 1)
+    agree(image_properties(compose["services"]["kafka"]["environment"]), tested)
+
+
+def test_the_cluster_profile_is_the_tested_three_nodes(cluster_compose, tmp_path):
+    """`--profile cluster`: three brokers as the tests' 3-node cluster: each broker and
+    controller of one static quorum, replication factor 3, min.insync.replicas=2, the
+    internal topics alike; and the pipeline on them, as on the one broker."""
+    services = cluster_compose
+    names = ("kafka-1", "kafka-2", "kafka-3")
+    tested = harness_properties(tmp_path, 3)
+    for name, planned in zip(names, tested, strict=True):
+        service = services[name]
+        assert service["profiles"] == ["cluster"]
+        assert service["image"] == f"apache/kafka:{kafka_version_tested()}"
+        node = image_properties(service["environment"])
+        assert node["node.id"] == planned["node.id"]
+        agree(node, planned)
+        assert (node["default.replication.factor"], node["min.insync.replicas"]) == ("3", "2")
+        # One cluster id for all three (each formats its own storage with it).
+        assert service["environment"]["CLUSTER_ID"] == services["kafka-1"]["environment"]["CLUSTER_ID"]
+        # The quorum's hosts are the three services, on their controller port.
+        port = node["listeners"].split("CONTROLLER://:")[1].split(",")[0]
+        assert node["controller.quorum.voters"] == ",".join(f"{n[-1]}@{n}:{port}" for n in names)
+    internal_ports = {image_properties(services[n]["environment"])["advertised.listeners"] for n in names}
+    assert len(internal_ports) == 3, "each node advertises itself"
+    bootstrap = ",".join(f"{name}:19092" for name in names)
+    for app in ("generator", "processor", "processor-2", "monitor"):
+        single, clustered = services[app], services[f"cluster-{app}"]
+        assert clustered["profiles"] == ["cluster"] and clustered["command"] == single["command"]
+        assert clustered["environment"] == single["environment"] | {"KAFKA_BOOTSTRAP_SERVERS": bootstrap}
+        assert set(clustered["depends_on"]) == {"cluster-init"}
+    init = " ".join(services["cluster-init"]["command"])
+    single_init = " ".join(services["kafka-init"]["command"])
+    topics = r"--topic (\S+) --partitions (\d+)((?: --config \S+)*)"
+    assert re.findall(topics, init) == re.findall(topics, single_init)  # the same topics...
+    assert "--replication-factor" not in init  # ...at the brokers' defaults (3, min ISR 2)
+    assert set(services["cluster-init"]["depends_on"]) == set(names)

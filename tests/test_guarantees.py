@@ -31,6 +31,7 @@ def published_values(bootstrap: str, topic: str) -> dict[str, dict]:
     return {key: json.loads(value) for key, value in latest_by_key(bootstrap, topic).items()}
 
 
+@pytest.mark.both_brokers
 def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
     """100k records, 8 minutes of event time, 4 partitions; killed up to 5 times, restarted each time."""
     rng = random.Random(20261125)
@@ -104,6 +105,7 @@ def test_sigkill_at_random_moments_changes_nothing(topics, start_processor):
     assert invalid_record_positions(records) <= dead
 
 
+@pytest.mark.both_brokers
 def test_a_consumer_joining_and_leaving_the_group_changes_nothing(topics, start_processor):
     """Live input; another member takes partitions for a while and leaves without committing."""
     topics.extra_env = {"WINDOW_SECONDS": "5", "ALLOWED_LATENESS_SECONDS": "2"}

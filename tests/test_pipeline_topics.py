@@ -1,5 +1,6 @@
 """pipeline_topics: what the output topic says a pipeline has published, read from its
-records (no broker: real `Message` objects)."""
+records (no broker: real `Message` objects); and, on Apache Kafka, that the topics it
+creates are kept as the docs say (the output really compacted)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,73 @@ def test_recomputing_from_a_later_time_under_a_live_group_is_a_bad_setting():
     # A fresh one starts at its time.
     fresh = settings_of(RECOMPUTE_FROM=str(S + 10 * W), CONSUMER_GROUP_ID="g2")
     assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None, recomputing=True)
+
+
+@pytest.mark.broker
+@pytest.mark.kafka
+@pytest.mark.parametrize("broker_kind", ["kafka"], indirect=True)
+def test_kafka_compacts_the_output_to_the_latest_value_of_each_window(topics, start_processor):
+    """Apache Kafka only (what the embedded broker compacts, if anything, is not what
+    production runs): the processor creates
+    the output compacted, the DLQ and partials topics with the retention the docs give
+    (docs/operations.md), and publishes every window keyed (Kafka refuses a keyless
+    record on a compacted topic: the publish would fail). Then, with segments that roll
+    after 100 ms, each window written again with new bytes (as a recomputation's copy
+    does): Kafka's log cleaner runs over the output and leaves one record per window,
+    the latest."""
+    import json
+    import time
+
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
+
+    from testkit.processes import aligned_past, latest_by_key, produce, read_topic, wait_until
+    from testkit.workloads import login_workload
+
+    admin = AdminClient({"bootstrap.servers": topics.bootstrap, "log_level": 2})
+    admin.create_topics([NewTopic(topics.input, 2, -1)])[topics.input].result(10)
+    records = login_workload(aligned_past(10), seconds=240, count=2000, partitions=2, seed=17)
+    produce(topics.bootstrap, topics.input, records)
+    processor = start_processor(topics.env())
+    published = wait_until(
+        lambda: (got := latest_by_key(topics.bootstrap, topics.output)) and len(got) >= 8 and got, 90, message="windows"
+    )
+    assert processor.terminate()[0] == 0
+    first = read_topic(topics.bootstrap, topics.output)
+    assert first and all(m.key() for m in first)
+
+    def described(name: str) -> dict[str, str]:
+        resource = ConfigResource("topic", name)
+        return {k: v.value for k, v in admin.describe_configs([resource])[resource].result(10).items()}
+
+    assert described(topics.output)["cleanup.policy"] == "compact"
+    dlq, partials = described(topics.dlq), described(topics.partials)
+    assert (dlq["cleanup.policy"], dlq["retention.ms"]) == ("delete", str(14 * 86_400_000))
+    assert (partials["cleanup.policy"], partials["retention.ms"]) == ("delete", str(24 * 3_600_000))
+    assert partials["message.timestamp.type"] == "LogAppendTime"
+
+    resource = ConfigResource(
+        "topic",
+        topics.output,
+        incremental_configs=[
+            ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+            for name, value in {"segment.ms": "100", "min.cleanable.dirty.ratio": "0.01"}.items()
+        ],
+    )
+    admin.incremental_alter_configs([resource])[resource].result(10)
+    time.sleep(0.3)
+    rewritten = {key: json.dumps({**json.loads(value), "rewritten": True}).encode() for key, value in published.items()}
+    for key, value in rewritten.items():
+        produce(topics.bootstrap, topics.output, [(0, value, int(time.time() * 1000))], key=key.encode())
+    for _ in range(2):  # later segments: the rewritten ones are no longer the active one
+        time.sleep(0.3)
+        produce(topics.bootstrap, topics.output, [(0, b"{}", int(time.time() * 1000))], key=b"roll")
+
+    def compacted() -> list:
+        """The output's windows once no window is there twice (each was written twice); [] before."""
+        kept = [m for m in read_topic(topics.bootstrap, topics.output) if m.key() != b"roll"]
+        return kept if len(kept) == len(rewritten) else []
+
+    # The cleaner looks every 15 s (log.cleaner.backoff.ms).
+    kept = wait_until(compacted, 90, interval=2, message="compaction of the output")
+    assert {m.key().decode(): m.value() for m in kept} == rewritten  # the latest of each
+    print(f"{len(first)} windows, each written again, compacted to {len(kept)}")

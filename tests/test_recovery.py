@@ -32,6 +32,7 @@ def run_module(module: str, *args: str, env: dict[str, str], cwd) -> subprocess.
     )
 
 
+@pytest.mark.both_brokers
 def test_a_recomputation_republishes_exactly_the_windows_of_its_range(topics, start_processor, tmp_path):
     topics.create(input_partitions=4)
     start = aligned_past(20)
@@ -175,6 +176,7 @@ def totals(bootstrap: str, topic: str) -> dict[str, int]:
     return {name: sum(window[name] for window in windows) for name in fields}
 
 
+@pytest.mark.both_brokers
 def test_a_dlq_replay_sends_each_fixed_record_once_and_it_is_counted_once(topics, start_processor, tmp_path):
     """Broken records (a login followed by junk) go to the DLQ; two are copied there twice,
     as after a processor crash. Exported, fixed, replayed twice: each reaches the input
@@ -254,6 +256,7 @@ def test_a_dlq_replay_sends_each_fixed_record_once_and_it_is_counted_once(topics
     assert processor.terminate()[0] == 0
 
 
+@pytest.mark.both_brokers
 def test_two_overlapping_replays_send_each_source_once(topics, tmp_path, monkeypatch):
     """Run B reads the ledger, then stalls (a slow machine, a paused container) while run A
     replays the whole file and commits; B then carries on. B's reading is stale: only a
@@ -328,6 +331,7 @@ def replayed_sources(bootstrap: str, topic: str) -> list[str]:
     ]
 
 
+@pytest.mark.both_brokers
 def test_the_replay_says_where_each_record_will_be_counted(topics, tmp_path):
     """The window of its event time while that window is not on the output, else late in
     the next window closing on its source partition: what the processor does with a
@@ -379,6 +383,7 @@ def test_the_replay_says_where_each_record_will_be_counted(topics, tmp_path):
     assert replayed_sources(topics.bootstrap, topics.input) == []
 
 
+@pytest.mark.both_brokers
 def test_a_value_the_processor_would_still_refuse_is_questioned_and_nothing_is_sent(topics, tmp_path):
     topics.create(input_partitions=2)
     now = int(time.time())
@@ -402,6 +407,7 @@ def test_a_value_the_processor_would_still_refuse_is_questioned_and_nothing_is_s
     assert replayed_sources(topics.bootstrap, topics.input) == [f"{topics.input}/0/1"]
 
 
+@pytest.mark.both_brokers
 def test_records_nobody_will_fix_can_be_set_aside_and_brought_back(topics, tmp_path):
     topics.create(input_partitions=2)
     now = int(time.time())

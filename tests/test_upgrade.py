@@ -54,6 +54,7 @@ def previous_release(request, tmp_path_factory):
     return folder
 
 
+@pytest.mark.both_brokers
 def test_a_group_upgraded_one_member_at_a_time_publishes_every_window_exactly(
     topics, start_processor, previous_release
 ):
