@@ -31,7 +31,7 @@ import argparse
 import logging
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -325,12 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _export(settings: Settings, path: str, discarded: bool) -> int:
+def _export(settings: Settings, path: str, discarded: bool, permitted: Callable[[], None]) -> int:
     try:
         out = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
     except OSError as error:
         raise FileError(path, error.strerror or str(error)) from None
     try:
+        permitted()
         written, left_out = export(settings, out, discarded)
     finally:
         if out is not sys.stdout:
@@ -344,12 +345,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args, _ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
     try:
-        # What this command reads and writes, allowed before anything is read: a DLQ or
-        # ledger it may not see would look empty (broker/authorization.py).
-        check_permissions(settings, authorization.dlq_replay(settings, args.command, getattr(args, "dry_run", False)))
+        # What this command reads and writes, allowed before anything is read from the
+        # broker: a DLQ or ledger it may not see would look empty (broker/authorization.py).
+        # The local file comes first: a mistake in it is said at once, without a broker.
+        needed = authorization.dlq_replay(settings, args.command, getattr(args, "dry_run", False))
+
+        def permitted() -> None:
+            check_permissions(settings, needed)
+
         if args.command == "export":
-            return _export(settings, args.file, args.discarded)
+            return _export(settings, args.file, args.discarded, permitted)
         letters = read_file(args.file)
+        permitted()
         if args.command == "replay":
             return replay(settings, letters, args.file, args.dry_run)
         return discard(settings, letters, args.undo, args.dry_run)
