@@ -74,11 +74,13 @@ clean:
 	rm -rf $(VENV) $(KAFKA_HOME) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
 
 # Long runs, behind a flag of their own (not in `make test`):
-#   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule)
+#   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule;
+#                                   on Kafka under KIP-848, CHAOS_GROUP_PROTOCOL=classic for the classic protocol)
 #   make test-schedules             10,000 seeded fault schedules (about 45 minutes)
 CHAOS_SECONDS ?= 90
+CHAOS_GROUP_PROTOCOL ?= consumer
 test-chaos: $(BIN)/.installed
-	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python -m pytest tests/test_chaos.py
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_GROUP_PROTOCOL=$(CHAOS_GROUP_PROTOCOL) $(BIN)/python -m pytest tests/test_chaos.py
 
 FAULT_SCHEDULES ?= 10000
 test-schedules: $(BIN)/.installed
