@@ -106,6 +106,10 @@ class LiveStream:
         else:
             self.failed.append(error.str())
 
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self, flush_seconds: float = 30) -> None:
         self._stop.set()
         self._thread.join(10)
