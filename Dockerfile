@@ -25,6 +25,7 @@ RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 app
 COPY config.py aggregator.py kafka_processor.py monitor_aggregated_data.py data_generator.py ./
+COPY core/ core/
 COPY ingest/ ingest/
 COPY merging/ merging/
 COPY broker/ broker/

@@ -8,7 +8,7 @@ Precedence, lowest first: built-in defaults, the `.env` file, the process
 environment, command-line flags.
 
 Each script reads only the settings it uses (`add_settings_arguments(parser,
-only=...)`, e.g. `MONITOR_SETTINGS`); the others keep their defaults, whatever
+only=...)`, each script naming its own list); the others keep their defaults, whatever
 the environment says, so one `.env` can serve every script. `KAFKA_*`
 pass-through properties reach every script.
 
@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from dotenv import dotenv_values
+
+from core.errors import PipelineError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -95,7 +97,7 @@ KIP848_LEFT_OUT = (
 _SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
 
 
-class ConfigError(Exception):
+class ConfigError(PipelineError):
     """A setting has a value we cannot use. `setting` names it the way the user wrote it."""
 
     def __init__(self, setting: str, problem: str) -> None:
@@ -104,157 +106,6 @@ class ConfigError(Exception):
         self.problem = problem
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every knob of the pipeline, validated. Defaults work with the local stack."""
-
-    bootstrap_servers: str = "localhost:29092"
-    input_topic: str = "user-login"
-    output_topic: str = "device-login-aggregates"
-    # Internal: per-partition parts of windows, merged by one processor (see merging/merge.py).
-    # Named after the group when not set (`<CONSUMER_GROUP_ID>-partials`), as Kafka
-    # Streams names internal topics after application.id: a pipeline's own by default.
-    partials_topic: str = ""
-    dlq_topic: str = "user-login-dlq"
-    consumer_group_id: str = "login-aggregator"
-    # This processor's name in its log lines, with its process id: "processor-2[4711]".
-    processor_name: str = "processor"
-    window_seconds: int = 30
-    allowed_lateness_seconds: int = 5
-    max_event_time_skew_seconds: int = 300
-    top_ips: int = 10
-    # A longer string field counts as missing (keeps windows a publishable size).
-    max_field_length: int = 256
-    # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
-    max_distinct_per_window: int = 1_000_000
-    # (device type, app version, locale) combinations kept per window; past it the
-    # per-device/locale/version counts are lower bounds (see aggregator.DEFAULT_MAX_PROFILES).
-    max_profiles_per_window: int = 10_000
-    log_level: str = "INFO"
-    log_format: str = "text"
-    # Partition counts used only when the processor creates missing topics.
-    input_partitions: int = 4
-    # How often the timer thread looks for windows to close.
-    close_interval_seconds: float = 0.5
-    # Records handed over by one consume() call: big enough to amortise the call.
-    consume_batch_size: int = 5000
-    # Port of the Prometheus endpoint; 0 turns it off.
-    metrics_port: int = 0
-    # The merger's memory bound while windows wait on a stuck member: past it, parts of
-    # later windows are read again once the held ones are published (merging/merge.py).
-    merge_max_pending_windows: int = 64
-    merge_max_pending_mb: int = 512
-    # Topics the scripts create when missing: -1 is the broker's own default.replication.factor.
-    topic_replication_factor: int = -1
-    # min.insync.replicas of the created topics; 0 leaves the broker's default.
-    topic_min_insync_replicas: int = 0
-    # retention.ms of the created DLQ (long enough for someone to look) and partials
-    # topic (an unfinished window and a hand-over need minutes; a day is plenty).
-    dlq_retention_days: int = 14
-    partials_retention_hours: int = 24
-    # Recomputation (docs/operations.md, "Recovery"): a new group starts each partition at
-    # this time (epoch seconds, 0 = off) less the margin, windows before it count as published.
-    recompute_from: int = 0
-    recompute_margin_seconds: int = 600
-    # Pass-through librdkafka properties (already lower-cased and dotted).
-    kafka_common: Mapping[str, str] = field(default_factory=dict)
-    kafka_consumer: Mapping[str, str] = field(default_factory=dict)
-    kafka_producer: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.partials_topic:
-            object.__setattr__(self, "partials_topic", f"{self.consumer_group_id}-partials")
-
-    @property
-    def merge_max_pending_bytes(self) -> int:
-        return self.merge_max_pending_mb * 1024 * 1024
-
-    def window_shaping(self) -> dict[str, int]:
-        """The settings that shape a window's value, by environment name: every part
-        carries them, and a merger never merges parts made under others (merging/merge.py)."""
-        return {name: getattr(self, _SETTINGS[name][0]) for name in WINDOW_SHAPING_SETTINGS}
-
-    def consumer_config(self) -> dict[str, str]:
-        """librdkafka settings a consumer should see: common + consumer-only (without
-        what the KIP-848 protocol forbids, in that mode: `left_out_for_group_protocol`)."""
-        config = {
-            "bootstrap.servers": self.bootstrap_servers,
-            **CONSUMER_DEFAULTS,
-            **self.kafka_common,
-            **self.kafka_consumer,
-        }
-        if self.group_protocol == "consumer":
-            config = {name: value for name, value in config.items() if name not in KIP848_LEFT_OUT}
-        return config
-
-    @property
-    def group_protocol(self) -> str:
-        """The consumer group protocol: "classic" (librdkafka's default) or "consumer" (KIP-848)."""
-        return str({**self.kafka_common, **self.kafka_consumer}.get("group.protocol", "classic")).strip().lower()
-
-    @property
-    def incremental_assignment(self) -> bool:
-        """Whether a rebalance hands over only the change (KIP-848: the partitions added,
-        the partitions taken away) rather than the whole assignment: a rebalance callback
-        that sets start offsets then calls `incremental_assign`, not `assign`."""
-        return self.group_protocol == "consumer"
-
-    def left_out_for_group_protocol(self) -> dict[str, str]:
-        """The consumer settings `consumer_config` leaves out under the KIP-848 protocol."""
-        if self.group_protocol != "consumer":
-            return {}
-        given = {**CONSUMER_DEFAULTS, **self.kafka_common, **self.kafka_consumer}
-        return {name: given[name] for name in sorted(given) if name in KIP848_LEFT_OUT}
-
-    def producer_config(self) -> dict[str, str]:
-        """librdkafka settings a producer should see: common + producer-only."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common, **self.kafka_producer}
-
-    def admin_config(self) -> dict[str, str]:
-        """The admin client only needs how to reach and authenticate to the cluster."""
-        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common}
-
-    def describe(self) -> str:
-        """One log line of the effective settings, with every secret masked."""
-        parts = [
-            f"bootstrap={self.bootstrap_servers}",
-            f"input={self.input_topic}",
-            f"output={self.output_topic}",
-            f"dlq={self.dlq_topic}",
-            f"partials={self.partials_topic}",
-            f"group={self.consumer_group_id}",
-            f"window={self.window_seconds}s",
-            f"lateness={self.allowed_lateness_seconds}s",
-            f"skew={self.max_event_time_skew_seconds}s",
-            f"top_ips={self.top_ips}",
-        ]
-        if self.recompute_from:
-            start = datetime.fromtimestamp(self.recompute_from, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            parts.append(f"recompute_from={start} margin={self.recompute_margin_seconds}s")
-        left_out = self.left_out_for_group_protocol()
-        passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
-        passthrough = {k: v for k, v in passthrough.items() if k not in left_out}
-        if passthrough:
-            shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))
-            parts.append(f"kafka[{shown}]")
-        if left_out:
-            shown = ", ".join(f"{k}={v}" for k, v in left_out.items())
-            parts.append(
-                f"group.protocol=consumer left out {shown} (the broker sets the session:"
-                " group.consumer.session.timeout.ms)"
-            )
-        return " ".join(parts)
-
-
-def redact(name: str, value: str) -> str:
-    """Mask values of properties that look secret (passwords, keys, tokens)."""
-    lowered = name.lower()
-    if any(marker in lowered for marker in _SECRET_MARKERS) and not lowered.endswith(".location"):
-        return "***"
-    return value
-
-
-# name in the environment -> (field, parser, flag help)
 def _positive_int(setting: str, raw: str) -> int:
     value = _int(setting, raw)
     if value <= 0:
@@ -336,115 +187,288 @@ def _non_empty(setting: str, raw: str) -> str:
     return value
 
 
-_SETTINGS = {
-    "KAFKA_BOOTSTRAP_SERVERS": ("bootstrap_servers", _non_empty, "Kafka brokers, host:port[,host:port]"),
-    "INPUT_TOPIC": ("input_topic", _non_empty, "topic of login events"),
-    "OUTPUT_TOPIC": ("output_topic", _non_empty, "topic of window aggregates"),
-    "PARTIALS_TOPIC": (
-        "partials_topic",
+class Declared(NamedTuple):
+    """One setting as declared on its `Settings` field: everything about it, once."""
+
+    field_name: str
+    parse: Callable[[str, str], object]  # (name the user wrote, raw text) -> value, or ConfigError
+    help: str
+    shaping: bool  # changes what a window's value is: every member of a group must agree
+    flag: str | None  # a short flag shown first (`--from`), beside the one named after it
+    shown_default: str | None  # how --help shows a default derived from another setting
+
+
+def setting(
+    env_name: str,
+    default: object,
+    parse: Callable[[str, str], object],
+    help: str,
+    *,
+    shaping: bool = False,
+    flag: str | None = None,
+    shown_default: str | None = None,
+) -> Any:
+    """A `Settings` field declared with its environment name, parser and help: the flag
+    table, `--help`, the README's table and the window-shaping list are derived from it."""
+    return field(
+        default=default,
+        metadata={"setting": (env_name, parse, help, shaping, flag, shown_default)},
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of the pipeline, validated. Defaults work with the local stack."""
+
+    bootstrap_servers: str = setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "localhost:29092",
+        _non_empty,
+        "Kafka brokers, host:port[,host:port]",
+        flag="--bootstrap-servers",
+    )
+    input_topic: str = setting("INPUT_TOPIC", "user-login", _non_empty, "topic of login events")
+    output_topic: str = setting("OUTPUT_TOPIC", "device-login-aggregates", _non_empty, "topic of window aggregates")
+    # Internal: per-partition parts of windows, merged by one processor (see merging/merge.py).
+    # Named after the group when not set (`<CONSUMER_GROUP_ID>-partials`), as Kafka
+    # Streams names internal topics after application.id: a pipeline's own by default.
+    partials_topic: str = setting(
+        "PARTIALS_TOPIC",
+        "",
         _non_empty,
         "internal topic of per-partition window parts, merged by one processor of the group",
-    ),
-    "DLQ_TOPIC": ("dlq_topic", _non_empty, "dead-letter topic for invalid records"),
-    "CONSUMER_GROUP_ID": ("consumer_group_id", _non_empty, "consumer group of the processor"),
-    "PROCESSOR_NAME": (
-        "processor_name",
+        shown_default="<CONSUMER_GROUP_ID>-partials",
+    )
+    dlq_topic: str = setting("DLQ_TOPIC", "user-login-dlq", _non_empty, "dead-letter topic for invalid records")
+    consumer_group_id: str = setting(
+        "CONSUMER_GROUP_ID", "login-aggregator", _non_empty, "consumer group of the processor"
+    )
+    # This processor's name in its log lines, with its process id: "processor-2[4711]".
+    processor_name: str = setting(
+        "PROCESSOR_NAME",
+        "processor",
         _non_empty,
         "this processor's name in each log line, after the time and level, with its process id;"
         " a line reads '2026-12-01T18:32:00Z INFO processor-2[4711] merger: ...'",
-    ),
-    "WINDOW_SECONDS": ("window_seconds", _positive_int, "tumbling window length"),
-    "ALLOWED_LATENESS_SECONDS": ("allowed_lateness_seconds", _non_negative_int, "grace period"),
-    "MAX_EVENT_TIME_SKEW_SECONDS": (
-        "max_event_time_skew_seconds",
+    )
+    window_seconds: int = setting("WINDOW_SECONDS", 30, _positive_int, "tumbling window length", shaping=True)
+    allowed_lateness_seconds: int = setting(
+        "ALLOWED_LATENESS_SECONDS", 5, _non_negative_int, "grace period", shaping=True
+    )
+    max_event_time_skew_seconds: int = setting(
+        "MAX_EVENT_TIME_SKEW_SECONDS",
+        300,
         _positive_int,
         "an event time further ahead of its record's Kafka timestamp counts as a missing timestamp"
         " (a Kafka timestamp further ahead of the wall clock counts at the wall clock)",
-    ),
-    "TOP_IPS": ("top_ips", _positive_int, "entries in top_ips"),
-    "MAX_FIELD_LENGTH": ("max_field_length", _positive_int, "longer string values count as missing"),
-    "MAX_DISTINCT_PER_WINDOW": (
-        "max_distinct_per_window",
+        shaping=True,
+    )
+    top_ips: int = setting("TOP_IPS", 10, _positive_int, "entries in top_ips", shaping=True)
+    # A longer string field counts as missing (keeps windows a publishable size).
+    max_field_length: int = setting(
+        "MAX_FIELD_LENGTH", 256, _positive_int, "longer string values count as missing", shaping=True
+    )
+    # Distinct device ids / IPs kept per window; past it unique counts are lower bounds.
+    max_distinct_per_window: int = setting(
+        "MAX_DISTINCT_PER_WINDOW",
+        1_000_000,
         _positive_int,
         "device ids / IPs kept per window (memory bound); past it unique counts are lower bounds",
-    ),
-    "MAX_PROFILES_PER_WINDOW": (
-        "max_profiles_per_window",
+        shaping=True,
+    )
+    # (device type, app version, locale) combinations kept per window; past it the
+    # per-device/locale/version counts are lower bounds (see core/window_value.DEFAULT_MAX_PROFILES).
+    max_profiles_per_window: int = setting(
+        "MAX_PROFILES_PER_WINDOW",
+        10_000,
         _positive_int,
         "(device type, app version, locale) combinations kept per window (memory bound); past it"
         " their counts are lower bounds",
-    ),
-    "LOG_LEVEL": ("log_level", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR"),
-    "LOG_FORMAT": ("log_format", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"),
-    "INPUT_PARTITIONS": ("input_partitions", _positive_int, "partitions when creating the input topic"),
-    "CLOSE_INTERVAL_SECONDS": ("close_interval_seconds", _positive_float, "how often windows are checked"),
-    "CONSUME_BATCH_SIZE": ("consume_batch_size", _positive_int, "records per consume() call"),
-    "METRICS_PORT": ("metrics_port", _port, "Prometheus endpoint port, 0 = off"),
-    "MERGE_MAX_PENDING_WINDOWS": (
-        "merge_max_pending_windows",
+        shaping=True,
+    )
+    log_level: str = setting("LOG_LEVEL", "INFO", _choice(LOG_LEVELS), "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = setting(
+        "LOG_FORMAT", "text", _choice(LOG_FORMATS), "text (for people) or json (for log shippers)"
+    )
+    # Partition counts used only when the processor creates missing topics.
+    input_partitions: int = setting("INPUT_PARTITIONS", 4, _positive_int, "partitions when creating the input topic")
+    # How often the timer thread looks for windows to close.
+    close_interval_seconds: float = setting(
+        "CLOSE_INTERVAL_SECONDS", 0.5, _positive_float, "how often windows are checked"
+    )
+    # Records handed over by one consume() call: big enough to amortise the call.
+    consume_batch_size: int = setting("CONSUME_BATCH_SIZE", 5000, _positive_int, "records per consume() call")
+    # Port of the Prometheus endpoint; 0 turns it off.
+    metrics_port: int = setting("METRICS_PORT", 0, _port, "Prometheus endpoint port, 0 = off")
+    # The merger's memory bound while windows wait on a stuck member: past it, parts of
+    # later windows are read again once the held ones are published (merging/merge.py).
+    merge_max_pending_windows: int = setting(
+        "MERGE_MAX_PENDING_WINDOWS",
+        64,
         _positive_int,
         "windows the merger holds while one waits on a stuck member; later ones are read again after",
-    ),
-    "MERGE_MAX_PENDING_MB": (
-        "merge_max_pending_mb",
+    )
+    merge_max_pending_mb: int = setting(
+        "MERGE_MAX_PENDING_MB",
+        512,
         _positive_int,
         "megabytes of parts the merger holds while windows wait on a stuck member",
-    ),
-    "TOPIC_REPLICATION_FACTOR": (
-        "topic_replication_factor",
+    )
+    # Topics the scripts create when missing: -1 is the broker's own default.replication.factor.
+    topic_replication_factor: int = setting(
+        "TOPIC_REPLICATION_FACTOR",
+        -1,
         _replication_factor,
         "replication factor of the topics a script creates when missing; -1 = the broker's default",
-    ),
-    "TOPIC_MIN_INSYNC_REPLICAS": (
-        "topic_min_insync_replicas",
+    )
+    # min.insync.replicas of the created topics; 0 leaves the broker's default.
+    topic_min_insync_replicas: int = setting(
+        "TOPIC_MIN_INSYNC_REPLICAS",
+        0,
         _non_negative_int,
         "min.insync.replicas of the topics a script creates; 0 = the broker's default",
-    ),
-    "DLQ_RETENTION_DAYS": (
-        "dlq_retention_days",
-        _positive_int,
-        "retention of the DLQ topic when the processor creates it",
-    ),
-    "PARTIALS_RETENTION_HOURS": (
-        "partials_retention_hours",
+    )
+    # retention.ms of the created DLQ (long enough for someone to look) and partials
+    # topic (an unfinished window and a hand-over need minutes; a day is plenty).
+    dlq_retention_days: int = setting(
+        "DLQ_RETENTION_DAYS", 14, _positive_int, "retention of the DLQ topic when the processor creates it"
+    )
+    partials_retention_hours: int = setting(
+        "PARTIALS_RETENTION_HOURS",
+        24,
         _positive_int,
         "retention of the partials topic when the processor creates it (must outlast the longest merge stall)",
-    ),
-    "RECOMPUTE_FROM": (
-        "recompute_from",
+    )
+    # Recomputation (docs/operations.md, "Recovery"): a new group starts each partition at
+    # this time (epoch seconds, 0 = off) less the margin, windows before it count as published.
+    recompute_from: int = setting(
+        "RECOMPUTE_FROM",
+        0,
         utc_time,
         "recompute windows from this time (2026-12-01T00:00:00Z), under a new CONSUMER_GROUP_ID: partitions without"
         " a committed offset start at this time less RECOMPUTE_MARGIN_SECONDS; 0 = off",
-    ),
-    "RECOMPUTE_MARGIN_SECONDS": (
-        "recompute_margin_seconds",
+        flag="--from",
+    )
+    recompute_margin_seconds: int = setting(
+        "RECOMPUTE_MARGIN_SECONDS",
+        600,
         _non_negative_int,
         "with RECOMPUTE_FROM: start reading this much earlier, for records whose Kafka time is behind their event time",
-    ),
-}
+    )
+    # Pass-through librdkafka properties (already lower-cased and dotted).
+    kafka_common: Mapping[str, str] = field(default_factory=dict)
+    kafka_consumer: Mapping[str, str] = field(default_factory=dict)
+    kafka_producer: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.partials_topic:
+            object.__setattr__(self, "partials_topic", f"{self.consumer_group_id}-partials")
+
+    @property
+    def merge_max_pending_bytes(self) -> int:
+        return self.merge_max_pending_mb * 1024 * 1024
+
+    def window_shaping(self) -> dict[str, int]:
+        """The settings that shape a window's value, by environment name: every part
+        carries them, and a merger never merges parts made under others (merging/merge.py)."""
+        return {name: getattr(self, _SETTINGS[name].field_name) for name in WINDOW_SHAPING_SETTINGS}
+
+    def consumer_config(self) -> dict[str, str]:
+        """librdkafka settings a consumer should see: common + consumer-only (without
+        what the KIP-848 protocol forbids, in that mode: `left_out_for_group_protocol`)."""
+        config = {
+            "bootstrap.servers": self.bootstrap_servers,
+            **CONSUMER_DEFAULTS,
+            **self.kafka_common,
+            **self.kafka_consumer,
+        }
+        if self.group_protocol == "consumer":
+            config = {name: value for name, value in config.items() if name not in KIP848_LEFT_OUT}
+        return config
+
+    @property
+    def group_protocol(self) -> str:
+        """The consumer group protocol: "classic" (librdkafka's default) or "consumer" (KIP-848)."""
+        return str({**self.kafka_common, **self.kafka_consumer}.get("group.protocol", "classic")).strip().lower()
+
+    @property
+    def incremental_assignment(self) -> bool:
+        """Whether a rebalance hands over only the change (KIP-848: the partitions added,
+        the partitions taken away) rather than the whole assignment: a rebalance callback
+        that sets start offsets then calls `incremental_assign`, not `assign`."""
+        return self.group_protocol == "consumer"
+
+    def left_out_for_group_protocol(self) -> dict[str, str]:
+        """The consumer settings `consumer_config` leaves out under the KIP-848 protocol."""
+        if self.group_protocol != "consumer":
+            return {}
+        given = {**CONSUMER_DEFAULTS, **self.kafka_common, **self.kafka_consumer}
+        return {name: given[name] for name in sorted(given) if name in KIP848_LEFT_OUT}
+
+    def producer_config(self) -> dict[str, str]:
+        """librdkafka settings a producer should see: common + producer-only."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common, **self.kafka_producer}
+
+    def admin_config(self) -> dict[str, str]:
+        """The admin client only needs how to reach and authenticate to the cluster."""
+        return {"bootstrap.servers": self.bootstrap_servers, **self.kafka_common}
+
+    def describe(self) -> str:
+        """One log line of the effective settings, with every secret masked."""
+        parts = [
+            f"bootstrap={self.bootstrap_servers}",
+            f"input={self.input_topic}",
+            f"output={self.output_topic}",
+            f"dlq={self.dlq_topic}",
+            f"partials={self.partials_topic}",
+            f"group={self.consumer_group_id}",
+            f"window={self.window_seconds}s",
+            f"lateness={self.allowed_lateness_seconds}s",
+            f"skew={self.max_event_time_skew_seconds}s",
+            f"top_ips={self.top_ips}",
+        ]
+        if self.recompute_from:
+            start = datetime.fromtimestamp(self.recompute_from, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            parts.append(f"recompute_from={start} margin={self.recompute_margin_seconds}s")
+        left_out = self.left_out_for_group_protocol()
+        passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
+        passthrough = {k: v for k, v in passthrough.items() if k not in left_out}
+        if passthrough:
+            shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))
+            parts.append(f"kafka[{shown}]")
+        if left_out:
+            shown = ", ".join(f"{k}={v}" for k, v in left_out.items())
+            parts.append(
+                f"group.protocol=consumer left out {shown} (the broker sets the session:"
+                " group.consumer.session.timeout.ms)"
+            )
+        return " ".join(parts)
+
+
+def redact(name: str, value: str) -> str:
+    """Mask values of properties that look secret (passwords, keys, tokens)."""
+    lowered = name.lower()
+    if any(marker in lowered for marker in _SECRET_MARKERS) and not lowered.endswith(".location"):
+        return "***"
+    return value
+
+
+# Every setting by environment name, derived from the declarations above (in field order).
+_SETTINGS: dict[str, Declared] = {
+    f.metadata["setting"][0]: Declared(f.name, *f.metadata["setting"][1:])
+    for f in fields(Settings)
+    if "setting" in f.metadata
+}
 
 # Settings that change what a window's value is (not only where or how fast it goes).
 # Members of one group must agree on them; changing one means stopping the group or a
 # new CONSUMER_GROUP_ID (docs/operations.md).
-WINDOW_SHAPING_SETTINGS = (
-    "WINDOW_SECONDS",
-    "ALLOWED_LATENESS_SECONDS",
-    "MAX_EVENT_TIME_SKEW_SECONDS",
-    "TOP_IPS",
-    "MAX_FIELD_LENGTH",
-    "MAX_DISTINCT_PER_WINDOW",
-    "MAX_PROFILES_PER_WINDOW",
-)
-
-
-# Defaults that are derived from another setting, as --help shows them.
-_DERIVED_DEFAULTS = {"PARTIALS_TOPIC": "<CONSUMER_GROUP_ID>-partials"}
+WINDOW_SHAPING_SETTINGS = tuple(name for name, declared in _SETTINGS.items() if declared.shaping)
 
 
 def shown_default(env_name: str, default: object) -> str:
     """A setting's default as --help and the README show it."""
-    return _DERIVED_DEFAULTS.get(env_name, str(default))
+    return _SETTINGS[env_name].shown_default or str(default)
 
 
 def _flag(env_name: str) -> str:
@@ -453,11 +477,8 @@ def _flag(env_name: str) -> str:
 
 def _flags(env_name: str) -> list[str]:
     """A setting's flags, the one to show first (`--bootstrap-servers` is the short one)."""
-    if env_name == "KAFKA_BOOTSTRAP_SERVERS":
-        return ["--bootstrap-servers", _flag(env_name)]
-    if env_name == "RECOMPUTE_FROM":
-        return ["--from", _flag(env_name)]
-    return [_flag(env_name)]
+    short = _SETTINGS[env_name].flag
+    return [short, _flag(env_name)] if short else [_flag(env_name)]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -467,22 +488,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
-
-# The settings each script reads and lists in --help (the processor: all of them).
-# A setting a script does not use keeps its default there, so a shared `.env` with,
-# say, METRICS_PORT cannot stop the monitor. The generator creates the input topic
-# when it is first, hence INPUT_PARTITIONS.
-MONITOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT")
-GENERATOR_SETTINGS = (
-    "KAFKA_BOOTSTRAP_SERVERS",
-    "INPUT_TOPIC",
-    "INPUT_PARTITIONS",
-    "TOPIC_REPLICATION_FACTOR",
-    "TOPIC_MIN_INSYNC_REPLICAS",
-    "LOG_LEVEL",
-    "LOG_FORMAT",
-)
-LOCAL_STACK_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS",)
 
 SETTINGS_EPILOG = """\
 Each setting above can also be given as its environment variable ("env NAME")
@@ -512,7 +517,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, only: Iterable[str] 
     defaults = {f.name: f.default for f in fields(Settings)}
     group = parser.add_argument_group("settings (flags override environment and .env)")
     for env_name in names:
-        field_name, _, help_text = _SETTINGS[env_name]
+        field_name, _, help_text, *_ = _SETTINGS[env_name]
         text = f"{help_text} (default: {shown_default(env_name, defaults[field_name])}; env {env_name})"
         group.add_argument(*_flags(env_name), dest=env_name, metavar="VALUE", help=text.replace("%", "%%"))
     group.add_argument("--env-file", default=".env", help="file of KEY=VALUE settings (default: .env)")
@@ -534,7 +539,7 @@ def build_settings(
     flags = flags or {}
     wanted = _SETTINGS if only is None else set(only)
     values: dict[str, object] = {}
-    for env_name, (field_name, parse, _) in _SETTINGS.items():
+    for env_name, (field_name, parse, *_) in _SETTINGS.items():
         if env_name not in wanted:
             continue
         flag_value = flags.get(env_name)

@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from broker import authorization
+from broker.authorization import TOPIC, NotAuthorized, Permission, is_authorization_error
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -37,7 +39,6 @@ from broker.kafka_io import (
     ensure_topics,
 )
 from config import (
-    GENERATOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -46,6 +47,18 @@ from config import (
     load_settings_or_exit,
 )
 from ops.log_setup import configure_logging
+
+# The settings the generator reads and lists in --help. It creates the input topic
+# when it is first, hence INPUT_PARTITIONS and the topic settings.
+GENERATOR_SETTINGS = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "INPUT_TOPIC",
+    "INPUT_PARTITIONS",
+    "TOPIC_REPLICATION_FACTOR",
+    "TOPIC_MIN_INSYNC_REPLICAS",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+)
 
 log = logging.getLogger("generator")
 
@@ -163,6 +176,12 @@ def produce(
         raise ValueError("--backlog-seconds needs --count")
     time_of = event_times(count, backlog_seconds, time.time(), since, rate)
     health = BrokerHealth(settings.bootstrap_servers, log)
+    refused: list[KafkaError] = []  # deliveries the cluster's ACLs refused (Write taken away)
+
+    def delivered(error: KafkaError | None, _message) -> None:
+        if is_authorization_error(error):
+            refused.append(error)
+
     producer = Producer(
         {
             **QUIET_CLIENT_LOGS,
@@ -172,6 +191,7 @@ def produce(
             "enable.idempotence": True,
             **settings.producer_config(),
             "error_cb": health.on_error,
+            "on_delivery": delivered,
         }
     )
     sent = 0
@@ -179,6 +199,8 @@ def produce(
     ahead = 0.0 if since is None else since - time.time()  # < 0: the schedule began in the past
     last_report = started
     while not stop.is_set() and (count <= 0 or sent < count):
+        if refused:  # not sent again and again: the ACL does not come back by itself
+            raise NotAuthorized([Permission(TOPIC, settings.input_topic, "Write")], settings)
         value = make(rng, time_of(sent))
         try:
             producer.produce(settings.input_topic, value=value)
@@ -188,13 +210,15 @@ def produce(
         sent += 1
         if rate > 0:
             stop.wait(max(0.0, started + ahead + sent / rate - time.monotonic()))
-        if sent % 10_000 == 0:
+        if rate > 0 or sent % 10_000 == 0:  # paced: serve delivery reports as they come
             producer.poll(0)
         now = time.monotonic()
         if now - last_report >= 10:
             log.info("sent %d events (%.0f/s)", sent, sent / (now - started))
             last_report = now
     producer.flush(30)
+    if refused:
+        raise NotAuthorized([Permission(TOPIC, settings.input_topic, "Write")], settings)
     log.info("sent %d events in %.1fs", sent, time.monotonic() - started)
     return sent
 
@@ -249,11 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     health = BrokerHealth(settings.bootstrap_servers, log)
     try:
-        if not ensure_topics(settings, {settings.input_topic: settings.input_partitions}, stop.is_set, health):
+        topics = {settings.input_topic: settings.input_partitions}
+        if not ensure_topics(settings, topics, stop.is_set, health, permissions=authorization.generator(settings)):
             return health.exit_status_when_stopped()
         produce(settings, args.profile, rate, args.count, args.backlog_seconds, args.seed, stop, args.since)
     except AuthenticationFailed as refused:
         exit_with_config_error("data_generator.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs (broker/authorization.py)
+        print(f"data_generator.py: {refused.line()}", file=sys.stderr)
+        return 2
     except ConfigError as error:  # a topic setting the cluster refused
         exit_with_config_error("data_generator.py", error)
     except KafkaException as error:

@@ -1,14 +1,31 @@
 """The long-running processor: user-login -> 30 s windows -> device-login-aggregates.
 
-Data flows one way: record -> parse -> window -> aggregate -> publish -> commit.
+Data flows one way, through two hops on the broker:
 
-* The main thread owns the consumer: it consumes batches, parses them
-  (`parsing`), copies invalid records to the dead-letter topic and hands each
-  partition's run of records to the `Aggregator` (one lock per run).
-* A timer thread (`window_closer`) closes the window parts the watermarks have
-  passed, publishes them, waits for the broker's acknowledgement, then works out
-  which input offsets are safe to commit. The main thread performs the commit on
-  its next turn, so the consumer is only ever touched by one thread.
+    user-login --consume--> parse --invalid--> user-login-dlq
+                              |
+                              v
+          Aggregator: per (window, input partition) tallies, watermarks
+                              | timer thread closes parts the watermark passed
+                              v
+          <group>-partials (parts, progress) --merge group--> WindowMerger
+                                                             | every partition's part in
+                                                             v
+                                            device-login-aggregates
+                                                             | read back (PublishedFollower)
+                                                             v
+          input offsets whose windows are published --> commit (main thread)
+
+* The main thread owns the input consumer: it consumes batches, parses them
+  (`ingest.parsing`), copies invalid records to the dead-letter topic and hands
+  each partition's run of records to the `Aggregator` (one lock per run).
+* A timer thread (`ingest.window_closer`) closes the window parts the watermarks
+  have passed and publishes them to the partials topic (`ingest.part_publisher`).
+* One member of the group (the merge group's owner) runs `merging.merger`: it
+  merges every partition's part of a window and publishes the window once.
+* The output follower tells each member which windows are published; only then
+  are the input offsets their records held safe, and the main thread commits them
+  on its next turn, so the consumer is only ever touched by one thread.
 
 Why this order gives "nothing lost, nothing counted twice" is in README.md
 ("Guarantees").
@@ -29,7 +46,9 @@ from collections.abc import Callable, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator import Aggregator, iso_utc
+from aggregator import Aggregator
+from broker import authorization
+from broker.authorization import NotAuthorized, PermissionWatch
 from broker.broker_clock import BrokerClock
 from broker.group_protocol import check_group_protocol
 from broker.kafka_io import (
@@ -58,6 +77,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from core.window_value import iso_utc
 from ingest.assignment import InputAssignment
 from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue
@@ -209,6 +229,13 @@ class Processor:
             self.stop_requested.is_set,
         )
         self.endpoint: HealthEndpoint | None = None
+        # Asks the cluster now and then whether its ACLs still allow what this processor
+        # does (broker/authorization.py); started once start-up is through.
+        self.permissions = PermissionWatch(
+            settings,
+            authorization.processor(settings),
+            lambda: clients.admin({**QUIET_CLIENT_LOGS, **settings.admin_config()}),
+        )
         # Why this processor stands by without acting (settings the group does not share).
         self.refused: str | None = None
         self.topics = PipelineTopics(settings, self.health, self.stop_requested.is_set, clients)
@@ -368,6 +395,7 @@ class Processor:
             return self._stand_by()
         self.start_consuming()
         self.merger.start()
+        self.permissions.start()
         _tune_garbage_collector()
         timer = threading.Thread(
             target=self.closer.run,
@@ -390,6 +418,8 @@ class Processor:
                 if self.merger.failed.is_set():
                     self._crashed.set()
                     break
+                if self.permissions.refusal is not None:  # an ACL removed under it
+                    raise self.permissions.refusal
                 disagreement = self.published.disagreement
                 if disagreement is not None:
                     differences = differing_settings(disagreement.shaping, self.settings)
@@ -400,6 +430,9 @@ class Processor:
             timer.join()
             if not self._crashed.is_set():
                 return self._shutdown()
+        except NotAuthorized as refused:  # an ACL removed under it (or a topic it may not make again)
+            why = f"{refused.line()}; stopping without committing anything more (exit status 2): the next run"
+            return self._stop_without_committing(timer, f"{why} replays from the last commit", exit_status=2)
         except Exception:
             # A bug, not bad input (that goes to the DLQ).
             log.exception("processor crashed")
@@ -411,9 +444,11 @@ class Processor:
         until asked to stop."""
         self._crashed.set()  # from here on nothing is committed, not even by the revoke below
         if timer is not None:
-            self.stop_requested.set()
+            stopping = self.stop_requested.is_set()
+            self.stop_requested.set()  # the timer thread's stop
             timer.join()
-            self.stop_requested.clear()
+            if not stopping:  # (a SIGTERM meanwhile still ends the process: _exit_if_stuck)
+                self.stop_requested.clear()
             self.merger.finish(drain=False, timeout=10)
         self.published.close()
         if not close_within(self._consumer, _CLOSE_SECONDS):
@@ -442,17 +477,22 @@ class Processor:
             self._process(messages)
         self._update_caught_up(turn_started, wait_seconds)
 
-    def _stop_without_committing(self, timer: threading.Thread) -> int:
-        """After a bug: commit nothing more (the revoke run by close() included), so the
-        next run replays from the last commit made while everything was sound."""
+    def _stop_without_committing(self, timer: threading.Thread, why: str | None = None, exit_status: int = 1) -> int:
+        """After a bug (or `why`, said as an error): commit nothing more (the revoke run by
+        close() included), so the next run replays from the last commit made while
+        everything was sound."""
         self._crashed.set()
         self.stop_requested.set()
+        self.permissions.stop()
         timer.join()
         self.merger.finish(drain=False, timeout=10)
-        log.critical("stopping without committing anything more; the next run replays from the last commit")
+        if why is None:
+            log.critical("stopping without committing anything more; the next run replays from the last commit")
+        else:
+            log.error("%s", why)
         self._consumer.close()
         self._producer.flush(2.0)
-        return 1
+        return exit_status
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment.on_assign(consumer, partitions)
@@ -592,6 +632,7 @@ class Processor:
     def _shutdown(self) -> int:
         """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
+        self.permissions.stop()
         acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
         self.commits.commit_if_requested()
         if not acknowledged:
@@ -651,6 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = processor.run()
     except AuthenticationFailed as refused:
         exit_with_config_error("kafka_processor.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs, at start-up
+        print(f"kafka_processor.py: {refused.line()}", file=sys.stderr)
+        return 2
     except ConfigError as error:  # a topic setting the cluster refused, a group protocol the broker lacks
         if "." in error.setting:  # a librdkafka property: named as the user wrote it
             error = ConfigError(env_name_of(error.setting, environ), error.problem)

@@ -80,7 +80,6 @@ from confluent_kafka.admin import AdminClient
 from broker.embedded_broker import BrokerError, EmbeddedBroker, port_is_open
 from broker.kafka_io import EXIT_NEVER_REACHED_BROKER, QUIET_CLIENT_LOGS
 from config import (
-    LOCAL_STACK_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -89,6 +88,9 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+
+# The settings the local stack reads itself (its processes read their own).
+LOCAL_STACK_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS",)
 
 HERE = Path(__file__).resolve().parent
 PROG = "local_stack.py"

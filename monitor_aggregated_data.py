@@ -44,6 +44,16 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from broker import authorization
+from broker.authorization import (
+    GROUP,
+    MONITOR_GROUP_PREFIX,
+    TOPIC,
+    NotAuthorized,
+    Permission,
+    check_permissions,
+    is_authorization_error,
+)
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -53,7 +63,6 @@ from broker.kafka_io import (
     topic_partition_count,
 )
 from config import (
-    MONITOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -62,6 +71,10 @@ from config import (
     load_settings_or_exit,
 )
 from ops.log_setup import configure_logging
+
+# The settings the monitor reads and lists in --help; any other keeps its default, so a
+# shared `.env` with, say, METRICS_PORT cannot stop it.
+MONITOR_SETTINGS = ("KAFKA_BOOTSTRAP_SERVERS", "OUTPUT_TOPIC", "LOG_LEVEL", "LOG_FORMAT")
 
 log = logging.getLogger("monitor")
 
@@ -143,7 +156,7 @@ class WindowTail:
                 **QUIET_CLIENT_LOGS,
                 **settings.consumer_config(),
                 # A private group that never commits: watching must not disturb anything.
-                "group.id": f"monitor-{uuid.uuid4()}",
+                "group.id": f"{MONITOR_GROUP_PREFIX}{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 **self.health.callbacks(settings.consumer_config()),
             }
@@ -162,6 +175,9 @@ class WindowTail:
                 # "unreachable" again after "reachable again", and a second "reachable
                 # again" followed with the first window.
                 self.consumer.poll(0)
+                if not self.health.reached:  # once: what it may read (a topic it may not see looks absent)
+                    needs = authorization.monitor(self.settings, self.from_beginning)
+                    check_permissions(self.settings, needs)
                 self.health.mark_reachable()
                 if count:
                     # Start at the newest window so there is something to show at once.
@@ -191,6 +207,11 @@ class WindowTail:
         fresh = []
         for message in self.consumer.consume(100, timeout):
             error = message.error()
+            if is_authorization_error(error):  # an ACL taken away while it runs: not waited for
+                group = Permission(GROUP, MONITOR_GROUP_PREFIX, "Describe", prefixed=True)
+                read = Permission(TOPIC, self.settings.output_topic, "Read")
+                missing = group if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED else read
+                raise NotAuthorized([missing], self.settings)
             if error is not None:
                 if error.code() != KafkaError._PARTITION_EOF:
                     self.health.on_error(error)
@@ -518,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _quiet_stdout()
     except AuthenticationFailed as refused:
         exit_with_config_error("monitor_aggregated_data.py", refused.as_config_error())
+    except NotAuthorized as refused:  # the cluster's ACLs (broker/authorization.py)
+        print(f"monitor_aggregated_data.py: {refused.line()}", file=sys.stderr)
+        return 2
     except KafkaException as error:
         print(
             f"monitor_aggregated_data.py: stopped: could not read {settings.output_topic} from"

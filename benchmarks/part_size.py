@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aggregator import DEFAULT_MAX_DISTINCT, render_window_value, tallies_for  # noqa: E402
+from core.window_value import DEFAULT_MAX_DISTINCT, render_window_value, tallies_for  # noqa: E402
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values  # noqa: E402
 from merging.merge import MergeState  # noqa: E402
 from merging.parts import decode_partial, encode_part, encode_progress  # noqa: E402
-from tests.workloads import login_workload  # noqa: E402
+from testkit.workloads import login_workload  # noqa: E402
 
 WINDOW = 30
 TOP_IPS = 10

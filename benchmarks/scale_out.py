@@ -5,7 +5,7 @@ one consumer group give exactly one processor's windows, whoever dies.
     python benchmarks/scale_out.py --records 20000 --kill-records 60000   # a quick look
 
 (1) 1, 2 and 3 processors in turn over one backlog (10 minutes of event time in a
-    6-partition topic): every run must equal the oracle (tests/oracle.py), byte for
+    6-partition topic): every run must equal the oracle (testkit/oracle.py), byte for
     byte the same across the runs, every invalid record in the dead-letter topic, and
     every processor must exit 0 on SIGTERM.
 (2) 3 processors over a bigger backlog: SIGKILL the first one given partitions as soon
@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded_broker import EmbeddedBroker  # noqa: E402
-from tests.conftest import (  # noqa: E402
+from testkit.oracle import expected_windows  # noqa: E402
+from testkit.processes import (  # noqa: E402
     ProcessorProcess,
     Topics,
     aligned_past,
@@ -42,8 +43,7 @@ from tests.conftest import (  # noqa: E402
     read_topic,
     wait_until,
 )
-from tests.oracle import expected_windows  # noqa: E402
-from tests.workloads import invalid_record_positions, login_workload  # noqa: E402
+from testkit.workloads import invalid_record_positions, login_workload  # noqa: E402
 
 PARTITIONS = 6
 

@@ -252,7 +252,7 @@ def main() -> int:
 
 def part_rows() -> list[dict]:
     from ingest.parsing import NATIVE_PARSER_AVAILABLE
-    from tests.workloads import login_workload
+    from testkit.workloads import login_workload
 
     realistic = login_workload(part_size.START, part_size.WINDOW, 50_000, 1)
     return [

@@ -13,9 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from core.errors import PipelineError
 
-class BrokerError(RuntimeError):
-    pass
+
+class BrokerError(PipelineError, RuntimeError):
+    """The embedded broker could not be found, started or reached."""
 
 
 def free_port() -> int:

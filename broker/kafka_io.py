@@ -11,12 +11,20 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from broker.authorization import (
+    TAIL_READER_GROUP_PREFIX,
+    TIME_SEARCH_GROUP_PREFIX,
+    Permission,
+    check_permissions,
+    create_refused,
+)
 from config import ConfigError, Settings, env_name_of
+from core.errors import PipelineError
 
 log = logging.getLogger("kafka")
 
@@ -36,7 +44,7 @@ CLIENT_CERTIFICATE_SETTINGS = "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCA
 _TLS_CLOSES_TO_REFUSE = 3
 
 
-class AuthenticationFailed(Exception):
+class AuthenticationFailed(PipelineError):
     """The broker refused who the client is: its SASL credentials, or its side of the TLS
     handshake (it does not trust the broker's certificate, or the broker does not take
     the client's). Not retried: a wrong password or certificate stays wrong, and a
@@ -99,17 +107,28 @@ REAL_CLIENTS = KafkaClients()
 EXIT_NEVER_REACHED_BROKER = 3
 
 
-def tls_refusal(error_text: str) -> tuple[str, str]:
+def tls_refusal(error_text: str, client_certificate: bool = True) -> tuple[str, str]:
     """The setting a failed TLS handshake (librdkafka's `_SSL` error) is about, and why.
 
     "certificate verify failed" is this client not trusting the broker's certificate;
     anything else in a handshake (an alert from the broker: "handshake failure",
     "unknown ca", "certificate required", "bad certificate") is the broker not taking
-    this client's certificate, or the lack of one."""
+    this client's certificate, or the lack of one (`client_certificate` False: none is
+    set; Apache Kafka then answers "bad certificate")."""
     reason = _without_client_noise(error_text)
     if "certificate verify failed" in reason:
         return CA_SETTING, f"its certificate is not trusted ({reason})"
+    if not client_certificate:
+        return CLIENT_CERTIFICATE_SETTINGS, f"it requires a client certificate (mutual TLS) and none is set ({reason})"
     return CLIENT_CERTIFICATE_SETTINGS, f"it did not accept this client's certificate ({reason})"
+
+
+# Where librdkafka takes a client certificate from.
+_CLIENT_CERTIFICATE_PROPERTIES = ("ssl.certificate.location", "ssl.certificate.pem", "ssl.keystore.location")
+
+
+def _has_client_certificate(config: dict[str, str]) -> bool:
+    return any(config.get(name) for name in _CLIENT_CERTIFICATE_PROPERTIES)
 
 
 def _uses_tls(config: dict[str, str]) -> bool:
@@ -178,6 +197,7 @@ class BrokerHealth:
         # The broker's last refusal of who we are, if it refused: (setting, reason).
         self.refusal: tuple[str, str] | None = None
         self._tls_closes = 0  # fresh TLS connections the broker closed before answering
+        self._client_certificate = True  # whether the clients present one (told by `callbacks`)
         self._reached = False  # a request has succeeded since start-up
         self._next_recheck = 0.0
 
@@ -188,6 +208,7 @@ class BrokerHealth:
         line, never to `error_cb`, so start-up would take it for an outage."""
         settings: dict = {"error_cb": self.on_error}
         if _uses_tls(config):
+            self._client_certificate = _has_client_certificate(config)
             settings.update({"log_level": 6, "logger": _TlsCloseWatcher(self, config)})
         return settings
 
@@ -203,7 +224,7 @@ class BrokerHealth:
         ):
             # A failed handshake comes as _SSL, and again as a transport error carrying
             # OpenSSL's reason: the broker is there, and says no.
-            self._refused(*tls_refusal(error.str()), "the TLS handshake")
+            self._refused(*tls_refusal(error.str(), self._client_certificate), "the TLS handshake")
             return
         if error.code() in self._DOWN_CODES:
             self._node_down(error.str())
@@ -329,7 +350,7 @@ class _TlsCloseWatcher:
         self._health = health
         # Under TLS 1.3 librdkafka sees no alert, only the close; a TLS proxy in front
         # of a broker that is down closes the same way, hence the second cause.
-        if config.get("ssl.certificate.location") or config.get("ssl.certificate.pem"):
+        if _has_client_certificate(config):
             self._reason = "it closes every connection right after the handshake: it does not accept this client's"
             self._reason += " certificate (or a TLS proxy in front of the broker cannot reach it)"
         else:
@@ -351,22 +372,30 @@ def ensure_topics(
     health: BrokerHealth,
     retry_seconds: float = 2.0,
     configs: dict[str, dict[str, str]] | None = None,
+    permissions: Sequence[Permission] = (),
 ) -> bool:
     """Create the topics that do not exist yet; wait (with one clear message) while the
     broker is unreachable. Returns False when asked to stop first; raises
-    AuthenticationFailed when the broker refuses the credentials, and ConfigError
-    when the cluster refuses TOPIC_REPLICATION_FACTOR."""
+    AuthenticationFailed when the broker refuses the credentials, ConfigError when the
+    cluster refuses TOPIC_REPLICATION_FACTOR, and NotAuthorized when its ACLs lack one of
+    `permissions` (checked once the broker answers, and again after creating topics) or
+    Create on a missing topic."""
     config = settings.admin_config()
     admin = AdminClient({**QUIET_CLIENT_LOGS, **config, **health.callbacks(config)})
     while not should_stop():
         try:
             existing = admin.list_topics(timeout=5).topics
             health.mark_reachable()
+            # Before creating: a topic this client may not Describe is absent from the
+            # metadata, and would be "created" (refused) instead of named as not allowed.
+            if permissions:
+                check_permissions(settings, permissions, admin)
             missing = [
                 NewTopic(name, count, settings.topic_replication_factor, config=topic_config(settings, configs, name))
                 for name, count in partitions.items()
                 if name not in existing
             ]
+            refused = []
             for name, future in admin.create_topics(missing, operation_timeout=10).items() if missing else []:
                 try:
                     future.result()
@@ -376,8 +405,14 @@ def ensure_topics(
                         factor = settings.topic_replication_factor
                         problem = f"the cluster refused {factor} for topic {name}: {error.args[0].str()}"
                         raise ConfigError("TOPIC_REPLICATION_FACTOR", problem) from None
-                    if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    if error.args[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                        refused.append(name)
+                    elif error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                         raise
+            if refused:
+                raise create_refused(settings, refused)
+            if missing and permissions:
+                check_permissions(settings, permissions, admin)  # what it may do on the topics it made
             return True
         except KafkaException as error:
             kafka_error = error.args[0] if error.args else None
@@ -500,7 +535,7 @@ def read_topic_tail(
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
             # A throwaway group: this reader assigns partitions itself and never commits.
-            "group.id": f"tail-reader-{uuid.uuid4()}",
+            "group.id": f"{TAIL_READER_GROUP_PREFIX}{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -586,7 +621,7 @@ def offsets_at_time(
         {
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
-            "group.id": f"time-search-{uuid.uuid4()}",  # assigns partitions itself, never commits
+            "group.id": f"{TIME_SEARCH_GROUP_PREFIX}{uuid.uuid4()}",  # assigns partitions itself, never commits
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             # One record per read, a few dozen reads: answer at once, not after the

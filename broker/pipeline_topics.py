@@ -16,7 +16,8 @@ import msgspec
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from aggregator import iso_utc
+from broker import authorization
+from broker.authorization import OUTPUT_FOLLOWER_GROUP_PREFIX, is_authorization_error
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -28,7 +29,7 @@ from broker.kafka_io import (
     topic_partition_count,
 )
 from config import ConfigError, Settings
-from ops.report import epoch_of
+from core.window_value import epoch_of, iso_utc
 
 log = logging.getLogger("processor")
 
@@ -60,7 +61,9 @@ class PipelineTopics:
         self._missing_since: float | None = None
 
     def ensure(self) -> bool:
-        """Create the topics that do not exist; False if asked to stop first."""
+        """Create the topics that do not exist; False if asked to stop first. Raises
+        NotAuthorized when the cluster's ACLs lack what the processor needs on them
+        (broker/authorization.py)."""
         s = self.settings
         # The partials topic has one partition: its one consumer in the merge group is the merger.
         topics = {s.input_topic: s.input_partitions, s.output_topic: 1, s.dlq_topic: 1, s.partials_topic: 1}
@@ -80,7 +83,8 @@ class PipelineTopics:
                 "message.timestamp.type": "LogAppendTime",
             },
         }
-        if not ensure_topics(s, topics, self._should_stop, self._health, configs=configs):
+        needs = authorization.processor(s)
+        if not ensure_topics(s, topics, self._should_stop, self._health, configs=configs, permissions=needs):
             return False
         self._stamp_partials_with_broker_time()
         return True
@@ -102,12 +106,15 @@ class PipelineTopics:
             admin.incremental_alter_configs([resource])[resource].result(10)
             log.info("topic %s now stamped with the broker's time (%s=LogAppendTime)", topic, _TIMESTAMP_TYPE)
         except KafkaException as error:
+            kafka_error = error.args[0] if error.args and isinstance(error.args[0], KafkaError) else None
+            # Refused: the processor needs no AlterConfigs but for this; say which ACL it lacks.
+            why = f"not authorized: AlterConfigs on topic {topic}" if is_authorization_error(kafka_error) else None
             log.warning(
                 "could not set %s=LogAppendTime on topic %s (%s): the members' own clocks stand in for the"
                 " broker's, so they must agree",
                 _TIMESTAMP_TYPE,
                 topic,
-                error.args[0].str() if error.args and isinstance(error.args[0], KafkaError) else error,
+                why or (kafka_error.str() if kafka_error else error),
             )
 
     def note_missing(self, now_too: bool = False) -> None:
@@ -338,7 +345,7 @@ class PublishedFollower:
                 **QUIET_CLIENT_LOGS,
                 **self.settings.consumer_config(),
                 # Outside every group: this reader assigns the partitions itself and never commits.
-                "group.id": f"output-follower-{uuid.uuid4()}",
+                "group.id": f"{OUTPUT_FOLLOWER_GROUP_PREFIX}{uuid.uuid4()}",
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
             }

@@ -25,10 +25,11 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from aggregator import Aggregator, iso_utc
+from aggregator import Aggregator
 from broker.kafka_io import BrokerHealth, offsets_at_time, topic_partition_count
 from broker.pipeline_topics import PipelineTopics
 from config import Settings
+from core.window_value import iso_utc
 from ingest.commits import InputCommits
 from ingest.part_publisher import PartPublisher
 

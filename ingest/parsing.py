@@ -31,22 +31,14 @@ import functools
 import json
 import math
 import re
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
 import msgspec
 
-try:  # installed by pip from ./native (requirements.txt names it); optional: no compiler, no module
-    import _login_columns as _native
-
-    NativeBatch = _native.LoginBatch
-    NativeWindowTallies = _native.WindowTallies  # counts a NativeBatch (see aggregator.py)
-except ImportError:  # pragma: no cover - depends on the build
-    _native = None
-    NativeBatch = NativeWindowTallies = None
+from core.columns import NATIVE_MODULE as _native
+from core.columns import LoginColumns, NativeBatch
 
 NATIVE_PARSER_AVAILABLE = _native is not None
 
@@ -324,75 +316,6 @@ def clean_strings(column: list[object], max_length: int = 256) -> list[str]:
     if max(map(len, cleaned)) > max_length:
         cleaned = [value if len(value) <= max_length else "" for value in cleaned]
     return cleaned
-
-
-@dataclass(slots=True)
-class LoginColumns:
-    """One partition's valid records of one batch, as parallel columns.
-
-    `profile` holds each record's (device_type, app_version, locale): the key the
-    aggregator counts by, so it is built once here instead of once per window
-    update. `""` marks a missing string
-    field. No aggregate reads `user_id` beyond whether it is missing, so only the
-    rows where it is are kept (`user_id_missing`), not the values. Row lists
-    (`user_id_missing`, `timestamp_fallbacks`, the rows whose event time came from
-    the Kafka record timestamp) are in ascending order.
-    """
-
-    event_time: list[int]
-    user_id_missing: list[int]
-    profile: list[tuple[str, str, str]]
-    ip: list[str]
-    device_id: list[str]
-    timestamp_fallbacks: list[int]
-
-    def __len__(self) -> int:
-        return len(self.event_time)
-
-    def window_counts(self, width: int) -> dict[int, int]:
-        """{window start: rows in it}, like `NativeBatch.window_counts`."""
-        times = self.event_time
-        if not times:
-            return {}
-        first = min(times)
-        if first // width == max(times) // width:
-            return {first - first % width: len(times)}
-        return dict(Counter(seconds - seconds % width for seconds in times))
-
-    def newest_time(self) -> int | None:
-        return max(self.event_time) if self.event_time else None
-
-    def between(self, low: int, high: int) -> LoginColumns:
-        """The rows with low <= event time < high (all of them, usually: no copy)."""
-        times = self.event_time
-        if not times or (min(times) >= low and max(times) < high):
-            return self
-        if times == sorted(times):  # one partition's run in time order: two cuts
-            return self.slice(bisect_left(times, low), bisect_left(times, high))
-        return self.take([row for row, seconds in enumerate(times) if low <= seconds < high])
-
-    def slice(self, start: int, end: int) -> LoginColumns:
-        """Rows start..end-1, by slicing (C): a time-ordered batch split at window edges."""
-        return LoginColumns(
-            event_time=self.event_time[start:end],
-            user_id_missing=[row - start for row in self.user_id_missing if start <= row < end],
-            profile=self.profile[start:end],
-            ip=self.ip[start:end],
-            device_id=self.device_id[start:end],
-            timestamp_fallbacks=[row - start for row in self.timestamp_fallbacks if start <= row < end],
-        )
-
-    def take(self, rows: list[int]) -> LoginColumns:
-        """The subset of rows (in order), used when a batch spans several windows."""
-        position = {row: i for i, row in enumerate(rows)}
-        return LoginColumns(
-            event_time=[self.event_time[r] for r in rows],
-            user_id_missing=[position[r] for r in self.user_id_missing if r in position],
-            profile=[self.profile[r] for r in rows],
-            ip=[self.ip[r] for r in rows],
-            device_id=[self.device_id[r] for r in rows],
-            timestamp_fallbacks=[position[r] for r in self.timestamp_fallbacks if r in position],
-        )
 
 
 def to_columns(

@@ -38,8 +38,9 @@ from enum import Enum
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from aggregator import ClosedParts, iso_utc
+from aggregator import ClosedParts
 from broker.broker_clock import BrokerClock
+from core.window_value import iso_utc
 from merging.parts import UNKNOWN_ORIGIN, PartOrigin, encode_progress, part_key, progress_key
 
 log = logging.getLogger("processor")

@@ -6,7 +6,7 @@ records as its partitions' watermarks advance. One merger reads that topic (it h
 one partition, so the merger sees records in the order they were written) and
 feeds every record to a `MergeState`. A window is due once every input partition
 0..P-1 has closed it: then the winning parts are summed into `MergedTallies` and
-rendered by `aggregator.render_window_value`, the same function a single
+rendered by `core.window_value.render_window_value`, the same function a single
 processor renders its windows with, so the bytes are the same.
 
 What the merge relies on from the publishers: a partition's progress is sent only
@@ -61,7 +61,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from aggregator import (
+from core.columns import NativeWindowTallies
+from core.window_value import (
     DEFAULT_MAX_PROFILES,
     PROFILE_FIELDS,
     ClosedWindow,
@@ -70,7 +71,6 @@ from aggregator import (
     iso_utc,
     render_window_value,
 )
-from ingest.parsing import NativeWindowTallies
 from merging.parts import PartOrigin, PartPiece, Progress
 
 log = logging.getLogger("merger")

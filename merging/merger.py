@@ -40,14 +40,15 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from aggregator import ClosedWindow, iso_utc
 from broker.kafka_io import REAL_CLIENTS, BrokerHealth, KafkaClients, close_within, read_topic_tail
 from broker.pipeline_topics import Published, output_headers
 from config import Settings
+from core.window_value import ClosedWindow, iso_utc
 from merging.merge import MergeStall, MergeState, Publishing, Verdict
 from merging.parts import BadPartialRecord, PartialRecordError, PartOrigin, UnknownPartFormat, decode_partial
 
@@ -101,6 +102,20 @@ def pipeline_origin(settings: Settings) -> PartOrigin:
     return PartOrigin(settings.input_topic, settings.consumer_group_id, settings.window_shaping())
 
 
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The broker acknowledged the window in flight, at this wall-clock time."""
+
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The broker refused the window in flight, for this reason (it is produced again)."""
+
+    why: str
+
+
 class WindowMerger:
     """Owns the merge consumer, the output producer and the `MergeState` (this thread
     only); tells the processor what it published through `on_published`."""
@@ -139,7 +154,7 @@ class WindowMerger:
         self._reread_at: int | None = None
         # The window produced and not yet acknowledged (one at a time), and its outcome.
         self._in_flight: ClosedWindow | None = None
-        self._outcome: tuple[str, float | str] | None = None  # ("delivered", at) or ("refused", why)
+        self._outcome: Delivered | Refused | None = None
         self._retry_at = 0.0
         self._committed: int | None = None
         self._committed_at = 0.0
@@ -463,15 +478,15 @@ class WindowMerger:
             if outcome is None:
                 break  # not acknowledged yet: the broker is slow or away; ask again next turn
             self._in_flight = None
-            if outcome[0] == "refused":
+            if isinstance(outcome, Refused):
                 with self._lock:
                     state.publishing_failed(window.start)
-                log.error("window %s was refused (%s); later windows wait for it", iso_utc(window.start), outcome[1])
+                log.error("window %s was refused (%s); later windows wait for it", iso_utc(window.start), outcome.why)
                 self._retry_at = self._clock() + _REFUSED_RETRY_SECONDS
                 break
             with self._lock:
                 state.mark_published([window.start])
-            self._on_published(window, outcome[1])
+            self._on_published(window, outcome.at)
             published = True
         if published or self._clock() - self._committed_at > _IDLE_COMMIT_SECONDS:
             self._commit(state)
@@ -504,7 +519,7 @@ class WindowMerger:
     def _report_for(self, window: ClosedWindow):
         def report(error: KafkaError | None, _message: Message) -> None:
             if self._in_flight is window:  # a report for the window in flight, not an older one
-                self._outcome = ("delivered", self._wall()) if error is None else ("refused", error.str())
+                self._outcome = Delivered(self._wall()) if error is None else Refused(error.str())
 
         return report
 

@@ -37,9 +37,11 @@ from typing import Protocol
 
 import msgspec
 
-from aggregator import iso_utc, packed_entry_ends, unpack_device_ids, unpack_ip_counts
+from core.columns import packed_entry_ends, unpack_device_ids, unpack_ip_counts
+from core.errors import PipelineError
+from core.window_value import iso_utc
 
-PARTS_FORMAT_VERSION = 2  # 2: device ids and IP counts travel packed (aggregator.pack_*)
+PARTS_FORMAT_VERSION = 2  # 2: device ids and IP counts travel packed (core.columns.pack_*)
 # Below this a piece might not hold one profile of three 256-character values (up to
 # 4 bytes each in UTF-8) next to the piece's own fields: a piece must always make progress.
 MIN_PIECE_BYTES = 4096
@@ -72,7 +74,7 @@ class PartOrigin(msgspec.Struct, array_like=True, frozen=True, gc=False):
 UNKNOWN_ORIGIN = PartOrigin()
 
 
-class PartialRecordError(ValueError):
+class PartialRecordError(PipelineError, ValueError):
     """A partials-topic record this merger cannot use."""
 
 
@@ -116,7 +118,7 @@ class PartPiece(msgspec.Struct, tag="part", array_like=True, frozen=True, gc=Fal
     pieces: int
     message_count: int
     profiles: list[tuple[str, str, str, int]]  # (device_type, app_version, locale, n); "" = missing
-    # Chunks of packed values (aggregator.pack_device_ids / pack_ip_counts), each a
+    # Chunks of packed values (core.columns.pack_device_ids / pack_ip_counts), each a
     # whole number of entries: moved and merged without a Python object per value.
     packed_device_ids: list[bytes]
     packed_ip_counts: list[bytes]
@@ -179,7 +181,7 @@ _decode_any = msgspec.msgpack.Decoder().decode
 
 
 class ReadableTallies(Protocol):
-    """The `WindowTallies` reading API (the pure `aggregator.WindowTallies`, the native
+    """The `WindowTallies` reading API (the pure `core.window_value.WindowTallies`, the native
     `_login_columns.WindowTallies` and `merge.MergedTallies` all have it)."""
 
     message_count: int

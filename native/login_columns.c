@@ -37,7 +37,7 @@
  *     -> the Kafka timestamp, which Python supplies (LoginBatch.set_fallback_time);
  *   - a key given twice: the last one counts (as msgspec and json.loads do).
  *
- * aggregator.WindowTallies is the pure-Python twin of WindowTallies; the tests
+ * core.window_value.WindowTallies is the pure-Python twin of WindowTallies; the tests
  * hold the two paths to the same window values on generated input
  * (tests/test_parsing.py, tests/test_aggregator.py).
  */
@@ -1351,7 +1351,7 @@ static PyGetSetDef WindowTallies_getset[] = {
 /* A window's distinct values, packed for a part on the partials topic (merging/parts.py):
    device ids as [u16 length][bytes]..., IPs as [u16 length][bytes][u64 count]...,
    little-endian, in table order. Made and read here without the GIL and without a
-   Python object per value; aggregator.WindowTallies packs the same bytes. */
+   Python object per value; core.window_value.WindowTallies packs the same bytes. */
 static void put_u16(char *p, uint32_t v) {
     p[0] = (char)(v & 0xff);
     p[1] = (char)((v >> 8) & 0xff);
@@ -1486,7 +1486,7 @@ static PyMethodDef WindowTallies_methods[] = {
 
 static PyTypeObject WindowTalliesType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "_login_columns.WindowTallies",
-    .tp_doc = "WindowTallies(max_distinct, max_profiles=None): one window's counts; the twin of aggregator.WindowTallies.",
+    .tp_doc = "WindowTallies(max_distinct, max_profiles=None): one window's counts; the twin of core.window_value.WindowTallies.",
     .tp_basicsize = sizeof(WindowTallies),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Message
 
+from core.errors import PipelineError
 
-class FileError(Exception):
+
+class FileError(PipelineError):
     """The file cannot be used as it is: `where` is the file (and line), `problem` says why.
     Not a bad setting: the script prints `<prog>: <where>: <problem>` and exits 2."""
 

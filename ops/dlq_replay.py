@@ -37,7 +37,8 @@ from typing import TextIO
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from aggregator import iso_utc
+from broker import authorization
+from broker.authorization import TRANSACTIONAL_ID, NotAuthorized, Permission, check_permissions
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -56,6 +57,8 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
+from core.errors import PipelineError
+from core.window_value import iso_utc
 from ops.dlq_file import DeadLetter, FileError, from_dlq, read_file
 from ops.log_setup import configure_logging
 from ops.replay_plan import (
@@ -96,7 +99,7 @@ _PREVIEW = 100
 _FENCED = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
 
 
-class Overtaken(Exception):
+class Overtaken(PipelineError):
     """Another run of this DLQ's replay (or discard) fenced this one mid-way."""
 
     def __init__(self, committed: int) -> None:
@@ -138,26 +141,35 @@ def export(settings: Settings, out: TextIO, discarded: bool = False) -> tuple[in
     return len(send), [f"{count} {why}" for why, count in Counter(why for _, why in skipped).items()]
 
 
-def _transactional_producer(settings: Settings) -> Producer | None:
+def _transactional_producer(settings: Settings, needs: list[Permission]) -> Producer | None:
     """This DLQ's one transactional producer, initialised: every other run of the replay
     or discard of this DLQ is fenced by then, its open transaction aborted, so a ledger
-    read after this call is final until this run commits. None if asked to stop."""
+    read after this call is final until this run commits. None if asked to stop. Raises
+    NotAuthorized when the cluster's ACLs lack one of `needs` (or Create on a missing ledger)."""
     health = BrokerHealth(settings.bootstrap_servers, log)
     topic = ledger_topic(settings)
     # Compacted: one entry per source record, kept as long as the DLQ might hold a copy.
-    if not ensure_topics(settings, {topic: 1}, lambda: False, health, configs={topic: {"cleanup.policy": "compact"}}):
+    compacted = {topic: {"cleanup.policy": "compact"}}
+    if not ensure_topics(settings, {topic: 1}, lambda: False, health, configs=compacted, permissions=needs):
         return None
+    transactional_id = authorization.dlq_replay_transactional_id(settings)
     producer = Producer(
         {
             **QUIET_CLIENT_LOGS,
             **settings.producer_config(),
             # One id per DLQ: a replay that died mid-transaction is fenced and its
             # transaction aborted when the next one starts; so is one still running.
-            "transactional.id": f"dlq-replay-{settings.dlq_topic}",
+            "transactional.id": transactional_id,
             **health.callbacks(settings.producer_config()),
         }
     )
-    producer.init_transactions(30)
+    try:
+        producer.init_transactions(30)
+    except KafkaException as error:
+        # The one ACL no question at start-up checks (broker/authorization.py).
+        if error.args and error.args[0].code() == KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED:
+            raise NotAuthorized([Permission(TRANSACTIONAL_ID, transactional_id, "Write")], settings) from None
+        raise
     return producer
 
 
@@ -174,7 +186,7 @@ def replay(settings: Settings, letters: list[DeadLetter], path: str, dry_run: bo
     """Say what happens to each record of the file, then (unless `dry_run`) send the
     ones to send with their ledger entries, `_BATCH` per transaction. Returns the exit
     status: 2 when a record is still invalid (nothing is sent)."""
-    producer = None if dry_run else _transactional_producer(settings)
+    producer = None if dry_run else _transactional_producer(settings, authorization.dlq_replay(settings, "replay"))
     if not dry_run and producer is None:
         return 1
     send, skipped = pending(letters, ledger(settings))  # after the fence: see _transactional_producer
@@ -246,7 +258,7 @@ def _send(settings: Settings, producer: Producer, letters: list[DeadLetter], par
 def discard(settings: Settings, letters: list[DeadLetter], undo: bool, dry_run: bool) -> int:
     """Set the file's sources aside (`undo`: bring discarded ones back): a ledger entry
     each (a tombstone to undo), so export no longer lists them (lists them again)."""
-    producer = None if dry_run else _transactional_producer(settings)
+    producer = None if dry_run else _transactional_producer(settings, authorization.dlq_replay(settings, "discard"))
     if not dry_run and producer is None:
         return 1
     done = ledger(settings)  # after the fence: see _transactional_producer
@@ -332,6 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, args, _ = load_settings_or_exit(build_parser(), argv)
     configure_logging(settings.log_level, settings.log_format)
     try:
+        # What this command reads and writes, allowed before anything is read: a DLQ or
+        # ledger it may not see would look empty (broker/authorization.py).
+        check_permissions(settings, authorization.dlq_replay(settings, args.command, getattr(args, "dry_run", False)))
         if args.command == "export":
             return _export(settings, args.file, args.discarded)
         letters = read_file(args.file)
@@ -345,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         exit_with_config_error(PROG, error)
     except AuthenticationFailed as refused:
         exit_with_config_error(PROG, refused.as_config_error())
+    except NotAuthorized as refused:
+        print(f"{PROG}: {refused.line()}", file=sys.stderr)
+        return 2
     except Overtaken as overtaken:
         print(
             f"{PROG}: another run for {settings.dlq_topic} started meanwhile and took over (this one was fenced):"

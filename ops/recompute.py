@@ -42,7 +42,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from aggregator import iso_utc
+from broker import authorization
+from broker.authorization import RECOMPUTE_READER_GROUP_PREFIX, NotAuthorized, check_permissions
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     AuthenticationFailed,
@@ -60,8 +61,9 @@ from config import (
     load_settings_or_exit,
     utc_time,
 )
+from core.errors import PipelineError
+from core.window_value import epoch_of, iso_utc
 from ops.log_setup import configure_logging
-from ops.report import epoch_of
 from ops.window_diff import CHANGED, NEW, SAME, compare
 
 log = logging.getLogger("recompute")
@@ -75,6 +77,11 @@ _READ_SECONDS = 120.0
 # How far before a range the output is read from: a window's record is produced after the
 # window ends, by a processor whose clock may be behind by up to this.
 _CLOCK_MARGIN_SECONDS = 3600
+
+
+class CopyFailed(PipelineError):
+    """A topic could not be read to its end, or the output did not take the windows:
+    nothing after it is trustworthy, so the run stops (exit 1) and can be run again."""
 
 
 def staged_windows(settings: Settings, source: str, start: int, until: int | None) -> list[Message]:
@@ -120,7 +127,7 @@ def records_since(settings: Settings, topic: str, since: int) -> Iterator[Messag
             **QUIET_CLIENT_LOGS,
             **settings.consumer_config(),
             # A throwaway group: this reader assigns partitions itself and never commits.
-            "group.id": f"recompute-reader-{uuid.uuid4()}",
+            "group.id": f"{RECOMPUTE_READER_GROUP_PREFIX}{uuid.uuid4()}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         }
@@ -142,7 +149,7 @@ def records_since(settings: Settings, topic: str, since: int) -> Iterator[Messag
         deadline = time.monotonic() + _READ_SECONDS
         while waiting:
             if time.monotonic() > deadline:
-                raise KafkaException(KafkaError(KafkaError._TIMED_OUT, f"could not read {topic} to its end"))
+                raise CopyFailed(f"could not read {topic} to its end in {_READ_SECONDS:.0f}s")
             for message in consumer.consume(1000, 0.5):
                 error = message.error()
                 if error is None:
@@ -193,7 +200,7 @@ def copy(settings: Settings, windows: list[Message], source: str) -> int:
                 settings.output_topic, key=message.key(), value=message.value(), headers=headers, on_delivery=delivered
             )
         if producer.flush(60) or failures:
-            raise KafkaException(f"the broker did not take the windows: {failures[:1] or 'no acknowledgement in 60s'}")
+            raise CopyFailed(f"the broker did not take the windows: {failures[:1] or 'no acknowledgement in 60s'}")
         newest = newest_window(settings, CHUNK + 60)
         if newest is not None and _window_start(newest) > _window_start(windows[min(first + CHUNK, len(windows)) - 1]):
             producer.produce(
@@ -206,7 +213,7 @@ def copy(settings: Settings, windows: list[Message], source: str) -> int:
             producer.flush(60)
         log.info("copied %d of %d windows", min(first + CHUNK, len(windows)), len(windows))
     if failures:
-        raise KafkaException(f"the broker did not take a window: {failures[0]}")
+        raise CopyFailed(f"the broker did not take a window: {failures[0]}")
     return len(windows)
 
 
@@ -233,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.source == settings.output_topic:
         exit_with_config_error(PROG, ConfigError("--source", "must be the staging topic, not OUTPUT_TOPIC itself"))
     try:
+        # A staging topic it may not see would look empty: "copied 0 windows".
+        check_permissions(settings, authorization.recompute(settings, args.source, args.dry_run))
         windows = staged_windows(settings, args.source, start, until)
         current = current_windows(settings, start, until)
         verdicts: Counter[str] = Counter()
@@ -250,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy(settings, windows, args.source)
     except AuthenticationFailed as refused:
         exit_with_config_error(PROG, refused.as_config_error())
-    except KafkaException as error:
+    except NotAuthorized as refused:
+        print(f"{PROG}: {refused.line()}", file=sys.stderr)
+        return 2
+    except (CopyFailed, KafkaException) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1
     verb = "would copy" if args.dry_run else "copied"

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Sequence
 from confluent_kafka import ConsumerGroupState, KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from broker import authorization
+from broker.authorization import NotAuthorized, check_permissions
 from broker.kafka_io import QUIET_CLIENT_LOGS, AuthenticationFailed, read_topic_tail
 from broker.pipeline_topics import PIPELINE_GROUP_HEADER
 from config import (
@@ -177,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = groups_of(args.group)
     admin = AdminClient({**QUIET_CLIENT_LOGS, **settings.admin_config()})
     try:
+        # A topic it may not see looks absent ("not there"), and would be left undeleted.
+        check_permissions(settings, authorization.recompute_cleanup(args.group, topics, args.dry_run), admin)
         existing = set(admin.list_topics(timeout=_TIMEOUT_SECONDS).topics)
         for topic in topics:
             others = foreign_groups(settings, topic, args.group) if topic in existing else set()
@@ -200,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         deleted_groups = _delete_groups(admin, groups)
     except AuthenticationFailed as refused_by_broker:
         exit_with_config_error(PROG, refused_by_broker.as_config_error())
+    except NotAuthorized as not_allowed:
+        print(f"{PROG}: {not_allowed.line()}", file=sys.stderr)
+        return 2
     except KafkaException as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 1

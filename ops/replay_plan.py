@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from confluent_kafka import TIMESTAMP_CREATE_TIME
 
-from aggregator import iso_utc
+from core.window_value import iso_utc
 from ingest.parsing import kafka_time_of, parse_values
 from ops.dlq_file import DeadLetter
 

@@ -13,12 +13,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
 import msgspec
 
-from aggregator import Aggregator, ClosedWindow, iso_utc
+from aggregator import Aggregator
 from config import Settings
+from core.window_value import ClosedWindow, epoch_of, iso_utc
 from ops.metrics import MetricsSnapshot
 
 log = logging.getLogger("processor")
@@ -44,11 +44,6 @@ class ProcessorStats:
     dead_letter_seconds: float = 0.0
     aggregate_seconds: float = 0.0
     publish_seconds: float = 0.0
-
-
-def epoch_of(iso: str) -> int:
-    """`2026-11-25T19:00:00Z` -> epoch seconds."""
-    return int(datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
 
 
 class ProcessorReport:

@@ -12,10 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import Aggregator, ClosedWindow, iso_utc
+from aggregator import Aggregator
+from core.window_value import ClosedWindow, iso_utc
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from merging.merge import MergeState
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
 
 W = 30
 T0 = 1_800_000_000 - 1_800_000_000 % W  # a window start
@@ -452,7 +453,7 @@ class TestClosingIsTotal:
     processor stops and the next run replays them."""
 
     def poisoned(self, clock: FakeClock) -> Aggregator:
-        from ingest.parsing import LoginColumns
+        from core.columns import LoginColumns
 
         agg = make_aggregator(clock)
         feed(agg, 0, 0, [event(T0 + 1), event(T0 + 31)], clock.now)
@@ -465,7 +466,7 @@ class TestClosingIsTotal:
         return agg
 
     def test_an_unrenderable_window_raises_and_its_records_stay_uncommitted(self):
-        from aggregator import WindowRenderError
+        from core.window_value import WindowRenderError
 
         clock = FakeClock(T0 + 10_000)
         agg = self.poisoned(clock)
@@ -477,8 +478,8 @@ class TestClosingIsTotal:
         assert agg.committable_offsets() == {0: 0}  # ...never commit past the poisoned one
 
     def test_carried_counts_stay_held_when_rendering_fails(self):
-        from aggregator import WindowRenderError
-        from ingest.parsing import LoginColumns
+        from core.columns import LoginColumns
+        from core.window_value import WindowRenderError
 
         clock = FakeClock(T0 + 45)
         agg = make_aggregator(clock)
@@ -584,7 +585,7 @@ def test_time_ordered_and_shuffled_batches_split_at_window_edges_alike(offsets, 
 def test_top_by_count_equals_a_full_sort(counts, n):
     from collections import Counter
 
-    from aggregator import _top_by_count
+    from core.window_value import _top_by_count
 
     expected = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]
     assert _top_by_count(Counter(counts), n) == expected

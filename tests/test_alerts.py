@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import require_tool
+from testkit.processes import require_tool
 from tests.test_compose import exported_metric_names
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ from confluent_kafka.admin import (
 from broker import apache_kafka
 from broker.apache_kafka import PROBE_TOPIC, BrokerTls, KafkaCluster
 from broker.embedded_broker import BrokerError, free_port
-from tests.conftest import ROOT, read_topic, require_kafka, wait_until
+from testkit.processes import ROOT, read_topic, require_kafka, wait_until
 from tests.tls_support import make_pki
 
 pytestmark = [pytest.mark.broker, pytest.mark.kafka]

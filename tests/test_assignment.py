@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import logging
 
-from aggregator import iso_utc
 from broker.pipeline_topics import Published
 from config import build_settings
+from core.window_value import iso_utc
 from kafka_processor import Processor
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 

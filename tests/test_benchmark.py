@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from testkit.processes import ROOT
 
 pytestmark = pytest.mark.broker
 

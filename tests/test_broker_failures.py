@@ -48,8 +48,8 @@ from confluent_kafka.admin import NewTopic
 
 from broker.apache_kafka import KafkaCluster, KafkaNode
 from broker.embedded_broker import free_port
-from tests.conftest import Topics, latest_by_key, new_topics, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import Topics, latest_by_key, new_topics, wait_until
 from tests.test_chaos import LiveStream
 
 pytestmark = [pytest.mark.broker, pytest.mark.kafka, pytest.mark.slow]

@@ -23,8 +23,8 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from tests.conftest import latest_by_key, new_topics, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import latest_by_key, new_topics, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

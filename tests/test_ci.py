@@ -10,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from testkit.processes import ROOT
 
 
 def test_a_run_that_selects_no_test_fails_and_says_why() -> None:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from config import _SETTINGS, Settings
-from tests.conftest import require_tool
+from testkit.processes import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SERVICES = ("generator", "processor", "processor-2", "monitor")

@@ -11,10 +11,7 @@ import pytest
 from config import (
     _SETTINGS,
     CONSUMER_DEFAULTS,
-    GENERATOR_SETTINGS,
     KIP848_LEFT_OUT,
-    LOCAL_STACK_SETTINGS,
-    MONITOR_SETTINGS,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -25,9 +22,13 @@ from config import (
     redact,
     shown_default,
 )
-from tests.conftest import run_script
+from data_generator import GENERATOR_SETTINGS
+from local_stack import LOCAL_STACK_SETTINGS
+from monitor_aggregated_data import MONITOR_SETTINGS
+from testkit.processes import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
+
 ALL_SETTINGS = tuple(_SETTINGS)
 
 
@@ -275,11 +276,11 @@ def test_unknown_librdkafka_property_exits_2_naming_it(tmp_path):
 
 def test_window_bounds_default_to_the_aggregators_own():
     """Written on both sides (settings and the pure aggregator): they must agree."""
-    import aggregator
     from config import Settings
+    from core import window_value
 
-    assert Settings().max_profiles_per_window == aggregator.DEFAULT_MAX_PROFILES
-    assert Settings().max_distinct_per_window == aggregator.DEFAULT_MAX_DISTINCT
+    assert Settings().max_profiles_per_window == window_value.DEFAULT_MAX_PROFILES
+    assert Settings().max_distinct_per_window == window_value.DEFAULT_MAX_DISTINCT
 
 
 def test_topic_settings_default_to_the_brokers_replication_and_documented_retention():

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from data_generator import US_STATES, RealisticProfile, event_times, reference_event
-from tests.conftest import ROOT, read_topic, run_script, wait_until
+from testkit.processes import ROOT, read_topic, run_script, wait_until
 
 
 def test_reference_profile_matches_the_original_generator():

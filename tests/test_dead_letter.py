@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from broker.embedded_broker import EmbeddedBroker
 from ingest.dead_letter import DeadLetterQueue
-from tests.conftest import Topics, produce, read_topic, wait_until
+from testkit.processes import Topics, produce, read_topic, wait_until
 
 pytestmark = [pytest.mark.broker]
 

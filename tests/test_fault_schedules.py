@@ -18,7 +18,7 @@ schedules of faults a broker will not make on cue:
 - parts split into several pieces (pieces of at most 4 KiB here, and long values).
 
 After each schedule, once the faults stop and every member is running, the output
-(latest record per key) must equal tests/oracle.py's windows for the same input,
+(latest record per key) must equal testkit/oracle.py's windows for the same input,
 which has no late records. At every commit of the input offsets, every record before
 the commit must be stored: its window on the output topic, or, for an invalid record,
 its copy on the dead-letter topic.
@@ -44,8 +44,8 @@ from config import build_settings
 from ingest import window_closer
 from kafka_processor import Processor
 from merging.parts import PartPiece, decode_partial
+from testkit.oracle import decode_object, expected_windows
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
-from tests.oracle import decode_object, expected_windows
 
 W = 30
 BASE = 1_800_000_000 - 1_800_000_000 % W
@@ -471,7 +471,7 @@ def test_a_partition_added_to_a_live_input_is_counted_never_dropped_unseen():
 
 
 def window_key_at(seconds: float) -> str:
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     start = int(seconds) - int(seconds) % W
     return iso_utc(start)
@@ -669,7 +669,7 @@ def test_a_record_for_a_published_window_read_after_a_restart_counts_once_as_lat
 
 
 def epoch(key: str) -> int:
-    from ops.report import epoch_of
+    from core.window_value import epoch_of
 
     return epoch_of(key)
 

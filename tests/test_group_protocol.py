@@ -21,8 +21,8 @@ import time
 import pytest
 
 from broker.apache_kafka import KafkaCluster
-from tests.conftest import ROOT, aligned_past, latest_by_key, new_topics, produce, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import ROOT, aligned_past, latest_by_key, new_topics, produce, wait_until
 from tests.test_chaos import LiveStream, merger_of
 
 pytestmark = [pytest.mark.broker]

@@ -16,9 +16,9 @@ import pytest
 from confluent_kafka import Consumer
 
 from broker.embedded_broker import EmbeddedBroker, free_port
-from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
-from tests.oracle import decode_object, expected_windows
-from tests.workloads import invalid_record_positions, login_workload
+from testkit.oracle import decode_object, expected_windows
+from testkit.processes import Topics, aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
+from testkit.workloads import invalid_record_positions, login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -257,7 +257,7 @@ def fuzz_record(rng: random.Random) -> bytes | None:
 
 def test_ten_thousand_arbitrary_records_never_stop_it(broker, tmp_path_factory):
     """Every valid record counted, every invalid one in the DLQ with a reason, no crash."""
-    from tests.conftest import ProcessorProcess
+    from testkit.processes import ProcessorProcess
 
     tag = uuid.uuid4().hex[:8]
     topics = Topics(broker.bootstrap_servers, f"in-{tag}", f"out-{tag}", f"dlq-{tag}", f"group-{tag}")

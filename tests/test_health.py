@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter
 
 from broker.embedded_broker import EmbeddedBroker, free_port, port_is_open
 from ops.health import STALL_SECONDS, HealthEndpoint, Probes
-from tests.conftest import ROOT, Topics, aligned_past, produce, run_script, wait_until
-from tests.workloads import login_workload
+from testkit.processes import ROOT, Topics, aligned_past, produce, run_script, wait_until
+from testkit.workloads import login_workload
 
 # ---- the probes' logic -------------------------------------------------------------------
 

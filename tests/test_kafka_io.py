@@ -109,6 +109,29 @@ def test_a_handshake_alert_from_the_broker_names_the_client_certificate_settings
     assert raised.value.as_config_error().setting == "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
 
 
+# What Apache Kafka (`ssl.client.auth=required`) answers a client without a certificate:
+# an alert, where a TLS 1.3 proxy only closes (seen in tests/test_tls.py).
+KAFKA_WANTS_A_CERTIFICATE = KafkaError(
+    KafkaError._SSL,
+    "ssl://127.0.0.1:9/bootstrap: Receive failed: error:0A000412:SSL routines::ssl/tls alert bad certificate: "
+    "SSL alert number 42 (after 5ms in state APIVERSION_QUERY)",
+)
+
+
+def test_an_alert_to_a_client_without_a_certificate_says_none_is_set():
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    health.callbacks(TLS_CONFIG)  # no ssl.certificate.location
+    health.on_error(KAFKA_WANTS_A_CERTIFICATE)
+    with pytest.raises(AuthenticationFailed) as raised:
+        health.raise_if_refused(ClientWithoutCallbacks())
+    error = raised.value.as_config_error()
+    assert error.setting == "KAFKA_SSL_CERTIFICATE_LOCATION/KAFKA_SSL_KEY_LOCATION"
+    assert error.problem.startswith(
+        "TLS with the broker at 127.0.0.1:9 failed: it requires a client certificate (mutual TLS) and none is set"
+    )
+    assert "alert bad certificate" in error.problem  # what the broker said, kept
+
+
 def test_a_broker_closing_tls_connections_after_the_handshake_wants_a_client_certificate():
     health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
     watcher = health.callbacks(TLS_CONFIG)["logger"]
@@ -179,7 +202,7 @@ def test_offsets_at_time_are_exact_where_the_brokers_own_answer_is_not(topics):
 
     from broker.kafka_io import offsets_at_time
     from config import build_settings
-    from tests.conftest import produce
+    from testkit.processes import produce
 
     base = 1_790_000_000_000
     topics.create(input_partitions=2)

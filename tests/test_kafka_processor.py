@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
-from tests.oracle import decode_object, expected_windows
-from tests.workloads import login_workload
+from testkit.oracle import decode_object, expected_windows
+from testkit.processes import aligned_past, latest_by_key, produce, read_topic, run_script, wait_until
+from testkit.workloads import login_workload
 
 pytestmark = pytest.mark.broker
 
@@ -114,7 +114,7 @@ def test_sigterm_publishes_what_is_complete_and_a_restart_continues_exactly(topi
 
 def test_waits_for_a_broker_that_is_not_there_yet(tmp_path, start_processor):
     from broker.embedded_broker import EmbeddedBroker, free_port
-    from tests.conftest import Topics
+    from testkit.processes import Topics
 
     port = free_port()
     topics = Topics(f"127.0.0.1:{port}", "in-late", "out-late", "dlq-late", "group-late")
@@ -336,7 +336,7 @@ def test_kafka_timestamps_far_ahead_are_counted_at_the_wall_clock_and_hold_no_co
     assert exit_code == [0]
     windows = [json.loads(value) for value in latest_by_key(topics.bootstrap, topics.output).values()]
     by_start = {window["window_start"]: window for window in windows}
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     assert by_start[iso_utc(start)]["message_count"] == 1
     assert by_start[iso_utc(start + 5)]["message_count"] == 1
@@ -380,7 +380,7 @@ def test_stopped_before_ever_reaching_the_broker_exits_3_and_its_lines_name_it(t
     supervisors read as a clean run; and its log lines did not say which processor (or
     process) wrote them. (Where it runs is said once the broker took it: see below.)"""
     from broker.embedded_broker import free_port
-    from tests.conftest import Topics
+    from testkit.processes import Topics
 
     topics = Topics(f"127.0.0.1:{free_port()}", "in-never", "out-never", "dlq-never", "group-never")
     processor = start_processor(topics.env(PROCESSOR_NAME="processor-7"))

@@ -25,7 +25,7 @@ import kafka_processor
 from config import _SETTINGS, Settings, build_settings, redact
 from kafka_processor import _STOP_DEADLINE_SECONDS
 from ops import dlq_replay, recompute, recompute_cleanup
-from tests.conftest import require_tool
+from testkit.processes import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "deploy" / "kubernetes"

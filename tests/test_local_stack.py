@@ -24,7 +24,7 @@ import pytest
 
 from broker.embedded_broker import free_port, port_is_open
 from local_stack import MergerWatch, describe_exit, new_run_folder
-from tests.conftest import ROOT, read_topic, require_tool, wait_until
+from testkit.processes import ROOT, read_topic, require_tool, wait_until
 
 # The output topic the stack's processors write (its default).
 OUTPUT = "device-login-aggregates"

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import DEFAULT_MAX_DISTINCT, WindowTallies, iso_utc, render_window_value, tallies_for
+from core.window_value import DEFAULT_MAX_DISTINCT, WindowTallies, iso_utc, render_window_value, tallies_for
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from merging.merge import MergedTallies, MergeStall, MergeState
 from merging.parts import UNKNOWN_ORIGIN, decode_partial, encode_part, encode_progress
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
 
 W = 30
 T0 = 1_800_000_000 - 1_800_000_000 % W

@@ -14,10 +14,10 @@ import time
 import msgspec
 import pytest
 
-from aggregator import iso_utc
 from broker.kafka_io import BrokerHealth
 from broker.pipeline_topics import newest_published
 from config import build_settings
+from core.window_value import iso_utc
 from merging.merge import MergeStall
 from merging.merger import WindowMerger, pipeline_origin
 from merging.parts import PARTS_FORMAT_VERSION, PartOrigin, encode_progress
@@ -248,8 +248,8 @@ def test_the_merger_stays_bounded_while_a_member_is_stopped_and_loses_nothing(to
     merger holds at most 3 (MERGE_MAX_PENDING_WINDOWS), says why in its log, and its
     memory stays flat; once the member resumes, every window is exact."""
     from broker.embedded_broker import free_port
-    from tests.conftest import latest_by_key, wait_until
-    from tests.oracle import expected_windows
+    from testkit.oracle import expected_windows
+    from testkit.processes import latest_by_key, wait_until
     from tests.test_chaos import LiveStream
 
     topics.create(input_partitions=4)

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded_broker import free_port
 from ops.metrics import MetricsSnapshot, ProcessorMetrics
-from tests.conftest import published_backlog, require_tool, wait_until
-from tests.oracle import decode_object
+from testkit.oracle import decode_object
+from testkit.processes import published_backlog, require_tool, wait_until
 
 
 def rendered(snapshot: MetricsSnapshot) -> dict[tuple[str, tuple], float]:
@@ -157,7 +157,7 @@ def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_pat
 def test_windows_past_a_bound_are_counted(topics, start_processor):
     """MAX_DISTINCT_PER_WINDOW=20: every window with more distinct devices names them in
     capped_counts, and the counter the BoundReached alert watches counts those windows."""
-    from tests.conftest import latest_by_key
+    from testkit.processes import latest_by_key
 
     topics.create(input_partitions=4)
     port = free_port()

@@ -20,7 +20,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from rich.console import Console
 
 from monitor_aggregated_data import RecentLogLines, headline, render_dashboard, sparkline, window_length
-from tests.conftest import ROOT, published_backlog, require_tool, run_script, wait_until
+from testkit.processes import ROOT, published_backlog, require_tool, run_script, wait_until
 
 WINDOW = {
     "schema_version": 1,

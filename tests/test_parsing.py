@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import tallies_for
+from core.window_value import tallies_for
 from ingest.parsing import (
     ALL_FIELDS,
     NATIVE_PARSER_AVAILABLE,

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator import PROFILE_FIELDS, pack_device_ids, pack_ip_counts, tallies_for
+from core.columns import pack_device_ids, pack_ip_counts
+from core.window_value import PROFILE_FIELDS, tallies_for
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, parse_values
 from merging import parts
 from merging.parts import (
@@ -304,7 +305,7 @@ class TestPackedValues:
 
     @staticmethod
     def empty(path: str, bound: int = 1_000_000):
-        from aggregator import WindowTallies
+        from core.window_value import WindowTallies
 
         if path == "native":
             import _login_columns

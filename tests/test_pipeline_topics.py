@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Message
 
-from aggregator import iso_utc
 from broker.pipeline_topics import (
     Published,
     differing_settings,
@@ -15,6 +14,7 @@ from broker.pipeline_topics import (
     published_by,
 )
 from config import ConfigError, build_settings
+from core.window_value import iso_utc
 from tests.fake_kafka import FakeClients, FakeCluster
 
 W = 30
@@ -76,4 +76,4 @@ def test_recomputing_from_a_later_time_under_a_live_group_is_a_bad_setting():
     assert newest_published(again, FakeClients(cluster)) == published_by(record, again)
     # A fresh one starts at its time.
     fresh = settings_of(RECOMPUTE_FROM=str(S + 10 * W), CONSUMER_GROUP_ID="g2")
-    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None)
+    assert newest_published(fresh, FakeClients(cluster)) == Published(S + 10 * W, None, None, recomputing=True)

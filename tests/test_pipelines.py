@@ -16,10 +16,10 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from broker.embedded_broker import free_port
-from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
+from testkit.workloads import login_workload
 from tests.test_chaos import LiveStream
-from tests.workloads import login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -245,6 +245,6 @@ def test_a_new_window_length_is_a_new_pipeline_on_its_own_output(topics, start_p
 
 
 def expected_key(seconds: int) -> str:
-    from aggregator import iso_utc
+    from core.window_value import iso_utc
 
     return iso_utc(seconds)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from aggregator import Aggregator, ClosedWindow
+from aggregator import Aggregator
 from config import Settings
+from core.window_value import ClosedWindow
 from ops.report import ProcessorReport
 
 

@@ -14,10 +14,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from aggregator import iso_utc
-from tests.conftest import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
-from tests.oracle import expected_windows
-from tests.workloads import invalid_record_positions, login_workload
+from core.window_value import iso_utc
+from testkit.oracle import expected_windows
+from testkit.processes import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
+from testkit.workloads import invalid_record_positions, login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from aggregator import iso_utc
+from core.window_value import iso_utc
 from ops.dlq_file import DeadLetter
 from ops.replay_plan import (
     DISCARDED,

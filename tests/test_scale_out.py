@@ -15,9 +15,9 @@ import time
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from tests.conftest import Topics, aligned_past, latest_by_key, produce, read_topic, wait_until
-from tests.oracle import expected_windows
-from tests.workloads import login_workload
+from testkit.oracle import expected_windows
+from testkit.processes import Topics, aligned_past, latest_by_key, produce, read_topic, wait_until
+from testkit.workloads import login_workload
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

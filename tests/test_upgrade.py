@@ -23,8 +23,8 @@ import time
 import pytest
 
 from merging.parts import PartPiece, decode_partial
-from tests.conftest import ROOT, latest_by_key, read_topic, wait_until
-from tests.oracle import expected_windows
+from testkit.oracle import expected_windows
+from testkit.processes import ROOT, latest_by_key, read_topic, wait_until
 from tests.test_chaos import LiveStream
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -28,7 +28,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 @dataclass(frozen=True)
 class Pki:
     """PEM files: a CA, a server certificate for 127.0.0.1/localhost, a client
-    certificate, and a second CA that signed nothing the server uses (to distrust)."""
+    certificate, and a second CA that signed nothing the server uses (to distrust), and
+    a client certificate of its (a stranger's: a broker that checks clients refuses it)."""
 
     ca: Path
     server_cert: Path
@@ -36,6 +37,8 @@ class Pki:
     client_cert: Path
     client_key: Path
     other_ca: Path
+    stranger_cert: Path
+    stranger_key: Path
 
 
 def _key() -> ec.EllipticCurvePrivateKey:
@@ -90,6 +93,10 @@ def make_pki(directory: Path) -> Pki:
     )
     client_cert = _certificate("processor", client_key, ca_cert.subject, ca_key, False, ExtendedKeyUsageOID.CLIENT_AUTH)
     other_ca = _certificate("some other CA", other_key, None, None, ca=True)
+    stranger_key = _key()
+    stranger_cert = _certificate(
+        "stranger", stranger_key, other_ca.subject, other_key, False, ExtendedKeyUsageOID.CLIENT_AUTH
+    )
     return Pki(
         ca=_write_cert(ca_cert, directory / "ca.pem"),
         server_cert=_write_cert(server_cert, directory / "server.pem"),
@@ -97,6 +104,8 @@ def make_pki(directory: Path) -> Pki:
         client_cert=_write_cert(client_cert, directory / "client.pem"),
         client_key=_write_key(client_key, directory / "client.key"),
         other_ca=_write_cert(other_ca, directory / "other-ca.pem"),
+        stranger_cert=_write_cert(stranger_cert, directory / "stranger.pem"),
+        stranger_key=_write_key(stranger_key, directory / "stranger.key"),
     )
 
 

@@ -1,0 +1,1 @@
+"""Shared by the tests and the benchmarks: workloads, the independent oracle, real-broker helpers."""
