@@ -382,16 +382,15 @@ def test_with_two_nodes_of_three_down_the_pipeline_waits_uncommitted_and_not_rea
 # ---- zombies -------------------------------------------------------------------------------
 
 # A bare member of a consumer group that commits a fixed offset of each partition it
-# holds every 50 ms, and prints one JSON line per assignment and per commit outcome
+# holds after every 50 ms poll, and prints one JSON line per assignment and per commit outcome
 # (the error's name as the broker or librdkafka gave it). SIGSTOPped past its session,
 # it wakes up still believing it holds its partitions: its first commits are a zombie's.
 ZOMBIE_MEMBER = r"""
-import json, sys, threading, time
+import json, sys, time
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 bootstrap, topic, group, protocol, offset = sys.argv[1:6]
 config = {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False, "log_level": 2}
-config["on_commit"] = lambda error, partitions: committed(error, partitions)
 if protocol == "classic":
     config |= {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
 else:
@@ -409,26 +408,18 @@ def revoked(consumer, partitions):
     held.difference_update(tp.partition for tp in partitions)
     say(event="revoked", partitions=sorted(tp.partition for tp in partitions))
 
-def committed(error, partitions):
-    say(event="commit", partitions=sorted(tp.partition for tp in partitions), error=error.name() if error else None)
-
-def commit_forever():
-    # A thread of its own, asynchronous: on waking, a commit is sent at once, whatever
-    # poll() serves first; poll() serves its answer (`committed`).
-    while True:
-        partitions = sorted(held)
-        if partitions:
-            try:
-                consumer.commit(offsets=[TopicPartition(topic, p, int(offset)) for p in partitions], asynchronous=True)
-            except KafkaException as error:
-                say(event="commit", partitions=partitions, error=error.args[0].name())
-        time.sleep(0.02)
-
 consumer = Consumer(config)
 consumer.subscribe([topic], on_assign=assigned, on_revoke=revoked, on_lost=revoked)
-threading.Thread(target=commit_forever, daemon=True).start()
 while True:
     consumer.poll(0.05)
+    if not held:
+        continue
+    partitions = sorted(held)
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, int(offset)) for p in partitions], asynchronous=False)
+        say(event="commit", partitions=partitions, error=None)
+    except KafkaException as error:
+        say(event="commit", partitions=partitions, error=error.args[0].name())
 """
 
 
@@ -466,7 +457,9 @@ def test_a_member_paused_past_its_session_has_its_commits_refused_by_the_broker(
     """A member SIGSTOPped past its session wakes up still holding, as far as it knows,
     its partitions, and commits at once. The broker refuses those commits (classic: its
     generation is stale or its member id unknown; KIP-848: its member epoch is stale or
-    fenced) until the group has taken it in again: none of them is taken. The
+    fenced, or its member id unknown) until the group has taken it in again: none of
+    them is taken. (Under classic, librdkafka may find its own session over first and
+    send none.) The
     processor's own rules (commit only what published windows cover, publish nothing
     past what was read) do not rely on this: on Tansu they stand alone."""
     cluster = kafka_cluster3
@@ -492,8 +485,8 @@ def test_a_member_paused_past_its_session_has_its_commits_refused_by_the_broker(
             60,
             message="the successor holding both partitions and committing",
         )
+        woke_at = time.time()  # before: it may act before this process runs again
         zombie.process.send_signal(signal.SIGCONT)
-        woke_at = time.time()
         time.sleep(5)
     finally:
         zombie.stop()
@@ -508,8 +501,14 @@ def test_a_member_paused_past_its_session_has_its_commits_refused_by_the_broker(
         f"{[e['error'] for e in zombie_commits]}; events after waking: "
         f"{[(e['event'], e.get('error'), round(e['at'] - woke_at, 2)) for e in after_waking[:8]]}"
     )
-    assert zombie_commits, "the woken member committed nothing before the group took it in again"
+    # Nothing it committed while out of the group was taken.
     assert all(e["error"] for e in zombie_commits), zombie_commits
+    if protocol == "classic" and not zombie_commits:
+        # librdkafka counts the classic session itself: on waking it can find the session
+        # over and serve the loss before a commit goes out. Then that is what it did.
+        assert after_waking and after_waking[0]["event"] == "revoked", after_waking[:3]
+        return
+    assert zombie_commits, "the woken member committed nothing before the group took it in again"
     broker_refusals = {e["error"] for e in zombie_commits if not e["error"].startswith("_")}
     assert broker_refusals, f"only librdkafka's own refusals: {zombie_commits}"
     assert broker_refusals <= FENCED_COMMIT[protocol], broker_refusals
