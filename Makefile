@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run broker kafka kafka-if-possible test test-fast test-chaos test-schedules lint bench clean
+.PHONY: run broker kafka kafka-if-possible test test-fast test-chaos test-schedules test-broker-failures lint bench clean
 
 # requirements.txt names ./native, the native parser (native/login_columns.c) as a
 # local package: pip compiles and installs it with the rest. pip rebuilds and
@@ -74,11 +74,18 @@ clean:
 	rm -rf $(VENV) $(KAFKA_HOME) .local-stack .pytest_cache .ruff_cache build native/build native/*.egg-info _login_columns*.so .native-built
 
 # Long runs, behind a flag of their own (not in `make test`):
-#   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule)
+#   make test-chaos                 the real-broker chaos test, 90 s of stream (CHAOS_SEED=N to change the schedule;
+#                                   on Kafka under KIP-848, CHAOS_GROUP_PROTOCOL=classic for the classic protocol)
 #   make test-schedules             10,000 seeded fault schedules (about 45 minutes)
+#   make test-broker-failures       every broker-failure test on the 3-node Kafka cluster: the kills of each role's
+#                                   node, a rolling restart, two nodes of three lost (about 6 minutes)
 CHAOS_SECONDS ?= 90
+CHAOS_GROUP_PROTOCOL ?= consumer
 test-chaos: $(BIN)/.installed
-	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/python -m pytest tests/test_chaos.py
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_GROUP_PROTOCOL=$(CHAOS_GROUP_PROTOCOL) $(BIN)/python -m pytest tests/test_chaos.py
+
+test-broker-failures: $(BIN)/.installed kafka
+	BROKER_FAILURES=all $(BIN)/python -m pytest tests/test_broker_failures.py -s
 
 FAULT_SCHEDULES ?= 10000
 test-schedules: $(BIN)/.installed

@@ -80,6 +80,19 @@ CONSUMER_DEFAULTS = {
     # with KAFKA_SESSION_TIMEOUT_MS or KAFKA_CONSUMER_SESSION_TIMEOUT_MS.
     "session.timeout.ms": "10000",
 }
+# What librdkafka refuses in a consumer of the KIP-848 group protocol
+# (`group.protocol=consumer`): the broker sets the session and the heartbeat
+# (group.consumer.session.timeout.ms, group.consumer.heartbeat.interval.ms) and
+# assigns partitions itself (`group.remote.assignor` names its assignor). Left out of
+# every consumer in that mode, our own session default included, and said so in the
+# settings line: a consumer given one is never created ("not supported for
+# `group.protocol=consumer`"), so every processor of such a group would exit 2.
+KIP848_LEFT_OUT = (
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol.type",
+)
 # Fragments of property names whose values must never be printed.
 _SECRET_MARKERS = ("password", "secret", "token", "key", "credentials", "jaas")
 
@@ -372,13 +385,36 @@ class Settings:
         return {name: getattr(self, _SETTINGS[name].field_name) for name in WINDOW_SHAPING_SETTINGS}
 
     def consumer_config(self) -> dict[str, str]:
-        """librdkafka settings a consumer should see: common + consumer-only."""
-        return {
+        """librdkafka settings a consumer should see: common + consumer-only (without
+        what the KIP-848 protocol forbids, in that mode: `left_out_for_group_protocol`)."""
+        config = {
             "bootstrap.servers": self.bootstrap_servers,
             **CONSUMER_DEFAULTS,
             **self.kafka_common,
             **self.kafka_consumer,
         }
+        if self.group_protocol == "consumer":
+            config = {name: value for name, value in config.items() if name not in KIP848_LEFT_OUT}
+        return config
+
+    @property
+    def group_protocol(self) -> str:
+        """The consumer group protocol: "classic" (librdkafka's default) or "consumer" (KIP-848)."""
+        return str({**self.kafka_common, **self.kafka_consumer}.get("group.protocol", "classic")).strip().lower()
+
+    @property
+    def incremental_assignment(self) -> bool:
+        """Whether a rebalance hands over only the change (KIP-848: the partitions added,
+        the partitions taken away) rather than the whole assignment: a rebalance callback
+        that sets start offsets then calls `incremental_assign`, not `assign`."""
+        return self.group_protocol == "consumer"
+
+    def left_out_for_group_protocol(self) -> dict[str, str]:
+        """The consumer settings `consumer_config` leaves out under the KIP-848 protocol."""
+        if self.group_protocol != "consumer":
+            return {}
+        given = {**CONSUMER_DEFAULTS, **self.kafka_common, **self.kafka_consumer}
+        return {name: given[name] for name in sorted(given) if name in KIP848_LEFT_OUT}
 
     def producer_config(self) -> dict[str, str]:
         """librdkafka settings a producer should see: common + producer-only."""
@@ -405,10 +441,18 @@ class Settings:
         if self.recompute_from:
             start = datetime.fromtimestamp(self.recompute_from, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             parts.append(f"recompute_from={start} margin={self.recompute_margin_seconds}s")
+        left_out = self.left_out_for_group_protocol()
         passthrough = {**self.kafka_common, **self.kafka_consumer, **self.kafka_producer}
+        passthrough = {k: v for k, v in passthrough.items() if k not in left_out}
         if passthrough:
             shown = ",".join(f"{k}={redact(k, v)}" for k, v in sorted(passthrough.items()))
             parts.append(f"kafka[{shown}]")
+        if left_out:
+            shown = ", ".join(f"{k}={v}" for k, v in left_out.items())
+            parts.append(
+                f"group.protocol=consumer left out {shown} (the broker sets the session:"
+                " group.consumer.session.timeout.ms)"
+            )
         return " ".join(parts)
 
 
@@ -515,8 +559,10 @@ def build_settings(
         elif env_name in environ:
             values[field_name] = parse(env_name, environ[env_name])
     common, consumer, producer = _kafka_passthrough(environ)
-    _refuse_cooperative_assignment(consumer, environ)
-    return Settings(**values, kafka_common=common, kafka_consumer=consumer, kafka_producer=producer)
+    settings = Settings(**values, kafka_common=common, kafka_consumer=consumer, kafka_producer=producer)
+    if settings.group_protocol != "consumer":  # there the strategy is left out (KIP848_LEFT_OUT)
+        _refuse_cooperative_assignment(consumer, environ)
+    return settings
 
 
 def _refuse_cooperative_assignment(consumer: Mapping[str, str], environ: Mapping[str, str]) -> None:

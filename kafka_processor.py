@@ -50,6 +50,7 @@ from aggregator import Aggregator
 from broker import authorization
 from broker.authorization import NotAuthorized, PermissionWatch
 from broker.broker_clock import BrokerClock
+from broker.group_protocol import check_group_protocol
 from broker.kafka_io import (
     QUIET_CLIENT_LOGS,
     REAL_CLIENTS,
@@ -308,6 +309,10 @@ class Processor:
 
     def prepare(self) -> bool:
         """Topics exist and we know what an earlier run published. False if stopped first."""
+        # KAFKA_GROUP_PROTOCOL=consumer on a broker without KIP-848 is a bad setting, said
+        # first (one line): the consumer would otherwise wait for ever without a word.
+        if not check_group_protocol(self.settings, self.health, self.stop_requested.is_set, self.topics.clients):
+            return False
         if not self.topics.ensure():
             return False
         # Which process this is, once the broker has taken its settings (a refused login or
@@ -486,7 +491,7 @@ class Processor:
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
         self.missing_topics.check()
-        self.assignment.retry_partition_count(self._consumer)
+        self.assignment.retry_partition_count()
         self.assignment.retry_committed(self._consumer)
         self.dead_letters.retry_refused()
         self.health.recheck(self._consumer, self.settings.input_topic)
@@ -716,7 +721,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NotAuthorized as refused:  # the cluster's ACLs, at start-up
         print(f"kafka_processor.py: {refused.line()}", file=sys.stderr)
         return 2
-    except ConfigError as error:  # a topic setting the cluster refused
+    except ConfigError as error:  # a topic setting the cluster refused, a group protocol the broker lacks
+        if "." in error.setting:  # a librdkafka property: named as the user wrote it
+            error = ConfigError(env_name_of(error.setting, environ), error.problem)
         exit_with_config_error("kafka_processor.py", error)
     if processor.exit_at_once:
         logging.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 import time
 import uuid
@@ -148,11 +149,37 @@ def is_fatal(error: KafkaError) -> bool:
     return error.fatal() or error.code() == KafkaError._FATAL
 
 
+# A broker's address at the start of librdkafka's error text ("127.0.0.1:9092/2: Connect
+# to ... failed", "GroupCoordinator: 127.0.0.1:9092: ...", "sasl_ssl://b-1:9096/bootstrap: ...").
+_BROKER_IN_ERROR = re.compile(r"^(?:GroupCoordinator: )?(?:[a-z_]+://)?([^\s/]+:\d+)(?:/\w+)?: ")
+# How often the nodes said to be down are asked whether they accept connections again.
+_NODE_CHECK_SECONDS = 1.0
+# A failed reconnect reported this soon after its node was back was made before: stale.
+_STALE_ERROR_SECONDS = 5.0
+
+
+def accepts_connections(node: str, timeout: float = 0.5) -> bool:
+    """Whether a TCP connection to any of `node` ("host:port[,host:port]") is accepted."""
+    for address in node.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 class BrokerHealth:
     """Turns librdkafka's error callbacks into one log line per change of state.
 
     librdkafka retries on its own; what an operator needs is "the broker is gone"
-    once, and "it is back" once, not a line per retry.
+    once, and "it is back" once, not a line per retry. Per broker: one node of a
+    cluster down is said once when its clients first fail to reach it, and once when
+    it is back, however many clients keep failing to reconnect meanwhile and however
+    often the other nodes answer. Back means: the cluster answered a request
+    (`mark_reachable`) and the node accepts connections again. `down_since` (what
+    /readyz reports) is set while any broker is down.
 
     Also the one place that hears of a fatal client error (`on_fatal`): it is said in one
     line and the hooks given to `when_fatal` run (the processor stops without committing,
@@ -164,11 +191,22 @@ class BrokerHealth:
     # and it also follows a refused login, where the broker is there and says no.
     _DOWN_CODES = {KafkaError._TRANSPORT, KafkaError._RESOLVE}
 
-    def __init__(self, bootstrap_servers: str, logger: logging.Logger = log) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        logger: logging.Logger = log,
+        accepts_connections: Callable[[str], bool] = accepts_connections,
+    ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.log = logger
         self._lock = threading.Lock()
         self.down_since: float | None = None
+        # The brokers that failed (by address; errors naming none: the bootstrap servers),
+        # each with when; and when each last came back.
+        self._down: dict[str, float] = {}
+        self._back_at: dict[str, float] = {}
+        self._accepts_connections = accepts_connections
+        self._next_node_check = 0.0
         # The broker's last refusal of who we are, if it refused: (setting, reason).
         self.refusal: tuple[str, str] | None = None
         self._tls_closes = 0  # fresh TLS connections the broker closed before answering
@@ -257,12 +295,7 @@ class BrokerHealth:
             self._refused(*tls_refusal(error.str(), self._client_certificate), "the TLS handshake")
             return
         if error.code() in self._DOWN_CODES:
-            with self._lock:
-                if self.down_since is None:
-                    self.down_since = time.monotonic()
-                    self.log.warning(
-                        "broker %s unreachable (%s); retrying until it is back", self.bootstrap_servers, error.str()
-                    )
+            self._node_down(error.str())
             return
         if error.code() in AUTHENTICATION_CODES:
             self._refused(CREDENTIAL_SETTINGS, _without_client_noise(error.str()), "the credentials")
@@ -317,17 +350,45 @@ class BrokerHealth:
         )
         return EXIT_NEVER_REACHED_BROKER
 
+    def _node_down(self, text: str) -> None:
+        found = _BROKER_IN_ERROR.match(text)
+        node = found.group(1) if found else self.bootstrap_servers
+        now = time.monotonic()
+        back_at = self._back_at.get(node)
+        recently_back = node not in self._down and back_at is not None and now - back_at < _STALE_ERROR_SECONDS
+        if recently_back and self._accepts_connections(node):
+            return  # a failed reconnect from before it came back, served late
+        with self._lock:
+            if node in self._down:
+                return
+            self._down[node] = now
+            if self.down_since is None:
+                self.down_since = now
+        self.log.warning("broker %s unreachable (%s); retrying until it is back", node, text)
+
     def mark_reachable(self) -> None:
-        """Call when a broker request succeeded."""
+        """Call when a broker request succeeded: the brokers said to be down that accept
+        connections again are back (asked at most once a second)."""
         with self._lock:
             self.refusal = None
             self._tls_closes = 0
             self._reached = True
-            if self.down_since is not None:
-                self.log.info(
-                    "broker %s reachable again after %.0fs", self.bootstrap_servers, time.monotonic() - self.down_since
-                )
+            down = dict(self._down)
+        if not down:
+            return
+        now = time.monotonic()
+        if now < self._next_node_check:
+            return
+        self._next_node_check = now + _NODE_CHECK_SECONDS
+        back = [node for node in down if self._accepts_connections(node)]
+        with self._lock:
+            for node in back:
+                self._down.pop(node, None)
+                self._back_at[node] = now
+            if not self._down:
                 self.down_since = None
+        for node in back:
+            self.log.info("broker %s reachable again after %.0fs", node, now - down[node])
 
     def recheck(self, client: Consumer | Producer | AdminClient, topic: str, every: float = 2.0) -> None:
         """While the broker is said to be down, ask it for `topic`'s metadata at most every

@@ -5,6 +5,15 @@ aggregator learns the partitions and where each is read from; on revocation the
 parts published so far are given a moment to be acknowledged, what is safe is
 committed, and the open windows are dropped: the next owner (maybe this processor
 again) rebuilds them from the commit.
+
+Under the classic protocol's eager assignors each rebalance revokes everything and
+assigns the whole new set; under the KIP-848 protocol (`group.protocol=consumer`)
+the callbacks get only the change: the partitions taken away, then the ones added
+(often none). Both are handled the same way, partition by partition; only setting a
+start offset inside the callback differs (`_hand_over`).
+
+Inside a callback the consumer is asked only what confluent-kafka answers without
+re-entering it (committed offsets, watermarks, assign): see `partition_count`.
 """
 
 from __future__ import annotations
@@ -67,12 +76,18 @@ class InputAssignment:
         self._committed_unknown: set[int] = set()
         self._committed_retry_at = 0.0
 
-    def partition_count(self, consumer: Consumer) -> int | None:
+    def partition_count(self) -> int | None:
         """The input topic's partition count (0: no such topic), or None if the broker
         did not answer in time (a struggling broker during a rebalance must not crash
-        the processor: parts wait until the count is known)."""
+        the processor: parts wait until the count is known).
+
+        Asked through the producer, never the consumer: this runs inside the consumer's
+        rebalance callback, where confluent-kafka must not be re-entered on that consumer
+        with list_topics() (it clears the consumer's call state, and a second callback
+        served by the same poll aborts the process: exit -6, seen under KIP-848, where a
+        poll serves an assignment and a revocation together)."""
         try:
-            total = topic_partition_count(consumer, self.settings.input_topic)
+            total = topic_partition_count(self._producer, self.settings.input_topic)
         except KafkaException as error:
             log.warning(
                 "could not read the partition count of %s (%s); windows wait until it is known",
@@ -84,12 +99,12 @@ class InputAssignment:
         self._partition_count_retry_at = None
         return total
 
-    def retry_partition_count(self, consumer: Consumer) -> None:
+    def retry_partition_count(self) -> None:
         """From the poll loop: ask again after a failed look-up."""
         retry_at = self._partition_count_retry_at
         if retry_at is None or self._monotonic() < retry_at:
             return
-        total = self.partition_count(consumer)
+        total = self.partition_count()
         if total is not None:
             self._aggregator.assign([], total)
             log.info("partition count of %s is %d", self.settings.input_topic, total)
@@ -129,18 +144,22 @@ class InputAssignment:
         return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 
     def on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        total = self.partition_count(consumer)
-        owned = sorted(tp.partition for tp in partitions)
+        """`partitions`: the whole assignment (eager), or the ones added to it (KIP-848)."""
+        total = self.partition_count()
+        added = sorted(tp.partition for tp in partitions)
         committed = self._read_committed(consumer, partitions) if partitions else {}
         committed = {**self._recompute_starts(consumer, partitions, committed or {}), **(committed or {})}
         committed = {**self._latest_starts(consumer, partitions, committed, total or 0), **committed}
-        self._aggregator.assign(owned, total or 0, committed)
+        self._aggregator.assign(added, total or 0, committed)
         self._health.mark_reachable()
+        owned = sorted(self._aggregator.partition_summary())
         if total is None:
             pass  # said above; retried from the poll loop
         elif total == 0:
             log.warning("input topic %s does not exist (broker lost it?)", self.settings.input_topic)
             self._topics.note_missing(now_too=True)
+        elif self.settings.incremental_assignment and not added:
+            pass  # KIP-848: a rebalance that gave this member nothing new; its revoke said what it lost
         elif len(owned) < total:
             log.info(
                 "assigned partitions %s (%d of %d partitions) of %s; the other processors of group %s own the rest",
@@ -168,7 +187,7 @@ class InputAssignment:
         for tp in partitions:
             if tp.partition in starts:
                 tp.offset = starts[tp.partition]
-        consumer.assign(partitions)  # the offsets above, instead of auto.offset.reset
+        self._hand_over(consumer, partitions)  # the offsets above, instead of auto.offset.reset
         log.info(
             "recomputing: partition(s) %s start at offset(s) %s, the first records at or after %s",
             ",".join(map(str, sorted(starts))),
@@ -219,8 +238,17 @@ class InputAssignment:
                     "could not read the end of partition %d (%s); reading it from its beginning", tp.partition, error
                 )
         if starts:
-            consumer.assign(partitions)  # the offsets above, instead of the client's reset
+            self._hand_over(consumer, partitions)  # the offsets above, instead of the client's reset
         return starts
+
+    def _hand_over(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Take `partitions` (the callback's) from the offsets set on them. A KIP-848
+        member may only add to its assignment (`incremental_assign`, the partitions it was
+        just given): librdkafka refuses `assign()` there (_STATE, "Erroneous state")."""
+        if self.settings.incremental_assignment:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
 
     def on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Only the revoked partitions are forgotten (under a cooperative assignor the

@@ -7,6 +7,13 @@ objects. Faults come from a `Faults` plan, decided per call: a full local queue
 (`BufferError`) at any produce, a delivery refused or delayed, a failed read of
 committed offsets or of a topic's tail.
 
+It keeps one rule of confluent-kafka that no broker shows on cue: a rebalance callback
+must not call list_topics() (nor poll, consume, close) on its own consumer. Each of those
+calls clears the call state confluent-kafka keeps for the consumer; a second callback
+served by the same poll then aborts the process (an assertion in CallState_get, exit
+-6). Under KIP-848 a poll serves an assignment and a revocation together: seen on
+Apache Kafka 4.4 with confluent-kafka 2.16.1. The fake fails such a call at once.
+
 It is a harsher world than a broker, on purpose: a group hands the new assignment to
 each member as soon as that member next polls, so a member that has not polled yet
 (a paused one, a zombie) still acts on partitions that are already someone else's,
@@ -168,6 +175,14 @@ class FakeCluster:
         log.append(message)
         return message
 
+    def metadata(self, topic: str | None = None) -> SimpleNamespace:
+        """What `list_topics` answers."""
+        topics = {}
+        for name, partitions in self.logs.items():
+            if topic is None or name == topic:
+                topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
+        return SimpleNamespace(topics=topics)
+
     def group(self, group_id: str) -> FakeGroup:
         return self.groups.setdefault(group_id, FakeGroup(self))
 
@@ -176,9 +191,12 @@ class FakeCluster:
 
 
 class FakeGroup:
-    """An eager-protocol consumer group: range assignment over the members in join order.
-    A change of members gives each member, on its next poll, a revoke of what it had and
-    then its new assignment."""
+    """A consumer group: range assignment over the members in join order. A change of
+    members gives each member, on its next poll, a revoke of what it had and then its new
+    assignment (the eager protocol); a member of the KIP-848 protocol
+    (`group.protocol=consumer`) gets only the change, as librdkafka hands it over: a
+    revoke of what it loses (if anything), then an assignment of what it gains (possibly
+    empty)."""
 
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
@@ -207,15 +225,6 @@ class FakeGroup:
         self.assignment = new
         for member in self.members:
             member.pending_rebalance = True
-
-
-def _metadata(cluster: FakeCluster, topic: str | None) -> SimpleNamespace:
-    """What list_topics() answers: the topics that exist (`topic` only, if given)."""
-    topics = {}
-    for name, partitions in cluster.logs.items():
-        if topic is None or name == topic:
-            topics[name] = SimpleNamespace(partitions={p: None for p in range(len(partitions))}, error=None)
-    return SimpleNamespace(topics=topics)
 
 
 class FakeProducer:
@@ -313,7 +322,7 @@ class FakeProducer:
         return len(self.queue) + len(self.purged)
 
     def list_topics(self, topic=None, timeout=-1):
-        return _metadata(self.cluster, topic)
+        return self.cluster.metadata(topic)
 
 
 class FakeConsumer:
@@ -321,6 +330,7 @@ class FakeConsumer:
         self.cluster = cluster
         self.config = config
         self.group_id = config.get("group.id", "")
+        self.incremental = str(config.get("group.protocol", "classic")).lower() == "consumer"
         self.eof = str(config.get("enable.partition.eof", "false")).lower() == "true"
         self.reset_earliest = str(config.get("auto.offset.reset", "earliest")) in ("earliest", "smallest", "beginning")
         self.topics: list[str] = []
@@ -339,6 +349,7 @@ class FakeConsumer:
         self.inside_position: Callable[[], None] | None = None  # the same, inside position()
         self.in_group = False
         self.closed = False
+        self._in_callback = 0  # rebalance callbacks running (see the module docstring)
 
     # -- group membership ---------------------------------------------------------
 
@@ -372,39 +383,94 @@ class FakeConsumer:
         if self.pending_rebalance and self.in_group:
             self.pending_rebalance = False
             new = list(self.cluster.group(self.group_id).assignment.get(id(self), []))
+            if self.incremental:
+                self._change_owned(new)
+                return
             self._set_owned([], "revoke")
             self._set_owned(new, "assign")
+
+    def _change_owned(self, new: list[tuple[str, int]]) -> None:
+        """KIP-848: revoke what is no longer ours (if anything), then assign what is new."""
+        revoked = [tp for tp in self.owned if tp not in new]
+        added = [tp for tp in new if tp not in self.owned]
+        if revoked:
+            self.owned = [tp for tp in self.owned if tp not in revoked]
+            self._forget_positions(revoked)
+            self._call_back(self.callbacks.get("revoke"), revoked)
+        self.owned += added
+        self._start_positions(added)
+        self._call_back(self.callbacks.get("assign"), added)
+
+    def _call_back(self, callback: Callable | None, partitions: list[tuple[str, int]]) -> None:
+        if callback is None:
+            return
+        self._in_callback += 1
+        try:
+            callback(self, [TopicPartition(t, p) for t, p in partitions])
+        finally:
+            self._in_callback -= 1
+
+    def _not_in_a_callback(self, call: str) -> None:
+        if self._in_callback:
+            raise AssertionError(
+                f"{call}() on a consumer inside its own rebalance callback: confluent-kafka aborts the process"
+                " (CallState_get) if the same poll serves another callback"
+            )
+
+    def _forget_positions(self, partitions: list[tuple[str, int]]) -> None:
+        for tp in partitions:
+            self.positions.pop(tp, None)
+            self.cached_high.pop(tp, None)
+            self.delivered_from.discard(tp)
+
+    def _start_positions(self, partitions: list[tuple[str, int]]) -> None:
+        for topic, partition in partitions:
+            committed = self.cluster.committed.get((self.group_id, topic, partition))
+            if committed is not None:
+                self.positions[(topic, partition)] = committed
 
     def _set_owned(self, new: list[tuple[str, int]], how: str) -> None:
         if how in ("revoke", "lost"):
             old, self.owned = self.owned, []
-            for tp in old:
-                self.positions.pop(tp, None)
-                self.cached_high.pop(tp, None)
-                self.delivered_from.discard(tp)
+            self._forget_positions(old)
             callback = self.callbacks.get("lost" if how == "lost" else "revoke")
             if how == "lost" and callback is None:
                 callback = self.callbacks.get("revoke")
-            if callback is not None and (old or how == "revoke"):
-                callback(self, [TopicPartition(t, p) for t, p in old])
+            if old or how == "revoke":
+                self._call_back(callback, old)
             return
         self.owned = list(new)
-        for topic, partition in new:
-            committed = self.cluster.committed.get((self.group_id, topic, partition))
-            if committed is not None:
-                self.positions[(topic, partition)] = committed
-        callback = self.callbacks.get("assign")
-        if callback is not None:
-            callback(self, [TopicPartition(t, p) for t, p in new])
+        self._start_positions(new)
+        self._call_back(self.callbacks.get("assign"), new)
 
     # -- manual assignment -------------------------------------------------------------
 
     def assign(self, partitions: list[TopicPartition]) -> None:
+        if self.incremental and self.in_group:
+            # What librdkafka answers a member of an incremental group (its message is
+            # "Changes to the current assignment must be made using incremental_assign()").
+            raise KafkaException(KafkaError(KafkaError._STATE, "Failed to set assignment: Local: Erroneous state"))
         self.owned = [(tp.topic, tp.partition) for tp in partitions]
+        self._set_positions(partitions)
+
+    def incremental_assign(self, partitions: list[TopicPartition]) -> None:
+        """Add `partitions` (with their start offsets) to what this member reads."""
+        self.owned += [(tp.topic, tp.partition) for tp in partitions if (tp.topic, tp.partition) not in self.owned]
+        self._set_positions(partitions)
+
+    def incremental_unassign(self, partitions: list[TopicPartition]) -> None:
+        gone = [(tp.topic, tp.partition) for tp in partitions]
+        self.owned = [tp for tp in self.owned if tp not in gone]
+        self._forget_positions(gone)
+
+    def _set_positions(self, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             key = (tp.topic, tp.partition)
+            committed = self.cluster.committed.get((self.group_id, tp.topic, tp.partition))
             if tp.offset == OFFSET_END:
                 self.positions[key] = self.cluster.end(tp.topic, tp.partition)
+            elif tp.offset == OFFSET_INVALID and committed is not None:
+                self.positions[key] = committed  # librdkafka: "no offset given" reads from the commit
             elif tp.offset in (OFFSET_BEGINNING, OFFSET_INVALID) or tp.offset < 0:
                 self.positions[key] = 0
             else:
@@ -425,6 +491,7 @@ class FakeConsumer:
         return messages
 
     def _consume(self, num_messages: int) -> list[Message]:
+        self._not_in_a_callback("consume")
         if self.closed:
             raise RuntimeError("Consumer closed")
         self._serve_rebalance()
@@ -494,7 +561,8 @@ class FakeConsumer:
         return 0, self.cluster.end(partition.topic, partition.partition)
 
     def list_topics(self, topic=None, timeout=-1):
-        return _metadata(self.cluster, topic)
+        self._not_in_a_callback("list_topics")
+        return self.cluster.metadata(topic)
 
     # -- offsets -------------------------------------------------------------------------
 
@@ -516,6 +584,7 @@ class FakeConsumer:
         ]
 
     def close(self) -> None:
+        self._not_in_a_callback("close")
         if self.in_group:
             self.in_group = False
             self.cluster.group(self.group_id).leave(self)

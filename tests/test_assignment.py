@@ -6,6 +6,7 @@ processor's own poll loop, timer and merger turning over them."""
 from __future__ import annotations
 
 import json
+import logging
 
 from broker.pipeline_topics import Published
 from config import build_settings
@@ -101,3 +102,80 @@ def test_with_offset_reset_latest_a_failed_committed_read_commits_nothing_unread
         processor.poll_once(0)
         processor.closer.close_and_publish(0)
     assert all(offset <= 2 for offset in commits), f"committed {commits} before records 2..5 were read"
+
+
+def kip848_member(cluster: FakeCluster, clock: Clock, **environ: str) -> Processor:
+    settings = build_settings(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": "fake:9",
+            "INPUT_TOPIC": "in",
+            "WINDOW_SECONDS": str(W),
+            "KAFKA_GROUP_PROTOCOL": "consumer",
+            **environ,
+        }
+    )
+    processor = Processor(settings, clients=FakeClients(cluster), clock=clock, monotonic=clock)
+    processor.resume_from(Published())
+    processor.start_consuming()
+    processor.merger.subscribe()
+    return processor
+
+
+def kip848_cluster(clock: Clock, partitions: int = 4) -> FakeCluster:
+    cluster = FakeCluster(clock)
+    settings = build_settings({"INPUT_TOPIC": "in"})
+    for topic, count in (
+        ("in", partitions),
+        (settings.output_topic, 1),
+        (settings.dlq_topic, 1),
+        (settings.partials_topic, 1),
+    ):
+        cluster.create_topic(topic, count)
+    return cluster
+
+
+def test_under_kip848_a_new_groups_latest_starts_are_handed_over_incrementally():
+    """`KAFKA_AUTO_OFFSET_RESET=latest` is applied by the processor, which assigned the
+    end offsets inside the rebalance callback with `assign()`. A KIP-848 member may only
+    change its assignment incrementally there: librdkafka answers `assign()` with an
+    error (_STATE), which stopped the processor at its first assignment."""
+    clock = Clock(NOW + 100.0)
+    cluster = kip848_cluster(clock)
+    for partition in range(4):  # the backlog a `latest` group must not read
+        cluster.append("in", partition, None, login(NOW - 60), timestamp_ms=(NOW - 60) * 1000)
+    member = kip848_member(cluster, clock, KAFKA_AUTO_OFFSET_RESET="latest")
+    member.poll_once(0)
+    assert sorted(member.aggregator.partition_summary()) == [0, 1, 2, 3]
+    for partition in range(4):
+        cluster.append("in", partition, None, login(NOW + 1), timestamp_ms=(NOW + 1) * 1000)
+    for _ in range(3):
+        clock.now += 0.5
+        member.poll_once(0)
+    assert member.stats.records == 4, "read from the end: only the records written after the start"
+
+
+def test_under_kip848_a_member_that_joins_takes_only_the_change(caplog):
+    """The first member keeps the partitions the group leaves it, with their open windows
+    (only the revoked ones are dropped and rebuilt); its log says what it lost, and no
+    "assigned partitions none" for the empty assignment that follows."""
+    clock = Clock(NOW + 100.0)
+    cluster = kip848_cluster(clock)
+    first = kip848_member(cluster, clock)
+    first.poll_once(0)
+    for partition in range(4):
+        cluster.append("in", partition, None, login(NOW + 1), timestamp_ms=(NOW + 1) * 1000)
+    first.poll_once(0)
+    assert first.aggregator.open_window_count() == 4
+    caplog.set_level(logging.INFO)
+    caplog.clear()
+    second = kip848_member(cluster, clock)
+    second.poll_once(0)
+    first.poll_once(0)
+    assert sorted(first.aggregator.partition_summary()) == [0, 1]
+    assert sorted(second.aggregator.partition_summary()) == [2, 3]
+    assert first.aggregator.open_window_count() == 2, "the kept partitions' windows are not rebuilt"
+    lines = [r.getMessage() for r in caplog.records if "assigned" in r.getMessage() or "revoked" in r.getMessage()]
+    assert "partition(s) 2,3 revoked; their open windows dropped, to be rebuilt from committed offsets" in lines
+    assert [line for line in lines if line.startswith("assigned")] == [
+        "assigned partitions 2,3 (2 of 4 partitions) of in; the other processors of group login-aggregator own the rest"
+    ], "the first member's rebalance gave it nothing new: no 'assigned partitions none' line"

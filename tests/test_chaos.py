@@ -5,6 +5,10 @@ record per key) must equal the oracle's windows for everything sent.
 
 In the suite at a small size (about 25 s of stream); CHAOS_SECONDS=90 CHAOS_SEED=N
 runs it larger, e.g. `for s in 1 2 3 4 5; do CHAOS_SEED=$s make test-chaos; done`.
+
+On Apache Kafka it runs under a group protocol of its own choosing: KIP-848
+(`group.protocol=consumer`) in the suite, CHAOS_GROUP_PROTOCOL=classic for the
+classic one (`make test-chaos CHAOS_GROUP_PROTOCOL=classic`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import pytest
 from confluent_kafka import Producer
 
 from testkit.oracle import expected_windows
-from testkit.processes import latest_by_key, wait_until
+from testkit.processes import latest_by_key, new_topics, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -31,11 +35,25 @@ class LiveStream:
     """Login records of "now", spread over the partitions, at a steady rate, from a thread."""
 
     def __init__(
-        self, bootstrap: str, topic: str, partitions: int, per_second: int, seed: int, long_values: bool = False
+        self,
+        bootstrap: str,
+        topic: str,
+        partitions: int,
+        per_second: int,
+        seed: int,
+        long_values: bool = False,
+        producer_config: dict | None = None,
     ) -> None:
         self.records: list[tuple[bytes, int]] = []
         self._long = long_values  # 250-character distinct device ids and IPs: big parts
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 2})
+        # `producer_config`: an idempotent acks=all producer, say, for a stream that must
+        # neither lose nor repeat a record while a broker fails.
+        self._producer = Producer(
+            {"bootstrap.servers": bootstrap, "linger.ms": 20, "log_level": 2, **(producer_config or {})}
+        )
+        # (monotonic time, partition) of each acknowledgement, and the deliveries that failed.
+        self.acknowledged: list[tuple[float, int]] = []
+        self.failed: list[str] = []
         self._topic, self._rate = topic, per_second
         self.partitions = partitions  # may grow while it runs (partitions added to the topic)
         self._rng = random.Random(seed)
@@ -68,7 +86,11 @@ class LiveStream:
                 while True:
                     try:
                         self._producer.produce(
-                            self._topic, value=value, partition=index % self.partitions, timestamp=millis
+                            self._topic,
+                            value=value,
+                            partition=index % self.partitions,
+                            timestamp=millis,
+                            on_delivery=self._report,
                         )
                         break
                     except BufferError:
@@ -78,10 +100,21 @@ class LiveStream:
             self._producer.poll(0)
             time.sleep(max(0.0, tick - (time.time() - now)))
 
-    def stop(self) -> None:
+    def _report(self, error, message) -> None:
+        if error is None:
+            self.acknowledged.append((time.monotonic(), message.partition()))
+        else:
+            self.failed.append(error.str())
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self, flush_seconds: float = 30) -> None:
         self._stop.set()
         self._thread.join(10)
-        assert self._producer.flush(30) == 0
+        assert self._producer.flush(flush_seconds) == 0
+        assert not self.failed, f"{len(self.failed)} record(s) not written, the first: {self.failed[0]}"
 
 
 def merger_of(processors) -> object | None:
@@ -148,3 +181,14 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
     assert sum(w["message_count"] for w in got.values()) == len(stream.records), events
     codes = [processor.terminate()[0] for processor in alive]
     assert codes == [0] * len(alive), (events, [p.log()[-2000:] for p in alive])
+
+
+@pytest.mark.kafka
+def test_a_live_stream_on_kafka_survives_seeded_kills_stops_and_joins(kafka_node, start_processor):
+    """The same schedule on Apache Kafka, under the group protocol CHAOS_GROUP_PROTOCOL
+    names (default "consumer", KIP-848: the broker runs the assignment and hands each
+    member only the change; its session is the broker's, 6 s in the harness)."""
+    protocol = os.environ.get("CHAOS_GROUP_PROTOCOL", "consumer")
+    topics = new_topics(kafka_node.bootstrap_servers, "kafka", -1)
+    topics.extra_env["KAFKA_GROUP_PROTOCOL"] = protocol
+    test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_processor)

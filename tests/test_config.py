@@ -11,6 +11,7 @@ import pytest
 from config import (
     _SETTINGS,
     CONSUMER_DEFAULTS,
+    KIP848_LEFT_OUT,
     ConfigError,
     OneLineArgumentParser,
     Settings,
@@ -315,3 +316,50 @@ def test_recompute_from_has_the_short_flag_from():
 def test_a_kafka_value_librdkafka_refuses_exits_2_in_every_script(script, env, named, tmp_path):
     """The generator exited 1 with librdkafka's raw error, the monitor with a traceback."""
     _exits_2_naming(script, {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", **env}, [], named, tmp_path)
+
+
+# ---- the KIP-848 group protocol ------------------------------------------------------------
+
+
+def test_the_consumer_protocol_leaves_out_what_librdkafka_forbids_in_that_mode_and_says_so():
+    """librdkafka refuses to create a `group.protocol=consumer` consumer given any of
+    these (the broker sets the session and heartbeat, `group.remote.assignor` replaces
+    the strategy): our own 10 s session default would make every such processor exit 2."""
+    environ = {
+        "KAFKA_GROUP_PROTOCOL": "consumer",
+        "KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+        "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": "roundrobin",
+        "KAFKA_CONSUMER_GROUP_PROTOCOL_TYPE": "consumer",
+        "KAFKA_FETCH_MAX_BYTES": "1000000",
+    }
+    settings = build_settings(environ)
+    consumer = settings.consumer_config()
+    assert consumer["group.protocol"] == "consumer" and consumer["fetch.max.bytes"] == "1000000"
+    assert not set(KIP848_LEFT_OUT) & set(consumer), consumer
+    assert settings.incremental_assignment
+    line = settings.describe()
+    assert "session.timeout.ms=6000" not in line.split(" left out ")[0]
+    assert line.endswith(
+        " group.protocol=consumer left out group.protocol.type=consumer, heartbeat.interval.ms=1000,"
+        " partition.assignment.strategy=roundrobin, session.timeout.ms=6000 (the broker sets the session:"
+        " group.consumer.session.timeout.ms)"
+    ), line
+    # Our own default alone is left out too, and said so.
+    default_only = build_settings({"KAFKA_GROUP_PROTOCOL": "Consumer"})
+    assert "session.timeout.ms" not in default_only.consumer_config()
+    assert "left out session.timeout.ms=10000" in default_only.describe()
+    # A strategy left out is not refused either (the classic protocol refuses cooperative-sticky).
+    cooperative = build_settings(
+        {"KAFKA_GROUP_PROTOCOL": "consumer", "KAFKA_PARTITION_ASSIGNMENT_STRATEGY": "cooperative-sticky"}
+    )
+    assert "partition.assignment.strategy" not in cooperative.consumer_config()
+
+
+def test_the_classic_protocol_keeps_every_setting_and_says_nothing_of_it():
+    for environ in ({}, {"KAFKA_GROUP_PROTOCOL": "classic"}):
+        settings = build_settings({**environ, "KAFKA_HEARTBEAT_INTERVAL_MS": "1000"})
+        consumer = settings.consumer_config()
+        assert consumer["session.timeout.ms"] == "10000" and consumer["heartbeat.interval.ms"] == "1000"
+        assert not settings.incremental_assignment
+        assert "left out" not in settings.describe()

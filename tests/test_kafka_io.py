@@ -545,7 +545,8 @@ def renewable(clock, timeout: float = 60.0):
     from broker.kafka_io import RenewableProducer
 
     Answerable.made = []
-    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"))
+    # Back when the cluster answers: this test is about the producer, not the node check.
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"), accepts_connections=lambda _node: True)
     return RenewableProducer("parts", {"acks": "all"}, health, timeout, AnswerableClients(), clock), health
 
 
@@ -600,3 +601,101 @@ def test_the_wait_stands_still_while_the_broker_is_down_and_renewals_that_do_not
     assert gaps[:4] == [120, 240, 480, 480], gaps  # doubling, up to 8 x ACK_TIMEOUT_SECONDS
     Answerable.made[-1].answer()
     assert producer.stall() is None
+
+
+# ---- one node of a cluster ---------------------------------------------------------------------
+
+CLUSTER = "127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003"
+
+
+def refused(node: str, handle: str = "2") -> KafkaError:
+    """What librdkafka reports for each failed reconnect to `node` (host:port)."""
+    return KafkaError(KafkaError._TRANSPORT, f"{node}/{handle}: Connect to ipv4#{node} failed: Connection refused")
+
+
+class Nodes:
+    """Which nodes accept TCP connections: what BrokerHealth checks before it calls one back."""
+
+    def __init__(self) -> None:
+        self.down: set[str] = set()
+
+    def __call__(self, node: str) -> bool:
+        return node not in self.down
+
+
+def messages(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def test_one_node_of_a_cluster_down_is_said_once_when_it_goes_and_once_when_it_is_back(caplog, monkeypatch):
+    """One node of three SIGKILLed: every client of the processor reports each failed
+    reconnect to it, while the other two answer (acknowledgements, metadata). Each answer
+    used to end the trouble ("reachable again after 0s") and the next failed reconnect to
+    begin it again: 4 to 10 pairs of lines per processor per kill, on Apache Kafka. The
+    node is back when it accepts connections again and the cluster answers."""
+    nodes = Nodes()
+    health = BrokerHealth(CLUSTER, logging.getLogger("test"), accepts_connections=nodes)
+    clock = [100.0]
+    monkeypatch.setattr("broker.kafka_io.time.monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="test"):
+        health.mark_reachable()
+        nodes.down.add("127.0.0.1:9002")
+        for _ in range(5):  # its reconnects fail; the other nodes answer meanwhile
+            health.on_error(refused("127.0.0.1:9002"))
+            health.on_error(KafkaError(KafkaError._TRANSPORT, "GroupCoordinator: 127.0.0.1:9002: Connect failed"))
+            clock[0] += 1.5
+            health.mark_reachable()
+        assert health.down_since == 100.0, "still down: /readyz says so all along"
+        nodes.down.clear()
+        clock[0] += 1.5
+        health.mark_reachable()
+        health.on_error(refused("127.0.0.1:9002"))  # an error from before it came back, served late
+        clock[0] += 1.5
+        health.mark_reachable()
+    assert messages(caplog) == [
+        "broker 127.0.0.1:9002 unreachable (127.0.0.1:9002/2: Connect to ipv4#127.0.0.1:9002 failed: Connection"
+        " refused); retrying until it is back",
+        "broker 127.0.0.1:9002 reachable again after 9s",
+    ]
+    assert health.down_since is None
+
+
+def test_two_nodes_down_are_each_said_and_the_trouble_ends_when_both_are_back(caplog, monkeypatch):
+    nodes = Nodes()
+    health = BrokerHealth(CLUSTER, logging.getLogger("test"), accepts_connections=nodes)
+    clock = [100.0]
+    monkeypatch.setattr("broker.kafka_io.time.monotonic", lambda: clock[0])
+    with caplog.at_level(logging.INFO, logger="test"):
+        nodes.down |= {"127.0.0.1:9001", "127.0.0.1:9003"}
+        health.on_error(refused("127.0.0.1:9001", "1"))
+        health.on_error(refused("127.0.0.1:9003", "3"))
+        health.on_error(refused("127.0.0.1:9001", "bootstrap"))
+        clock[0] += 2
+        health.mark_reachable()  # the third node answers metadata
+        nodes.down.discard("127.0.0.1:9001")
+        clock[0] += 2
+        health.mark_reachable()
+        assert health.down_since == 100.0
+        nodes.down.clear()
+        clock[0] += 2
+        health.mark_reachable()
+    assert [m.split(" (")[0] for m in messages(caplog)] == [
+        "broker 127.0.0.1:9001 unreachable",
+        "broker 127.0.0.1:9003 unreachable",
+        "broker 127.0.0.1:9001 reachable again after 4s",
+        "broker 127.0.0.1:9003 reachable again after 6s",
+    ]
+    assert health.down_since is None
+
+
+def test_an_error_that_names_no_broker_is_the_bootstraps(caplog):
+    """A failed request of ours (a time-out) names no broker: the trouble is the cluster's,
+    said with the bootstrap servers, and ends at the next answer."""
+    health = BrokerHealth(CLUSTER, logging.getLogger("test"), accepts_connections=Nodes())
+    with caplog.at_level(logging.INFO, logger="test"):
+        health.on_error(KafkaError(KafkaError._TRANSPORT, "Local: Timed out"))
+        health.mark_reachable()
+    assert [m.split(" (")[0] for m in messages(caplog)] == [
+        f"broker {CLUSTER} unreachable",
+        f"broker {CLUSTER} reachable again after 0s",
+    ]
