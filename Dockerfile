@@ -30,10 +30,11 @@ COPY ingest/ ingest/
 COPY merging/ merging/
 COPY broker/ broker/
 COPY ops/ ops/
+COPY telemetry/ telemetry/
 USER app
 # Nothing is written at run time (a read-only root filesystem is fine): no .pyc files.
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-# /metrics, /healthz and /readyz (ops/health.py): on by default in the image, so that
+# /metrics, /healthz and /readyz (telemetry/health.py): on by default in the image, so that
 # the health check below and an orchestrator's probes have something to ask.
 ENV METRICS_PORT=9100
 EXPOSE 9100

@@ -46,7 +46,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from ops.log_setup import configure_logging
+from telemetry.log_setup import configure_logging
 
 # The settings the generator reads and lists in --help. It creates the input topic
 # when it is first, hence INPUT_PARTITIONS and the topic settings.

@@ -88,11 +88,11 @@ from ingest.part_publisher import PartPublisher
 from ingest.poll_turns import PollTurns
 from ingest.window_closer import WindowCloser
 from merging.merger import WindowMerger, newest_partials_shaping, pipeline_origin
-from ops.group_lag import GroupLag
-from ops.health import HealthEndpoint, Probes
-from ops.log_setup import configure_logging
-from ops.metrics import MetricsSnapshot, ProcessorMetrics
-from ops.report import ProcessorReport
+from telemetry.group_lag import GroupLag
+from telemetry.health import HealthEndpoint, Probes
+from telemetry.log_setup import configure_logging
+from telemetry.metrics import MetricsSnapshot, ProcessorMetrics
+from telemetry.report import ProcessorReport
 
 log = logging.getLogger("processor")
 
@@ -222,7 +222,7 @@ class Processor:
         self.stats = self.report.stats
         self.metrics = ProcessorMetrics(self.metrics_snapshot)
         self.report.publish_latency = self.metrics.publish_latency.observe
-        # /healthz and /readyz beside /metrics (ops/health.py); the poll loop's period is
+        # /healthz and /readyz beside /metrics (telemetry/health.py); the poll loop's period is
         # its consume() timeout.
         self.probes = Probes(
             settings.consumer_group_id,

@@ -70,7 +70,7 @@ from config import (
     exit_with_config_error,
     load_settings_or_exit,
 )
-from ops.log_setup import configure_logging
+from telemetry.log_setup import configure_logging
 
 # The settings the monitor reads and lists in --help; any other keeps its default, so a
 # shared `.env` with, say, METRICS_PORT cannot stop it.

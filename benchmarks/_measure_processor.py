@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from config import build_settings  # noqa: E402
 from kafka_processor import Processor  # noqa: E402
-from ops.log_setup import configure_logging  # noqa: E402
+from telemetry.log_setup import configure_logging  # noqa: E402
 
 
 class MeasuredProcessor(Processor):

@@ -395,7 +395,7 @@ class BrokerHealth:
         `every` seconds (a 1 s wait) and mark it reachable if it answers. Call once per loop
         turn (costs nothing while it is up). Acknowledgements usually say the broker is back;
         with nothing to send (no input) none comes, and the broker would stay "down" (and
-        the processor not ready, ops/health.py) for good after a blip."""
+        the processor not ready, telemetry/health.py) for good after a blip."""
         if self.down_since is None or time.monotonic() < self._next_recheck:
             return
         self._next_recheck = time.monotonic() + every

@@ -25,7 +25,7 @@ from ingest.commits import InputCommits, safe_offsets
 from ingest.dead_letter import DeadLetterQueue
 from ingest.part_publisher import PartPublisher
 from merging.parts import PartOrigin, encode_part
-from ops.report import ProcessorReport
+from telemetry.report import ProcessorReport
 
 log = logging.getLogger("processor")
 

@@ -60,7 +60,6 @@ from config import (
 from core.errors import PipelineError
 from core.window_value import iso_utc
 from ops.dlq_file import DeadLetter, FileError, from_dlq, read_file
-from ops.log_setup import configure_logging
 from ops.replay_plan import (
     COUNTING_RULE,
     DISCARDED,
@@ -72,6 +71,7 @@ from ops.replay_plan import (
     replayed_entry,
     summary,
 )
+from telemetry.log_setup import configure_logging
 
 log = logging.getLogger("dlq-replay")
 

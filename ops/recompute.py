@@ -63,8 +63,8 @@ from config import (
 )
 from core.errors import PipelineError
 from core.window_value import epoch_of, iso_utc
-from ops.log_setup import configure_logging
 from ops.window_diff import CHANGED, NEW, SAME, compare
+from telemetry.log_setup import configure_logging
 
 log = logging.getLogger("recompute")
 

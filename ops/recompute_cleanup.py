@@ -40,7 +40,7 @@ from config import (
 )
 from merging.merger import merge_group_id
 from merging.parts import PartialRecordError, decode_partial
-from ops.log_setup import configure_logging
+from telemetry.log_setup import configure_logging
 
 log = logging.getLogger("recompute-cleanup")
 

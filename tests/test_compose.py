@@ -95,7 +95,7 @@ def test_two_processors_share_a_six_partition_input(compose):
 
 
 def _local_imports(module: str, seen: set[str]) -> set[str]:
-    """The project's modules `module` imports, transitively, as paths ("ops/health.py")."""
+    """The project's modules `module` imports, transitively, as paths ("telemetry/health.py")."""
     path = ROOT / f"{module.replace('.', '/')}.py"
     if not path.is_file():
         path = ROOT / module.replace(".", "/") / "__init__.py"  # a package
@@ -183,7 +183,7 @@ def exported_metric_names() -> set[str]:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from ops.metrics import MetricsSnapshot, ProcessorMetrics
+    from telemetry.metrics import MetricsSnapshot, ProcessorMetrics
 
     window = {
         "message_count": 1,

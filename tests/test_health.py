@@ -1,4 +1,4 @@
-"""ops/health.py: /healthz, /readyz and /metrics.
+"""telemetry/health.py: /healthz, /readyz and /metrics.
 
 The probes' logic with a given clock (fast); the endpoint over HTTP; then against
 the real broker: a running processor and one standing by are live and ready, a
@@ -26,7 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from broker.embedded_broker import EmbeddedBroker, free_port, port_is_open
-from ops.health import STALL_SECONDS, HealthEndpoint, Probes
+from telemetry.health import STALL_SECONDS, HealthEndpoint, Probes
 from testkit.processes import ROOT, Topics, aligned_past, latest_by_key, produce, run_script, wait_until
 from testkit.workloads import login_workload
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from ops.log_setup import configure_logging
+from telemetry.log_setup import configure_logging
 
 
 @pytest.fixture(autouse=True)

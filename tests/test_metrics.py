@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker.embedded_broker import free_port
-from ops.metrics import MetricsSnapshot, ProcessorMetrics
+from telemetry.metrics import MetricsSnapshot, ProcessorMetrics
 from testkit.oracle import decode_object
 from testkit.processes import published_backlog, require_tool, wait_until
 
@@ -115,7 +115,7 @@ def test_every_member_reports_the_groups_newest_window_on_the_output_not_its_own
     """The stalled-pipeline alert follows what users see: the newest window on the output
     topic, read there by every member. A member's own memory of its last publish (the
     merger's only; a standby's start time) reset whenever a member started."""
-    from ops.report import epoch_of
+    from telemetry.report import epoch_of
     from tests.test_kafka_io import output_of, turn
 
     processors, cluster, clock = fake_group(2)
@@ -165,7 +165,7 @@ def test_the_group_lag_is_the_brokers_end_minus_the_groups_commit_for_every_part
     from confluent_kafka import TopicPartition
 
     from broker.kafka_io import BrokerHealth
-    from ops.group_lag import GroupLag
+    from telemetry.group_lag import GroupLag
     from tests.fake_kafka import FakeConsumer
 
     [processor], cluster, _clock = fake_group(1)

@@ -1,4 +1,4 @@
-"""ops/report.py: the figures it feeds the metrics with, from each published window."""
+"""telemetry/report.py: the figures it feeds the metrics with, from each published window."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from aggregator import Aggregator
 from config import Settings
 from core.window_value import ClosedWindow
-from ops.report import ProcessorReport
+from telemetry.report import ProcessorReport
 
 
 def window(start: int, capped: list[str] | None = None) -> ClosedWindow:

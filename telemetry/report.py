@@ -20,7 +20,7 @@ import msgspec
 from aggregator import Aggregator
 from config import Settings
 from core.window_value import ClosedWindow, epoch_of, iso_utc
-from ops.metrics import MetricsSnapshot
+from telemetry.metrics import MetricsSnapshot
 
 log = logging.getLogger("processor")
 
@@ -119,7 +119,7 @@ class ProcessorReport:
     ) -> None:
         """Where the figures of health come from: BrokerHealth (reachability, the producers),
         the probes, the output topic's follower (what the group published) and the group's
-        lag (ops/group_lag.py). Read when scraped."""
+        lag (telemetry/group_lag.py). Read when scraped."""
         self._health = _Health(broker, readiness, output, group_lag)
 
     def window_published(self, window: ClosedWindow, acknowledged_at: float) -> None:
