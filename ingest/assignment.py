@@ -47,6 +47,7 @@ class InputAssignment:
     def __init__(
         self,
         settings: Settings,
+        *,
         aggregator: Aggregator,
         parts: PartPublisher,
         commits: InputCommits,

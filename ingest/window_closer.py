@@ -43,6 +43,7 @@ class WindowCloser:
     def __init__(
         self,
         settings: Settings,
+        *,
         aggregator: Aggregator,
         parts: PartPublisher,
         producer: Producer,

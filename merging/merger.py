@@ -130,6 +130,7 @@ class WindowMerger:
     def __init__(
         self,
         settings: Settings,
+        *,
         consumer_config: dict,
         producer_config: dict,
         health: BrokerHealth,

@@ -77,14 +77,14 @@ class MergerRig:
         self.published: list[bytes] = []
         self.merger = WindowMerger(
             self.settings,
-            {},
-            {},
-            BrokerHealth(self.settings.bootstrap_servers, logging.getLogger("test")),
-            lambda: newest_published(self.settings, self.clients),
-            lambda window, _at: self.published.append(window.key),
-            "host",
-            self.clients,
-            self.clock,
+            consumer_config={},
+            producer_config={},
+            health=BrokerHealth(self.settings.bootstrap_servers, logging.getLogger("test")),
+            newest_published=lambda: newest_published(self.settings, self.clients),
+            on_published=lambda window, _at: self.published.append(window.key),
+            host="host",
+            clients=self.clients,
+            clock=self.clock,
         )
         self.merger.subscribe()
 
