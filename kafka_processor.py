@@ -81,6 +81,7 @@ from config import (
 )
 from core.window_value import iso_utc
 from ingest.assignment import InputAssignment
+from ingest.checkpoint import Checkpoint
 from ingest.commits import InputCommits
 from ingest.dead_letter import DeadLetterQueue
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
@@ -258,14 +259,20 @@ class Processor:
         self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin, self.clock)
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
         self.missing_topics = MissingTopics(settings, self._producer, self.topics, self.health, monotonic)
-        self.closer = WindowCloser(
-            settings,
+        self.checkpoint = Checkpoint(
             aggregator=self.aggregator,
             parts=self.parts,
             producer=self._producer,
             dead_letters=self.dead_letters,
             commits=self.commits,
             health=self.health,
+            crashed=self._crashed,
+        )
+        self.closer = WindowCloser(
+            settings,
+            aggregator=self.aggregator,
+            parts=self.parts,
+            checkpoint=self.checkpoint,
             report=self.report,
             published=self.published,
             origin=origin,
@@ -278,10 +285,9 @@ class Processor:
             commits=self.commits,
             producer=self._producer,
             publish_lock=self.closer.lock,
-            crashed=self._crashed,
             health=self.health,
             topics=self.topics,
-            safe_offsets=self.closer.safe_offsets,
+            checkpoint=self.checkpoint,
             monotonic=monotonic,
             reads_from_earliest=self._reads_from_earliest,
         )
@@ -658,8 +664,7 @@ class Processor:
         """Publish what the watermarks have passed, wait for the acks, commit, close."""
         started = time.monotonic()
         self.permissions.stop()
-        acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS)
-        self.commits.commit_if_requested()
+        acknowledged = self.closer.close_and_publish(wait_seconds=_SHUTDOWN_ACK_SECONDS, commit_now=True)
         if not acknowledged:
             log.warning("stopping with unacknowledged parts: their records stay uncommitted, replayed next run")
         # The merger (if this processor is it) publishes what the last parts complete.

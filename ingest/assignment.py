@@ -30,6 +30,7 @@ from broker.kafka_io import BrokerHealth, offsets_at_time, topic_partition_count
 from broker.pipeline_topics import PipelineTopics
 from config import Settings
 from core.window_value import iso_utc
+from ingest.checkpoint import Checkpoint
 from ingest.commits import InputCommits
 from ingest.part_publisher import PartPublisher
 
@@ -53,10 +54,9 @@ class InputAssignment:
         commits: InputCommits,
         producer: Producer,
         publish_lock: threading.Lock,
-        crashed: threading.Event,
         health: BrokerHealth,
         topics: PipelineTopics,
-        safe_offsets: Callable[[], dict[int, int]],
+        checkpoint: Checkpoint,
         monotonic: Callable[[], float] = time.monotonic,
         reads_from_earliest: bool = True,
     ) -> None:
@@ -68,10 +68,9 @@ class InputAssignment:
         self._commits = commits
         self._producer = producer
         self._publish_lock = publish_lock
-        self._crashed = crashed
         self._health = health
         self._topics = topics
-        self._safe_offsets = safe_offsets
+        self._checkpoint = checkpoint
         self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
         # Partitions whose committed offset could not be read at assignment, and when to ask again.
         self._committed_unknown: set[int] = set()
@@ -258,12 +257,7 @@ class InputAssignment:
         # Wait for an in-flight publish; after a bug, no commit at all.
         with self._publish_lock:
             self._commits.slot.clear()
-            if not self._crashed.is_set():
-                self._producer.flush(_REVOKE_FLUSH_SECONDS)
-                self._aggregator.acknowledge(self._parts.take_acknowledged())
-                offsets = self._safe_offsets()
-                if offsets:
-                    self._commits.commit(offsets)
+            self._checkpoint.commit(_REVOKE_FLUSH_SECONDS, now=True)  # none after a crash
             self._forget(revoked)
         log.info(
             "partition(s) %s revoked; their open windows dropped, to be rebuilt from committed offsets",

@@ -14,15 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Producer
-
 from aggregator import Aggregator, ClosedParts, WindowAggregate
 from broker.broker_clock import BrokerClock
-from broker.kafka_io import BrokerHealth
 from broker.pipeline_topics import PublishedFollower
 from config import Settings
-from ingest.commits import InputCommits, safe_offsets
-from ingest.dead_letter import DeadLetterQueue
+from ingest.checkpoint import Checkpoint
 from ingest.part_publisher import PartPublisher
 from merging.parts import PartOrigin, encode_part
 from telemetry.report import ProcessorReport
@@ -46,10 +42,7 @@ class WindowCloser:
         *,
         aggregator: Aggregator,
         parts: PartPublisher,
-        producer: Producer,
-        dead_letters: DeadLetterQueue,
-        commits: InputCommits,
-        health: BrokerHealth,
+        checkpoint: Checkpoint,
         report: ProcessorReport,
         published: PublishedFollower,
         origin: PartOrigin,
@@ -59,10 +52,7 @@ class WindowCloser:
         self.lock = threading.Lock()
         self._aggregator = aggregator
         self._parts = parts
-        self._producer = producer
-        self.dead_letters = dead_letters
-        self._commits = commits
-        self._health = health
+        self._checkpoint = checkpoint
         self._report = report
         self._published = published
         self._origin = origin
@@ -88,10 +78,11 @@ class WindowCloser:
                 stop_requested.set()
                 return
 
-    def close_and_publish(self, wait_seconds: float) -> bool:
-        """Close the (window, partition) parts the watermarks have passed, publish them
-        to the partials topic in order, wait up to `wait_seconds` for the broker's
-        acknowledgement, then request a commit of the offsets no longer needed.
+    def close_and_publish(self, wait_seconds: float, commit_now: bool = False) -> bool:
+        """Close the (window, partition) parts the watermarks have passed and run the
+        checkpoint (ingest/checkpoint.py): publish them to the partials topic in order,
+        wait up to `wait_seconds` for the broker's acknowledgement, then commit the
+        offsets no longer needed (through the main thread; `commit_now` on it).
 
         Never holds the lock longer than one attempt, so a rebalance or a shutdown is
         not blocked by a broker that is away; parts already handed to the producer are
@@ -106,27 +97,11 @@ class WindowCloser:
             if not self._clock.known:
                 closed = self._announced(closed)
             self._parts.add(closed)
-            # A partition's publications go out one at a time (ingest/part_publisher.py): send
-            # what may go, wait for the broker, and again while that let more go.
-            deadline = time.monotonic() + wait_seconds
-            while True:
-                self._parts.send()
-                # flush() also covers the DLQ copies produced so far.
-                still_queued = self._producer.flush(max(0.0, deadline - time.monotonic()))
-                acknowledged = self._parts.take_acknowledged()
-                if acknowledged:
-                    self._aggregator.acknowledge(acknowledged)
-                    self._health.mark_reachable()
-                if still_queued or not self._parts.has_sendable() or time.monotonic() >= deadline:
-                    break
+            acknowledged = self._checkpoint.commit(wait_seconds, now=commit_now)
             self._report.stats.publish_seconds += time.perf_counter() - started
-            # Safe even while some are unacknowledged: unacknowledged parts, parts of
-            # unpublished windows and dead-letter copies hold their offsets.
-            self._commits.slot.offer(self.safe_offsets())
-            if self._parts.pending() or still_queued:
-                self._report.warn_unacknowledged(self._parts.pending(), len(self._producer))
-                return False
-            return True
+            if not acknowledged:
+                self._report.warn_unacknowledged(*self._checkpoint.waiting())
+            return acknowledged
 
     def _announced(self, closed: ClosedParts) -> ClosedParts:
         """While the broker's time is unknown, and nothing is on its way to the partials
@@ -145,11 +120,6 @@ class WindowCloser:
             progress={partition: closed_until},
             accounted={} if accounted is None else {partition: accounted},
         )
-
-    def safe_offsets(self) -> dict[int, int]:
-        """Offsets no open or unacknowledged part, and no unacknowledged dead-letter
-        copy, still needs."""
-        return safe_offsets(self._aggregator.committable_offsets(), self.dead_letters.holds())
 
     def _encode_part(self, partition: int, start: int, window: WindowAggregate, accounted_to: int) -> list[bytes]:
         return encode_part(

@@ -179,7 +179,7 @@ def test_the_processor_commits_past_an_invalid_record_only_once_its_copy_is_stor
     assert dlq_producer.flush(10) == 0
     # The poll loop copies to it and the window closer holds offsets for it: one queue.
     dead_letters = DeadLetterQueue(dlq_producer, "dlq", "test-host", processor.stop_requested.is_set)
-    processor.dead_letters = processor.closer.dead_letters = dead_letters
+    processor.dead_letters = processor.checkpoint.dead_letters = dead_letters
     exit_code: list[int] = []
     runner = threading.Thread(target=lambda: exit_code.append(processor.run()))
     try:
