@@ -87,6 +87,7 @@ from ingest.dead_letter import DeadLetterQueue
 from ingest.parsing import NATIVE_PARSER_AVAILABLE, kafka_time_of, parse_values
 from ingest.part_publisher import PartPublisher
 from ingest.poll_turns import PollTurns
+from ingest.read_to_end import ReadToEnd
 from ingest.window_closer import WindowCloser
 from merging.merger import WindowMerger, newest_partials_shaping, pipeline_origin
 from telemetry.group_lag import GroupLag
@@ -145,7 +146,7 @@ def consumer_settings(settings: Settings) -> dict:
         # Offsets are committed by hand, only once their windows are acknowledged.
         "enable.auto.commit": False,
         # No EOF events: "caught up" is worked out from the fetch high watermark the
-        # client caches (see _update_caught_up). On the embedded broker, EOF events
+        # client caches (see ingest/read_to_end.py). On the embedded broker, EOF events
         # made every consume() call five times slower (benchmarks/, README).
         "enable.partition.eof": False,
     }
@@ -309,7 +310,16 @@ class Processor:
         )
         # A fatal client error (one line from BrokerHealth) is a crash: nothing more committed, exit 1.
         self.health.when_fatal(self._crashed.set, self.merger.stop.set, self.stop_requested.set)
-        self.turns = PollTurns(monotonic)
+        self.read_to_end = ReadToEnd(
+            settings,
+            consumer=self._consumer,
+            aggregator=self.aggregator,
+            clock=self.clock,
+            turns=PollTurns(monotonic),
+            assignment=self.assignment,
+            health=self.health,
+            report=self.report,
+        )
 
     # ---- start-up -------------------------------------------------------------------
 
@@ -493,7 +503,7 @@ class Processor:
         """One turn of the poll loop: commit what the timer thread found safe, chores,
         one batch (parse, dead-letter, aggregate), then which partitions are read to
         their end."""
-        turn_started = self.turns.turn_started()
+        turn_started = self.read_to_end.turns.turn_started()
         self.commits.commit_if_requested()
         self.topics.recreate_if_missing()
         self.missing_topics.check()
@@ -506,7 +516,7 @@ class Processor:
         if messages:
             self.stats.consume_seconds += time.perf_counter() - started
             self._process(messages)
-        self._update_caught_up(turn_started, wait_seconds)
+        self.read_to_end.update(turn_started, wait_seconds)
 
     def _stop_without_committing(self, timer: threading.Thread, why: str | None = None, exit_status: int = 1) -> int:
         """After a bug (or `why`, said as an error): commit nothing more (the revoke run by
@@ -543,66 +553,6 @@ class Processor:
                 self.topics.note_missing()
             else:
                 self.health.on_error(error)
-
-    def _update_caught_up(self, turn_started: float, waited: float) -> None:
-        """A partition is caught up when everything up to the high watermark of its last
-        fetch has been handed to the aggregator; records fetched but not yet consumed
-        make it active again. Each turn that finds it so says so again, with the time:
-        the watermark's clock part is that time (aggregator.py). Local (cached) look-ups
-        only, one per partition, per batch.
-
-        The time is read before the cached positions and ends, and they are believed only
-        if the turn was not paused anywhere up to these reads (ingest/poll_turns.py): a
-        pause after the time was read leaves it as old as the ends; one before it is
-        caught by the turn's length. And only once "now" is known (the broker's time,
-        broker/broker_clock.py): until the first acknowledgement, no partition is taken
-        as read to its end by the clock.
-
-        Where a partition is read from: the consumer's position when it has one (it
-        moves past the commit markers of transactional input, which no record does),
-        else the offset after the last record handed over, or the committed offset."""
-        summary = self.aggregator.partition_summary()
-        if not summary:
-            self.report.consumer_lag = {}
-            return
-        topic = self.settings.input_topic
-        now = self.clock.now()
-        positions = self._positions(topic, summary)
-        ends = {
-            partition: self._consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)
-            for partition in summary
-        }
-        paused = self.turns.turn_ended(turn_started, waited)
-        believe_ends = self.clock.known and not paused and self.turns.ends_believed()
-        lag = {}
-        for partition, progress in summary.items():
-            low, high = ends[partition]
-            if high < 0:
-                continue  # no fetch answered yet: unknown, so it keeps holding the watermark
-            start = positions.get(partition, progress.next_offset)
-            if start is None:
-                if self.assignment.start_unknown(partition):
-                    continue  # where it is read from is unknown until the commit is read: it holds
-                # Nothing read and nothing committed: the client reads it from its beginning
-                # (a new group's `latest` starts were assigned explicitly, and are known).
-                start = low
-            lag[partition] = max(0, high - start)
-            if start >= high:
-                if believe_ends:
-                    self.aggregator.mark_caught_up(partition, start, at=now)
-                    if not progress.caught_up:
-                        self.health.mark_reachable()
-            elif progress.caught_up:
-                self.aggregator.mark_active(partition)
-        self.report.consumer_lag = lag
-
-    def _positions(self, topic: str, summary: dict) -> dict[int, int]:
-        """The consumer's position per partition, where it has one (a local call)."""
-        try:
-            answer = self._consumer.position([TopicPartition(topic, p) for p in summary])
-        except KafkaException:
-            return {}
-        return {tp.partition: tp.offset for tp in answer if tp.offset >= 0}
 
     def _process_run(self, run: list[Message], partition: int) -> None:
         boundary = self.aggregator.replay_boundary(partition)
