@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from broker.pipeline_topics import Published
 from config import build_settings
 from core.window_value import iso_utc
 from kafka_processor import Processor
+from testkit.processes import ROOT
 from tests.fake_kafka import FakeClients, FakeCluster, Faults
 
 W = 30
@@ -179,3 +185,64 @@ def test_under_kip848_a_member_that_joins_takes_only_the_change(caplog):
     assert [line for line in lines if line.startswith("assigned")] == [
         "assigned partitions 2,3 (2 of 4 partitions) of in; the other processors of group login-aggregator own the rest"
     ], "the first member's rebalance gave it nothing new: no 'assigned partitions none' line"
+
+
+# A real consumer whose group coordinator is unreachable (a closed port): librdkafka hands
+# it one error after another, served by consume() on this thread, as it serves rebalances.
+# Its first callbacks ask `topic_partition_count` of the client named on the command line.
+_CALLBACK_ASKING_A_CLIENT = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    from confluent_kafka import Consumer, KafkaException, Producer
+    from broker.kafka_io import topic_partition_count
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    config = {"bootstrap.servers": "127.0.0.1:%d" % closed.getsockname()[1], "log_level": 0,
+              "reconnect.backoff.ms": 20, "reconnect.backoff.max.ms": 20}
+    closed.close()
+    producer = Producer(config)
+    consumer = None
+    served = []
+
+    def on_error(error):
+        served.append(error.code())
+        if len(served) <= 3:
+            try:
+                topic_partition_count(consumer if sys.argv[1] == "consumer" else producer, "x", timeout=0.01)
+            except KafkaException:
+                pass  # no broker: the request times out, as it may in a rebalance
+
+    consumer = Consumer({**config, "group.id": "g", "error_cb": on_error})
+    consumer.subscribe(["x"])
+    deadline = time.monotonic() + 10
+    while len(served) < 10 and time.monotonic() < deadline:
+        consumer.consume(10, 0.2)
+    print("callbacks served:", len(served), flush=True)
+    os._exit(0)  # not close(): leaving a group whose coordinator never answered waits
+    """
+)
+
+
+@pytest.mark.parametrize("asked", ["consumer", "producer"])
+def test_a_consumer_callback_that_asks_its_own_consumer_for_metadata_aborts_the_process(asked):
+    """Why `InputAssignment` asks the producer for the input's partition count: with the
+    real client, a callback (an assignment, or here an error) that calls list_topics() on
+    its own consumer clears confluent-kafka's call state, and the next callback that
+    consume() serves aborts the process, exit -6, one line from C: the crash seen when a
+    broker came back from an outage. The same request made of another client is harmless.
+    tests/fake_kafka.py refuses such nested calls for every processor test run on it."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CALLBACK_ASKING_A_CLIENT, asked],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if asked == "consumer":
+        assert result.returncode == -6, result.stdout + result.stderr
+        assert "CallState_get: Assertion `cs != NULL' failed" in result.stderr
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "callbacks served: " in result.stdout
+        assert int(result.stdout.split("callbacks served: ")[1]) >= 10
