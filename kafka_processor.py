@@ -100,6 +100,8 @@ log = logging.getLogger("processor")
 
 # How long one consume() call waits for records: the poll loop turns at least this often.
 _CONSUME_TIMEOUT_SECONDS = 0.5
+# The ACL watch asks only once the cluster has been steady this long (see PermissionWatch).
+_PERMISSION_CHECK_CALM_SECONDS = 60.0
 # How long shutdown waits for the broker to acknowledge the last parts.
 _SHUTDOWN_ACK_SECONDS = 10.0
 # How long shutdown waits for the consumer to leave its group.
@@ -241,6 +243,7 @@ class Processor:
             settings,
             authorization.processor(settings),
             lambda: clients.admin({**QUIET_CLIENT_LOGS, **settings.admin_config()}),
+            steady=lambda: self.health.steady_for(_PERMISSION_CHECK_CALM_SECONDS),
         )
         # Why this processor stands by without acting (settings the group does not share).
         self.refused: str | None = None

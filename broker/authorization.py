@@ -308,7 +308,15 @@ class PermissionWatch:
     """Asks the cluster every `every` seconds, in a thread of its own, whether this client
     still has `needed`; the first time it has not, `refusal` is set (and stays set) and the
     watch ends. The owner's loop reads `refusal` and stops: an ACL removed under a running
-    processor is a stop, not writes or reads retried for ever."""
+    processor is a stop, not writes or reads retried for ever.
+
+    It asks only while the cluster is steady (`steady`: no broker down, none back in the
+    last minute). The group part of the question goes to the group coordinator, and
+    librdkafka 2.16 can abort the whole process when a connection drops under such a
+    request (librdkafka issue #4605: `rd_kafka_enq_once_del_source_return: Assertion
+    'eonce->refcnt > 0'`), seen here right after a broker came back. Not asking then
+    narrows that window to a connection lost mid-request; an ACL removed during an
+    outage is still found a minute after it."""
 
     def __init__(
         self,
@@ -316,11 +324,13 @@ class PermissionWatch:
         needed: Sequence[Permission],
         admin_factory: Callable[[], AdminClient],
         every: float = WATCH_SECONDS,
+        steady: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.needed = list(needed)
         self._admin_factory = admin_factory
         self.every = every
+        self._steady = steady
         self.refusal: NotAuthorized | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="permission-watch", daemon=True)
@@ -335,6 +345,8 @@ class PermissionWatch:
     def _run(self) -> None:
         admin = self._admin_factory()
         while not self._stop.wait(self.every):
+            if not self._steady():
+                continue
             try:
                 missing = missing_permissions(admin, self.needed)
             except KafkaException as error:  # the broker away: the processor says so elsewhere

@@ -366,6 +366,14 @@ class BrokerHealth:
                 self.down_since = now
         self.log.warning("broker %s unreachable (%s); retrying until it is back", node, text)
 
+    def steady_for(self, seconds: float) -> bool:
+        """No broker is down, and none came back within the last `seconds`."""
+        with self._lock:
+            if self._down:
+                return False
+            latest = max(self._back_at.values(), default=None)
+        return latest is None or time.monotonic() - latest >= seconds
+
     def mark_reachable(self) -> None:
         """Call when a broker request succeeded: the brokers said to be down that accept
         connections again are back (asked at most once a second)."""

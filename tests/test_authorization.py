@@ -4,7 +4,9 @@ On a real authorizer: tests/test_least_privilege.py."""
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
 from concurrent.futures import Future
 
@@ -199,3 +201,31 @@ def test_the_docs_list_exactly_the_acls_each_program_needs():
 
 def wanted_of(settings: Settings) -> list[Permission]:
     return authorization.processor(settings)
+
+
+def test_the_watch_asks_nothing_while_the_cluster_is_not_steady():
+    """librdkafka 2.16 can abort the process when a connection drops under a request to
+    the group coordinator (issue #4605), seen right after a broker came back: the watch
+    waits for a steady cluster before it asks, then finds a removed ACL as before."""
+    steady = threading.Event()
+    admin = AnsweringAdmin(topics={"in": KafkaError.TOPIC_AUTHORIZATION_FAILED}, groups={"g": READ_ONLY})
+    needs = [Permission(TOPIC, "in", "Read"), Permission(GROUP, "g", "Read")]
+    watch = PermissionWatch(SECURED, needs, lambda: admin, every=0.01, steady=steady.is_set).start()
+    time.sleep(0.2)
+    assert admin.asked == [] and watch.refusal is None
+    steady.set()
+    deadline = time.monotonic() + 5
+    while watch.refusal is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert watch.refusal is not None and ("groups", ["g"]) in admin.asked
+
+
+def test_the_cluster_is_steady_a_while_after_the_last_broker_came_back():
+    from broker.kafka_io import BrokerHealth
+
+    health = BrokerHealth("127.0.0.1:9", logging.getLogger("test"), accepts_connections=lambda _node: True)
+    assert health.steady_for(60)
+    health.on_error(KafkaError(KafkaError._TRANSPORT, "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed"))
+    assert not health.steady_for(60)
+    health.mark_reachable()
+    assert not health.steady_for(60) and health.steady_for(0)
