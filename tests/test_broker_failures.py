@@ -459,7 +459,9 @@ class ZombieMember:
         self._log.close()
 
 
-@pytest.mark.parametrize("protocol", ["classic", "consumer"])
+# Under classic the broker's answer is rarely seen (librdkafka finds the session lost
+# first and sends no commit): that variant runs with BROKER_FAILURES=all.
+@pytest.mark.parametrize("protocol", [pytest.param("classic", marks=long_variant), "consumer"])
 def test_a_member_paused_past_its_session_has_its_commits_refused_by_the_broker(
     kafka_cluster3: KafkaCluster, protocol: str, tmp_path
 ):

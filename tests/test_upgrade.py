@@ -33,6 +33,7 @@ EARLIER_RELEASES = {
     "0.1.0": "e52373f",  # the last commit of the release before the pipeline identity
     "pipeline-identity": "8410343",  # the last landing before accounted offsets and settings on the output
 }
+NEWEST_EARLIER_RELEASE = "pipeline-identity"
 
 
 @pytest.fixture(scope="module", params=sorted(EARLIER_RELEASES))
@@ -56,8 +57,13 @@ def previous_release(request, tmp_path_factory):
 
 @pytest.mark.both_brokers
 def test_a_group_upgraded_one_member_at_a_time_publishes_every_window_exactly(
-    topics, start_processor, previous_release
+    topics, start_processor, previous_release, request
 ):
+    release = request.node.callspec.params["previous_release"]
+    if topics.broker == "kafka" and release != NEWEST_EARLIER_RELEASE:
+        # The suite's time budget: on Kafka the upgrade from the newest earlier release;
+        # from every earlier one on the embedded broker.
+        pytest.skip(f"on Apache Kafka the upgrade runs from {NEWEST_EARLIER_RELEASE} only")
     topics.create(input_partitions=6)
     env = topics.env(WINDOW_SECONDS="5", ALLOWED_LATENESS_SECONDS="2")  # PARTIALS_TOPIC pinned by topics.env
     old = previous_release / "kafka_processor.py"
