@@ -38,7 +38,7 @@ lint: $(BIN)/.installed  ## ruff: lint and format check
 # is waiting (a group join, a window closing), so two share the 2 cores well (17 min -> 10).
 # A file's tests stay together on one worker.
 test: lint kafka-if-possible  ## lint, then every test (unit and real-broker integration)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=40
 
 test-fast: $(BIN)/.installed  ## the edit loop: unit tests only, no broker, no long runs (under a minute)
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not broker and not slow"
