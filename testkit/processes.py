@@ -8,6 +8,7 @@ use these. Not shipped in the image.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -201,6 +202,26 @@ def wait_until(condition, timeout: float, interval: float = 0.2, message: str = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {message}")
         time.sleep(interval)
+
+
+def wait_for_windows(bootstrap: str, output: str, expected: dict[str, dict], timeout: float, context: str = ""):
+    """Wait until the output's latest value per key is exactly `expected` (the oracle's
+    windows); return it. On timeout, fail naming every window that differs as (expected,
+    published message_count), then `context` (what the test did: a seed, its events)."""
+
+    def published() -> dict[str, dict]:
+        return {key: json.loads(value) for key, value in latest_by_key(bootstrap, output).items()}
+
+    try:
+        return wait_until(lambda: (p := published()) == expected and p, timeout, message="the oracle's windows")
+    except AssertionError:
+        now = published()
+        wrong = {
+            key: (expected.get(key, {}).get("message_count"), now.get(key, {}).get("message_count"))
+            for key in sorted(set(expected) | set(now))
+            if expected.get(key) != now.get(key)
+        }
+        raise AssertionError(f"windows (expected, published message_count) {wrong}; {context}") from None
 
 
 def require_tool(binary: str, package: str) -> str:

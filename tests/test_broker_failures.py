@@ -49,7 +49,7 @@ from confluent_kafka.admin import NewTopic
 from broker.apache_kafka import KafkaCluster, KafkaNode
 from broker.embedded_broker import free_port
 from testkit.oracle import expected_windows
-from testkit.processes import Topics, latest_by_key, new_topics, wait_until
+from testkit.processes import Topics, new_topics, wait_for_windows, wait_until
 from tests.test_chaos import LiveStream
 
 pytestmark = [pytest.mark.broker, pytest.mark.kafka, pytest.mark.slow]
@@ -199,19 +199,7 @@ class Pipeline:
         records = [record for stream in self.streams for record in stream.records]
         expected = expected_windows(records, window=WINDOW)
 
-        def published() -> dict[str, dict]:
-            return {k: json.loads(v) for k, v in latest_by_key(self.topics.bootstrap, self.topics.output).items()}
-
-        try:
-            got = wait_until(lambda: (p := published()) == expected and p, 120, message="the oracle's windows")
-        except AssertionError:
-            now = published()
-            wrong = {
-                key: (expected.get(key, {}).get("message_count"), now.get(key, {}).get("message_count"))
-                for key in sorted(set(expected) | set(now))
-                if expected.get(key) != now.get(key)
-            }
-            raise AssertionError(f"windows (expected, published message_count) {wrong}; {self.report()}") from None
+        got = wait_for_windows(self.topics.bootstrap, self.topics.output, expected, 120, self.report())
         assert sum(w["message_count"] for w in got.values()) == len(records)
         codes = [processor.terminate()[0] for processor in self.processors]
         assert codes == [0, 0, 0], [p.log()[-3000:] for p in self.processors]

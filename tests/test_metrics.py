@@ -232,35 +232,48 @@ def test_metrics_report_what_was_processed(processor_with_metrics):
     assert sum("published window" in entry["message"] for entry in entries) == len(expected)
 
 
-@pytest.mark.broker
-def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_path):
-    binary = require_tool("prometheus", "prometheus")
-    _processor, port, records, _expected = processor_with_metrics
+def start_prometheus(binary: str, tmp_path, config: str) -> tuple[subprocess.Popen, int]:
+    """Debian's Prometheus with `config` (YAML), its data in tmp_path, on a free port:
+    (the server, its web port). The caller terminates it."""
     web_port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s}\n"
-        f"scrape_configs: [{{job_name: processor, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n"
-    )
+    (tmp_path / "prometheus.yml").write_text(config)
     server = subprocess.Popen(
         [
             binary,
-            f"--config.file={config}",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{web_port}",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    return server, web_port
+
+
+def prometheus_query(web_port: int, expr: str) -> list[dict]:
+    """An instant query's result ([] while Prometheus does not answer)."""
+    query = urllib.parse.urlencode({"query": expr})
     try:
-        query = urllib.parse.urlencode({"query": "login_processor_records_total"})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
+    except OSError:
+        return []
+    return json.loads(body)["data"]["result"]
+
+
+@pytest.mark.broker
+def test_a_real_prometheus_scrapes_the_processor(processor_with_metrics, tmp_path):
+    binary = require_tool("prometheus", "prometheus")
+    _processor, port, records, _expected = processor_with_metrics
+    server, web_port = start_prometheus(
+        binary,
+        tmp_path,
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: processor, static_configs: [{{targets: ['127.0.0.1:{port}']}}]}}]\n",
+    )
+    try:
 
         def answer():
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
-            except OSError:
-                return None
-            result = json.loads(body)["data"]["result"]
+            result = prometheus_query(web_port, "login_processor_records_total")
             return result[0] if result else None
 
         found = wait_until(answer, 60, 0.5, "Prometheus to scrape the processor")
@@ -292,16 +305,6 @@ def test_windows_past_a_bound_are_counted(topics, start_processor):
     assert samples[("login_processor_capped_windows_total", ())] == capped
 
 
-def prometheus_query(web_port: int, expr: str) -> list[dict]:
-    """An instant query's result ([] while Prometheus does not answer)."""
-    query = urllib.parse.urlencode({"query": expr})
-    try:
-        body = urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/v1/query?{query}", timeout=2).read()
-    except OSError:
-        return []
-    return json.loads(body)["data"]["result"]
-
-
 @pytest.mark.broker
 @pytest.mark.slow
 def test_a_real_prometheus_with_the_rules_fires_during_a_broker_outage_and_clears_after(tmp_path, start_processor):
@@ -322,23 +325,13 @@ def test_a_real_prometheus_with_the_rules_fires_during_a_broker_outage_and_clear
         produce(topics.bootstrap, topics.input, login_workload(aligned_past(5), 60, 100, 2, seed=9))
         metrics_port = free_port()
         processor = start_processor(topics.env(METRICS_PORT=str(metrics_port)))
-        web_port = free_port()
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
+        server, web_port = start_prometheus(
+            binary,
+            tmp_path,
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             f"rule_files: ['{ROOT / 'monitoring' / 'alerts.yml'}']\n"
             "scrape_configs: [{job_name: login-processor, static_configs: "
-            f"[{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n"
-        )
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address=127.0.0.1:{web_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            f"[{{targets: ['127.0.0.1:{metrics_port}']}}]}}]\n",
         )
 
         def value(expr: str) -> float | None:

@@ -18,7 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from broker.embedded_broker import free_port
 from testkit.oracle import expected_windows
-from testkit.processes import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_until
+from testkit.processes import ROOT, aligned_past, latest_by_key, produce, read_topic, wait_for_windows, wait_until
 from testkit.workloads import login_workload
 from tests.test_chaos import LiveStream
 
@@ -137,7 +137,7 @@ def test_members_with_another_window_length_publish_nothing_from_the_mix_and_say
     # never committed (their windows were not published), so they are counted now.
     assert sixty.terminate()[0] == 0
     start_processor(env)
-    wait_until(lambda: latest(topics.bootstrap, topics.output) == expected, 90, message="every window, exact")
+    wait_for_windows(topics.bootstrap, topics.output, expected, 90, f"the merger's line: {line}")
 
 
 def test_the_cooperative_assignor_is_refused_at_start_in_one_line(topics):
@@ -161,32 +161,33 @@ def _readiness(port: int) -> tuple[int, str]:
 
 # Tansu only: two minutes of live stream; the drift itself is shown on both brokers above.
 def test_a_member_joining_a_running_group_with_another_window_length_acts_on_nothing(topics, start_processor):
-    """A group runs with 30 s windows on a live stream; a member joins with 60. It used to
-    take the newest 30 s window for a 60 s one, skip the next window's records as already
-    published and commit past them in its first turn: restarted with 30, as the docs
+    """A group runs with 10 s windows on a live stream; a member joins with 20. It used to
+    take the newest 10 s window for a 20 s one, skip the next window's records as already
+    published and commit past them in its first turn: restarted with 10, as the docs
     said, it resumed after them, and that window was published short. Now it joins
     nothing and says why; restarted with the group's value, every window is exact."""
+    # 10 s windows and a member with 20: the same mistake as 30 and 60, in a third of the time.
     topics.create(input_partitions=4)
     stream = LiveStream(topics.bootstrap, topics.input, 4, per_second=100, seed=44).start()
-    env = topics.env(ALLOWED_LATENESS_SECONDS="2")
+    env = topics.env(WINDOW_SECONDS="10", ALLOWED_LATENESS_SECONDS="2")
     start_processor(env)
     wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 2, 120, message="windows of the group")
     port = free_port()
-    sixty = start_processor(env | {"WINDOW_SECONDS": "60", "METRICS_PORT": str(port)})
-    sixty.wait_for_log("WINDOW_SECONDS=60 (the group's: 30)", timeout=60)
+    twenty = start_processor(env | {"WINDOW_SECONDS": "20", "METRICS_PORT": str(port)})
+    twenty.wait_for_log("WINDOW_SECONDS=20 (the group's: 10)", timeout=60)
     status, why = _readiness(port)
-    assert status == 503 and "WINDOW_SECONDS=60 (the group's: 30)" in why
+    assert status == 503 and "WINDOW_SECONDS=20 (the group's: 10)" in why
     time.sleep(8)  # it would have skipped and committed by now
-    code, _ = sixty.terminate()
-    assert code == 0 and "consumed, committed and published nothing" in sixty.log()
-    assert [line for line in sixty.log().splitlines() if "ERROR" in line] == [
-        line for line in sixty.log().splitlines() if "settings differ from what group" in line and "ERROR" in line
+    code, _ = twenty.terminate()
+    assert code == 0 and "consumed, committed and published nothing" in twenty.log()
+    assert [line for line in twenty.log().splitlines() if "ERROR" in line] == [
+        line for line in twenty.log().splitlines() if "settings differ from what group" in line and "ERROR" in line
     ]
-    assert sum("ERROR" in line for line in sixty.log().splitlines()) == 1
+    assert sum("ERROR" in line for line in twenty.log().splitlines()) == 1
     start_processor(env)  # restarted with the group's value
-    time.sleep(40)
+    time.sleep(15)
     stream.stop()
-    expected = expected_windows(stream.records)
+    expected = expected_windows(stream.records, window=10)
     wait_until(
         lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected,
         90,
@@ -201,20 +202,25 @@ def test_a_setting_changed_by_a_new_group_from_where_the_old_stopped_loses_nothi
     twice."""
     topics.create(input_partitions=2)
     stream = LiveStream(topics.bootstrap, topics.input, 2, per_second=60, seed=45).start()
-    old = start_processor(topics.env())
+    shape = {"WINDOW_SECONDS": "10", "ALLOWED_LATENESS_SECONDS": "2"}  # short windows: a short test
+    old = start_processor(topics.env(**shape))
     wait_until(lambda: len(latest_by_key(topics.bootstrap, topics.output)) >= 2, 120, message="the old group's windows")
     assert old.terminate()[0] == 0
     newest = max(json.loads(v)["window_end"] for v in latest_by_key(topics.bootstrap, topics.output).values())
     new_group = f"{topics.group}-top3"
     start_processor(
         topics.env(
-            CONSUMER_GROUP_ID=new_group, PARTIALS_TOPIC=f"{new_group}-partials", TOP_IPS="3", RECOMPUTE_FROM=newest
+            CONSUMER_GROUP_ID=new_group,
+            PARTIALS_TOPIC=f"{new_group}-partials",
+            TOP_IPS="3",
+            RECOMPUTE_FROM=newest,
+            **shape,
         )
     )
-    time.sleep(45)
+    time.sleep(20)
     stream.stop()
-    before = {k: v for k, v in expected_windows(stream.records).items() if v["window_end"] <= newest}
-    after = {k: v for k, v in expected_windows(stream.records, top=3).items() if v["window_start"] >= newest}
+    before = {k: v for k, v in expected_windows(stream.records, window=10).items() if v["window_end"] <= newest}
+    after = {k: v for k, v in expected_windows(stream.records, window=10, top=3).items() if v["window_start"] >= newest}
     wait_until(
         lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == before | after,
         90,
