@@ -29,6 +29,8 @@ from testkit.processes import new_topics, wait_for_windows
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 WINDOW, LATENESS = 5, 2
+# What a processor's log says that explains a wrong window: hand-overs, merges, trouble.
+TOLD = ("assigned", "revoked", "lost", "merger", "WARNING", "ERROR", "late")
 
 
 class LiveStream:
@@ -138,6 +140,7 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
         WINDOW_SECONDS=str(WINDOW), ALLOWED_LATENESS_SECONDS=str(LATENESS), KAFKA_SESSION_TIMEOUT_MS="6000"
     )
     alive = [start_processor(env) for _ in range(3)]
+    everyone = list(alive)  # the killed too: their logs explain a wrong window
     for processor in alive:
         processor.wait_for_log("assigned", timeout=30)
     stream = LiveStream(topics.bootstrap, topics.input, 6, per_second=300, seed=seed).start()
@@ -147,11 +150,13 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
         action = rng.choice(["kill", "kill-merger", "stop", "join"])
         if action == "join" and len(alive) < 4:
             alive.append(start_processor(env))
+            everyone.append(alive[-1])
         elif action in ("kill", "kill-merger"):
             victim = (merger_of(alive) if action == "kill-merger" else None) or rng.choice(alive)
             victim.kill()
             alive.remove(victim)
             alive.append(start_processor(env))
+            everyone.append(alive[-1])
         else:
             victim = rng.choice(alive)
             victim.process.send_signal(signal.SIGSTOP)
@@ -161,7 +166,13 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
     stream.stop()
     expected = expected_windows(stream.records, window=WINDOW)
 
-    got = wait_for_windows(topics.bootstrap, topics.output, expected, 90, f"seed {seed}; events {events}")
+    try:
+        got = wait_for_windows(topics.bootstrap, topics.output, expected, 90, f"seed {seed}; events {events}")
+    except AssertionError:
+        for number, processor in enumerate(everyone):  # shown with the failure
+            said = [line for line in processor.log().splitlines() if any(w in line for w in TOLD)]
+            print(f"processor {number}:", *said[-60:], sep="\n  ")
+        raise
     assert sum(w["message_count"] for w in got.values()) == len(stream.records), events
     codes = [processor.terminate()[0] for processor in alive]
     assert codes == [0] * len(alive), (events, [p.log()[-2000:] for p in alive])

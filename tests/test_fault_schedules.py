@@ -26,7 +26,7 @@ which has no late records. At every commit of the input offsets, every record be
 the commit must be stored: its window on the output topic, or, for an invalid record,
 its copy on the dead-letter topic.
 
-`make test` runs 200 schedules. FAULT_SCHEDULES=10000 runs more (FAULT_SCHEDULE_FIRST=N
+`make test` runs 100 schedules (a minute). FAULT_SCHEDULES=10000 runs more (FAULT_SCHEDULE_FIRST=N
 starts at seed N, to split a long run); FAULT_SCHEDULE_SEED=N runs one (the line a
 failing schedule prints).
 """
@@ -52,7 +52,7 @@ from tests.fake_kafka import FATAL_VIA, FakeClients, FakeCluster, Faults
 
 W = 30
 BASE = 1_800_000_000 - 1_800_000_000 % W
-DEFAULT_SCHEDULES = 200
+DEFAULT_SCHEDULES = 100
 
 
 class SimClock:
