@@ -74,6 +74,9 @@ class InputAssignment:
         self._partition_count_retry_at: float | None = None  # the look-up failed: when to retry
         # Partitions whose committed offset could not be read at assignment, and when to ask again.
         self._committed_unknown: set[int] = set()
+        # Partitions assigned while the client still had a cached end offset of them, from
+        # an earlier assignment: that end, until a fetch since shows it is current.
+        self._ends_from_before: dict[int, int] = {}
         self._committed_retry_at = 0.0
 
     def partition_count(self) -> int | None:
@@ -147,6 +150,7 @@ class InputAssignment:
         """`partitions`: the whole assignment (eager), or the ones added to it (KIP-848)."""
         total = self.partition_count()
         added = sorted(tp.partition for tp in partitions)
+        self._note_ends_from_before(consumer, added)
         committed = self._read_committed(consumer, partitions) if partitions else {}
         committed = {**self._recompute_starts(consumer, partitions, committed or {}), **(committed or {})}
         committed = {**self._latest_starts(consumer, partitions, committed, total or 0), **committed}
@@ -171,6 +175,38 @@ class InputAssignment:
             )
         else:
             log.info("assigned all %d partitions of %s", total, self.settings.input_topic)
+
+    def _note_ends_from_before(self, consumer: Consumer, partitions: list[int]) -> None:
+        """librdkafka keeps a partition's cached end offset when the partition is taken
+        away, and answers it unchanged when the partition comes back, until its first
+        fetch is answered. Meanwhile another member may have read on and committed past
+        it: taken for the end, that old offset would mark the partition read to its end
+        before a record of it was read, and the timer would close its open windows
+        without them (seen under KIP-848, where partitions move back and forth)."""
+        for partition in partitions:
+            _low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.settings.input_topic, partition), cached=True
+            )
+            if high >= 0:
+                self._ends_from_before[partition] = high
+            else:
+                self._ends_from_before.pop(partition, None)
+
+    def end_from_before(self, partition: int, cached_end: int, fetched: bool) -> bool:
+        """Whether `cached_end` may still be the end cached at an earlier assignment of
+        `partition` (see `_note_ends_from_before`). It is current once it moved, or once
+        a record of this assignment was handed over (`fetched`: a fetch answered)."""
+        before = self._ends_from_before.get(partition)
+        if before is None:
+            return False
+        if fetched or cached_end != before:
+            del self._ends_from_before[partition]
+            return False
+        return True
+
+    def end_confirmed(self, partition: int) -> None:
+        """The broker says the end is what the client cached (nothing written since)."""
+        self._ends_from_before.pop(partition, None)
 
     def _recompute_starts(
         self, consumer: Consumer, partitions: list[TopicPartition], committed: dict[int, int]
@@ -275,4 +311,6 @@ class InputAssignment:
         self._aggregator.revoke(partitions)
         self._parts.drop(partitions)
         self._committed_unknown.difference_update(partitions)
+        for partition in partitions:
+            self._ends_from_before.pop(partition, None)
         self._commits.slot.clear()

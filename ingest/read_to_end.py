@@ -15,6 +15,8 @@ Runs on the main thread (the only one that touches the consumer).
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from aggregator import Aggregator
@@ -24,6 +26,10 @@ from config import Settings
 from ingest.assignment import InputAssignment
 from ingest.poll_turns import PollTurns
 from telemetry.report import ProcessorReport
+
+# How often to ask the broker for the end of a partition given back to this member
+# while the client's cached end of it is older than the assignment (and how long to wait).
+_END_ASK_SECONDS = 1.0
 
 
 class ReadToEnd:
@@ -49,6 +55,7 @@ class ReadToEnd:
         self._assignment = assignment
         self._health = health
         self._report = report
+        self._asked_end_at: dict[int, float] = {}  # partition -> when its end was last asked
 
     def update(self, turn_started: float, waited: float) -> None:
         """A partition is caught up when everything up to the high watermark of its last
@@ -85,6 +92,10 @@ class ReadToEnd:
             low, high = ends[partition]
             if high < 0:
                 continue  # no fetch answered yet: unknown, so it keeps holding the watermark
+            if self._assignment.end_from_before(
+                partition, high, fetched=partition in positions
+            ) and not self._end_is_current(topic, partition, high):
+                continue  # an end from an earlier assignment: it holds until a fetch answers
             start = positions.get(partition, progress.next_offset)
             if start is None:
                 if self._assignment.start_unknown(partition):
@@ -101,6 +112,26 @@ class ReadToEnd:
             elif progress.caught_up:
                 self._aggregator.mark_active(partition)
         self._report.consumer_lag = lag
+
+    def _end_is_current(self, topic: str, partition: int, cached_end: int) -> bool:
+        """Ask the broker (once a second at most) whether a partition given back to this
+        member ends where the client's cache, older than the assignment, says: if so,
+        nothing was written since and the cached end is good; if not, the next fetch
+        brings the new end. Until then the partition is not read to its end."""
+        now = time.monotonic()
+        if now - self._asked_end_at.get(partition, -_END_ASK_SECONDS) < _END_ASK_SECONDS:
+            return False
+        self._asked_end_at[partition] = now
+        try:
+            _low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=_END_ASK_SECONDS
+            )
+        except KafkaException:
+            return False
+        if high != cached_end:
+            return False
+        self._assignment.end_confirmed(partition)
+        return True
 
     def _positions(self, topic: str, summary: dict) -> dict[int, int]:
         """The consumer's position per partition, where it has one (a local call)."""

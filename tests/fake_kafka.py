@@ -338,6 +338,7 @@ class FakeConsumer:
         self.owned: list[tuple[str, int]] = []
         self.positions: dict[tuple[str, int], int] = {}  # next offset to read; absent: not fetched yet
         self.cached_high: dict[tuple[str, int], int] = {}
+        self.unfetched: set[tuple[str, int]] = set()  # assigned, first fetch not yet answered
         self.eof_sent: set[tuple[str, int]] = set()
         # librdkafka reports a position only once a message was handed over (seen on the
         # embedded broker: -1001 for a partition read to its end before any record came).
@@ -418,12 +419,16 @@ class FakeConsumer:
             )
 
     def _forget_positions(self, partitions: list[tuple[str, int]]) -> None:
+        # Not the cached ends: librdkafka keeps a partition's watermarks when it is taken
+        # away and answers them, as they were, when it comes back, until its first fetch
+        # is answered (seen on the embedded broker, 2026-12-07: revoked at end 50, 100
+        # written, assigned again at 120: cached (0, 50), position -1001).
         for tp in partitions:
             self.positions.pop(tp, None)
-            self.cached_high.pop(tp, None)
             self.delivered_from.discard(tp)
 
     def _start_positions(self, partitions: list[tuple[str, int]]) -> None:
+        self.unfetched.update(partitions)
         for topic, partition in partitions:
             committed = self.cluster.committed.get((self.group_id, topic, partition))
             if committed is not None:
@@ -498,13 +503,15 @@ class FakeConsumer:
         # librdkafka's fetcher asks for every assigned partition in each request, whatever
         # the application consumes, so every partition's cached end is as fresh as the last
         # fetch: here, this call.
+        # A partition assigned by this very call is not fetched yet: its first fetch is
+        # answered by the next one.
         for key in self.owned:
-            if key not in self.paused_at and key[0] in self.cluster.logs:
+            if key not in self.paused_at and key not in self.unfetched and key[0] in self.cluster.logs:
                 self.cached_high[key] = len(self.cluster.logs[key[0]][key[1]])
         out: list[Message] = []
         for key in list(self.owned):
             topic, partition = key
-            if key in self.paused_at or topic not in self.cluster.logs:
+            if key in self.paused_at or key in self.unfetched or topic not in self.cluster.logs:
                 continue
             log = self.cluster.logs[topic][partition]
             if key not in self.positions:
@@ -529,6 +536,7 @@ class FakeConsumer:
                 )
             if len(out) >= num_messages:
                 break
+        self.unfetched.clear()  # fetched from now on
         return out
 
     def seek(self, partition: TopicPartition) -> None:

@@ -709,7 +709,7 @@ def test_with_offset_reset_latest_the_merger_still_reads_every_part():
         t = int(schedule.clock.now) - 100 + i
         schedule._append(i % 2, t, t * 1000)
     member = schedule.start_member(clock_offset=0.0)
-    for _ in range(20):  # every window closes before the merger's first turn
+    for _ in range(25):  # every window closes before the merger's first turn
         schedule.clock.now += 1.0
         schedule.turn(member, "poll")
         schedule.turn(member, "timer")
