@@ -130,7 +130,7 @@ def merger_of(processors) -> object | None:
     return None
 
 
-@pytest.mark.both_brokers
+# On the embedded broker here; on Apache Kafka by the test below, under KIP-848 or classic.
 def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_processor):
     seed = int(os.environ.get("CHAOS_SEED", "1"))
     seconds = float(os.environ.get("CHAOS_SECONDS", "25"))
@@ -179,15 +179,13 @@ def test_a_live_stream_survives_seeded_kills_stops_and_joins(topics, start_proce
 
 
 @pytest.mark.kafka
-@pytest.mark.skipif(
-    os.environ.get("CHAOS_KIP848") != "1",
-    reason="under KIP-848 it lost records in 1 of 2 runs (seed 1, 2026-12-07: windows short by one partition's"
-    " share), not diagnosed: CHAOS_KIP848=1 runs it",
-)
 def test_a_live_stream_on_kafka_survives_seeded_kills_stops_and_joins(kafka_node, start_processor):
     """The same schedule on Apache Kafka, under the group protocol CHAOS_GROUP_PROTOCOL
     names (default "consumer", KIP-848: the broker runs the assignment and hands each
-    member only the change; its session is the broker's, 6 s in the harness)."""
+    member only the change; its session is the broker's, 6 s in the harness). Under
+    KIP-848, where partitions move back and forth, it found a member taking a partition
+    given back for read to its end by the end its client had cached before (fixed in
+    ingest/read_to_end.py; tests/test_assignment.py has the case)."""
     protocol = os.environ.get("CHAOS_GROUP_PROTOCOL", "consumer")
     topics = new_topics(kafka_node.bootstrap_servers, "kafka", -1)
     topics.extra_env["KAFKA_GROUP_PROTOCOL"] = protocol
