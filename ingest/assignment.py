@@ -205,7 +205,7 @@ class InputAssignment:
         return True
 
     def end_confirmed(self, partition: int) -> None:
-        """The broker says the end is what the client cached (nothing written since)."""
+        """The broker says nothing was written since the client cached the end."""
         self._ends_from_before.pop(partition, None)
 
     def _recompute_starts(

@@ -114,10 +114,13 @@ class ReadToEnd:
         self._report.consumer_lag = lag
 
     def _end_is_current(self, topic: str, partition: int, cached_end: int) -> bool:
-        """Ask the broker (once a second at most) whether a partition given back to this
-        member ends where the client's cache, older than the assignment, says: if so,
-        nothing was written since and the cached end is good; if not, the next fetch
-        brings the new end. Until then the partition is not read to its end."""
+        """Ask the broker (once a second at most) whether anything was written to a
+        partition given back to this member since the client cached its end, before the
+        assignment: if not, the cached end is good; if so, the next fetch brings the new
+        end. Until then the partition is not read to its end. Nothing was written since
+        when the listed end is not past the cached one: Kafka lists the end itself, the
+        embedded broker its last batch's base offset + 1, which is past the cached end
+        exactly when a batch was written since (tests/test_read_to_end.py, both)."""
         now = time.monotonic()
         if now - self._asked_end_at.get(partition, -_END_ASK_SECONDS) < _END_ASK_SECONDS:
             return False
@@ -128,7 +131,7 @@ class ReadToEnd:
             )
         except KafkaException:
             return False
-        if high != cached_end:
+        if high > cached_end:
             return False
         self._assignment.end_confirmed(partition)
         return True

@@ -297,7 +297,39 @@ def test_a_partition_handed_back_is_not_taken_as_read_to_its_end_by_its_old_cach
     for client in second_clients.made:
         if hasattr(client, "expire"):
             client.expire()
-    run((first,), NOW + 2 * W + 20)
+    run((first,), NOW + 2 * W + 10)  # the second window is due since NOW + 2 * W + 5
     output = cluster.logs[first.settings.output_topic][0]
     published = {m.key().decode(): json.loads(m.value()) for m in output}  # the latest per window
     assert published == expected_windows(records, window=W, now=clock.now)
+
+
+def test_a_partition_handed_back_with_nothing_written_since_is_read_to_its_end_at_once():
+    """The other side of the case above: a partition comes back with nothing written to
+    it since this member cached its end (here it is empty), so no record comes to show
+    that a fetch was answered, and the cached end never moves. The broker's listed end,
+    not past the cached one, says it is current: the partition is read to its end and
+    the window closes on time, not when its next record comes."""
+    clock = Clock(NOW + 1.0)
+    cluster = kip848_cluster(clock, partitions=2)
+    first = kip848_member(cluster, clock)
+    cluster.append("in", 0, None, login(NOW + 1), timestamp_ms=(NOW + 1) * 1000)
+    for _ in range(4):
+        clock.now += 0.5
+        first.poll_once(0)  # both read to their ends (1 and 0), cached
+    second_clients = FakeClients(cluster)
+    second = kip848_member(cluster, clock, second_clients)
+    for _ in range(2):
+        first.poll_once(0)  # partition 1 revoked
+        second.poll_once(0)  # ... and assigned here
+    for client in second_clients.made:
+        if hasattr(client, "expire"):
+            client.expire()
+    # Partition 1 comes back: cached end 0, no position (no record comes). The first
+    # window is due at NOW + W + 5; partition 1 holds it while not read to its end.
+    while clock.now < NOW + W + 7:
+        first.poll_once(0)
+        first.closer.close_and_publish(0)
+        first.merger.turn(0)
+        clock.now += 0.5
+    output = cluster.logs[first.settings.output_topic][0]
+    assert [json.loads(m.value())["message_count"] for m in output] == [1]
