@@ -61,8 +61,9 @@ class ReadToEnd:
         """A partition is caught up when everything up to the high watermark of its last
         fetch has been handed to the aggregator; records fetched but not yet consumed
         make it active again. Each turn that finds it so says so again, with the time:
-        the watermark's clock part is that time (aggregator.py). Local (cached) look-ups
-        only, one per partition, per batch.
+        the watermark's clock part is that time (aggregator.py). Local (cached) look-ups,
+        one per partition, per batch; the broker is asked only about a partition given
+        back while its cached end is older than the assignment (`_end_is_current`).
 
         The time is read before the cached positions and ends, and they are believed only
         if the turn was not paused anywhere up to these reads (ingest/poll_turns.py): a
