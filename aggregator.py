@@ -257,13 +257,17 @@ class Aggregator:
                 if partition not in self._partitions:
                     # A partition added to the input after the newest published window
                     # was merged is in none of the published windows: its records of
-                    # them are late (counted), not replays (skipped).
+                    # them are neither replays nor this member's to count as late. It
+                    # makes parts of those windows as of any other, and the merger counts
+                    # each (window, partition) late once, however many members make it
+                    # (merging/merge.py): counted late here too, a member replaying the
+                    # partition after a crash would count them twice.
                     count = self._published_partition_count
-                    replayed = self._published_until if count is None or partition < count else 0
+                    published = self._published_until if count is None or partition < count else 0
                     self._partitions[partition] = PartitionWindows(
                         PartitionProgress(next_offset=start_offsets.get(partition)),
-                        closed_until=self._published_until,
-                        replayed_until=replayed,
+                        closed_until=published,
+                        replayed_until=published,
                         replayed_below=self._published_accounted.get(partition),
                     )
             self.total_partitions = total_partitions

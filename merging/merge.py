@@ -44,7 +44,8 @@ Rules (why, in short):
   record of that partition agrees (its owner runs with this merger's settings now,
   and publishes the windows' records again: they were never committed).
 - A part of a published window from a partition the window was not merged with
-  (one added to the input since) counts as late in the next window published. A
+  (one added to the input since) counts as late in the next window published, once
+  per (window, partition): another part of it is a replay of the same records. A
   window handed to the producer (in flight) counts as published for this rule: its
   value is fixed, and the input partition count it was merged with is the one it
   is recorded with, whenever its acknowledgement comes.
@@ -301,7 +302,8 @@ class MergeState:
         self._late_carry = 0
         self._invalid_carry = 0
         self._carry_offset: int | None = None
-        self._carried: set[tuple[int, int, str]] = set()  # (window, partition, part id) counted so
+        # (window, partition) counted so: a few per partition added, kept for good.
+        self._carried: set[tuple[int, int]] = set()
         # The window handed to the producer and not yet acknowledged, and the input
         # partition count it was merged with (the merger publishes one at a time).
         self._in_flight: tuple[int, int] | None = None
@@ -437,7 +439,10 @@ class MergeState:
         if piece.partition < merged_with:
             return Verdict.MERGED  # a replay of what the window holds
         if piece.piece == 0:  # the additive counts ride in piece 0
-            seen = (piece.window_start, piece.partition, piece.part_id)
+            # Once per (window, partition), whatever its part id: a part made again (its
+            # maker crashed before committing, another member read the records again)
+            # is a replay of the same records.
+            seen = (piece.window_start, piece.partition)
             if seen not in self._carried:
                 self._carried.add(seen)
                 self._late_carry += piece.message_count + piece.late_message_count

@@ -240,6 +240,26 @@ class TestRestartAndRebalance:
         assert closed[iso_utc(T0 + 30)]["late_message_count"] == 0
         assert closed[iso_utc(T0 + 30)]["invalid_message_count"] == 0
 
+    def test_a_partition_added_since_the_newest_window_makes_parts_of_published_windows(self):
+        """Window T0 was published merged from partition 0 alone; partition 1 was added
+        since. Its records of T0 were counted in no window, and this member cannot know
+        whether another member's part of them reached the merger already: it makes
+        partition 1's part of T0, and the merger, which knows, counts it late once (a
+        second such part is a replay). Counted late here as well, a replay of partition 1
+        after a crash counted them twice (fault schedule seed 1207)."""
+        clock = FakeClock(T0 + 10_000)
+        agg = Aggregator(window_seconds=W, allowed_lateness_seconds=5, top_ips=10, clock=clock)
+        agg.restore_published_until(T0 + W, partition_count=1)
+        agg.assign([0, 1], total_partitions=2)
+        late = feed(agg, 1, 0, [event(T0 + 1), event(T0 + 2), event(T0 + 31)], clock.now)
+        late += feed(agg, 0, 0, [event(T0 + 3)], clock.now)  # a replay on partition 0: skipped
+        assert late == 0
+        agg.mark_caught_up(0, 1)
+        agg.mark_caught_up(1, 3)
+        made = []
+        agg.close_due_parts(lambda p, start, window, _: made.append((p, start, window.tallies.message_count)) or [])
+        assert sorted(made) == [(1, T0, 2), (1, T0 + W, 1)]
+
     def test_revoke_drops_open_state_and_replay_rebuilds_the_same_window(self):
         clock = FakeClock(T0 + 10_000)
         raws = [event(T0 + 1), event(T0 + 40, ip="2.2.2.2"), event(T0 + 45)]

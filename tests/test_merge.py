@@ -362,6 +362,23 @@ class TestPublishedAndOffsets:
         assert (feeder.due(), feeder.state.pending_windows()) == ({}, 0)
         assert feeder.state.committable_offset() == feeder.offset
 
+    def test_an_added_partitions_part_of_a_published_window_counts_late_once_however_often_it_is_made(self):
+        """Partition 1 was added after window T0 was published from partition 0 alone: its
+        part of T0 counts as late in the next window, once. A member that reads it again
+        (its first reader crashed before committing) makes the part again, with a new part
+        id: that is a replay, not more late records (fault schedule seed 1207 counted them
+        twice)."""
+        feeder = Feeder()
+        feeder(*parts_of([login(T0 + 1)], [T0], 0, 1, native=False), encode_progress(0, 1, T0 + W))
+        feeder.state.mark_published([T0])
+        added = [login(T0 + 2, device_id="new1"), login(T0 + 3, device_id="new2")]
+        feeder(*parts_of(added, [T0] * 2, 1, 2, native=False))
+        feeder(*parts_of(added, [T0] * 2, 1, 2, native=False))  # made again from the same records
+        feeder(*parts_of([login(T0 + 31)], [T0], 0, 2, native=False), encode_progress(0, 2, T0 + 2 * W))
+        feeder(encode_progress(1, 2, T0 + 2 * W))
+        window = value(feeder, T0 + W)
+        assert (window["message_count"], window["late_message_count"]) == (1, 2)
+
     def test_restored_published_until_ignores_their_parts_for_good(self):
         feeder = Feeder()
         feeder.state.restore_published_until(T0 + W)
