@@ -260,7 +260,14 @@ class Processor:
         )
         self._consumer = clients.consumer({**consumer_settings(settings), "error_cb": self.health.on_error})
         self.dead_letters = DeadLetterQueue(self._producer, settings.dlq_topic, self.host, self.stop_requested.is_set)
-        self.parts = PartPublisher(self._producer, settings.partials_topic, self.host, origin, self.clock)
+        self.parts = PartPublisher(
+            self._producer,
+            settings.partials_topic,
+            self.host,
+            origin,
+            self.clock,
+            name=f"{settings.processor_name}[{os.getpid()}]",
+        )
         self.commits = InputCommits(self._consumer, settings.input_topic, self._crashed)
         self.missing_topics = MissingTopics(settings, self._producer, self.topics, self.health, monotonic)
         self.checkpoint = Checkpoint(

@@ -92,11 +92,16 @@ class PartPublisher:
         host: str,
         origin: PartOrigin = UNKNOWN_ORIGIN,
         clock: BrokerClock | None = None,
+        name: str = "",
     ) -> None:
         self._producer = producer
         self._clock = clock or BrokerClock()
         self._topic = topic
+        # Which processor wrote a record (its log lines' name, "processor-2[4711]"): with
+        # several on one host, what tells an operator, or a test, whose a part is.
         self._headers = [("processor.host", host.encode())]
+        if name:
+            self._headers.append(("processor.name", name.encode()))
         self._origin = origin
         self._lock = threading.Lock()
         self._queues: dict[int, deque[Publication]] = {}  # input partition -> its publications, oldest first

@@ -65,7 +65,9 @@ def test_the_shim_shifts_a_whole_process_clock(clockshift):
 @pytest.mark.both_brokers
 def test_members_with_clocks_20s_apart_publish_one_processors_windows(topics, start_processor, clockshift):
     topics.create(input_partitions=4)
-    env = topics.env(ALLOWED_LATENESS_SECONDS="5")
+    # 10 s windows: clocks 20 and 30 s off are two and three windows off, and 35 s of
+    # stream gives windows enough to see it (30 s windows needed 75 s: make test's budget).
+    env = topics.env(ALLOWED_LATENESS_SECONDS="5", WINDOW_SECONDS="10")
     offsets = (20.0, -20.0, 30.0)
     ports = [free_port() for _ in offsets]
     members = [
@@ -88,9 +90,9 @@ def test_members_with_clocks_20s_apart_publish_one_processors_windows(topics, st
         for member in members:
             assert member.terminate()[0] == 0
         return
-    time.sleep(75)
+    time.sleep(35)
     stream.stop()
-    expected = expected_windows(stream.records)
+    expected = expected_windows(stream.records, window=10)
     wait_until(
         lambda: {k: json.loads(v) for k, v in latest_by_key(topics.bootstrap, topics.output).items()} == expected,
         90,
