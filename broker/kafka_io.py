@@ -354,9 +354,15 @@ class BrokerHealth:
         found = _BROKER_IN_ERROR.match(text)
         node = found.group(1) if found else self.bootstrap_servers
         now = time.monotonic()
+        if node in self._down:
+            return
         back_at = self._back_at.get(node)
-        recently_back = node not in self._down and back_at is not None and now - back_at < _STALE_ERROR_SECONDS
-        if recently_back and self._accepts_connections(node):
+        recently_back = back_at is not None and now - back_at < _STALE_ERROR_SECONDS
+        # A client polled seldom serves its errors late, even long after the node came
+        # back (and for a node this processor never said was down): a refused connection
+        # to a node that accepts connections now is from before.
+        stale_if_up = recently_back or "Connection refused" in text
+        if stale_if_up and self._accepts_connections(node):
             return  # a failed reconnect from before it came back, served late
         with self._lock:
             if node in self._down:
