@@ -151,9 +151,14 @@ class Pipeline:
         partitions = [TopicPartition(name, p) for name in names for p in metadata[name].partitions]
         # ELECTION_NOT_NEEDED: led by its preferred replica already. PREFERRED_LEADER_NOT_
         # AVAILABLE: a node just back is in sync before the controller lets it lead; asked again.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
-            outcome = self.cluster.admin().elect_leaders(ElectionType.PREFERRED, partitions).result(30)
+            try:
+                outcome = self.cluster.admin().elect_leaders(ElectionType.PREFERRED, partitions).result(15)
+            except (TimeoutError, KafkaException) as error:  # seen once: no answer in 30 s after a restart
+                assert time.monotonic() < deadline, f"no answer to a leader election: {error!r}"
+                time.sleep(1)
+                continue
             failed = {tp: e for tp, e in outcome.items() if e is not None and "ELECTION_NOT_NEEDED" not in str(e)}
             if not failed:
                 return
@@ -219,29 +224,30 @@ class Pipeline:
 def said_once_each(pipeline: Pipeline, heard_by_one: bool = True) -> None:
     """Each processor said of each trouble, about each node that failed, "unreachable"
     once when it began and "reachable again" once when it ended, and nothing else of the
-    kind (or nothing at all, if none of its clients spoke to that node meanwhile); with
-    `heard_by_one`, at least one processor said it. (A node stopped in order hands its
-    leaders over before it goes: a client may never fail a request to it.)"""
+    kind; or nothing at all of a node none of its clients spoke to meanwhile (with two
+    nodes down, a processor's clients may fail only on one). With `heard_by_one`, each
+    node that failed was said by at least one processor. (A node stopped in order hands
+    its leaders over before it goes: a client may never fail a request to it.)"""
     ends = [trouble.started_at for trouble in pipeline.troubles[1:]] + [time.time()]
     for trouble, until in zip(pipeline.troubles, ends, strict=True):
-        heard = 0
+        heard: dict[str, int] = dict.fromkeys(trouble.victims, 0)
         for processor in pipeline.processors:
             said = [
-                entry["message"].split(" (")[0]
+                entry["message"].split(" (")[0].rsplit(" after", 1)[0]
                 for entry in pipeline.log_lines(processor)
                 if trouble.started_at <= entry["at"] < until and "reachable" in entry["message"]
             ]
-            if said:
-                heard += 1
-                expected = [f"broker {node} unreachable" for node in trouble.victims]
-                expected += [f"broker {node} reachable again after" for node in trouble.victims]
-                assert sorted(line.rsplit(" after", 1)[0] for line in said) == sorted(
-                    line.rsplit(" after", 1)[0] for line in expected
-                ), (trouble.what, said)
-                firsts = [said.index(line) for line in said if "unreachable" in line]
-                assert max(firsts) < min(i for i, line in enumerate(said) if "reachable again" in line), said
-        assert heard or not heard_by_one, f"no processor said anything of {trouble.what}"
-        print(f"{trouble.what}: said once when it began and once when it ended by {heard} of 3 processors")
+            nodes = {line.split()[1] for line in said}
+            assert nodes <= set(trouble.victims), (trouble.what, said)
+            for node in nodes:
+                of_node = [line for line in said if line.split()[1] == node]
+                assert of_node == [f"broker {node} unreachable", f"broker {node} reachable again"], (
+                    trouble.what,
+                    said,
+                )
+                heard[node] += 1
+        assert all(heard.values()) or not heard_by_one, f"a node nobody said lost and back: {trouble.what}, {heard}"
+        print(f"{trouble.what}: said once when it began and once when it ended, per node: {heard} (of 3 processors)")
 
 
 # ---- the tests ---------------------------------------------------------------------------
